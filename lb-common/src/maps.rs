@@ -1,0 +1,238 @@
+//! Keys and values of the BPF maps, shared bit for bit by the XDP program and
+//! the controller.
+//!
+//! Rules (so the kernel and userspace agree on every byte): `#[repr(C)]`,
+//! explicit `_pad` fields and no implicit padding (checked by the size
+//! asserts at the bottom), integers only (no `bool`, enum or `Option`).
+//! Addresses and ports are kept in **network byte order** inside native
+//! integers (`u32::from_ne_bytes(packet_bytes)`), so the data plane copies
+//! them between packet and map without swapping.
+
+/// Map names: the symbol names in the eBPF object and the file names of the
+/// pins under the pin directory (the kernel keeps at most 15 characters).
+pub mod names {
+    pub const SERVICES: &str = "XLB_SERVICES";
+    pub const ADDRS: &str = "XLB_ADDRS";
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    pub const RING: &str = "XLB_RING";
+    pub const CURSOR: &str = "XLB_CURSOR";
+    pub const CONNS: &str = "XLB_CONNS";
+    pub const STATS: &str = "XLB_STATS";
+    pub const SERVICE_STATS: &str = "XLB_SVC_STATS";
+    pub const BACKEND_STATS: &str = "XLB_BE_STATS";
+    pub const DEVMAP: &str = "XLB_DEVMAP";
+    /// Every map the controller pins, in a stable order.
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        ADDRS,
+        BACKENDS,
+        RING,
+        CURSOR,
+        CONNS,
+        STATS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        DEVMAP,
+    ];
+}
+
+/// Services (VIP:port/proto) the data plane knows. Service ids index the
+/// per-service arrays, so they are below this bound.
+pub const MAX_SERVICES: u32 = 256;
+/// Backends across all services; a backend id indexes `XLB_BACKENDS` and
+/// `XLB_BE_STATS`. A backend registered on two services has two ids.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Scheduling slots per service in `XLB_RING` (prime, so a later Maglev
+/// table can share the layout). Service `s` owns slots
+/// `s * RING_SLOTS .. s * RING_SLOTS + ring_len`.
+pub const RING_SLOTS: u32 = 4093;
+/// Default capacity of the connection table, in entries. Each flow takes
+/// two entries (one per direction).
+pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
+/// Interfaces the program may redirect to.
+pub const MAX_IFACES: u32 = 64;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `XLB_ADDRS` value bits: what an address is to the data plane. The first
+/// lookup of every IPv4 packet, so traffic that is none of xlb's business
+/// leaves after two small-hash misses.
+pub const ADDR_VIP: u32 = 1;
+pub const ADDR_BACKEND: u32 = 2;
+
+/// `ServiceEntry::scheduler`.
+pub const SCHED_WRR: u8 = 1;
+
+/// `Backend::state`. 0 marks an unused slot.
+pub const BACKEND_UNUSED: u8 = 0;
+pub const BACKEND_UP: u8 = 1;
+pub const BACKEND_DRAINING: u8 = 2;
+pub const BACKEND_DOWN: u8 = 3;
+pub const BACKEND_REMOVED: u8 = 4;
+
+/// `FlowEntry::direction`: which way the packets matching this entry go.
+/// Client → VIP packets get their destination rewritten to the backend.
+pub const DIR_TO_BACKEND: u8 = 1;
+/// Backend → client packets get their source rewritten to the VIP.
+pub const DIR_TO_CLIENT: u8 = 2;
+
+/// Key of `XLB_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// VIP, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// IP protocol number (`PROTO_TCP`/`PROTO_UDP`).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `XLB_SERVICES`. Written by the controller only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceEntry {
+    /// Index into the per-service arrays (`XLB_RING`, `XLB_CURSOR`, `XLB_SVC_STATS`).
+    pub id: u32,
+    /// Used slots of this service's ring; 0 means no backend can take new flows.
+    pub ring_len: u32,
+    /// `SCHED_*`.
+    pub scheduler: u8,
+    /// Reserved for per-service behaviour flags.
+    pub flags: u8,
+    pub _pad: u16,
+    /// Idle timeouts in seconds, per flow state (enforced by the controller).
+    pub syn_timeout_s: u32,
+    pub established_timeout_s: u32,
+    pub closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+}
+
+/// Value of `XLB_BACKENDS` (an array indexed by backend id). Written by the
+/// controller only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// `BACKEND_*`.
+    pub state: u8,
+    pub _pad: u8,
+    pub weight: u32,
+    pub service_id: u32,
+}
+
+/// Key of `XLB_CONNS`: the 5-tuple of a packet as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Network byte order.
+    pub src_addr: u32,
+    /// Network byte order.
+    pub dst_addr: u32,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of packets going the other way.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `XLB_CONNS`. Every flow has two entries, one per direction, so
+/// each packet (client's or backend's) finds everything it needs in one
+/// lookup:
+/// - `DIR_TO_BACKEND`, keyed client → VIP: `nat_*` is the backend (new
+///   destination); `seq_next` tracks the client's sequence space.
+/// - `DIR_TO_CLIENT`, keyed backend → client: `nat_*` is the VIP (new
+///   source); `seq_next` tracks the backend's sequence space.
+///
+/// Written by the data plane (creation, state, seq, last seen) and removed by
+/// the controller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// Address written into the packet, network byte order.
+    pub nat_addr: u32,
+    /// Port written into the packet, network byte order.
+    pub nat_port: u16,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// `tcp::STATE_*` as seen from this direction's packets (0 for UDP).
+    pub tcp_state: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Sequence number this direction's sender will use next, i.e. what the
+    /// receiver expects (host byte order). A RST towards the receiver must
+    /// carry exactly this number to be accepted (RFC 5961 §3).
+    pub seq_next: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` at the last packet (refreshed at most every
+    /// `LAST_SEEN_GRANULARITY_NS` to keep the cache line quiet).
+    pub last_seen_ns: u64,
+}
+
+/// How stale `FlowEntry::last_seen_ns` may get before a packet refreshes it.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 250_000_000;
+
+/// Per-service and per-backend traffic counters (per-CPU arrays, summed by
+/// the controller). "In" is client → backend, "out" is backend → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+}
+
+impl TrafficCounters {
+    pub fn add(&mut self, o: &TrafficCounters) {
+        self.packets_in += o.packets_in;
+        self.bytes_in += o.bytes_in;
+        self.packets_out += o.packets_out;
+        self.bytes_out += o.bytes_out;
+        self.new_flows += o.new_flows;
+    }
+}
+
+// No implicit padding anywhere: these sizes are the sum of the fields.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 28);
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), integer-only, with no implicit padding (see
+    // the size asserts above), so every bit pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for TrafficCounters {}
+}

@@ -1,0 +1,56 @@
+//! Indices of the global per-CPU counters in `XLB_STATS`: one per verdict
+//! reason, so every packet the program does not forward is accounted for.
+
+macro_rules! stats {
+    ($($(#[$doc:meta])* $name:ident = $idx:literal, $label:literal;)*) => {
+        $($(#[$doc])* pub const $name: u32 = $idx;)*
+        /// Number of counters.
+        pub const COUNT: u32 = [$($idx),*].len() as u32;
+        /// `(index, metric label)` of every counter, for the controller.
+        pub const LABELS: [(u32, &str); COUNT as usize] = [$(($name, $label)),*];
+    };
+}
+
+stats! {
+    /// Packets seen by the program.
+    RX = 0, "rx";
+    /// Not IPv4 (ARP, IPv6, QinQ, ...): passed to the kernel.
+    PASS_NOT_IPV4 = 1, "pass_not_ipv4";
+    /// IPv4 but no service matches (the host's own traffic): passed.
+    PASS_NOT_SERVICE = 2, "pass_not_service";
+    /// Frame too short for the headers it announces, before a VIP could be
+    /// identified: passed (the kernel drops it).
+    PASS_TRUNCATED = 3, "pass_truncated";
+    /// IPv4 with options to a VIP address: passed, never NATed (rare; the
+    /// kernel handles or rejects it; no state is created).
+    PASS_IP_OPTIONS = 4, "pass_ip_options";
+    /// IPv4 fragment to a VIP address: dropped (a non-first fragment carries
+    /// no ports, so it cannot be matched to a flow; NATing only the first
+    /// one would corrupt the datagram).
+    DROP_FRAGMENT = 5, "drop_fragment";
+    /// Malformed packet to a VIP (bad IHL, TCP data offset, lengths): dropped.
+    DROP_MALFORMED = 6, "drop_malformed";
+    /// Non-SYN TCP to a VIP with no flow entry: passed, no state created.
+    PASS_NO_FLOW = 7, "pass_no_flow";
+    /// New flow for a service with no usable backend: passed.
+    PASS_NO_BACKEND = 8, "pass_no_backend";
+    /// The flow table refused an insert: dropped.
+    DROP_TABLE_FULL = 9, "drop_table_full";
+    /// Next hop not resolved yet: the rewritten packet goes to the kernel,
+    /// which forwards it and resolves the neighbour.
+    PASS_NO_NEIGH = 10, "pass_no_neigh";
+    /// No route (or forwarding disabled) for the rewritten packet: passed.
+    PASS_NO_ROUTE = 11, "pass_no_route";
+    /// TTL would expire: passed so the kernel sends ICMP time exceeded.
+    PASS_TTL = 12, "pass_ttl";
+    /// Egress interface not managed by xlb: the rewritten packet is passed.
+    PASS_NOT_MANAGED_IFACE = 13, "pass_not_managed_iface";
+    /// Forwarded out of the interface it came in on.
+    TX = 14, "tx";
+    /// Forwarded to another interface.
+    REDIRECT = 15, "redirect";
+    /// Flows created.
+    NEW_FLOWS = 16, "new_flows";
+    /// IPv4 to a VIP address with another protocol (ICMP...): passed.
+    PASS_OTHER_PROTO = 17, "pass_other_proto";
+}

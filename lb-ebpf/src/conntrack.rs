@@ -1,0 +1,112 @@
+//! The connection table: lookup, creation of a new flow's two entries, and
+//! per-packet state upkeep (TCP state, next expected sequence number, last
+//! seen).
+
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
+use lb_common::{
+    maps::{
+        Backend, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND, DIR_TO_CLIENT,
+        LAST_SEEN_GRANULARITY_NS, PROTO_TCP,
+    },
+    tcp,
+};
+
+use crate::{maps::CONNS, parse::Packet};
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
+    CONNS.get_ptr_mut(key)
+}
+
+/// Creates both entries of a new flow to `backend`. The reverse entry is
+/// written first so that the backend's first reply can never miss.
+/// Returns the forward entry, or `None` when the table refused the insert.
+#[inline(always)]
+pub fn create(
+    pkt: &Packet,
+    svc: &ServiceEntry,
+    backend_id: u32,
+    backend: &Backend,
+    now: u64,
+) -> Option<FlowEntry> {
+    let key = &pkt.key;
+    let reverse_key = FlowKey {
+        src_addr: backend.addr,
+        dst_addr: key.src_addr,
+        src_port: backend.port,
+        dst_port: key.src_port,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let reverse = FlowEntry {
+        nat_addr: key.dst_addr,
+        nat_port: key.dst_port,
+        direction: DIR_TO_CLIENT,
+        tcp_state: tcp::STATE_NONE,
+        backend_id,
+        service_id: svc.id,
+        seq_next: 0,
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    let is_tcp = key.proto == PROTO_TCP;
+    let forward = FlowEntry {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        direction: DIR_TO_BACKEND,
+        tcp_state: if is_tcp { tcp::next_state(tcp::STATE_NONE, pkt.tcp_flags) } else { tcp::STATE_NONE },
+        backend_id,
+        service_id: svc.id,
+        seq_next: if is_tcp { tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags) } else { 0 },
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    CONNS.insert(&reverse_key, &reverse, BPF_ANY as u64).ok()?;
+    if CONNS.insert(key, &forward, BPF_ANY as u64).is_err() {
+        let _ = CONNS.remove(&reverse_key);
+        return None;
+    }
+    Some(forward)
+}
+
+/// Per-packet upkeep of an existing entry. Writes only what changed, so an
+/// established flow's pure ACKs leave the cache line clean.
+#[inline(always)]
+pub fn touch(entry: *mut FlowEntry, pkt: &Packet, now: u64) {
+    // SAFETY: `entry` points into a map value returned by the kernel.
+    let e = unsafe { &mut *entry };
+    if pkt.key.proto == PROTO_TCP {
+        let state = tcp::next_state(e.tcp_state, pkt.tcp_flags);
+        let end = tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags);
+        // The first packet of this direction (state NONE) initialises the
+        // sequence space; afterwards only forward movement counts.
+        if e.tcp_state == tcp::STATE_NONE || tcp::seq_after(end, e.seq_next) {
+            e.seq_next = end;
+        }
+        if state != e.tcp_state {
+            e.tcp_state = state;
+        }
+    }
+    if now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        e.last_seen_ns = now;
+    }
+}
+
+/// A SYN that finds an entry whose previous connection ended starts a new
+/// flow on the same 5-tuple.
+#[inline(always)]
+pub fn is_new_connection(entry: *const FlowEntry, pkt: &Packet) -> bool {
+    // SAFETY: `entry` points into a map value returned by the kernel.
+    let e = unsafe { &*entry };
+    pkt.key.proto == PROTO_TCP
+        && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN
+        && tcp::is_reusable(e.tcp_state)
+}

@@ -1,0 +1,3 @@
+#![no_std]
+//! Nothing here: the XDP program is the `xlb` binary. This empty library lets
+//! lb-userspace name lb-ebpf as a build dependency.

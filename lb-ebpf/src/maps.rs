@@ -1,0 +1,63 @@
+//! Every map of the program. Keys and values are defined in
+//! `lb_common::maps`; the controller writes configuration maps and reads
+//! counters, the program writes the connection table and counters.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{
+        Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters,
+        DEFAULT_CONN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
+    },
+    stats,
+};
+
+/// VIP:port/proto → service. Controller-written.
+#[map(name = "XLB_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceEntry> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// IPv4 address (network order) → `ADDR_VIP | ADDR_BACKEND`. Controller-written.
+/// Lets packets that are not xlb's business leave early.
+#[map(name = "XLB_ADDRS")]
+pub static ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES + MAX_BACKENDS, 0);
+
+/// Backend id → backend. Controller-written.
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-service scheduling rings of backend ids, `RING_SLOTS` per service.
+/// Controller-written.
+#[map(name = "XLB_RING")]
+pub static RING: Array<u32> = Array::with_max_entries(MAX_SERVICES * RING_SLOTS, 0);
+
+/// Per-CPU round-robin cursor per service: no atomics, no shared cache line.
+#[map(name = "XLB_CURSOR")]
+pub static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// The connection table: two entries per flow (see `FlowEntry`). LRU so a
+/// full table recycles the least recently used flows instead of failing.
+/// Capacity is set at load time by the controller.
+#[map(name = "XLB_CONNS")]
+pub static CONNS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_CAPACITY * 2, 0);
+
+/// Global per-CPU counters, indexed by `lb_common::stats`.
+#[map(name = "XLB_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+/// Per-CPU traffic counters per service id.
+#[map(name = "XLB_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-CPU traffic counters per backend id.
+#[map(name = "XLB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Interfaces xlb is attached to (ifindex → ifindex), the redirect targets.
+#[map(name = "XLB_DEVMAP")]
+pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);

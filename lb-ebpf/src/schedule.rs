@@ -1,0 +1,54 @@
+//! Backend choice for a new flow. Every scheduler reads the service's ring
+//! of backend ids (filled by the controller); they differ only in how the
+//! slot is chosen. `pick` is the one entry point the rest of the program
+//! uses, so Maglev (hash → slot) and least-connections plug in here.
+
+use lb_common::maps::{Backend, FlowKey, ServiceEntry, BACKEND_UP, RING_SLOTS, SCHED_WRR};
+
+use crate::maps::{BACKENDS, CURSOR, RING};
+
+/// Slots tried when the chosen backend is not up (the controller removes
+/// such backends from the ring; this covers the moment in between).
+const MAX_PROBES: u32 = 4;
+
+/// Picks a backend for a new flow: `(backend id, backend)`.
+#[inline(always)]
+pub fn pick(svc: &ServiceEntry, _key: &FlowKey) -> Option<(u32, Backend)> {
+    let len = svc.ring_len;
+    if len == 0 || len > RING_SLOTS {
+        return None;
+    }
+    let start = match svc.scheduler {
+        SCHED_WRR => next_cursor(svc.id, len)?,
+        _ => return None,
+    };
+    let base = svc.id.checked_mul(RING_SLOTS)?;
+    for i in 0..MAX_PROBES {
+        let mut slot = start + i;
+        if slot >= len {
+            slot -= len;
+        }
+        let Some(&id) = RING.get(base + slot) else { continue };
+        let Some(b) = BACKENDS.get(id) else { continue };
+        if b.state == BACKEND_UP {
+            return Some((id, *b));
+        }
+    }
+    None
+}
+
+/// Weighted round robin: this CPU's cursor over the (already weighted and
+/// interleaved) ring.
+#[inline(always)]
+fn next_cursor(service_id: u32, len: u32) -> Option<u32> {
+    let cur = CURSOR.get_ptr_mut(service_id)?;
+    // SAFETY: per-CPU slot.
+    unsafe {
+        let mut c = *cur;
+        if c >= len {
+            c = 0;
+        }
+        *cur = c + 1;
+        Some(c)
+    }
+}

@@ -1,0 +1,35 @@
+//! Per-CPU counters: every verdict has a reason, and every reason a counter.
+
+use lb_common::maps::TrafficCounters;
+
+use crate::maps::{BACKEND_STATS, SERVICE_STATS, STATS};
+
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(c) = STATS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one packet of `bytes` to a service's and a backend's counters.
+#[inline(always)]
+pub fn count_traffic(service_id: u32, backend_id: u32, to_backend: bool, bytes: u64, new_flow: bool) {
+    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)]
+        .into_iter()
+        .flatten()
+    {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        let c: &mut TrafficCounters = unsafe { &mut *c };
+        if to_backend {
+            c.packets_in += 1;
+            c.bytes_in += bytes;
+        } else {
+            c.packets_out += 1;
+            c.bytes_out += bytes;
+        }
+        if new_flow {
+            c.new_flows += 1;
+        }
+    }
+}

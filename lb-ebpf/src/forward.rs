@@ -20,7 +20,7 @@ use crate::{maps::DEVMAP, nat, parse::{Packet, Verdict}};
 const AF_INET: u8 = 2;
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, to_backend: bool, nat_port: u16) -> Verdict {
     // SAFETY: zeroed is a valid bit pattern for this plain C struct.
     let mut p: FibParams = unsafe { mem::zeroed() };
     // SAFETY: `ip` was bounds-checked by the parser.
@@ -31,16 +31,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     p.__bindgen_anon_2.tos = ip.tos;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-    // SAFETY: the L4 header was bounds-checked by the parser.
-    unsafe {
-        if !pkt.tcp.is_null() {
-            p.sport = u16::from_ne_bytes((*pkt.tcp).source);
-            p.dport = u16::from_ne_bytes((*pkt.tcp).dest);
-        } else if !pkt.udp.is_null() {
-            p.sport = u16::from_ne_bytes((*pkt.udp).src);
-            p.dport = u16::from_ne_bytes((*pkt.udp).dst);
-        }
-    }
+    // Ports as they are after the rewrite (NAT changed one of them).
+    let (sport, dport) = if to_backend {
+        (pkt.key.src_port, nat_port)
+    } else {
+        (nat_port, pkt.key.dst_port)
+    };
+    p.sport = sport;
+    p.dport = dport;
     let ingress = ctx.ingress_ifindex() as u32;
     p.ifindex = ingress;
 

@@ -54,12 +54,12 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             let e = unsafe { *entry };
             let to_backend = e.direction == DIR_TO_BACKEND;
             if to_backend {
-                nat::rewrite_dst(pkt, e.nat_addr, e.nat_port);
+                nat::rewrite_dst(ctx, pkt, e.nat_addr, e.nat_port);
             } else {
-                nat::rewrite_src(pkt, e.nat_addr, e.nat_port);
+                nat::rewrite_src(ctx, pkt, e.nat_addr, e.nat_port);
             }
             stats::count_traffic(e.service_id, e.backend_id, to_backend, pkt.ip_len as u64, false);
-            return forward::forward(ctx, pkt);
+            return forward::forward(ctx, pkt, to_backend, e.nat_port);
         }
     }
     if pkt.role != ADDR_VIP {
@@ -96,9 +96,9 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         return Verdict::drop(stat::DROP_TABLE_FULL);
     };
     stats::count(stat::NEW_FLOWS);
-    nat::rewrite_dst(pkt, entry.nat_addr, entry.nat_port);
+    nat::rewrite_dst(ctx, pkt, entry.nat_addr, entry.nat_port);
     stats::count_traffic(svc.id, backend_id, true, pkt.ip_len as u64, true);
-    forward::forward(ctx, pkt)
+    forward::forward(ctx, pkt, true, entry.nat_port)
 }
 
 #[cfg(not(test))]

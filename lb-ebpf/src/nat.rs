@@ -2,22 +2,25 @@
 
 use lb_common::{csum, maps::PROTO_TCP};
 
-use crate::parse::Packet;
+use aya_ebpf::programs::XdpContext;
+use network_types::{tcp::TcpHdr, udp::UdpHdr};
+
+use crate::parse::{l4_hdr, Packet};
 
 /// Rewrites the destination (client → backend direction).
 #[inline(always)]
-pub fn rewrite_dst(pkt: &Packet, addr: u32, port: u16) {
-    rewrite(pkt, addr, port, true)
+pub fn rewrite_dst(ctx: &XdpContext, pkt: &Packet, addr: u32, port: u16) {
+    rewrite(ctx, pkt, addr, port, true)
 }
 
 /// Rewrites the source (backend → client direction).
 #[inline(always)]
-pub fn rewrite_src(pkt: &Packet, addr: u32, port: u16) {
-    rewrite(pkt, addr, port, false)
+pub fn rewrite_src(ctx: &XdpContext, pkt: &Packet, addr: u32, port: u16) {
+    rewrite(ctx, pkt, addr, port, false)
 }
 
 #[inline(always)]
-fn rewrite(pkt: &Packet, addr: u32, port: u16, dst: bool) {
+fn rewrite(ctx: &XdpContext, pkt: &Packet, addr: u32, port: u16, dst: bool) {
     let new_addr = addr.to_ne_bytes();
     let new_port = port.to_ne_bytes();
     // SAFETY: `ip` and the L4 header were bounds-checked by the parser.
@@ -31,14 +34,16 @@ fn rewrite(pkt: &Packet, addr: u32, port: u16, dst: bool) {
             ip.src_addr = new_addr;
         }
         if pkt.key.proto == PROTO_TCP {
-            let tcp = &mut *pkt.tcp;
+            let Some(tcp) = l4_hdr::<TcpHdr>(ctx, pkt) else { return };
+            let tcp = &mut *tcp;
             let port_field = if dst { &mut tcp.dest } else { &mut tcp.source };
             let c = csum::update_addr(u16::from_ne_bytes(tcp.check), old_addr, new_addr);
             let c = csum::update_port(c, *port_field, new_port);
             *port_field = new_port;
             tcp.check = c.to_ne_bytes();
         } else {
-            let udp = &mut *pkt.udp;
+            let Some(udp) = l4_hdr::<UdpHdr>(ctx, pkt) else { return };
+            let udp = &mut *udp;
             let port_field = if dst { &mut udp.dst } else { &mut udp.src };
             let old = u16::from_ne_bytes(udp.check);
             let c = csum::update_addr(old, old_addr, new_addr);

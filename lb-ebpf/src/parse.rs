@@ -56,10 +56,11 @@ impl Verdict {
 pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
-    /// TCP header, when `key.proto == PROTO_TCP`.
-    pub tcp: *mut TcpHdr,
-    /// UDP header, when `key.proto == PROTO_UDP`.
-    pub udp: *mut UdpHdr,
+    /// Offset of the TCP/UDP header. Users re-derive the typed pointer with
+    /// [`l4_hdr`] inside their protocol branch: the verifier does not carry
+    /// "proto is TCP" across spills, so a pointer chosen here could not be
+    /// proven in bounds there.
+    pub l4_off: usize,
     pub key: FlowKey,
     /// `ADDR_VIP` when the destination is a VIP address, else `ADDR_BACKEND`
     /// (the source is a backend address).
@@ -82,6 +83,12 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+/// The L4 header of a parsed packet, bounds-checked again.
+#[inline(always)]
+pub fn l4_hdr<T>(ctx: &XdpContext, pkt: &Packet) -> Option<*mut T> {
+    ptr_at(ctx, pkt.l4_off)
 }
 
 #[inline(always)]
@@ -143,8 +150,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let mut pkt = Packet {
         eth,
         ip,
-        tcp: core::ptr::null_mut(),
-        udp: core::ptr::null_mut(),
+        l4_off: l4,
         key: FlowKey { src_addr: src, dst_addr: dst, src_port: 0, dst_port: 0, proto, _pad: [0; 3] },
         role,
         tcp_flags: 0,
@@ -164,7 +170,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             if doff < 5 || hdr_len > l4_len {
                 return Err(Verdict::drop(stats::DROP_MALFORMED));
             }
-            pkt.tcp = tcp;
             pkt.key.src_port = u16::from_ne_bytes(sport);
             pkt.key.dst_port = u16::from_ne_bytes(dport);
             pkt.tcp_flags = flags;
@@ -179,7 +184,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
             if len < UdpHdr::LEN || len > l4_len {
                 return Err(Verdict::drop(stats::DROP_MALFORMED));
             }
-            pkt.udp = udp;
             pkt.key.src_port = u16::from_ne_bytes(sport);
             pkt.key.dst_port = u16::from_ne_bytes(dport);
         }

@@ -15,21 +15,26 @@ pub fn count(idx: u32) {
 /// Adds one packet of `bytes` to a service's and a backend's counters.
 #[inline(always)]
 pub fn count_traffic(service_id: u32, backend_id: u32, to_backend: bool, bytes: u64, new_flow: bool) {
-    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)]
-        .into_iter()
-        .flatten()
-    {
-        // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        let c: &mut TrafficCounters = unsafe { &mut *c };
-        if to_backend {
-            c.packets_in += 1;
-            c.bytes_in += bytes;
-        } else {
-            c.packets_out += 1;
-            c.bytes_out += bytes;
-        }
-        if new_flow {
-            c.new_flows += 1;
-        }
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
+        add(c, to_backend, bytes, new_flow);
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        add(c, to_backend, bytes, new_flow);
+    }
+}
+
+#[inline(always)]
+fn add(c: *mut TrafficCounters, to_backend: bool, bytes: u64, new_flow: bool) {
+    // SAFETY: per-CPU slot, only this CPU writes it while we run.
+    let c = unsafe { &mut *c };
+    if to_backend {
+        c.packets_in += 1;
+        c.bytes_in += bytes;
+    } else {
+        c.packets_out += 1;
+        c.bytes_out += bytes;
+    }
+    if new_flow {
+        c.new_flows += 1;
     }
 }

@@ -1,1 +1,10 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
+//! xlb's controller: data-plane access, the service model, the control API,
+//! and the CLI that drives it.
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod dataplane;
+pub mod server;

@@ -1,0 +1,188 @@
+//! The control API: newline-delimited JSON over a Unix socket. One request
+//! per line, one response per line. Shared by the daemon and the CLI.
+//!
+//! Request:  `{"op":"backend_add","service":"10.0.0.1:80","proto":"tcp","backend":"10.1.0.2:8080","weight":2}`
+//! Response: `{"ok":true,"data":...}` or
+//!           `{"ok":false,"error":{"code":"not_found","message":"..."}}`
+
+use std::{collections::BTreeMap, fmt, net::SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads; longer ones are rejected.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => lb_common::maps::PROTO_TCP,
+            Proto::Udp => lb_common::maps::PROTO_UDP,
+        }
+    }
+    pub const fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            lb_common::maps::PROTO_TCP => Some(Proto::Tcp),
+            lb_common::maps::PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    ServiceAdd {
+        service: SocketAddrV4,
+        proto: Proto,
+    },
+    /// `proto` may be omitted when only one protocol is served on the VIP:port.
+    ServiceRemove {
+        service: SocketAddrV4,
+        proto: Option<Proto>,
+    },
+    BackendAdd {
+        service: SocketAddrV4,
+        proto: Option<Proto>,
+        backend: SocketAddrV4,
+        weight: Option<u32>,
+    },
+    BackendRemove {
+        service: SocketAddrV4,
+        proto: Option<Proto>,
+        backend: SocketAddrV4,
+    },
+    Status,
+    Flows {
+        service: Option<SocketAddrV4>,
+        proto: Option<Proto>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request itself is wrong (syntax, values out of range).
+    BadRequest,
+    NotFound,
+    /// Already exists.
+    Conflict,
+    /// A VIP:port without protocol matches both a TCP and a UDP service.
+    Ambiguous,
+    /// A fixed limit (services, backends) is reached.
+    Capacity,
+    /// The data plane refused an operation.
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Response { ok: true, data: Some(data), error: None }
+    }
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response { ok: false, data: None, error: Some(ApiError { code, message: message.into() }) }
+    }
+}
+
+/// Traffic counters as reported (sums over CPUs). "In" is client → backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+}
+
+impl From<lb_common::maps::TrafficCounters> for Traffic {
+    fn from(c: lb_common::maps::TrafficCounters) -> Self {
+        Traffic {
+            packets_in: c.packets_in,
+            bytes_in: c.bytes_in,
+            packets_out: c.packets_out,
+            bytes_out: c.bytes_out,
+            new_flows: c.new_flows,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub backend: SocketAddrV4,
+    pub id: u32,
+    pub weight: u32,
+    /// up, draining, down, removed.
+    pub state: String,
+    pub active_flows: u64,
+    pub traffic: Traffic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: SocketAddrV4,
+    pub proto: Proto,
+    pub id: u32,
+    pub scheduler: String,
+    pub active_flows: u64,
+    pub traffic: Traffic,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableStatus {
+    /// Entries in the connection table (two per flow).
+    pub entries: u64,
+    /// Flows the table holds before the least recently used are recycled.
+    pub capacity_flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub interfaces: Vec<crate::dataplane::Attachment>,
+    pub table: TableStatus,
+    /// Data-plane counters by reason (see docs/architecture.md).
+    pub counters: BTreeMap<String, u64>,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowInfo {
+    pub client: SocketAddrV4,
+    pub service: SocketAddrV4,
+    pub proto: Proto,
+    pub backend: SocketAddrV4,
+    /// syn, established, fin, closed (none for UDP).
+    pub state: String,
+    pub age_s: f64,
+    pub idle_s: f64,
+}

@@ -1,0 +1,256 @@
+//! Command-line interface: argument definitions, and turning API responses
+//! into text or JSON. Exit codes: 0 success, 1 runtime failure (daemon
+//! unreachable, request refused), 2 bad usage.
+
+use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    api::{ErrorCode, FlowInfo, Proto, Request, Response, Status},
+    client,
+    dataplane::AttachMode,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+
+pub const EXIT_RUNTIME: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "xlb", version, about = "XDP layer-4 load balancer")]
+pub struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, env = "XLB_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the XDP program, attach it and serve the control API.
+    Daemon(DaemonArgs),
+    /// Add or remove services (VIP:PORT/proto).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add or remove a service's backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Services, backends, counters and the connection table.
+    Status,
+    /// List the flows in the connection table.
+    Flows {
+        /// Only this service's flows.
+        #[arg(long, value_name = "VIP:PORT")]
+        service: Option<SocketAddrV4>,
+        /// Protocol of --service, when both tcp and udp are served there.
+        #[arg(long, requires = "service")]
+        proto: Option<Proto>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Interface to attach to (repeat for several).
+    #[arg(long = "iface", required = true, value_name = "IF")]
+    pub ifaces: Vec<String>,
+    /// XDP attach mode: native (driver), generic (skb) or auto (native, else generic).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: AttachMode,
+    /// TOML file of services and backends to apply at start.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// bpffs directory where the maps are pinned.
+    #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+    pub pin_dir: PathBuf,
+    /// Connection table capacity, in flows.
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONN_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    pub conn_capacity: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service on VIP:PORT.
+    Add {
+        #[arg(value_name = "VIP:PORT")]
+        service: SocketAddrV4,
+        #[arg(long, default_value = "tcp")]
+        proto: Proto,
+    },
+    /// Remove a service, its backends and its flows.
+    Remove {
+        #[arg(value_name = "VIP:PORT")]
+        service: SocketAddrV4,
+        /// Needed only when both tcp and udp are served on VIP:PORT.
+        #[arg(long)]
+        proto: Option<Proto>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCmd {
+    /// Register a backend on a service.
+    Add {
+        #[arg(value_name = "VIP:PORT")]
+        service: SocketAddrV4,
+        #[arg(value_name = "IP:PORT")]
+        backend: SocketAddrV4,
+        /// Relative share of new flows (1-10000).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Needed only when both tcp and udp are served on VIP:PORT.
+        #[arg(long)]
+        proto: Option<Proto>,
+    },
+    /// Deregister a backend; its flows are removed from the table.
+    Remove {
+        #[arg(value_name = "VIP:PORT")]
+        service: SocketAddrV4,
+        #[arg(value_name = "IP:PORT")]
+        backend: SocketAddrV4,
+        #[arg(long)]
+        proto: Option<Proto>,
+    },
+}
+
+/// Runs a client verb (everything but `daemon`).
+pub fn run_client(cli: &Cli) -> ExitCode {
+    let req = match &cli.command {
+        Command::Daemon(_) => unreachable_daemon(),
+        Command::Service(ServiceCmd::Add { service, proto }) => Request::ServiceAdd { service: *service, proto: *proto },
+        Command::Service(ServiceCmd::Remove { service, proto }) => Request::ServiceRemove { service: *service, proto: *proto },
+        Command::Backend(BackendCmd::Add { service, backend, weight, proto }) => Request::BackendAdd {
+            service: *service,
+            proto: *proto,
+            backend: *backend,
+            weight: Some(*weight),
+        },
+        Command::Backend(BackendCmd::Remove { service, backend, proto }) => Request::BackendRemove {
+            service: *service,
+            proto: *proto,
+            backend: *backend,
+        },
+        Command::Status => Request::Status,
+        Command::Flows { service, proto } => Request::Flows { service: *service, proto: *proto },
+    };
+    let resp = match client::call(&cli.socket, &req) {
+        Ok(r) => r,
+        Err(e) => {
+            if cli.json {
+                println!("{}", serde_json::json!({ "ok": false, "error": { "code": "unreachable", "message": format!("{e:#}") } }));
+            } else {
+                eprintln!("xlb: {e:#}");
+            }
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    print_response(cli, &req, &resp)
+}
+
+fn unreachable_daemon() -> Request {
+    // `daemon` is dispatched by main before run_client.
+    Request::Status
+}
+
+fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(resp).unwrap_or_default());
+    }
+    if let Some(err) = &resp.error {
+        if !cli.json {
+            eprintln!("xlb: {}", err.message);
+        }
+        return ExitCode::from(if err.code == ErrorCode::BadRequest { EXIT_USAGE } else { EXIT_RUNTIME });
+    }
+    if cli.json {
+        return ExitCode::SUCCESS;
+    }
+    let data = resp.data.clone().unwrap_or_default();
+    match req {
+        Request::Status => match serde_json::from_value::<Status>(data) {
+            Ok(s) => print!("{}", render_status(&s)),
+            Err(e) => eprintln!("xlb: unexpected status from the daemon: {e}"),
+        },
+        Request::Flows { .. } => match serde_json::from_value::<Vec<FlowInfo>>(data) {
+            Ok(f) => print!("{}", render_flows(&f)),
+            Err(e) => eprintln!("xlb: unexpected flow list from the daemon: {e}"),
+        },
+        Request::ServiceAdd { .. } => println!("service {}/{} added", data["service"].as_str().unwrap_or("?"), data["proto"].as_str().unwrap_or("?")),
+        Request::ServiceRemove { .. } => println!("service {}/{} removed", data["service"].as_str().unwrap_or("?"), data["proto"].as_str().unwrap_or("?")),
+        Request::BackendAdd { .. } => println!(
+            "backend {} added to {}/{}",
+            data["backend"].as_str().unwrap_or("?"),
+            data["service"].as_str().unwrap_or("?"),
+            data["proto"].as_str().unwrap_or("?")
+        ),
+        Request::BackendRemove { .. } => println!(
+            "backend {} removed from {}/{} ({} flows removed)",
+            data["backend"].as_str().unwrap_or("?"),
+            data["service"].as_str().unwrap_or("?"),
+            data["proto"].as_str().unwrap_or("?"),
+            data["flows_removed"]
+        ),
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let ifs: Vec<String> = s.interfaces.iter().map(|a| format!("{} ({})", a.iface, a.mode)).collect();
+    let _ = writeln!(o, "interfaces: {}", if ifs.is_empty() { "none".into() } else { ifs.join(", ") });
+    let _ = writeln!(o, "connection table: {} entries ({} flows capacity)", s.table.entries, s.table.capacity_flows);
+    let _ = writeln!(
+        o,
+        "\n{:<22} {:<22} {:<8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
+        "SERVICE", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "PKTS_IN", "BYTES_IN", "PKTS_OUT", "BYTES_OUT", "NEW"
+    );
+    for svc in &s.services {
+        let t = &svc.traffic;
+        let _ = writeln!(
+            o,
+            "{:<22} {:<22} {:<8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
+            format!("{}/{}", svc.service, svc.proto),
+            format!("({} backends)", svc.backends.len()),
+            svc.scheduler,
+            "",
+            svc.active_flows,
+            t.packets_in,
+            t.bytes_in,
+            t.packets_out,
+            t.bytes_out,
+            t.new_flows
+        );
+        for b in &svc.backends {
+            let t = &b.traffic;
+            let _ = writeln!(
+                o,
+                "{:<22} {:<22} {:<8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
+                "", b.backend, b.state, b.weight, b.active_flows, t.packets_in, t.bytes_in, t.packets_out, t.bytes_out, t.new_flows
+            );
+        }
+    }
+    let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(o, "\ncounters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
+    o
+}
+
+pub fn render_flows(flows: &[FlowInfo]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8} {:>8}", "CLIENT", "SERVICE", "PROTO", "BACKEND", "STATE", "AGE_S", "IDLE_S");
+    for f in flows {
+        let _ = writeln!(
+            o,
+            "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8.1} {:>8.1}",
+            f.client, f.service, f.proto, f.backend, f.state, f.age_s, f.idle_s
+        );
+    }
+    let _ = writeln!(o, "{} flows", flows.len());
+    o
+}

@@ -1,0 +1,126 @@
+//! Batched walks and deletes over hash maps (`BPF_MAP_LOOKUP_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`, kernel ≥ 5.6). aya 0.14 has no wrapper for them;
+//! one syscall moves thousands of entries instead of two syscalls per entry.
+
+use std::{
+    io,
+    mem::{self, MaybeUninit},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use aya::Pod;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            mem::size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Calls `f` with every `(key, value)` of a hash map, `chunk` entries per
+/// syscall. Entries added or removed during the walk may or may not be seen
+/// (as with any hash map walk).
+pub fn for_each<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    chunk: usize,
+    mut f: impl FnMut(&K, &V),
+) -> io::Result<()> {
+    let mut chunk = chunk.max(64);
+    let mut keys: Vec<MaybeUninit<K>> = Vec::new();
+    let mut values: Vec<MaybeUninit<V>> = Vec::new();
+    // The hash map batch cursor is a bucket index (u32).
+    let mut token_in: u32 = 0;
+    let mut token_out: u32 = 0;
+    let mut first = true;
+    loop {
+        keys.resize_with(chunk, MaybeUninit::uninit);
+        values.resize_with(chunk, MaybeUninit::uninit);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &mut token_in as *mut u32 as u64 },
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        let done = match res {
+            Ok(()) => false,
+            // ENOENT: no more entries after these.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than the buffer: grow and retry
+            // the same position.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for i in 0..n {
+            // SAFETY: the kernel initialised the first `n` keys and values;
+            // both are Pod.
+            unsafe { f(keys[i].assume_init_ref(), values[i].assume_init_ref()) };
+        }
+        if done {
+            return Ok(());
+        }
+        first = false;
+        token_in = token_out;
+    }
+}
+
+/// Deletes `keys` from a hash map, in batches. Keys that are already gone
+/// are skipped (one at a time) rather than failing the whole call.
+/// Returns how many were deleted.
+pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        let n = attr.count as usize;
+        deleted += n;
+        match res {
+            Ok(()) => break,
+            // Key n was missing (removed by someone else): skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(n + 1).min(rest.len())..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Borrowed fd of a map, for the functions above.
+pub fn fd_of(map: &aya::maps::MapData) -> BorrowedFd<'_> {
+    map.fd().as_fd()
+}

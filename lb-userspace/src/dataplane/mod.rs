@@ -1,0 +1,475 @@
+//! Access to the data plane: loading the XDP object, attaching it, pinning
+//! its maps, and typed reads and writes of every map. Nothing here knows
+//! about services as the operator sees them (that is `controller`).
+
+pub mod batch;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    maps::{names, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, RING_SLOTS},
+    stats,
+};
+use thiserror::Error;
+
+/// The compiled XDP object (built by build.rs from lb-ebpf).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
+
+/// Name of the balancing program in the object.
+pub const PROGRAM: &str = "xlb";
+/// Name of the pass-only program (for veth peers in test topologies).
+pub const PASS_PROGRAM: &str = "xlb_pass";
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("the XDP object is empty: this xlb was built with XLB_SKIP_EBPF; rebuild it with the BPF toolchain (`cargo xtask setup`)")]
+    EmptyObject,
+    #[error("loading the XDP object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP object has no map {0} (object and controller out of sync)")]
+    MissingMap(&'static str),
+    #[error("the XDP object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("{op} on map {map}: {source}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{op} on map {map}: {source}")]
+    Syscall {
+        op: &'static str,
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{op} program {prog}: {source}")]
+    Program {
+        op: &'static str,
+        prog: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching XDP to {iface} in {mode} mode: {source} (is the interface up? try --xdp-mode generic)")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("registering ifindex {ifindex} as a redirect target: {source}")]
+    Devmap {
+        ifindex: u32,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("interface {0} does not exist")]
+    NoSuchInterface(String),
+    #[error("pinning map {map} at {path}: {source} (is bpffs mounted at /sys/fs/bpf? `cargo xtask setup` mounts it)")]
+    Pin {
+        map: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("preparing pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// Requested XDP attach mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver mode; fails where the driver has no XDP support.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+    /// Native, falling back to generic (the mode used is reported).
+    Auto,
+}
+
+/// Where the program runs.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub iface: String,
+    pub ifindex: u32,
+    /// "native" or "generic": what was actually obtained.
+    pub mode: String,
+}
+
+pub struct LoadOptions {
+    /// Connection table capacity in flows (two entries each).
+    pub conn_capacity: u32,
+    /// Directory under a bpffs mount where the maps are pinned; `None`
+    /// pins nothing (tests).
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The loaded program and its maps. Dropping it detaches the program (its
+/// links belong to this process) but leaves pins in place; call
+/// [`Dataplane::unpin`] to remove them.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: StdHashMap<&'static str, Map>,
+    attachments: Vec<(Attachment, XdpLinkId)>,
+    pin_dir: Option<PathBuf>,
+    nr_cpus: usize,
+    conn_capacity: u32,
+}
+
+impl Dataplane {
+    pub fn load(opts: LoadOptions) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DataplaneError::EmptyObject);
+        }
+        let entries = opts.conn_capacity.saturating_mul(2).max(2);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNS, entries)
+            .load(EBPF_OBJECT)
+            .map_err(DataplaneError::Load)?;
+        let mut maps = StdHashMap::new();
+        for name in names::ALL {
+            let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+            maps.insert(name, map);
+        }
+        for prog in [PROGRAM, PASS_PROGRAM] {
+            let p: &mut Xdp = ebpf
+                .program_mut(prog)
+                .ok_or(DataplaneError::MissingProgram(prog))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
+            p.load().map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
+        }
+        // Pin only once the programs passed the verifier, so a failed load
+        // leaves nothing behind.
+        if let Some(dir) = &opts.pin_dir {
+            prepare_pin_dir(dir)?;
+            for name in names::ALL {
+                let path = dir.join(name);
+                maps[name]
+                    .pin(&path)
+                    .map_err(|source| DataplaneError::Pin { map: name, path, source })?;
+            }
+        }
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Syscall {
+            op: "counting CPUs",
+            map: names::STATS,
+            source,
+        })?;
+        Ok(Dataplane {
+            ebpf,
+            maps,
+            attachments: Vec::new(),
+            pin_dir: opts.pin_dir,
+            nr_cpus,
+            conn_capacity: opts.conn_capacity,
+        })
+    }
+
+    pub fn conn_capacity(&self) -> u32 {
+        self.conn_capacity
+    }
+
+    fn xdp(&mut self, prog: &'static str) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(prog)
+            .ok_or(DataplaneError::MissingProgram(prog))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { op: "finding", prog, source })
+    }
+
+    /// The balancing program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        self.xdp(PROGRAM)
+    }
+
+    /// Attaches the balancer to `iface` and registers it as a redirect target.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attachment> {
+        let ifindex = ifindex(iface)?;
+        let try_modes: &[(XdpMode, &str)] = match mode {
+            AttachMode::Native => &[(XdpMode::Driver, "native")],
+            AttachMode::Generic => &[(XdpMode::Skb, "generic")],
+            AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        };
+        let mut last_err = None;
+        for &(m, name) in try_modes {
+            match self.xdp(PROGRAM)?.attach_to_if_index(ifindex, m) {
+                Ok(link) => {
+                    if last_err.is_some() {
+                        tracing::warn!(iface, "native XDP unavailable, attached in generic mode");
+                    }
+                    let att = Attachment { iface: iface.to_owned(), ifindex, mode: name.to_owned() };
+                    self.devmap_insert(ifindex)?;
+                    self.attachments.push((att.clone(), link));
+                    return Ok(att);
+                }
+                Err(source) => last_err = Some((name, source)),
+            }
+        }
+        let (mode, source) = last_err.expect("at least one mode was tried");
+        Err(DataplaneError::Attach { iface: iface.to_owned(), mode, source })
+    }
+
+    /// Attaches the pass-only program (for veth peers in test topologies).
+    pub fn attach_pass(&mut self, ifindex: u32) -> Result<()> {
+        self.xdp(PASS_PROGRAM)?
+            .attach_to_if_index(ifindex, XdpMode::Driver)
+            .map_err(|source| DataplaneError::Attach { iface: format!("ifindex {ifindex}"), mode: "native", source })?;
+        Ok(())
+    }
+
+    pub fn attachments(&self) -> Vec<Attachment> {
+        self.attachments.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) {
+        let links: Vec<_> = self.attachments.drain(..).collect();
+        for (att, link) in links {
+            let res = self.xdp(PROGRAM).and_then(|p| {
+                p.detach(link).map_err(|source| DataplaneError::Program { op: "detaching", prog: PROGRAM, source })
+            });
+            match res {
+                Ok(()) => tracing::info!(iface = att.iface, "detached"),
+                Err(e) => tracing::warn!(iface = att.iface, error = %e, "detach failed"),
+            }
+        }
+    }
+
+    /// Removes the pinned maps (after which they die with this process).
+    pub fn unpin(&self) {
+        if let Some(dir) = &self.pin_dir {
+            for name in names::ALL {
+                let _ = fs::remove_file(dir.join(name));
+            }
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
+    fn map(&self, name: &'static str) -> Result<&Map> {
+        self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
+        self.maps.get_mut(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn map_data(&self, name: &'static str) -> Result<&MapData> {
+        match self.map(name)? {
+            Map::HashMap(d) | Map::LruHashMap(d) => Ok(d),
+            _ => Err(DataplaneError::MissingMap(name)),
+        }
+    }
+
+    // ---- configuration maps (controller → data plane) ----
+
+    pub fn service_set(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<()> {
+        let map = self.map_mut(names::SERVICES)?;
+        let mut m: HashMap<_, ServiceKey, ServiceEntry> = HashMap::try_from(map).map_err(map_err("opening", names::SERVICES))?;
+        m.insert(key, entry, 0).map_err(map_err("inserting into", names::SERVICES))
+    }
+
+    pub fn service_remove(&mut self, key: &ServiceKey) -> Result<()> {
+        let map = self.map_mut(names::SERVICES)?;
+        let mut m: HashMap<_, ServiceKey, ServiceEntry> = HashMap::try_from(map).map_err(map_err("opening", names::SERVICES))?;
+        ignore_not_found(m.remove(key)).map_err(map_err("removing from", names::SERVICES))
+    }
+
+    /// Sets the role bits of an address; 0 removes it.
+    pub fn addr_set(&mut self, addr: u32, flags: u32) -> Result<()> {
+        let map = self.map_mut(names::ADDRS)?;
+        let mut m: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err("opening", names::ADDRS))?;
+        if flags == 0 {
+            ignore_not_found(m.remove(&addr)).map_err(map_err("removing from", names::ADDRS))
+        } else {
+            m.insert(addr, flags, 0).map_err(map_err("inserting into", names::ADDRS))
+        }
+    }
+
+    pub fn backend_set(&mut self, id: u32, b: Backend) -> Result<()> {
+        let map = self.map_mut(names::BACKENDS)?;
+        let mut m: Array<_, Backend> = Array::try_from(map).map_err(map_err("opening", names::BACKENDS))?;
+        m.set(id, b, 0).map_err(map_err("writing", names::BACKENDS))
+    }
+
+    /// Writes the slots of a service's ring that differ from `old`.
+    pub fn ring_write(&mut self, service_id: u32, old: &[u32], new: &[u32]) -> Result<()> {
+        let map = self.map_mut(names::RING)?;
+        let mut m: Array<_, u32> = Array::try_from(map).map_err(map_err("opening", names::RING))?;
+        let base = service_id * RING_SLOTS;
+        for (i, id) in new.iter().enumerate() {
+            if old.get(i) != Some(id) {
+                m.set(base + i as u32, id, 0).map_err(map_err("writing", names::RING))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes a service's or backend's per-CPU traffic counters (ids are reused).
+    pub fn reset_traffic(&mut self, service_id: Option<u32>, backend_id: Option<u32>) -> Result<()> {
+        let nr_cpus = self.nr_cpus;
+        let zeros = || PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus]);
+        for (name, id) in [(names::SERVICE_STATS, service_id), (names::BACKEND_STATS, backend_id)] {
+            let Some(id) = id else { continue };
+            let values = zeros().map_err(|source| DataplaneError::Syscall { op: "allocating", map: name, source })?;
+            let map = self.map_mut(name)?;
+            let mut m: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(map).map_err(map_err("opening", name))?;
+            m.set(id, values, 0).map_err(map_err("zeroing", name))?;
+        }
+        Ok(())
+    }
+
+    fn devmap_insert(&mut self, ifindex: u32) -> Result<()> {
+        let map = self.map_mut(names::DEVMAP)?;
+        let mut m: DevMapHash<_> = DevMapHash::try_from(map).map_err(map_err("opening", names::DEVMAP))?;
+        m.insert(ifindex, ifindex, None, 0).map_err(|e| DataplaneError::Devmap { ifindex, source: e })
+    }
+
+    /// Makes `ifindex` a redirect target without attaching to it (tests).
+    pub fn add_redirect_target(&mut self, ifindex: u32) -> Result<()> {
+        self.devmap_insert(ifindex)
+    }
+
+    // ---- connection table ----
+
+    /// Calls `f` for every entry of the connection table (batched walk).
+    pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
+        let fd = batch::fd_of(self.map_data(names::CONNS)?);
+        batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(k, v))
+            .map_err(|source| DataplaneError::Syscall { op: "walking", map: names::CONNS, source })
+    }
+
+    pub fn flow_get(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
+        let map = self.map(names::CONNS)?;
+        let m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", names::CONNS))?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading", names::CONNS)(e)),
+        }
+    }
+
+    /// Deletes flow entries (batched). Returns how many were deleted.
+    pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
+        let fd = batch::fd_of(self.map_data(names::CONNS)?);
+        batch::delete(fd, keys).map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, source })
+    }
+
+    // ---- counters ----
+
+    /// Global counters summed over CPUs, indexed by `lb_common::stats`.
+    pub fn global_counters(&self) -> Result<Vec<u64>> {
+        let map = self.map(names::STATS)?;
+        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err("opening", names::STATS))?;
+        (0..stats::COUNT)
+            .map(|i| {
+                m.get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(map_err("reading", names::STATS))
+            })
+            .collect()
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<TrafficCounters> {
+        self.traffic(names::SERVICE_STATS, id)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<TrafficCounters> {
+        self.traffic(names::BACKEND_STATS, id)
+    }
+
+    fn traffic(&self, name: &'static str, id: u32) -> Result<TrafficCounters> {
+        let map = self.map(name)?;
+        let m: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(map).map_err(map_err("opening", name))?;
+        let per_cpu = m.get(&id, 0).map_err(map_err("reading", name))?;
+        let mut sum = TrafficCounters::default();
+        for c in per_cpu.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { op, map, source }
+}
+
+fn ignore_not_found(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Interface index of `name` in the current network namespace.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|_| DataplaneError::NoSuchInterface(name.to_owned()))?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 { Err(DataplaneError::NoSuchInterface(name.to_owned())) } else { Ok(idx) }
+}
+
+/// Creates the pin directory, mounting bpffs at /sys/fs/bpf first if the
+/// directory lives there and nothing is mounted, and removes stale pins of a
+/// previous run (their program died with that run's process, so the state
+/// in them steers nothing any more).
+fn prepare_pin_dir(dir: &Path) -> Result<()> {
+    let pin_err = |source| DataplaneError::PinDir { path: dir.to_owned(), source };
+    let bpffs = Path::new("/sys/fs/bpf");
+    if dir.starts_with(bpffs) && !is_bpffs(bpffs) {
+        mount_bpffs(bpffs).map_err(pin_err)?;
+    }
+    if dir.exists() {
+        for name in names::ALL {
+            let p = dir.join(name);
+            if p.exists() {
+                tracing::warn!(path = %p.display(), "removing a stale pin from a previous run");
+                fs::remove_file(&p).map_err(pin_err)?;
+            }
+        }
+    }
+    fs::create_dir_all(dir).map_err(pin_err)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    fs::create_dir_all(path)?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

@@ -1,0 +1,154 @@
+//! A running `xlb daemon` inside a test namespace, plus the CLI to drive it.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{netns::Netns, wait_for};
+
+/// Path of the `xlb` binary: `XLB_BIN`, else the workspace's debug build.
+pub fn xlb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLB_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb")
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `xlb daemon` in `ns` on `ifaces` and waits until it answers.
+    pub fn start(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
+        let bin = xlb_bin();
+        if !bin.exists() {
+            bail!("{} does not exist: build it first (`cargo xtask test` does)", bin.display());
+        }
+        let dir = std::env::temp_dir().join(format!("{}-xlb", ns.name));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("xlb.sock");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+        let log = dir.join("daemon.log");
+        let mut args: Vec<String> = vec![format!("--net={}", ns.path()), bin.display().to_string(), "daemon".into()];
+        for i in ifaces {
+            args.push("--iface".into());
+            args.push(i.clone());
+        }
+        args.extend(
+            [
+                "--xdp-mode",
+                "native",
+                "--socket",
+                &socket.display().to_string(),
+                "--pin-dir",
+                &pin_dir.display().to_string(),
+                "--conn-capacity",
+                "65536",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let logf = File::create(&log)?;
+        let child = Command::new("nsenter")
+            .args(&args)
+            .env("XLB_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context("spawning xlb daemon")?;
+        let mut d = Daemon { child: Some(child), socket, pin_dir, log, dir };
+        let ready = wait_for("the daemon to answer on its socket", Duration::from_secs(20), || {
+            if let Some(c) = d.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return Some(false);
+                }
+            }
+            d.cli(&["status"]).ok().filter(|o| o.status.success()).map(|_| true)
+        });
+        match ready {
+            Ok(true) => Ok(d),
+            Ok(false) => bail!("xlb daemon exited during start:\n{}", d.log_text()),
+            Err(e) => bail!("{e}:\n{}", d.log_text()),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(xlb_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("running xlb")
+    }
+
+    /// Runs the CLI and fails unless it exits 0; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "xlb {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a verb with `--json` and returns the response's `data`.
+    pub fn json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a)?;
+        let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("parsing {out}"))?;
+        Ok(v["data"].clone())
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else { bail!("already stopped") };
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let mut status = None;
+        let res = wait_for("the daemon to exit after SIGTERM", Duration::from_secs(10), || {
+            status = child.try_wait().ok().flatten();
+            status.map(|_| ())
+        });
+        if res.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("daemon did not exit within 10 s of SIGTERM:\n{}", self.log_text());
+        }
+        status.ok_or_else(|| anyhow::anyhow!("no exit status"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(e) = self.stop() {
+                eprintln!("warning: {e:#}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

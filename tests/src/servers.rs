@@ -1,0 +1,166 @@
+//! Servers that name themselves, run inside a namespace: every answer starts
+//! with the server's name, so a client knows which backend it reached.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::in_netns;
+
+/// What a server saw: requests answered and the peers that sent them.
+#[derive(Default)]
+pub struct Seen {
+    pub requests: AtomicU64,
+    pub connections: AtomicU64,
+    pub peers: Mutex<HashMap<SocketAddr, u64>>,
+}
+
+/// TCP line server: answers each line `L` with `NAME L`.
+pub struct TcpNameServer {
+    pub name: String,
+    pub seen: Arc<Seen>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpNameServer {
+    pub fn start(ns: &str, name: &str, bind: SocketAddr) -> anyhow::Result<TcpNameServer> {
+        let listener = in_netns(ns, || TcpListener::bind(bind))??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Seen::default());
+        let (stop2, seen2, name2) = (stop.clone(), seen.clone(), name.to_owned());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        seen2.connections.fetch_add(1, Ordering::Relaxed);
+                        *seen2.peers.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_default() += 1;
+                        let (seen3, name3, stop3) = (seen2.clone(), name2.clone(), stop2.clone());
+                        std::thread::spawn(move || serve_tcp(stream, &name3, &seen3, &stop3));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(TcpNameServer { name: name.to_owned(), seen, stop, thread: Some(thread) })
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.seen.connections.load(Ordering::Relaxed)
+    }
+}
+
+fn serve_tcp(stream: TcpStream, name: &str, seen: &Seen, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) if line.ends_with('\n') => {
+                seen.requests.fetch_add(1, Ordering::Relaxed);
+                if writer.write_all(format!("{name} {line}").as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for TcpNameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// UDP server: answers each datagram `D` with `NAME D`.
+pub struct UdpNameServer {
+    pub name: String,
+    pub seen: Arc<Seen>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpNameServer {
+    pub fn start(ns: &str, name: &str, bind: SocketAddr) -> anyhow::Result<UdpNameServer> {
+        let sock = in_netns(ns, || UdpSocket::bind(bind))??;
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Seen::default());
+        let (stop2, seen2, name2) = (stop.clone(), seen.clone(), name.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    seen2.requests.fetch_add(1, Ordering::Relaxed);
+                    *seen2.peers.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_default() += 1;
+                    let mut out = format!("{name2} ").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    let _ = sock.send_to(&out, peer);
+                }
+            }
+        });
+        Ok(UdpNameServer { name: name.to_owned(), seen, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for UdpNameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP client connection opened from namespace `ns`, with a line protocol.
+pub struct LineClient {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl LineClient {
+    pub fn connect(ns: &str, to: SocketAddr) -> anyhow::Result<LineClient> {
+        let stream = in_netns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(LineClient { writer: stream.try_clone()?, reader: BufReader::new(stream) })
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.writer
+    }
+
+    /// Sends `msg` and returns the name of the server that answered.
+    pub fn ask(&mut self, msg: &str) -> anyhow::Result<String> {
+        self.writer.write_all(format!("{msg}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let (name, echoed) = line
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("unexpected answer {line:?}"))?;
+        anyhow::ensure!(echoed == msg, "answer {line:?} does not echo {msg:?}");
+        Ok(name.to_owned())
+    }
+}

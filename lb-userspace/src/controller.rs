@@ -129,6 +129,11 @@ fn check_unicast(what: &str, a: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
+/// Key of the backend → client entry belonging to a client → VIP entry.
+fn reverse_key(k: &FlowKey, v: &lb_common::maps::FlowEntry) -> FlowKey {
+    FlowKey { src_addr: v.nat_addr, dst_addr: k.src_addr, src_port: v.nat_port, dst_port: k.src_port, proto: k.proto, _pad: [0; 3] }
+}
+
 /// Seconds on the clock `bpf_ktime_get_coarse_ns` uses (CLOCK_MONOTONIC).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -347,14 +352,26 @@ impl Controller {
     }
 
     pub fn status(&self) -> Result<Status> {
-        let mut active_by_backend: HashMap<u32, u64> = HashMap::new();
+        // A flow is active until either side closes it (FIN or RST); UDP
+        // flows are active while they are in the table.
+        let mut forward: Vec<(FlowKey, u32, u8)> = Vec::new();
+        let mut reverse_state: HashMap<FlowKey, u8> = HashMap::new();
         let mut entries = 0u64;
-        self.dp.for_each_flow(|_, v| {
+        self.dp.for_each_flow(|k, v| {
             entries += 1;
-            if v.direction == DIR_TO_BACKEND && v.tcp_state != tcp::STATE_CLOSED {
-                *active_by_backend.entry(v.backend_id).or_default() += 1;
+            if v.direction == DIR_TO_BACKEND {
+                forward.push((reverse_key(k, v), v.backend_id, v.tcp_state));
+            } else {
+                reverse_state.insert(*k, v.tcp_state);
             }
         })?;
+        let mut active_by_backend: HashMap<u32, u64> = HashMap::new();
+        for (rkey, backend_id, state) in forward {
+            let combined = tcp::combined_state(state, reverse_state.get(&rkey).copied().unwrap_or(tcp::STATE_NONE));
+            if matches!(combined, tcp::STATE_NONE | tcp::STATE_SYN | tcp::STATE_ESTABLISHED) {
+                *active_by_backend.entry(backend_id).or_default() += 1;
+            }
+        }
         let raw = self.dp.global_counters()?;
         let counters = stats::LABELS
             .iter()
@@ -415,14 +432,7 @@ impl Controller {
                 }
             }
             let backend = SocketAddrV4::new(addr_from(v.nat_addr), port_from(v.nat_port));
-            let rkey = FlowKey {
-                src_addr: v.nat_addr,
-                dst_addr: k.src_addr,
-                src_port: v.nat_port,
-                dst_port: k.src_port,
-                proto: k.proto,
-                _pad: [0; 3],
-            };
+            let rkey = reverse_key(&k, &v);
             let state = match proto {
                 Proto::Udp => "none",
                 Proto::Tcp => tcp::state_name(tcp::combined_state(

@@ -53,4 +53,7 @@ stats! {
     NEW_FLOWS = 16, "new_flows";
     /// IPv4 to a VIP address with another protocol (ICMP...): passed.
     PASS_OTHER_PROTO = 17, "pass_other_proto";
+    /// 802.1Q-tagged flow packet: NATed in XDP, then passed so the kernel,
+    /// which owns the VLAN devices, forwards it with the right tag.
+    PASS_VLAN = 18, "pass_vlan";
 }

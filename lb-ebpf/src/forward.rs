@@ -21,6 +21,11 @@ const AF_INET: u8 = 2;
 
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, pkt: &Packet, to_backend: bool, nat_port: u16) -> Verdict {
+    if pkt.vlan {
+        // The egress may be another VLAN or none: the kernel's VLAN devices
+        // know which tag (if any) the rewritten packet needs.
+        return Verdict::pass(stats::PASS_VLAN);
+    }
     // SAFETY: zeroed is a valid bit pattern for this plain C struct.
     let mut p: FibParams = unsafe { mem::zeroed() };
     // SAFETY: `ip` was bounds-checked by the parser.

@@ -73,6 +73,8 @@ pub struct Packet {
     pub payload_len: u32,
     /// IP total length.
     pub ip_len: u32,
+    /// The frame carries an 802.1Q/802.1ad tag.
+    pub vlan: bool,
 }
 
 #[inline(always)]
@@ -157,6 +159,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         seq: 0,
         payload_len: 0,
         ip_len: ip_len as u32,
+        vlan: l3 != EthHdr::LEN,
     };
     match proto {
         PROTO_TCP => {

@@ -1,0 +1,151 @@
+//! Building test frames (Ethernet [+802.1Q] / IPv4 / TCP|UDP) with correct
+//! checksums, for BPF_PROG_TEST_RUN fixtures. Expected outputs are built the
+//! same way from the expected field values, so comparing bytes checks every
+//! rewritten field and both checksums at once.
+
+use std::net::Ipv4Addr;
+
+use lb_common::csum;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, doff: u8 },
+    /// `no_csum`: send checksum 0 ("none", RFC 768).
+    Udp { sport: u16, dport: u16, no_csum: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+impl Frame {
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32, ack: u32) -> Frame {
+        Frame {
+            dst_mac: [0x02, 0, 0, 0, 0xaa, 0x01],
+            src_mac: [0x02, 0, 0, 0, 0xbb, 0x01],
+            vlan: None,
+            src: src.0,
+            dst: dst.0,
+            ttl: 64,
+            l4: L4::Tcp { sport: src.1, dport: dst.1, seq, ack, flags, doff: 5 },
+            payload: Vec::new(),
+        }
+    }
+
+    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Frame {
+        Frame {
+            dst_mac: [0x02, 0, 0, 0, 0xaa, 0x01],
+            src_mac: [0x02, 0, 0, 0, 0xbb, 0x01],
+            vlan: None,
+            src: src.0,
+            dst: dst.0,
+            ttl: 64,
+            l4: L4::Udp { sport: src.1, dport: dst.1, no_csum: false },
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// Offset of the IPv4 header.
+    pub fn l3_offset(&self) -> usize {
+        if self.vlan.is_some() { 18 } else { 14 }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        let proto;
+        match self.l4 {
+            L4::Tcp { sport, dport, seq, ack, flags, doff } => {
+                proto = 6u8;
+                l4.extend_from_slice(&sport.to_be_bytes());
+                l4.extend_from_slice(&dport.to_be_bytes());
+                l4.extend_from_slice(&seq.to_be_bytes());
+                l4.extend_from_slice(&ack.to_be_bytes());
+                l4.push(doff << 4);
+                l4.push(flags);
+                l4.extend_from_slice(&64240u16.to_be_bytes());
+                l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                // Options as NOPs when doff > 5 (kept within what we build).
+                let opt_len = (doff as usize).saturating_sub(5) * 4;
+                l4.extend(std::iter::repeat_n(1u8, opt_len));
+                l4.extend_from_slice(&self.payload);
+                let c = csum::l4_checksum_v4(self.src.octets(), self.dst.octets(), proto, &l4);
+                l4[16..18].copy_from_slice(&c.to_ne_bytes());
+            }
+            L4::Udp { sport, dport, no_csum } => {
+                proto = 17u8;
+                let len = (8 + self.payload.len()) as u16;
+                l4.extend_from_slice(&sport.to_be_bytes());
+                l4.extend_from_slice(&dport.to_be_bytes());
+                l4.extend_from_slice(&len.to_be_bytes());
+                l4.extend_from_slice(&[0, 0]);
+                l4.extend_from_slice(&self.payload);
+                if !no_csum {
+                    let mut c = csum::l4_checksum_v4(self.src.octets(), self.dst.octets(), proto, &l4);
+                    if c == 0 {
+                        c = 0xffff;
+                    }
+                    l4[6..8].copy_from_slice(&c.to_ne_bytes());
+                }
+            }
+        }
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        ip[6] = 0x40; // DF
+        ip[8] = self.ttl;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&self.src.octets());
+        ip[16..20].copy_from_slice(&self.dst.octets());
+        let c = csum::checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_ne_bytes());
+
+        let mut f = Vec::new();
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        if let Some(vid) = self.vlan {
+            f.extend_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&vid.to_be_bytes());
+        }
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&l4);
+        f
+    }
+}
+
+/// Recomputes both checksums of a frame built like ours and says whether
+/// they match what the frame carries.
+pub fn checksums_valid(frame: &[u8], l3: usize) -> bool {
+    let ip = &frame[l3..l3 + 20];
+    if csum::fold(csum::sum_bytes(ip, 0)) != 0xffff {
+        return false;
+    }
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let proto = ip[9];
+    let seg = &frame[l3 + 20..l3 + tot];
+    let (src, dst) = ([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]]);
+    if proto == 17 && seg[6..8] == [0, 0] {
+        return true;
+    }
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&src);
+    pseudo[4..8].copy_from_slice(&dst);
+    pseudo[9] = proto;
+    pseudo[10..12].copy_from_slice(&(seg.len() as u16).to_be_bytes());
+    csum::fold(csum::sum_bytes(seg, csum::sum_bytes(&pseudo, 0))) == 0xffff
+}

@@ -30,6 +30,43 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `xlb daemon` in `ns` on `ifaces` and waits until it answers.
     pub fn start(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
+        let mut d = Daemon::spawn(ns, ifaces, extra)?;
+        let ready = wait_for("the daemon to answer on its socket", Duration::from_secs(20), || {
+            if let Some(c) = d.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return Some(false);
+                }
+            }
+            d.cli(&["status"]).ok().filter(|o| o.status.success()).map(|_| true)
+        });
+        match ready {
+            Ok(true) => Ok(d),
+            Ok(false) => bail!("xlb daemon exited during start:\n{}", d.log_text()),
+            Err(e) => bail!("{e}:\n{}", d.log_text()),
+        }
+    }
+
+    /// Starts a daemon that is expected to fail, and returns its exit status
+    /// and log once it has exited.
+    pub fn run_expecting_exit(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<(std::process::ExitStatus, String, Daemon)> {
+        let mut d = Daemon::spawn(ns, ifaces, extra)?;
+        let mut child = d.child.take().ok_or_else(|| anyhow::anyhow!("no child"))?;
+        let mut status = None;
+        let res = wait_for("the daemon to exit", Duration::from_secs(20), || {
+            status = child.try_wait().ok().flatten();
+            status.map(|_| ())
+        });
+        if res.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the daemon kept running:\n{}", d.log_text());
+        }
+        let status = status.ok_or_else(|| anyhow::anyhow!("no exit status"))?;
+        let log = d.log_text();
+        Ok((status, log, d))
+    }
+
+    fn spawn(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
         let bin = xlb_bin();
         if !bin.exists() {
             bail!("{} does not exist: build it first (`cargo xtask test` does)", bin.display());
@@ -68,20 +105,7 @@ impl Daemon {
             .stderr(logf)
             .spawn()
             .context("spawning xlb daemon")?;
-        let mut d = Daemon { child: Some(child), socket, pin_dir, log, dir };
-        let ready = wait_for("the daemon to answer on its socket", Duration::from_secs(20), || {
-            if let Some(c) = d.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return Some(false);
-                }
-            }
-            d.cli(&["status"]).ok().filter(|o| o.status.success()).map(|_| true)
-        });
-        match ready {
-            Ok(true) => Ok(d),
-            Ok(false) => bail!("xlb daemon exited during start:\n{}", d.log_text()),
-            Err(e) => bail!("{e}:\n{}", d.log_text()),
-        }
+        Ok(Daemon { child: Some(child), socket, pin_dir, log, dir })
     }
 
     pub fn log_text(&self) -> String {

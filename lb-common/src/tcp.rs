@@ -19,9 +19,7 @@ pub const FLAG_ACK: u8 = 0x10;
 /// State after a segment with `flags` from this entry's direction.
 #[inline(always)]
 pub const fn next_state(cur: u8, flags: u8) -> u8 {
-    if flags & FLAG_RST != 0 {
-        STATE_CLOSED
-    } else if cur == STATE_CLOSED {
+    if flags & FLAG_RST != 0 || cur == STATE_CLOSED {
         STATE_CLOSED
     } else if flags & FLAG_FIN != 0 {
         STATE_FIN

@@ -101,13 +101,13 @@ mod tests {
 
     #[test]
     fn rejects_unknown_keys_bad_addresses_and_protocols() {
-        let typo = Config::parse("[[service]]\nvip = \"10.0.0.1:80\"\nbackends = []\n").unwrap_err();
+        let typo = Config::parse("[[service]]\nvip = \"10.0.0.1:80\"\nbackends = []\n").expect_err("must be refused");
         assert!(typo.to_string().contains("unknown field `backends`"), "{typo}");
-        let bad_addr = Config::parse("[[service]]\nvip = \"10.0.0.999:80\"\n").unwrap_err();
+        let bad_addr = Config::parse("[[service]]\nvip = \"10.0.0.999:80\"\n").expect_err("must be refused");
         assert!(bad_addr.to_string().contains("vip"), "{bad_addr}");
-        let bad_proto = Config::parse("[[service]]\nvip = \"10.0.0.1:80\"\nproto = \"sctp\"\n").unwrap_err();
+        let bad_proto = Config::parse("[[service]]\nvip = \"10.0.0.1:80\"\nproto = \"sctp\"\n").expect_err("must be refused");
         assert!(bad_proto.to_string().contains("sctp"), "{bad_proto}");
-        let no_port = Config::parse("[[service]]\nvip = \"10.0.0.1\"\n").unwrap_err();
+        let no_port = Config::parse("[[service]]\nvip = \"10.0.0.1\"\n").expect_err("must be refused");
         assert!(no_port.to_string().contains("vip"), "{no_port}");
     }
 }

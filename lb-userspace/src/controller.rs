@@ -426,11 +426,10 @@ impl Controller {
         for (k, v) in forward {
             let Some(proto) = Proto::from_number(k.proto) else { continue };
             let service = SocketAddrV4::new(addr_from(k.dst_addr), port_from(k.dst_port));
-            if let Some(f) = filter {
-                if f.addr != service || f.proto != proto {
+            if let Some(f) = filter
+                && (f.addr != service || f.proto != proto) {
                     continue;
                 }
-            }
             let backend = SocketAddrV4::new(addr_from(v.nat_addr), port_from(v.nat_port));
             let rkey = reverse_key(&k, &v);
             let state = match proto {

@@ -32,11 +32,10 @@ impl Daemon {
     pub fn start(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
         let mut d = Daemon::spawn(ns, ifaces, extra)?;
         let ready = wait_for("the daemon to answer on its socket", Duration::from_secs(20), || {
-            if let Some(c) = d.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
+            if let Some(c) = d.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait() {
                     return Some(false);
                 }
-            }
             d.cli(&["status"]).ok().filter(|o| o.status.success()).map(|_| true)
         });
         match ready {
@@ -167,11 +166,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            if let Err(e) = self.stop() {
+        if self.child.is_some()
+            && let Err(e) = self.stop() {
                 eprintln!("warning: {e:#}");
             }
-        }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -80,10 +80,11 @@ impl Daemon {
             args.push("--iface".into());
             args.push(i.clone());
         }
+        if !extra.contains(&"--xdp-mode") {
+            args.extend(["--xdp-mode".to_string(), "native".to_string()]);
+        }
         args.extend(
             [
-                "--xdp-mode",
-                "native",
                 "--socket",
                 &socket.display().to_string(),
                 "--pin-dir",

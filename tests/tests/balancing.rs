@@ -27,9 +27,13 @@ struct Bed {
 }
 
 fn bed(backends: usize, weights: &[u32]) -> Bed {
+    bed_with(backends, weights, &[])
+}
+
+fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str]) -> Bed {
     require_root();
     let topo = Topology::new(TopologyOptions { backends }).expect("topology");
-    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
     let mut servers = Vec::new();
     for (i, b) in topo.backends.iter().enumerate() {
         let bind: SocketAddr = format!("0.0.0.0:{BACKEND_PORT}").parse().expect("addr");
@@ -195,4 +199,26 @@ fn traffic_to_the_lb_host_itself_passes_untouched() {
     // The VIP itself still answers ICMP through the kernel (not TCP/UDP).
     let ping = b.topo.client.exec("ping", &["-c", "1", "-W", "2", &testbed::topology::VIP.to_string()]);
     assert!(ping.is_ok(), "ping to the VIP failed: {ping:?}");
+}
+
+#[test]
+fn generic_xdp_mode_balances_the_same_way() {
+    let b = bed_with(2, &[1, 1], &["--xdp-mode", "generic"]);
+    let status = b.daemon.json(&["status"]).expect("status");
+    assert!(
+        status["interfaces"].as_array().expect("interfaces").iter().all(|i| i["mode"] == "generic"),
+        "{status:#}"
+    );
+    let vip = b.topo.vip_sock(80);
+    let mut per_backend: HashMap<String, u32> = HashMap::new();
+    for i in 0..40 {
+        let mut c = LineClient::connect(&b.topo.client.name, vip).expect("connect");
+        *per_backend.entry(c.ask(&format!("g{i}")).expect("answer")).or_default() += 1;
+    }
+    // The round-robin cursor is per CPU: each CPU alternates exactly, so the
+    // two counts differ by at most one per CPU.
+    let (b0, b1) = (per_backend.get("b0").copied().unwrap_or(0), per_backend.get("b1").copied().unwrap_or(0));
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    assert_eq!(b0 + b1, 40, "{per_backend:?}");
+    assert!(b0.abs_diff(b1) <= cpus, "{per_backend:?} with {cpus} CPUs");
 }

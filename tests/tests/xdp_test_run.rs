@@ -71,6 +71,13 @@ fn rig() -> Rig {
     ctl.service_add(vip(53), Proto::Udp).expect("udp service");
     ctl.backend_add(vip(53), Some(Proto::Udp), std::net::SocketAddrV4::new(BACKEND, 5353), None).expect("udp backend");
     ctl.service_add(vip(81), Proto::Tcp).expect("empty service");
+    // A backend on the client's own link (hairpin: out of the NIC it came in on).
+    ip(&["neigh", "add", "10.0.0.3", "lladdr", "02:00:00:00:00:03", "dev", "t0", "nud", "permanent"]);
+    ctl.service_add(vip(82), Proto::Tcp).expect("hairpin service");
+    ctl.backend_add(vip(82), Some(Proto::Tcp), std::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 3), 80), None).expect("hairpin backend");
+    // A backend whose neighbour is not resolved yet.
+    ctl.service_add(vip(83), Proto::Tcp).expect("unresolved service");
+    ctl.backend_add(vip(83), Some(Proto::Tcp), std::net::SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 9), 80), None).expect("unresolved backend");
     Rig { ctl, ns, t0, t1 }
 }
 
@@ -316,4 +323,39 @@ fn bad_headers_fragments_and_options_are_counted_and_never_natted() {
         assert_eq!(r.counter(counter), before + 1, "{what}: counter {counter} did not move");
         assert_eq!(r.flow_count(), 0, "{what} created state");
     }
+}
+
+#[test]
+fn a_backend_behind_the_ingress_nic_is_reached_with_xdp_tx() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT, 40010), (VIP, 82), TCP_SYN, 1, 0);
+    let (verdict, out) = r.run(r.t0, &syn.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    let mut want = syn.clone();
+    want.dst = Ipv4Addr::new(10, 0, 0, 3);
+    want.ttl -= 1;
+    want.src_mac = T0_MAC;
+    want.dst_mac = [2, 0, 0, 0, 0, 3];
+    if let L4::Tcp { dport, .. } = &mut want.l4 {
+        *dport = 80;
+    }
+    assert_eq!(out, want.build());
+    assert_eq!(r.counter(stats::TX), 1);
+}
+
+#[test]
+fn an_unresolved_neighbour_hands_the_rewritten_packet_to_the_kernel() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT, 40011), (VIP, 83), TCP_SYN, 1, 0);
+    let (verdict, out) = r.run(r.t0, &syn.build());
+    assert_eq!(verdict, XDP_PASS);
+    // Rewritten for the backend; TTL and MACs are the kernel's to set.
+    let mut want = syn.clone();
+    want.dst = Ipv4Addr::new(10, 1, 1, 9);
+    if let L4::Tcp { dport, .. } = &mut want.l4 {
+        *dport = 80;
+    }
+    assert_eq!(out, want.build());
+    assert_eq!(r.counter(stats::PASS_NO_NEIGH), 1);
+    assert_eq!(r.flow_count(), 2, "the flow exists: the next packets follow it");
 }

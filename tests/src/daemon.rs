@@ -49,18 +49,8 @@ impl Daemon {
     /// and log once it has exited.
     pub fn run_expecting_exit(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<(std::process::ExitStatus, String, Daemon)> {
         let mut d = Daemon::spawn(ns, ifaces, extra)?;
-        let mut child = d.child.take().ok_or_else(|| anyhow::anyhow!("no child"))?;
-        let mut status = None;
-        let res = wait_for("the daemon to exit", Duration::from_secs(20), || {
-            status = child.try_wait().ok().flatten();
-            status.map(|_| ())
-        });
-        if res.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the daemon kept running:\n{}", d.log_text());
-        }
-        let status = status.ok_or_else(|| anyhow::anyhow!("no exit status"))?;
+        let child = d.child.take().ok_or_else(|| anyhow::anyhow!("no child"))?;
+        let status = wait_exit(child, Duration::from_secs(20)).map_err(|e| anyhow::anyhow!("{e}:\n{}", d.log_text()))?;
         let log = d.log_text();
         Ok((status, log, d))
     }
@@ -148,21 +138,26 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let Some(mut child) = self.child.take() else { bail!("already stopped") };
+        let Some(child) = self.child.take() else { bail!("already stopped") };
         // SAFETY: plain kill(2) on our child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let mut status = None;
-        let res = wait_for("the daemon to exit after SIGTERM", Duration::from_secs(10), || {
-            status = child.try_wait().ok().flatten();
-            status.map(|_| ())
-        });
-        if res.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("daemon did not exit within 10 s of SIGTERM:\n{}", self.log_text());
-        }
-        status.ok_or_else(|| anyhow::anyhow!("no exit status"))
+        wait_exit(child, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("after SIGTERM: {e}:\n{}", self.log_text()))
     }
+}
+
+/// Waits for `child` to exit; kills it if it is still running at the deadline.
+fn wait_exit(mut child: Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let mut status = None;
+    let res = wait_for("the daemon to exit", timeout, || {
+        status = child.try_wait().ok().flatten();
+        status.map(|_| ())
+    });
+    if let Err(e) = res {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    status.ok_or_else(|| anyhow::anyhow!("no exit status"))
 }
 
 impl Drop for Daemon {

@@ -33,30 +33,25 @@ pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
 impl Frame {
-    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32, ack: u32) -> Frame {
+    fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4, payload: &[u8]) -> Frame {
         Frame {
             dst_mac: [0x02, 0, 0, 0, 0xaa, 0x01],
             src_mac: [0x02, 0, 0, 0, 0xbb, 0x01],
             vlan: None,
-            src: src.0,
-            dst: dst.0,
+            src,
+            dst,
             ttl: 64,
-            l4: L4::Tcp { sport: src.1, dport: dst.1, seq, ack, flags, doff: 5 },
-            payload: Vec::new(),
+            l4,
+            payload: payload.to_vec(),
         }
     }
 
+    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32, ack: u32) -> Frame {
+        Frame::new(src.0, dst.0, L4::Tcp { sport: src.1, dport: dst.1, seq, ack, flags, doff: 5 }, &[])
+    }
+
     pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Frame {
-        Frame {
-            dst_mac: [0x02, 0, 0, 0, 0xaa, 0x01],
-            src_mac: [0x02, 0, 0, 0, 0xbb, 0x01],
-            vlan: None,
-            src: src.0,
-            dst: dst.0,
-            ttl: 64,
-            l4: L4::Udp { sport: src.1, dport: dst.1, no_csum: false },
-            payload: payload.to_vec(),
-        }
+        Frame::new(src.0, dst.0, L4::Udp { sport: src.1, dport: dst.1, no_csum: false }, payload)
     }
 
     /// Offset of the IPv4 header.

@@ -13,8 +13,10 @@ extern crate alloc;
 
 pub mod csum;
 pub mod maps;
+pub mod rst;
 /// Ring building runs in the controller only (it allocates).
 #[cfg(any(test, feature = "user"))]
 pub mod sched;
 pub mod stats;
 pub mod tcp;
+pub mod sched_hash;

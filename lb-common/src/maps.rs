@@ -64,12 +64,28 @@ pub const ADDR_BACKEND: u32 = 2;
 /// `ServiceEntry::scheduler`.
 pub const SCHED_WRR: u8 = 1;
 
-/// `Backend::state`. 0 marks an unused slot.
+/// `Backend::state`: how the data plane treats the backend's flows.
+/// 0 marks an unused slot.
 pub const BACKEND_UNUSED: u8 = 0;
+/// New and existing flows.
 pub const BACKEND_UP: u8 = 1;
+/// No new flows; existing flows are forwarded (drain and keep policies).
 pub const BACKEND_DRAINING: u8 = 2;
+/// Unhealthy, reset policy: no new flows; a TCP packet of an existing flow
+/// is answered with a RST and the flow removed; UDP flows are rescheduled.
 pub const BACKEND_DOWN: u8 = 3;
+/// Deregistered, reset policy: as `BACKEND_DOWN`.
 pub const BACKEND_REMOVED: u8 = 4;
+
+/// Whether flows of a backend in `state` are reset on their next packet.
+pub const fn backend_is_gone(state: u8) -> bool {
+    state == BACKEND_DOWN || state == BACKEND_REMOVED || state == BACKEND_UNUSED
+}
+
+/// `ServiceEntry::flags`: a non-SYN TCP packet without a flow entry is
+/// scheduled by hash and given one (instead of being reset). For several
+/// balancers sharing a VIP with the same backends.
+pub const SVC_F_MISS_REHASH: u8 = 1;
 
 /// `FlowEntry::direction`: which way the packets matching this entry go.
 /// Client → VIP packets get their destination rewritten to the backend.

@@ -56,4 +56,23 @@ stats! {
     /// 802.1Q-tagged flow packet: NATed in XDP, then passed so the kernel,
     /// which owns the VLAN devices, forwards it with the right tag.
     PASS_VLAN = 18, "pass_vlan";
+    /// Packet of a TCP flow whose backend is down or removed: answered by
+    /// the program with a RST (XDP_TX), flow entries removed.
+    RST_REACTIVE = 19, "rst_reactive";
+    /// Non-SYN TCP to a service with no flow entry (policy `reset`):
+    /// answered with a RST.
+    RST_MISS = 20, "rst_miss";
+    /// A RST with exactly the expected sequence number passed through: the
+    /// flow is torn down.
+    RST_TEARDOWN = 21, "rst_teardown";
+    /// A RST whose sequence number is not the expected one passed through
+    /// without touching the flow (a spoofed or stale RST cannot kill it; the
+    /// receiver answers with a challenge ACK, RFC 5961).
+    RST_IGNORED = 22, "rst_ignored";
+    /// UDP datagram of a flow whose backend is gone: rescheduled.
+    UDP_RESCHEDULED = 23, "udp_rescheduled";
+    /// UDP datagram from a backend that is gone: dropped.
+    DROP_GONE_BACKEND = 24, "drop_gone_backend";
+    /// Non-SYN TCP miss scheduled by hash (policy `rehash`).
+    REHASHED = 25, "rehashed";
 }

@@ -110,3 +110,22 @@ pub fn is_new_connection(entry: *const FlowEntry, pkt: &Packet) -> bool {
         && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN
         && tcp::is_reusable(e.tcp_state)
 }
+
+/// Key of the other direction's entry of the flow `entry` belongs to.
+#[inline(always)]
+pub fn peer_key(key: &FlowKey, e: &FlowEntry) -> FlowKey {
+    if e.direction == DIR_TO_BACKEND {
+        // client → VIP; peer: backend → client.
+        FlowKey { src_addr: e.nat_addr, dst_addr: key.src_addr, src_port: e.nat_port, dst_port: key.src_port, proto: key.proto, _pad: [0; 3] }
+    } else {
+        // backend → client; peer: client → VIP.
+        FlowKey { src_addr: key.dst_addr, dst_addr: e.nat_addr, src_port: key.dst_port, dst_port: e.nat_port, proto: key.proto, _pad: [0; 3] }
+    }
+}
+
+/// Removes both entries of a flow.
+#[inline(always)]
+pub fn remove(key: &FlowKey, e: &FlowEntry) {
+    let _ = CONNS.remove(&peer_key(key, e));
+    let _ = CONNS.remove(key);
+}

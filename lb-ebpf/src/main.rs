@@ -12,12 +12,13 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod schedule;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    maps::{ServiceKey, ADDR_VIP, DIR_TO_BACKEND, PROTO_TCP},
+    maps::{backend_is_gone, FlowEntry, ServiceKey, ADDR_VIP, DIR_TO_BACKEND, PROTO_TCP, SVC_F_MISS_REHASH},
     stats as stat,
     tcp,
 };
@@ -46,20 +47,33 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let now = conntrack::now();
+    let is_tcp = pkt.key.proto == PROTO_TCP;
     if let Some(entry) = conntrack::lookup(&pkt.key) {
-        let reschedule = pkt.role == ADDR_VIP && conntrack::is_new_connection(entry, pkt);
-        if !reschedule {
-            conntrack::touch(entry, pkt, now);
-            // SAFETY: map value pointer from the kernel.
-            let e = unsafe { *entry };
-            let to_backend = e.direction == DIR_TO_BACKEND;
-            if to_backend {
-                nat::rewrite_dst(ctx, pkt, e.nat_addr, e.nat_port);
-            } else {
-                nat::rewrite_src(ctx, pkt, e.nat_addr, e.nat_port);
+        // SAFETY: map value pointer from the kernel; copied once.
+        let e = unsafe { *entry };
+        let to_backend = e.direction == DIR_TO_BACKEND;
+        let gone = match maps::BACKENDS.get(e.backend_id) {
+            Some(b) => backend_is_gone(b.state),
+            None => true,
+        };
+        if gone {
+            conntrack::remove(&pkt.key, &e);
+            if is_tcp {
+                // No black hole: the sender learns at once.
+                return reset::answer(ctx, pkt, stat::RST_REACTIVE);
             }
-            stats::count_traffic(e.service_id, e.backend_id, to_backend, pkt.ip_len as u64, false);
-            return forward::forward(ctx, pkt, to_backend, e.nat_port);
+            if !to_backend {
+                return Verdict::drop(stat::DROP_GONE_BACKEND);
+            }
+            stats::count(stat::UDP_RESCHEDULED);
+            return new_flow(ctx, pkt, now);
+        }
+        if is_tcp && pkt.tcp_flags & tcp::FLAG_RST != 0 {
+            return pass_rst(ctx, pkt, &e, now);
+        }
+        if !(to_backend && conntrack::is_new_connection(entry, pkt)) {
+            conntrack::touch(entry, pkt, now);
+            return nat_and_forward(ctx, pkt, &e, false);
         }
     }
     if pkt.role != ADDR_VIP {
@@ -68,6 +82,34 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         return Verdict::pass(stat::PASS_NOT_SERVICE);
     }
     new_flow(ctx, pkt, now)
+}
+
+#[inline(always)]
+fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool) -> Verdict {
+    let to_backend = e.direction == DIR_TO_BACKEND;
+    if to_backend {
+        nat::rewrite_dst(ctx, pkt, e.nat_addr, e.nat_port);
+    } else {
+        nat::rewrite_src(ctx, pkt, e.nat_addr, e.nat_port);
+    }
+    stats::count_traffic(e.service_id, e.backend_id, to_backend, pkt.ip_len as u64, new_flow);
+    forward::forward(ctx, pkt, to_backend, e.nat_port)
+}
+
+/// A RST for a live flow is forwarded either way; it tears the flow down
+/// only when it carries exactly the sequence number the receiver expects
+/// (what the receiver itself accepts, RFC 5961 §3.2), so a spoofed or stale
+/// RST cannot remove the flow from the table.
+#[inline(always)]
+fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, _now: u64) -> Verdict {
+    let exact = e.tcp_state != tcp::STATE_NONE && pkt.seq == e.seq_next;
+    if exact {
+        conntrack::remove(&pkt.key, e);
+        stats::count(stat::RST_TEARDOWN);
+    } else {
+        stats::count(stat::RST_IGNORED);
+    }
+    nat_and_forward(ctx, pkt, e, false)
 }
 
 #[inline(always)]
@@ -82,23 +124,29 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     let Some(svc) = (unsafe { maps::SERVICES.get(&skey) }) else {
         return Verdict::pass(stat::PASS_NOT_SERVICE);
     };
-    // Only a SYN opens a TCP flow; anything else without an entry creates
-    // no state.
+    let mut by_hash = false;
     if pkt.key.proto == PROTO_TCP
         && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK | tcp::FLAG_RST) != tcp::FLAG_SYN
     {
-        return Verdict::pass(stat::PASS_NO_FLOW);
+        // Mid-flow segment without an entry (lost state, or a flow this
+        // node never saw). A RST creates nothing and is not answered.
+        if pkt.tcp_flags & (tcp::FLAG_RST | tcp::FLAG_SYN) != 0 {
+            return Verdict::pass(stat::PASS_NO_FLOW);
+        }
+        if svc.flags & SVC_F_MISS_REHASH == 0 {
+            return reset::answer(ctx, pkt, stat::RST_MISS);
+        }
+        by_hash = true;
+        stats::count(stat::REHASHED);
     }
-    let Some((backend_id, backend)) = schedule::pick(svc, &pkt.key) else {
+    let Some((backend_id, backend)) = schedule::pick(svc, &pkt.key, by_hash) else {
         return Verdict::pass(stat::PASS_NO_BACKEND);
     };
     let Some(entry) = conntrack::create(pkt, svc, backend_id, &backend, now) else {
         return Verdict::drop(stat::DROP_TABLE_FULL);
     };
     stats::count(stat::NEW_FLOWS);
-    nat::rewrite_dst(ctx, pkt, entry.nat_addr, entry.nat_port);
-    stats::count_traffic(svc.id, backend_id, true, pkt.ip_len as u64, true);
-    forward::forward(ctx, pkt, true, entry.nat_port)
+    nat_and_forward(ctx, pkt, &entry, true)
 }
 
 #[cfg(not(test))]

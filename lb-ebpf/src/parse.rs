@@ -78,7 +78,7 @@ pub struct Packet {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {

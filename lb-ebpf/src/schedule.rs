@@ -11,16 +11,22 @@ use crate::maps::{BACKENDS, CURSOR, RING};
 /// such backends from the ring; this covers the moment in between).
 const MAX_PROBES: u32 = 4;
 
-/// Picks a backend for a new flow: `(backend id, backend)`.
+/// Picks a backend for a new flow: `(backend id, backend)`. `by_hash`
+/// chooses the slot from the 5-tuple alone, so every balancer with the same
+/// ring picks the same backend for a flow it has never seen.
 #[inline(always)]
-pub fn pick(svc: &ServiceEntry, _key: &FlowKey) -> Option<(u32, Backend)> {
+pub fn pick(svc: &ServiceEntry, key: &FlowKey, by_hash: bool) -> Option<(u32, Backend)> {
     let len = svc.ring_len;
     if len == 0 || len > RING_SLOTS {
         return None;
     }
-    let start = match svc.scheduler {
-        SCHED_WRR => next_cursor(svc.id, len)?,
-        _ => return None,
+    let start = if by_hash {
+        flow_hash(key) % len
+    } else {
+        match svc.scheduler {
+            SCHED_WRR => next_cursor(svc.id, len)?,
+            _ => return None,
+        }
     };
     let base = svc.id.checked_mul(RING_SLOTS)?;
     for i in 0..MAX_PROBES {
@@ -51,4 +57,10 @@ fn next_cursor(service_id: u32, len: u32) -> Option<u32> {
         *cur = c + 1;
         Some(c)
     }
+}
+
+/// A fixed (seedless) hash of the 5-tuple: the same on every node.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    lb_common::sched_hash::flow_hash(k.src_addr, k.dst_addr, k.src_port, k.dst_port, k.proto)
 }

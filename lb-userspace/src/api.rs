@@ -50,6 +50,14 @@ pub enum Request {
     ServiceAdd {
         service: SocketAddrV4,
         proto: Proto,
+        #[serde(default)]
+        options: crate::policy::ServiceOptions,
+    },
+    /// Changes settings of an existing service; absent options keep their value.
+    ServiceSet {
+        service: SocketAddrV4,
+        proto: Option<Proto>,
+        options: crate::policy::ServiceOptions,
     },
     /// `proto` may be omitted when only one protocol is served on the VIP:port.
     ServiceRemove {
@@ -136,24 +144,35 @@ impl From<lb_common::maps::TrafficCounters> for Traffic {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub backend: SocketAddrV4,
     pub id: u32,
     pub weight: u32,
-    /// up, draining, down, removed.
+    /// up, draining (no new flows), down (unhealthy), removed (deregistered,
+    /// flows being reset).
     pub state: String,
+    /// False once deregistered (it is listed while it still has flows).
+    pub registered: bool,
+    pub healthy: bool,
+    pub last_health_error: Option<String>,
+    /// Seconds until a draining backend's remaining flows are reset.
+    pub drain_remaining_s: Option<f64>,
     pub active_flows: u64,
     pub traffic: Traffic,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub service: SocketAddrV4,
     pub proto: Proto,
     pub id: u32,
     pub scheduler: String,
+    pub settings: crate::policy::ServiceSettings,
     pub active_flows: u64,
+    /// Flows reset by the controller, by cause (the data plane's own resets
+    /// are the `rst_*` counters).
+    pub resets: crate::controller::ResetCounts,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
 }
@@ -166,7 +185,7 @@ pub struct TableStatus {
     pub capacity_flows: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub interfaces: Vec<crate::dataplane::Attachment>,
     pub table: TableStatus,

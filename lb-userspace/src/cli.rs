@@ -10,6 +10,7 @@ use crate::{
     api::{ErrorCode, FlowInfo, Proto, Request, Response, Status},
     client,
     dataplane::AttachMode,
+    policy::{Dur, FlowPolicy, MissPolicy, ServiceOptions, StatusRange},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
@@ -68,9 +69,65 @@ pub struct DaemonArgs {
     /// bpffs directory where the maps are pinned.
     #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
     pub pin_dir: PathBuf,
+    /// Test only: skip the proactive reset walk (the data plane still resets
+    /// a flow of a gone backend on its next packet).
+    #[arg(long, hide = true)]
+    pub test_disable_proactive_reset: bool,
     /// Connection table capacity, in flows.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONN_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub conn_capacity: u32,
+}
+
+/// Per-service settings (on `service add` and `service set`).
+#[derive(Debug, Args, Default)]
+pub struct ServiceOptionArgs {
+    /// What a deregistered backend's flows get: reset (default), drain:DURATION, keep.
+    #[arg(long, value_name = "POLICY")]
+    pub on_remove: Option<FlowPolicy>,
+    /// What an unhealthy backend's flows get: reset (default), drain:DURATION, keep.
+    #[arg(long, value_name = "POLICY")]
+    pub on_unhealthy: Option<FlowPolicy>,
+    /// Spread a mass reset over this window (default 0: all at once).
+    #[arg(long, value_name = "DURATION")]
+    pub reset_spread: Option<Dur>,
+    /// Non-SYN TCP without a flow: reset (default) or rehash.
+    #[arg(long, value_enum)]
+    pub on_miss: Option<MissPolicy>,
+    /// Health check: tcp, http:/PATH, or none.
+    #[arg(long, value_name = "PROBE")]
+    pub health: Option<String>,
+    /// Time between probes (default 2s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<Dur>,
+    /// Probe timeout (default 1s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<Dur>,
+    /// Successes that bring a down backend back (default 2).
+    #[arg(long)]
+    pub rise: Option<u32>,
+    /// Failures that take a backend down (default 3).
+    #[arg(long)]
+    pub fall: Option<u32>,
+    /// Accepted HTTP statuses for http probes (default 200-399).
+    #[arg(long, value_name = "RANGE")]
+    pub health_status: Option<StatusRange>,
+}
+
+impl ServiceOptionArgs {
+    pub fn to_options(&self) -> ServiceOptions {
+        ServiceOptions {
+            on_remove: self.on_remove,
+            on_unhealthy: self.on_unhealthy,
+            reset_spread: self.reset_spread,
+            on_miss: self.on_miss,
+            health: self.health.clone(),
+            health_interval: self.health_interval,
+            health_timeout: self.health_timeout,
+            rise: self.rise,
+            fall: self.fall,
+            health_status: self.health_status,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +138,18 @@ pub enum ServiceCmd {
         service: SocketAddrV4,
         #[arg(long, default_value = "tcp")]
         proto: Proto,
+        #[command(flatten)]
+        options: ServiceOptionArgs,
+    },
+    /// Change a service's settings at run time (only the options given).
+    Set {
+        #[arg(value_name = "VIP:PORT")]
+        service: SocketAddrV4,
+        /// Needed only when both tcp and udp are served on VIP:PORT.
+        #[arg(long)]
+        proto: Option<Proto>,
+        #[command(flatten)]
+        options: ServiceOptionArgs,
     },
     /// Remove a service, its backends and its flows.
     Remove {
@@ -122,7 +191,12 @@ pub enum BackendCmd {
 pub fn run_client(cli: &Cli) -> ExitCode {
     let req = match &cli.command {
         Command::Daemon(_) => unreachable_daemon(),
-        Command::Service(ServiceCmd::Add { service, proto }) => Request::ServiceAdd { service: *service, proto: *proto },
+        Command::Service(ServiceCmd::Add { service, proto, options }) => {
+            Request::ServiceAdd { service: *service, proto: *proto, options: options.to_options() }
+        }
+        Command::Service(ServiceCmd::Set { service, proto, options }) => {
+            Request::ServiceSet { service: *service, proto: *proto, options: options.to_options() }
+        }
         Command::Service(ServiceCmd::Remove { service, proto }) => Request::ServiceRemove { service: *service, proto: *proto },
         Command::Backend(BackendCmd::Add { service, backend, weight, proto }) => Request::BackendAdd {
             service: *service,
@@ -189,11 +263,18 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
             data["proto"].as_str().unwrap_or("?")
         ),
         Request::BackendRemove { .. } => println!(
-            "backend {} removed from {}/{} ({} flows removed)",
+            "backend {} removed from {}/{} ({} active flows, policy {})",
             data["backend"].as_str().unwrap_or("?"),
             data["service"].as_str().unwrap_or("?"),
             data["proto"].as_str().unwrap_or("?"),
-            data["flows_removed"]
+            data["active_flows"],
+            data["policy"].as_str().unwrap_or("?")
+        ),
+        Request::ServiceSet { .. } => println!(
+            "service {}/{} settings: {}",
+            data["service"].as_str().unwrap_or("?"),
+            data["proto"].as_str().unwrap_or("?"),
+            data["settings"]
         ),
     }
     ExitCode::SUCCESS
@@ -233,7 +314,27 @@ pub fn render_status(s: &Status) -> String {
                 "{:<22} {:<22} {:<8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",
                 "", b.backend, b.state, b.weight, b.active_flows, t.packets_in, t.bytes_in, t.packets_out, t.bytes_out, t.new_flows
             );
+            if let Some(r) = b.drain_remaining_s {
+                let _ = writeln!(o, "{:<45} draining: {} flows left, reset in {:.1}s", "", b.active_flows, r);
+            }
+            if let Some(e) = &b.last_health_error {
+                let _ = writeln!(o, "{:<45} last health check: {e}", "");
+            }
         }
+        let st = &svc.settings;
+        let _ = writeln!(
+            o,
+            "{:<22} on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}",
+            "",
+            st.on_remove,
+            st.on_unhealthy,
+            String::from(st.reset_spread),
+            st.on_miss,
+            st.health.as_ref().map(|h| format!("{} every {}", h.probe, String::from(h.interval))).unwrap_or_else(|| "none".into()),
+            svc.resets.removed,
+            svc.resets.unhealthy,
+            svc.resets.drain_deadline
+        );
     }
     let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(o, "\ncounters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });

@@ -5,6 +5,11 @@
 //! vip = "10.99.0.1:80"
 //! proto = "tcp"            # default tcp
 //!
+//! [service.settings]      # all optional
+//! on_remove = "drain:30s"  # reset | keep | drain:DURATION
+//! health = "http:/healthz" # tcp | http:/PATH
+//! fall = 2
+//!
 //! [[service.backend]]
 //! addr = "10.1.1.2:8080"
 //! weight = 2               # default 1
@@ -33,6 +38,9 @@ pub struct ServiceConfig {
     pub vip: SocketAddrV4,
     #[serde(default = "default_proto")]
     pub proto: Proto,
+    /// Policies and health check (see `xlb service add --help`).
+    #[serde(default)]
+    pub settings: crate::policy::ServiceOptions,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -61,7 +69,7 @@ impl Config {
     /// Applies every entry; the first failure names the entry.
     pub fn apply(&self, ctl: &mut Controller) -> anyhow::Result<()> {
         for (i, s) in self.services.iter().enumerate() {
-            ctl.service_add(s.vip, s.proto)
+            ctl.service_add(s.vip, s.proto, &s.settings)
                 .with_context(|| format!("config: service[{i}] {}/{}", s.vip, s.proto))?;
             for (j, b) in s.backends.iter().enumerate() {
                 ctl.backend_add(s.vip, Some(s.proto), b.addr, b.weight).with_context(|| {

@@ -1,30 +1,44 @@
-//! The service model the operator manages (services and their backends) and
-//! its translation into data-plane maps. Every API request and the config
-//! file go through here, so validation is the same everywhere, and every
-//! operation validates fully before it changes anything.
+//! The service model the operator manages (services, their backends and
+//! per-service settings) and its translation into data-plane maps. Every
+//! API request, health result and config entry goes through here, so
+//! validation is the same everywhere, and every operation validates fully
+//! before it changes anything.
+//!
+//! A backend's lifecycle: registered and healthy (UP); unhealthy or
+//! deregistered, its flows follow the service's policy: `reset` (the data
+//! plane answers their next packet with a RST, and the controller resets
+//! them all at once, optionally spread over a window), `drain:D` (no new
+//! flows, the rest reset at the deadline) or `keep` (no new flows). A
+//! deregistered backend's id is freed once none of its flows is active.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use lb_common::{
     maps::{
-        Backend, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_REMOVED,
-        BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, DIR_TO_CLIENT, MAX_BACKENDS, MAX_SERVICES,
-        RING_SLOTS, SCHED_WRR,
+        Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
+        BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
+        MAX_SERVICES, RING_SLOTS, SCHED_WRR, SVC_F_MISS_REHASH,
     },
     sched, stats, tcp,
 };
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
     api::{BackendStatus, ErrorCode, FlowInfo, Proto, ServiceStatus, Status, TableStatus, Traffic},
     dataplane::{Dataplane, DataplaneError},
+    health::Tracker,
+    policy::{FlowPolicy, HealthCheck, MissPolicy, ServiceOptions, ServiceSettings},
+    resetter::{Flow, RstSender},
 };
 
-/// Default flow idle timeouts, in seconds (enforced by a later expiry pass;
-/// stored per service now so the layout does not change).
+/// Default flow idle timeouts, in seconds (stored per service; enforced by
+/// the expiry pass).
 pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts { syn: 30, established: 350, closing: 30, udp: 120 };
 pub const MAX_WEIGHT: u32 = 10_000;
 
@@ -80,15 +94,96 @@ impl std::fmt::Display for ServiceId {
     }
 }
 
+/// Why flows were reset (counted per service).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetCause {
+    /// The backend was deregistered (policy reset).
+    Removed,
+    /// The backend failed its health check (policy reset).
+    Unhealthy,
+    /// A drain reached its deadline.
+    DrainDeadline,
+}
+
+/// Flows reset by the controller, per cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetCounts {
+    pub removed: u64,
+    pub unhealthy: u64,
+    pub drain_deadline: u64,
+}
+
+impl ResetCounts {
+    fn add(&mut self, cause: ResetCause, n: u64) {
+        match cause {
+            ResetCause::Removed => self.removed += n,
+            ResetCause::Unhealthy => self.unhealthy += n,
+            ResetCause::DrainDeadline => self.drain_deadline += n,
+        }
+    }
+}
+
+/// A mass reset to pace over `spread` (zero-spread resets run inline).
+pub struct ResetJob {
+    pub service: ServiceId,
+    pub backend: SocketAddrV4,
+    pub cause: ResetCause,
+    pub flows: Vec<Flow>,
+    pub spread: Duration,
+}
+
+struct Drain {
+    /// `None`: keep (no deadline).
+    deadline: Option<Instant>,
+}
+
 struct BackendSlot {
     id: u32,
+    addr: SocketAddrV4,
     weight: u32,
+    registered: bool,
+    health: Tracker,
+    drain: Option<Drain>,
+}
+
+impl BackendSlot {
+    /// How the data plane must treat this backend.
+    fn dp_state(&self) -> u8 {
+        if self.drain.is_some() {
+            BACKEND_DRAINING
+        } else if !self.registered {
+            BACKEND_REMOVED
+        } else if !self.health.healthy {
+            BACKEND_DOWN
+        } else {
+            BACKEND_UP
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.dp_state() {
+            BACKEND_UP => "up",
+            BACKEND_DRAINING => "draining",
+            BACKEND_DOWN => "down",
+            _ => "removed",
+        }
+    }
+
+    fn takes_new_flows(&self) -> bool {
+        self.dp_state() == BACKEND_UP
+    }
 }
 
 struct Service {
     id: u32,
     ring: Vec<u32>,
+    settings: ServiceSettings,
     backends: BTreeMap<SocketAddrV4, BackendSlot>,
+    /// Deregistered backends that still have flows (drain/keep policies, or
+    /// resets in progress).
+    leaving: Vec<BackendSlot>,
+    resets: ResetCounts,
 }
 
 pub struct Controller {
@@ -98,9 +193,15 @@ pub struct Controller {
     addr_refs: HashMap<Ipv4Addr, (u32, u32)>,
     used_service_ids: HashSet<u32>,
     used_backend_ids: HashSet<u32>,
-    /// Backend ids are handed out round robin so a just-freed id (whose
-    /// flows were only just deleted) is the last to be reused.
+    /// Backend ids are handed out round robin so a just-freed id is the last
+    /// to be reused.
     next_backend_id: u32,
+    rst: Option<Arc<RstSender>>,
+    /// Test-only: leave resets to the data plane's reactive path.
+    proactive_reset: bool,
+    /// Spread resets waiting for the daemon to pace them.
+    pending: Vec<ResetJob>,
+    rst_send_errors: u64,
 }
 
 fn be_addr(a: Ipv4Addr) -> u32 {
@@ -129,17 +230,42 @@ fn check_unicast(what: &str, a: SocketAddrV4) -> Result<()> {
     Ok(())
 }
 
-/// Key of the backend → client entry belonging to a client → VIP entry.
-fn reverse_key(k: &FlowKey, v: &lb_common::maps::FlowEntry) -> FlowKey {
-    FlowKey { src_addr: v.nat_addr, dst_addr: k.src_addr, src_port: v.nat_port, dst_port: k.src_port, proto: k.proto, _pad: [0; 3] }
-}
-
-/// Seconds on the clock `bpf_ktime_get_coarse_ns` uses (CLOCK_MONOTONIC).
+/// Nanoseconds on the clock `bpf_ktime_get_coarse_ns` uses (CLOCK_MONOTONIC).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Key of the backend → client entry belonging to a client → VIP entry.
+fn reverse_key(k: &FlowKey, v: &FlowEntry) -> FlowKey {
+    FlowKey { src_addr: v.nat_addr, dst_addr: k.src_addr, src_port: v.nat_port, dst_port: k.src_port, proto: k.proto, _pad: [0; 3] }
+}
+
+/// The flows of the table, forward entries joined with their reverse ones.
+struct TableView {
+    entries: u64,
+    flows: Vec<Flow>,
+}
+
+impl TableView {
+    fn combined_state(f: &Flow) -> u8 {
+        tcp::combined_state(f.fwd.tcp_state, f.rev.map(|r| r.tcp_state).unwrap_or(tcp::STATE_NONE))
+    }
+
+    /// UDP flows, and TCP flows neither side has closed.
+    fn is_active(f: &Flow) -> bool {
+        matches!(Self::combined_state(f), tcp::STATE_NONE | tcp::STATE_SYN | tcp::STATE_ESTABLISHED)
+    }
+}
+
+/// What a health checker needs to know about one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthTarget {
+    pub backend_id: u32,
+    pub addr: SocketAddrV4,
+    pub check: HealthCheck,
 }
 
 impl Controller {
@@ -151,7 +277,23 @@ impl Controller {
             used_service_ids: HashSet::new(),
             used_backend_ids: HashSet::new(),
             next_backend_id: 0,
+            rst: None,
+            proactive_reset: true,
+            pending: Vec::new(),
+            rst_send_errors: 0,
         }
+    }
+
+    /// Enables proactive resets through `sender`.
+    pub fn with_resets(mut self, sender: RstSender) -> Self {
+        self.rst = Some(Arc::new(sender));
+        self
+    }
+
+    /// Test-only: skip the proactive walk (the data plane still resets a
+    /// flow of a gone backend on its next packet).
+    pub fn set_proactive_reset(&mut self, on: bool) {
+        self.proactive_reset = on;
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -191,7 +333,7 @@ impl Controller {
             id: svc.id,
             ring_len: svc.ring.len() as u32,
             scheduler: SCHED_WRR,
-            flags: 0,
+            flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 },
             _pad: 0,
             syn_timeout_s: DEFAULT_TIMEOUTS.syn,
             established_timeout_s: DEFAULT_TIMEOUTS.established,
@@ -212,16 +354,21 @@ impl Controller {
         Ok(())
     }
 
-    pub fn service_add(&mut self, addr: SocketAddrV4, proto: Proto) -> Result<ServiceId> {
+    fn svc(&self, sid: &ServiceId) -> Result<&Service> {
+        self.services.get(sid).ok_or_else(|| ControllerError::NotFound(format!("service {sid} does not exist")))
+    }
+
+    pub fn service_add(&mut self, addr: SocketAddrV4, proto: Proto, options: &ServiceOptions) -> Result<ServiceId> {
         check_unicast("service", addr)?;
         let sid = ServiceId { addr, proto };
         if self.services.contains_key(&sid) {
             return Err(ControllerError::Conflict(format!("service {sid} already exists")));
         }
+        let settings = ServiceSettings::default().patched(options).map_err(ControllerError::BadRequest)?;
         let id = (0..MAX_SERVICES)
             .find(|i| !self.used_service_ids.contains(i))
             .ok_or_else(|| ControllerError::Capacity(format!("cannot add {sid}: all {MAX_SERVICES} service slots are in use")))?;
-        let svc = Service { id, ring: Vec::new(), backends: BTreeMap::new() };
+        let svc = Service { id, ring: Vec::new(), settings, backends: BTreeMap::new(), leaving: Vec::new(), resets: ResetCounts::default() };
         self.dp.reset_traffic(Some(id), None)?;
         self.dp.service_set(Self::service_key(&sid), Self::service_entry(&svc))?;
         self.used_service_ids.insert(id);
@@ -231,19 +378,47 @@ impl Controller {
         Ok(sid)
     }
 
+    /// Changes a service's settings at run time.
+    pub fn service_set(&mut self, addr: SocketAddrV4, proto: Option<Proto>, options: &ServiceOptions) -> Result<(ServiceId, ServiceSettings)> {
+        let sid = self.resolve(addr, proto)?;
+        let settings = self.svc(&sid)?.settings.patched(options).map_err(ControllerError::BadRequest)?;
+        let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
+        svc.settings = settings.clone();
+        if settings.health.is_none() {
+            // No check: nobody is unhealthy any more.
+            for b in svc.backends.values_mut() {
+                b.health = Tracker::default();
+            }
+        }
+        let entry = Self::service_entry(svc);
+        self.dp.service_set(Self::service_key(&sid), entry)?;
+        self.sync_backends(sid)?;
+        tracing::info!(service = %sid, ?settings, "service settings changed");
+        Ok((sid, settings))
+    }
+
     pub fn service_remove(&mut self, addr: SocketAddrV4, proto: Option<Proto>) -> Result<ServiceId> {
         let sid = self.resolve(addr, proto)?;
-        // No new flows first, then the backends and their flows.
+        // No new flows first; then every flow of the service goes, with a RST
+        // (the service itself is gone: no policy can keep its flows).
         self.dp.service_remove(&Self::service_key(&sid))?;
-        let backends: Vec<SocketAddrV4> = self.services[&sid].backends.keys().copied().collect();
-        for b in backends {
-            self.backend_remove_resolved(sid, b)?;
+        let Some(svc) = self.services.remove(&sid) else { return Ok(sid) };
+        let mut ids: Vec<u32> = svc.backends.values().map(|b| b.id).collect();
+        ids.extend(svc.leaving.iter().map(|b| b.id));
+        for b in svc.backends.values().chain(svc.leaving.iter()) {
+            let gone = Backend { addr: be_addr(*b.addr.ip()), port: be_port(b.addr.port()), state: BACKEND_REMOVED, ..Default::default() };
+            self.dp.backend_set(b.id, gone)?;
         }
-        if let Some(svc) = self.services.remove(&sid) {
-            self.used_service_ids.remove(&svc.id);
+        let view = self.table()?;
+        let flows: Vec<Flow> = view.flows.into_iter().filter(|f| ids.contains(&f.fwd.backend_id)).collect();
+        let mut counts = ResetCounts::default();
+        self.reset_now(&flows, ResetCause::Removed, &mut counts);
+        for b in svc.backends.values().chain(svc.leaving.iter()) {
+            self.free_backend(b)?;
         }
+        self.used_service_ids.remove(&svc.id);
         self.addr_ref(*addr.ip(), -1, 0)?;
-        tracing::info!(service = %sid, "service removed");
+        tracing::info!(service = %sid, flows_reset = counts.removed, "service removed");
         Ok(sid)
     }
 
@@ -260,7 +435,7 @@ impl Controller {
             return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
         }
         let sid = self.resolve(addr, proto)?;
-        let svc = &self.services[&sid];
+        let svc = self.svc(&sid)?;
         if svc.backends.contains_key(&backend) {
             return Err(ControllerError::Conflict(format!("backend {backend} is already registered on {sid}")));
         }
@@ -275,19 +450,15 @@ impl Controller {
         self.dp.reset_traffic(None, Some(id))?;
         self.dp.backend_set(
             id,
-            Backend {
-                addr: be_addr(*backend.ip()),
-                port: be_port(backend.port()),
-                state: BACKEND_UP,
-                _pad: 0,
-                weight,
-                service_id,
-            },
+            Backend { addr: be_addr(*backend.ip()), port: be_port(backend.port()), state: BACKEND_UP, _pad: 0, weight, service_id },
         )?;
         self.used_backend_ids.insert(id);
         self.next_backend_id = (id + 1) % MAX_BACKENDS;
         if let Some(svc) = self.services.get_mut(&sid) {
-            svc.backends.insert(backend, BackendSlot { id, weight });
+            svc.backends.insert(
+                backend,
+                BackendSlot { id, addr: backend, weight, registered: true, health: Tracker::default(), drain: None },
+            );
         }
         self.addr_ref(*backend.ip(), 0, 1)?;
         self.rebuild_ring(sid)?;
@@ -295,53 +466,100 @@ impl Controller {
         Ok((sid, id))
     }
 
+    /// Deregisters a backend; its flows follow the service's `on_remove`
+    /// policy. Returns the policy applied and how many active flows it had.
     pub fn backend_remove(
         &mut self,
         addr: SocketAddrV4,
         proto: Option<Proto>,
         backend: SocketAddrV4,
-    ) -> Result<(ServiceId, usize)> {
+    ) -> Result<(ServiceId, FlowPolicy, usize)> {
         let sid = self.resolve(addr, proto)?;
-        if !self.services[&sid].backends.contains_key(&backend) {
+        let Some(mut slot) = self.services.get_mut(&sid).and_then(|s| s.backends.remove(&backend)) else {
             return Err(ControllerError::NotFound(format!("backend {backend} is not registered on {sid}")));
-        }
-        let flows = self.backend_remove_resolved(sid, backend)?;
-        Ok((sid, flows))
-    }
-
-    /// Takes the backend out of the ring (no new flows), marks it removed,
-    /// deletes its flows, and frees its id. Returns the flows deleted.
-    fn backend_remove_resolved(&mut self, sid: ServiceId, backend: SocketAddrV4) -> Result<usize> {
-        let Some(slot) = self.services.get_mut(&sid).and_then(|s| s.backends.remove(&backend)) else {
-            return Ok(0);
         };
-        let id = slot.id;
+        let settings = self.svc(&sid)?.settings.clone();
+        slot.registered = false;
+        slot.drain = match settings.on_remove {
+            FlowPolicy::Reset => None,
+            FlowPolicy::Drain(d) => Some(Drain { deadline: Some(Instant::now() + d) }),
+            FlowPolicy::Keep => Some(Drain { deadline: None }),
+        };
+        // No new flows: out of the ring, then its data-plane state.
         self.rebuild_ring(sid)?;
-        let mut b = Backend { addr: be_addr(*backend.ip()), port: be_port(backend.port()), state: BACKEND_REMOVED, ..Default::default() };
-        self.dp.backend_set(id, b)?;
-        let deleted = self.delete_flows(|e| e.backend_id == id)?;
-        b.state = BACKEND_UNUSED;
-        self.dp.backend_set(id, b)?;
-        self.used_backend_ids.remove(&id);
-        self.addr_ref(*backend.ip(), 0, -1)?;
-        tracing::info!(service = %sid, %backend, flows = deleted / 2, "backend removed");
-        Ok(deleted / 2)
+        self.write_backend(&slot, self.svc(&sid)?.id)?;
+        let flows = self.flows_of(slot.id)?;
+        let active = flows.iter().filter(|f| TableView::is_active(f)).count();
+        if settings.on_remove == FlowPolicy::Reset {
+            self.queue_reset(ResetJob { service: sid, backend, cause: ResetCause::Removed, flows, spread: settings.reset_spread.0 });
+        }
+        if let Some(svc) = self.services.get_mut(&sid) {
+            svc.leaving.push(slot);
+        }
+        tracing::info!(service = %sid, %backend, policy = %settings.on_remove, active_flows = active, "backend removed");
+        Ok((sid, settings.on_remove, active))
     }
 
-    fn delete_flows(&mut self, pred: impl Fn(&lb_common::maps::FlowEntry) -> bool) -> Result<usize> {
-        let mut keys: Vec<FlowKey> = Vec::new();
-        self.dp.for_each_flow(|k, v| {
-            if pred(v) {
-                keys.push(*k);
-            }
-        })?;
-        Ok(self.dp.flows_delete(&keys)?)
+    fn write_backend(&mut self, slot: &BackendSlot, service_id: u32) -> Result<()> {
+        self.dp.backend_set(
+            slot.id,
+            Backend {
+                addr: be_addr(*slot.addr.ip()),
+                port: be_port(slot.addr.port()),
+                state: slot.dp_state(),
+                _pad: 0,
+                weight: slot.weight,
+                service_id,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Writes every backend's data-plane state and the ring (after a
+    /// settings change).
+    fn sync_backends(&mut self, sid: ServiceId) -> Result<()> {
+        let Some(svc) = self.services.get(&sid) else { return Ok(()) };
+        let service_id = svc.id;
+        let slots: Vec<(u32, Backend)> = svc
+            .backends
+            .values()
+            .chain(svc.leaving.iter())
+            .map(|b| {
+                (b.id, Backend { addr: be_addr(*b.addr.ip()), port: be_port(b.addr.port()), state: b.dp_state(), _pad: 0, weight: b.weight, service_id })
+            })
+            .collect();
+        for (id, b) in slots {
+            self.dp.backend_set(id, b)?;
+        }
+        self.rebuild_ring(sid)
+    }
+
+    /// Frees a deregistered backend's id and entries.
+    fn free_backend(&mut self, slot: &BackendSlot) -> Result<()> {
+        let id = slot.id;
+        let keys: Vec<FlowKey> = self
+            .flows_of(id)?
+            .iter()
+            .flat_map(|f| [f.key, f.reverse_key])
+            .collect();
+        self.dp.flows_delete(&keys)?;
+        self.dp.backend_set(id, Backend { state: BACKEND_UNUSED, ..Default::default() })?;
+        self.used_backend_ids.remove(&id);
+        self.addr_ref(*slot.addr.ip(), 0, -1)?;
+        tracing::debug!(backend = %slot.addr, id, "backend id freed");
+        Ok(())
     }
 
     fn rebuild_ring(&mut self, sid: ServiceId) -> Result<()> {
         let Some(svc) = self.services.get(&sid) else { return Ok(()) };
-        let weights: Vec<(u32, u32)> = svc.backends.values().map(|b| (b.id, b.weight)).collect();
+        let weights: Vec<(u32, u32)> =
+            svc.backends.values().filter(|b| b.takes_new_flows()).map(|b| (b.id, b.weight)).collect();
         let ring = sched::build_wrr_ring(&weights, RING_SLOTS as usize);
+        if ring == svc.ring {
+            return Ok(());
+        }
+        // Slots first, then the length: the data plane never reads a slot
+        // that is not written yet.
         self.dp.ring_write(svc.id, &svc.ring, &ring)?;
         if let Some(svc) = self.services.get_mut(&sid) {
             svc.ring = ring;
@@ -351,44 +569,244 @@ impl Controller {
         Ok(())
     }
 
-    pub fn status(&self) -> Result<Status> {
-        // A flow is active until either side closes it (FIN or RST); UDP
-        // flows are active while they are in the table.
-        let mut forward: Vec<(FlowKey, u32, u8)> = Vec::new();
-        let mut reverse_state: HashMap<FlowKey, u8> = HashMap::new();
+    // ---- the connection table ----
+
+    fn table(&self) -> Result<TableView> {
+        let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
+        let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
         let mut entries = 0u64;
         self.dp.for_each_flow(|k, v| {
             entries += 1;
             if v.direction == DIR_TO_BACKEND {
-                forward.push((reverse_key(k, v), v.backend_id, v.tcp_state));
+                forward.push((*k, *v));
             } else {
-                reverse_state.insert(*k, v.tcp_state);
+                reverse.insert(*k, *v);
             }
         })?;
+        let flows = forward
+            .into_iter()
+            .map(|(key, fwd)| {
+                let reverse_key = reverse_key(&key, &fwd);
+                let rev = reverse.get(&reverse_key).copied();
+                Flow { key, fwd, reverse_key, rev }
+            })
+            .collect();
+        Ok(TableView { entries, flows })
+    }
+
+    fn flows_of(&self, backend_id: u32) -> Result<Vec<Flow>> {
+        Ok(self.table()?.flows.into_iter().filter(|f| f.fwd.backend_id == backend_id).collect())
+    }
+
+    // ---- resets ----
+
+    fn queue_reset(&mut self, job: ResetJob) {
+        if !self.proactive_reset {
+            tracing::debug!(backend = %job.backend, "proactive reset disabled: the data plane resets flows on their next packet");
+            return;
+        }
+        if job.spread.is_zero() || job.flows.len() < 2 {
+            let mut counts = ResetCounts::default();
+            self.reset_now(&job.flows, job.cause, &mut counts);
+            if let Some(svc) = self.services.get_mut(&job.service) {
+                svc.resets.add(job.cause, counts.removed + counts.unhealthy + counts.drain_deadline);
+            }
+        } else {
+            self.pending.push(job);
+        }
+    }
+
+    /// Spread resets for the daemon to pace (see [`run_spread_reset`]).
+    pub fn take_pending_resets(&mut self) -> Vec<ResetJob> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Sends both RSTs of every TCP flow not already closed and removes all
+    /// the flows' entries. Counts TCP flows reset into `counts`.
+    fn reset_now(&mut self, flows: &[Flow], cause: ResetCause, counts: &mut ResetCounts) {
+        let mut keys = Vec::with_capacity(flows.len() * 2);
+        let mut reset = 0u64;
+        for f in flows {
+            keys.push(f.key);
+            keys.push(f.reverse_key);
+            if !f.is_tcp() || TableView::combined_state(f) == tcp::STATE_CLOSED {
+                continue;
+            }
+            if let Some(tx) = &self.rst {
+                for r in [f.client_rst(), f.backend_rst()] {
+                    if let Err(e) = tx.send(&r) {
+                        self.rst_send_errors += 1;
+                        tracing::debug!(client = %f.client(), error = %e, "sending a RST failed");
+                    }
+                }
+            }
+            reset += 1;
+        }
+        if let Err(e) = self.dp.flows_delete(&keys) {
+            tracing::warn!(error = %e, "removing reset flows from the table failed");
+        }
+        counts.add(cause, reset);
+    }
+
+    /// Resets part of a spread job (called by [`run_spread_reset`]).
+    fn reset_chunk(&mut self, job: &ResetJob, range: std::ops::Range<usize>) {
+        let mut counts = ResetCounts::default();
+        self.reset_now(&job.flows[range], job.cause, &mut counts);
+        if let Some(svc) = self.services.get_mut(&job.service) {
+            svc.resets.add(job.cause, counts.removed + counts.unhealthy + counts.drain_deadline);
+        }
+    }
+
+    // ---- health ----
+
+    /// The backends that need a health checker, with their check.
+    pub fn health_targets(&self) -> Vec<HealthTarget> {
+        self.services
+            .values()
+            .filter_map(|s| s.settings.health.as_ref().map(|h| (s, h)))
+            .flat_map(|(s, h)| s.backends.values().map(move |b| HealthTarget { backend_id: b.id, addr: b.addr, check: h.clone() }))
+            .collect()
+    }
+
+    /// Records a probe result; on a state change applies the service's
+    /// `on_unhealthy` policy (or brings the backend back).
+    pub fn health_result(&mut self, backend_id: u32, result: std::result::Result<(), String>) -> Result<()> {
+        let Some((sid, addr)) = self
+            .services
+            .iter()
+            .find_map(|(sid, s)| s.backends.values().find(|b| b.id == backend_id).map(|b| (*sid, b.addr)))
+        else {
+            return Ok(()); // removed meanwhile
+        };
+        let Some(svc) = self.services.get_mut(&sid) else { return Ok(()) };
+        let Some(h) = svc.settings.health.clone() else { return Ok(()) };
+        let policy = svc.settings.on_unhealthy;
+        let spread = svc.settings.reset_spread.0;
+        let Some(slot) = svc.backends.get_mut(&addr) else { return Ok(()) };
+        let err = result.as_ref().err().cloned();
+        let Some(healthy) = slot.health.record(result, h.rise, h.fall) else { return Ok(()) };
+        if healthy {
+            slot.drain = None;
+            tracing::info!(service = %sid, backend = %addr, "backend is healthy again: up");
+        } else {
+            slot.drain = match policy {
+                FlowPolicy::Reset => None,
+                FlowPolicy::Drain(d) => Some(Drain { deadline: Some(Instant::now() + d) }),
+                FlowPolicy::Keep => Some(Drain { deadline: None }),
+            };
+            tracing::warn!(service = %sid, backend = %addr, error = err.as_deref().unwrap_or(""), policy = %policy, "backend failed its health check: down");
+        }
+        let service_id = svc.id;
+        let id = slot.id;
+        self.rebuild_ring(sid)?;
+        if let Some(slot) = self.services.get(&sid).and_then(|s| s.backends.get(&addr)) {
+            let b = Backend { addr: be_addr(*addr.ip()), port: be_port(addr.port()), state: slot.dp_state(), _pad: 0, weight: slot.weight, service_id };
+            self.dp.backend_set(id, b)?;
+        }
+        if !healthy && policy == FlowPolicy::Reset {
+            let flows = self.flows_of(id)?;
+            self.queue_reset(ResetJob { service: sid, backend: addr, cause: ResetCause::Unhealthy, flows, spread });
+        }
+        Ok(())
+    }
+
+    // ---- periodic upkeep ----
+
+    /// Drain deadlines, and freeing deregistered backends whose flows have
+    /// ended. Walks the table only when some backend needs it.
+    pub fn tick(&mut self, now: Instant) -> Result<()> {
+        let needs_walk = self.services.values().any(|s| !s.leaving.is_empty() || s.backends.values().any(|b| b.drain.is_some()));
+        if !needs_walk {
+            return Ok(());
+        }
+        let view = self.table()?;
+        let mut active: HashMap<u32, usize> = HashMap::new();
+        let mut by_backend: HashMap<u32, Vec<Flow>> = HashMap::new();
+        for f in view.flows {
+            if TableView::is_active(&f) {
+                *active.entry(f.fwd.backend_id).or_default() += 1;
+            }
+            by_backend.entry(f.fwd.backend_id).or_default().push(f);
+        }
+        let sids: Vec<ServiceId> = self.services.keys().copied().collect();
+        for sid in sids {
+            let Some(svc) = self.services.get_mut(&sid) else { continue };
+            let spread = svc.settings.reset_spread.0;
+            let service_id = svc.id;
+            let mut jobs = Vec::new();
+            let mut writes = Vec::new();
+            for slot in svc.backends.values_mut().chain(svc.leaving.iter_mut()) {
+                let Some(drain) = &slot.drain else { continue };
+                let n = active.get(&slot.id).copied().unwrap_or(0);
+                let expired = drain.deadline.is_some_and(|d| now >= d);
+                if expired || n == 0 {
+                    // Over: the rest (if any) is reset, the backend stops
+                    // forwarding (down if unhealthy, removed if deregistered).
+                    slot.drain = None;
+                    writes.push((slot.id, slot.addr, slot.dp_state(), slot.weight));
+                    if expired && n > 0 {
+                        let flows = by_backend.remove(&slot.id).unwrap_or_default();
+                        tracing::info!(service = %sid, backend = %slot.addr, flows = n, "drain deadline reached: resetting the remaining flows");
+                        jobs.push(ResetJob { service: sid, backend: slot.addr, cause: ResetCause::DrainDeadline, flows, spread });
+                    }
+                }
+            }
+            for (id, addr, state, weight) in writes {
+                self.dp.backend_set(id, Backend { addr: be_addr(*addr.ip()), port: be_port(addr.port()), state, _pad: 0, weight, service_id })?;
+            }
+            for j in jobs {
+                self.queue_reset(j);
+            }
+            // Deregistered backends with no active flow left are freed.
+            let Some(svc) = self.services.get_mut(&sid) else { continue };
+            let (done, keep): (Vec<BackendSlot>, Vec<BackendSlot>) = std::mem::take(&mut svc.leaving)
+                .into_iter()
+                .partition(|b| b.drain.is_none() && active.get(&b.id).copied().unwrap_or(0) == 0 && !self.pending.iter().any(|j| j.backend == b.addr && j.service == sid));
+            svc.leaving = keep;
+            for slot in done {
+                self.free_backend(&slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- reports ----
+
+    pub fn status(&self) -> Result<Status> {
+        let view = self.table()?;
         let mut active_by_backend: HashMap<u32, u64> = HashMap::new();
-        for (rkey, backend_id, state) in forward {
-            let combined = tcp::combined_state(state, reverse_state.get(&rkey).copied().unwrap_or(tcp::STATE_NONE));
-            if matches!(combined, tcp::STATE_NONE | tcp::STATE_SYN | tcp::STATE_ESTABLISHED) {
-                *active_by_backend.entry(backend_id).or_default() += 1;
+        for f in &view.flows {
+            if TableView::is_active(f) {
+                *active_by_backend.entry(f.fwd.backend_id).or_default() += 1;
             }
         }
         let raw = self.dp.global_counters()?;
-        let counters = stats::LABELS
+        let mut counters: BTreeMap<String, u64> = stats::LABELS
             .iter()
             .map(|(i, label)| (label.to_string(), raw.get(*i as usize).copied().unwrap_or(0)))
             .collect();
+        counters.insert("rst_send_errors".into(), self.rst_send_errors);
+        let now = Instant::now();
         let mut services = Vec::new();
         for (sid, svc) in &self.services {
             let mut backends = Vec::new();
             let mut active_total = 0;
-            for (addr, slot) in &svc.backends {
+            for slot in svc.backends.values().chain(svc.leaving.iter()) {
                 let active = active_by_backend.get(&slot.id).copied().unwrap_or(0);
                 active_total += active;
                 backends.push(BackendStatus {
-                    backend: *addr,
+                    backend: slot.addr,
                     id: slot.id,
                     weight: slot.weight,
-                    state: "up".into(),
+                    state: slot.state_name().into(),
+                    registered: slot.registered,
+                    healthy: slot.health.healthy,
+                    last_health_error: slot.health.last_error.clone(),
+                    drain_remaining_s: slot
+                        .drain
+                        .as_ref()
+                        .and_then(|d| d.deadline)
+                        .map(|d| d.saturating_duration_since(now).as_secs_f64()),
                     active_flows: active,
                     traffic: self.dp.backend_counters(slot.id)?.into(),
                 });
@@ -398,53 +816,42 @@ impl Controller {
                 proto: sid.proto,
                 id: svc.id,
                 scheduler: "wrr".into(),
+                settings: svc.settings.clone(),
                 active_flows: active_total,
+                resets: svc.resets,
                 traffic: Traffic::from(self.dp.service_counters(svc.id)?),
                 backends,
             });
         }
         Ok(Status {
             interfaces: self.dp.attachments(),
-            table: TableStatus { entries, capacity_flows: self.dp.conn_capacity() as u64 },
+            table: TableStatus { entries: view.entries, capacity_flows: self.dp.conn_capacity() as u64 },
             counters,
             services,
         })
     }
 
     pub fn flows(&self, filter: Option<ServiceId>) -> Result<Vec<FlowInfo>> {
-        let mut forward = Vec::new();
-        let mut reverse_state: HashMap<FlowKey, u8> = HashMap::new();
-        self.dp.for_each_flow(|k, v| {
-            if v.direction == DIR_TO_BACKEND {
-                forward.push((*k, *v));
-            } else if v.direction == DIR_TO_CLIENT {
-                reverse_state.insert(*k, v.tcp_state);
-            }
-        })?;
+        let view = self.table()?;
         let now = monotonic_ns();
         let mut out = Vec::new();
-        for (k, v) in forward {
+        for f in view.flows {
+            let (k, v) = (f.key, f.fwd);
             let Some(proto) = Proto::from_number(k.proto) else { continue };
             let service = SocketAddrV4::new(addr_from(k.dst_addr), port_from(k.dst_port));
-            if let Some(f) = filter
-                && (f.addr != service || f.proto != proto) {
-                    continue;
-                }
-            let backend = SocketAddrV4::new(addr_from(v.nat_addr), port_from(v.nat_port));
-            let rkey = reverse_key(&k, &v);
+            if filter.is_some_and(|s| s.addr != service || s.proto != proto) {
+                continue;
+            }
             let state = match proto {
                 Proto::Udp => "none",
-                Proto::Tcp => tcp::state_name(tcp::combined_state(
-                    v.tcp_state,
-                    reverse_state.get(&rkey).copied().unwrap_or(tcp::STATE_NONE),
-                )),
+                Proto::Tcp => tcp::state_name(TableView::combined_state(&f)),
             };
             let secs = |t: u64| now.saturating_sub(t) as f64 / 1e9;
             out.push(FlowInfo {
                 client: SocketAddrV4::new(addr_from(k.src_addr), port_from(k.src_port)),
                 service,
                 proto,
-                backend,
+                backend: SocketAddrV4::new(addr_from(v.nat_addr), port_from(v.nat_port)),
                 state: state.into(),
                 age_s: secs(v.created_ns),
                 idle_s: secs(v.last_seen_ns),
@@ -452,5 +859,23 @@ impl Controller {
         }
         out.sort_by_key(|f| (f.service, f.client));
         Ok(out)
+    }
+}
+
+/// Paces a spread reset: flow `i` of `n` is reset at `i/n` of the window.
+pub async fn run_spread_reset(ctl: Arc<tokio::sync::Mutex<Controller>>, job: ResetJob) {
+    let n = job.flows.len();
+    let start = tokio::time::Instant::now();
+    tracing::info!(backend = %job.backend, flows = n, spread = ?job.spread, "spreading resets");
+    let mut done = 0;
+    while done < n {
+        let elapsed = start.elapsed();
+        let due = if elapsed >= job.spread { n } else { ((n as u128 * elapsed.as_nanos()) / job.spread.as_nanos()) as usize + 1 };
+        let due = due.min(n);
+        if due > done {
+            ctl.lock().await.reset_chunk(&job, done..due);
+            done = due;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

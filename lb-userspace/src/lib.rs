@@ -7,4 +7,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
+pub mod policy;
+pub mod resetter;
 pub mod server;

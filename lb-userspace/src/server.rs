@@ -29,15 +29,19 @@ fn svc_json(sid: ServiceId) -> serde_json::Value {
 
 fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, ControllerError> {
     Ok(match req {
-        Request::ServiceAdd { service, proto } => svc_json(ctl.service_add(service, proto)?),
+        Request::ServiceAdd { service, proto, options } => svc_json(ctl.service_add(service, proto, &options)?),
+        Request::ServiceSet { service, proto, options } => {
+            let (sid, settings) = ctl.service_set(service, proto, &options)?;
+            json!({ "service": sid.addr, "proto": sid.proto, "settings": settings })
+        }
         Request::ServiceRemove { service, proto } => svc_json(ctl.service_remove(service, proto)?),
         Request::BackendAdd { service, proto, backend, weight } => {
             let (sid, id) = ctl.backend_add(service, proto, backend, weight)?;
             json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "id": id })
         }
         Request::BackendRemove { service, proto, backend } => {
-            let (sid, flows) = ctl.backend_remove(service, proto, backend)?;
-            json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "flows_removed": flows })
+            let (sid, policy, flows) = ctl.backend_remove(service, proto, backend)?;
+            json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "policy": policy, "active_flows": flows })
         }
         Request::Status => serde_json::to_value(ctl.status()?).unwrap_or_default(),
         Request::Flows { service, proto } => {
@@ -121,7 +125,9 @@ async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> std::io:
                 Ok(req) => {
                     tracing::debug!(?req, "request");
                     let mut guard = ctl.lock().await;
-                    handle(&mut guard, req)
+                    let resp = handle(&mut guard, req);
+                    spawn_pending_resets(&mut guard, &ctl);
+                    resp
                 }
                 Err(r) => r,
             },
@@ -131,6 +137,13 @@ async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> std::io:
             Err(e) => return Err(e),
         };
         write_response(&mut wr, &resp).await?;
+    }
+}
+
+/// Starts the pacing task of every spread reset the controller queued.
+pub fn spawn_pending_resets(ctl: &mut Controller, arc: &Arc<Mutex<Controller>>) {
+    for job in ctl.take_pending_resets() {
+        tokio::spawn(crate::controller::run_spread_reset(arc.clone(), job));
     }
 }
 

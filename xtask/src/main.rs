@@ -139,8 +139,44 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("the tests create network namespaces and load XDP programs: run them as root");
     }
     run(cargo().args(["build", "--package", "lb-userspace", "--bin", "xlb"]))?;
-    run(cargo().args(["test", "--workspace"]).args(args).env("XLB_BIN", xlb_bin()))?;
+    // Stream the test output and total it, so the run ends with one line
+    // saying how many tests ran (cargo's own last line is a doc-test
+    // summary, often "0 passed").
+    let mut child = cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(args)
+        .env("XLB_BIN", xlb_bin())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("capturing cargo test output")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_of(rest, " passed");
+            failed += count_of(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
     Ok(())
+}
+
+/// The number before `what` in a cargo test summary ("ok. 5 passed; 0 failed; ...").
+fn count_of(summary: &str, what: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what.trim_start()).map(str::trim))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> anyhow::Result<()> {

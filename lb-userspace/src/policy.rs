@@ -1,0 +1,389 @@
+//! Per-service settings: what happens to a backend's flows when it is
+//! removed or fails its health check, how a mass reset is paced, what a
+//! mid-flow packet without state gets, and the health check itself.
+//! All are set when the service is created and changeable at run time.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// What happens to a backend's established flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FlowPolicy {
+    /// Reset every flow at once (client and backend get a RST).
+    Reset,
+    /// No new flows; existing ones go on until they end or the deadline,
+    /// then the rest are reset.
+    Drain(Duration),
+    /// No new flows; existing ones go on until they end.
+    Keep,
+}
+
+impl FromStr for FlowPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reset" => Ok(FlowPolicy::Reset),
+            "keep" => Ok(FlowPolicy::Keep),
+            _ => match s.strip_prefix("drain:") {
+                Some(d) => parse_duration(d).map(FlowPolicy::Drain),
+                None => Err(format!("invalid flow policy {s:?}: expected reset, keep or drain:DURATION (e.g. drain:30s)")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for FlowPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FlowPolicy::Reset => f.write_str("reset"),
+            FlowPolicy::Keep => f.write_str("keep"),
+            FlowPolicy::Drain(d) => write!(f, "drain:{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+impl TryFrom<String> for FlowPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<FlowPolicy> for String {
+    fn from(p: FlowPolicy) -> String {
+        p.to_string()
+    }
+}
+
+/// What a non-SYN TCP segment that matches no flow gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MissPolicy {
+    /// A RST from the XDP program: the client reconnects at once.
+    Reset,
+    /// Scheduled by flow hash and given an entry (several balancers with the
+    /// same backends then agree on the backend).
+    Rehash,
+}
+
+impl fmt::Display for MissPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MissPolicy::Reset => "reset",
+            MissPolicy::Rehash => "rehash",
+        })
+    }
+}
+
+/// A duration given as text ("500ms", "2s", "1m 30s").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(Dur)
+    }
+}
+
+impl TryFrom<String> for Dur {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Dur> for String {
+    fn from(d: Dur) -> String {
+        humantime::format_duration(d.0).to_string()
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 500ms, 2s, 1m)"))
+}
+
+/// The probe of a health check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Probe {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers with a status in the range.
+    Http { path: String },
+}
+
+impl FromStr for Probe {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "tcp" {
+            return Ok(Probe::Tcp);
+        }
+        match s.strip_prefix("http:") {
+            Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => Ok(Probe::Http { path: path.to_owned() }),
+            _ => Err(format!("invalid health probe {s:?}: expected tcp or http:/PATH")),
+        }
+    }
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probe::Tcp => f.write_str("tcp"),
+            Probe::Http { path } => write!(f, "http:{path}"),
+        }
+    }
+}
+
+impl TryFrom<String> for Probe {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Probe> for String {
+    fn from(p: Probe) -> String {
+        p.to_string()
+    }
+}
+
+/// An inclusive range of HTTP status codes, "200-399" or "204".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StatusRange(pub u16, pub u16);
+
+impl FromStr for StatusRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = || format!("invalid status range {s:?}: expected e.g. 200-399 or 204");
+        let (lo, hi) = match s.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| err())?, b.parse().map_err(|_| err())?),
+            None => {
+                let v = s.parse().map_err(|_| err())?;
+                (v, v)
+            }
+        };
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return Err(err());
+        }
+        Ok(StatusRange(lo, hi))
+    }
+}
+
+impl TryFrom<String> for StatusRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<StatusRange> for String {
+    fn from(r: StatusRange) -> String {
+        if r.0 == r.1 { r.0.to_string() } else { format!("{}-{}", r.0, r.1) }
+    }
+}
+
+/// A health check as configured on a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval: Dur,
+    pub timeout: Dur,
+    /// Consecutive successes that bring a down backend back.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// Accepted HTTP statuses (http probes).
+    pub status: StatusRange,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            probe: Probe::Tcp,
+            interval: Dur(Duration::from_secs(2)),
+            timeout: Dur(Duration::from_secs(1)),
+            rise: 2,
+            fall: 3,
+            status: StatusRange(200, 399),
+        }
+    }
+}
+
+/// Every per-service setting, resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSettings {
+    pub on_remove: FlowPolicy,
+    pub on_unhealthy: FlowPolicy,
+    pub reset_spread: Dur,
+    pub on_miss: MissPolicy,
+    /// `None`: no health check (backends are up until removed).
+    pub health: Option<HealthCheck>,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            on_remove: FlowPolicy::Reset,
+            on_unhealthy: FlowPolicy::Reset,
+            reset_spread: Dur(Duration::ZERO),
+            on_miss: MissPolicy::Reset,
+            health: None,
+        }
+    }
+}
+
+/// A partial update of [`ServiceSettings`] (API, CLI and config file):
+/// absent fields keep their value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_remove: Option<FlowPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_unhealthy: Option<FlowPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_spread: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_miss: Option<MissPolicy>,
+    /// `"none"` turns the health check off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_interval: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_status: Option<StatusRange>,
+}
+
+/// Longest reset spread accepted (a mass reset should not take longer).
+pub const MAX_RESET_SPREAD: Duration = Duration::from_secs(600);
+
+impl ServiceSettings {
+    /// Applies `o` to a copy of these settings and validates the result.
+    pub fn patched(&self, o: &ServiceOptions) -> Result<ServiceSettings, String> {
+        let mut s = self.clone();
+        if let Some(p) = o.on_remove {
+            s.on_remove = p;
+        }
+        if let Some(p) = o.on_unhealthy {
+            s.on_unhealthy = p;
+        }
+        if let Some(d) = o.reset_spread {
+            if d.0 > MAX_RESET_SPREAD {
+                return Err(format!("reset spread {} is longer than the maximum of 10m", String::from(d)));
+            }
+            s.reset_spread = d;
+        }
+        if let Some(m) = o.on_miss {
+            s.on_miss = m;
+        }
+        match o.health.as_deref() {
+            Some("none") => s.health = None,
+            Some(p) => {
+                let probe: Probe = p.parse()?;
+                s.health.get_or_insert_with(HealthCheck::default).probe = probe;
+            }
+            None => {}
+        }
+        let tuning = o.health_interval.is_some()
+            || o.health_timeout.is_some()
+            || o.rise.is_some()
+            || o.fall.is_some()
+            || o.health_status.is_some();
+        if tuning {
+            let Some(h) = s.health.as_mut() else {
+                return Err("health check settings given but the service has no health check: add --health tcp or --health http:/PATH".into());
+            };
+            if let Some(v) = o.health_interval {
+                h.interval = v;
+            }
+            if let Some(v) = o.health_timeout {
+                h.timeout = v;
+            }
+            if let Some(v) = o.rise {
+                h.rise = v;
+            }
+            if let Some(v) = o.fall {
+                h.fall = v;
+            }
+            if let Some(v) = o.health_status {
+                h.status = v;
+            }
+        }
+        if let Some(h) = &s.health {
+            if h.interval.0 < Duration::from_millis(50) || h.interval.0 > Duration::from_secs(3600) {
+                return Err("health interval must be between 50ms and 1h".into());
+            }
+            if h.timeout.0.is_zero() || h.timeout.0 > h.interval.0 {
+                return Err("health timeout must be positive and at most the interval".into());
+            }
+            if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
+                return Err("rise and fall must be between 1 and 100".into());
+            }
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_parse_and_print_round_trip() {
+        for s in ["reset", "keep", "drain:30s", "drain:1m 30s"] {
+            let p: FlowPolicy = s.parse().expect(s);
+            assert_eq!(p.to_string().parse::<FlowPolicy>().expect("round trip"), p);
+        }
+        assert_eq!("drain:3s".parse::<FlowPolicy>(), Ok(FlowPolicy::Drain(Duration::from_secs(3))));
+        assert!("drain".parse::<FlowPolicy>().is_err());
+        assert!("drain:soon".parse::<FlowPolicy>().expect_err("must be refused").contains("invalid duration"));
+        assert!("nuke".parse::<FlowPolicy>().expect_err("must be refused").contains("reset, keep or drain"));
+    }
+
+    #[test]
+    fn probes_and_status_ranges_parse() {
+        assert_eq!("tcp".parse::<Probe>(), Ok(Probe::Tcp));
+        assert_eq!("http:/healthz".parse::<Probe>(), Ok(Probe::Http { path: "/healthz".into() }));
+        assert!("http:healthz".parse::<Probe>().is_err());
+        assert!("udp".parse::<Probe>().is_err());
+        assert_eq!("200-399".parse::<StatusRange>(), Ok(StatusRange(200, 399)));
+        assert_eq!("204".parse::<StatusRange>(), Ok(StatusRange(204, 204)));
+        assert!("399-200".parse::<StatusRange>().is_err());
+        assert!("99".parse::<StatusRange>().is_err());
+    }
+
+    #[test]
+    fn patching_validates_and_keeps_unset_fields() {
+        let base = ServiceSettings::default();
+        let s = base
+            .patched(&ServiceOptions { health: Some("http:/ok".into()), fall: Some(2), ..Default::default() })
+            .expect("valid");
+        let h = s.health.clone().expect("health");
+        assert_eq!(h.fall, 2);
+        assert_eq!(h.rise, 2, "default kept");
+        assert_eq!(s.on_remove, FlowPolicy::Reset);
+        let err = base.patched(&ServiceOptions { rise: Some(3), ..Default::default() }).expect_err("no health check");
+        assert!(err.contains("no health check"), "{err}");
+        let err = s
+            .patched(&ServiceOptions { health_timeout: Some(Dur(Duration::from_secs(5))), ..Default::default() })
+            .expect_err("timeout > interval");
+        assert!(err.contains("timeout"), "{err}");
+        let off = s.patched(&ServiceOptions { health: Some("none".into()), ..Default::default() }).expect("off");
+        assert!(off.health.is_none());
+        let err = base
+            .patched(&ServiceOptions { reset_spread: Some(Dur(Duration::from_secs(3600))), ..Default::default() })
+            .expect_err("too long");
+        assert!(err.contains("maximum"), "{err}");
+    }
+}

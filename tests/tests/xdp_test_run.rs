@@ -357,3 +357,149 @@ fn an_unresolved_neighbour_hands_the_rewritten_packet_to_the_kernel() {
     assert_eq!(r.counter(stats::PASS_NO_NEIGH), 1);
     assert_eq!(r.flow_count(), 2, "the flow exists: the next packets follow it");
 }
+
+/// The RST the program must emit in answer to `seg` (arrived on the NIC
+/// whose MAC is `our_mac`, from `peer_mac`).
+fn expected_rst(seg: &Frame, ack: Option<u32>, seg_end: u32) -> Vec<u8> {
+    let (sport, dport) = match seg.l4 {
+        L4::Tcp { sport, dport, .. } => (sport, dport),
+        L4::Udp { .. } => unreachable!("tcp only"),
+    };
+    let r = lb_common::rst::answering(seg.src.octets(), seg.dst.octets(), sport.to_be_bytes(), dport.to_be_bytes(), ack, seg_end);
+    let mut out = Vec::new();
+    out.extend_from_slice(&seg.src_mac);
+    out.extend_from_slice(&seg.dst_mac);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(&lb_common::rst::build(&r));
+    out
+}
+
+fn establish(r: &mut Rig, port: u16) {
+    let syn = Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN, 100, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    let syn_ack = Frame::tcp((BACKEND, 8080), (CLIENT, port), TCP_SYN | TCP_ACK, 700, 101);
+    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
+    let ack = Frame::tcp((CLIENT, port), (VIP, 80), TCP_ACK, 101, 701);
+    assert_eq!(r.run(r.t0, &ack.build()).0, XDP_REDIRECT);
+}
+
+fn set_backend_state(r: &mut Rig, state: u8) {
+    let b = lb_common::maps::Backend {
+        addr: u32::from_ne_bytes(BACKEND.octets()),
+        port: u16::from_ne_bytes(8080u16.to_be_bytes()),
+        state,
+        _pad: 0,
+        weight: 1,
+        service_id: 0,
+    };
+    // The TCP backend was the first one added: id 0.
+    r.ctl.dataplane().backend_set(0, b).expect("backend state");
+}
+
+#[test]
+fn a_mid_flow_segment_without_state_is_answered_with_an_exact_rst() {
+    let mut r = rig();
+    let mut data = Frame::tcp((CLIENT, 40020), (VIP, 80), TCP_ACK | TCP_PSH, 5000, 9000);
+    data.payload = b"orphan".to_vec();
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, expected_rst(&data, Some(9000), 5006), "RST from VIP:80 with seq = the segment's ack");
+    assert_eq!(r.counter(stats::RST_MISS), 1);
+    assert_eq!(r.flow_count(), 0, "a miss creates no state");
+    // A RST without state is neither answered nor recorded.
+    let rst = Frame::tcp((CLIENT, 40020), (VIP, 80), lb_common::tcp::FLAG_RST, 5006, 0);
+    assert_eq!(r.run(r.t0, &rst.build()).0, XDP_PASS);
+    assert_eq!(r.flow_count(), 0);
+}
+
+#[test]
+fn packets_of_a_flow_whose_backend_is_gone_get_a_rst_and_the_flow_goes() {
+    let mut r = rig();
+    establish(&mut r, 40021);
+    assert_eq!(r.flow_count(), 2);
+    set_backend_state(&mut r, lb_common::maps::BACKEND_REMOVED);
+    let mut data = Frame::tcp((CLIENT, 40021), (VIP, 80), TCP_ACK | TCP_PSH, 101, 701);
+    data.payload = b"into the void?".to_vec();
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, expected_rst(&data, Some(701), 115));
+    assert_eq!(r.counter(stats::RST_REACTIVE), 1);
+    assert_eq!(r.flow_count(), 0, "both entries removed");
+    // The client's next segment (e.g. a retransmission) is a miss: reset again, no state.
+    let (verdict, _) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, 3);
+    assert_eq!(r.counter(stats::RST_MISS), 1);
+    assert_eq!(r.flow_count(), 0);
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
+    let mut r = rig();
+    establish(&mut r, 40022);
+    set_backend_state(&mut r, lb_common::maps::BACKEND_DRAINING);
+    let data = Frame::tcp((CLIENT, 40022), (VIP, 80), TCP_ACK, 101, 701);
+    assert_eq!(r.run(r.t0, &data.build()).0, XDP_REDIRECT, "existing flow still forwarded");
+    let syn = Frame::tcp((CLIENT, 40023), (VIP, 80), TCP_SYN, 1, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_PASS, "no new flow to a draining backend");
+    assert_eq!(r.counter(stats::PASS_NO_BACKEND), 1);
+}
+
+#[test]
+fn only_a_rst_with_the_exact_expected_sequence_tears_a_flow_down() {
+    let mut r = rig();
+    establish(&mut r, 40024);
+    // Spoofed: in the neighbourhood but not exact.
+    for seq in [100u32, 102, 101 + 1000, 5] {
+        let rst = Frame::tcp((CLIENT, 40024), (VIP, 80), lb_common::tcp::FLAG_RST, seq, 0);
+        assert_eq!(r.run(r.t0, &rst.build()).0, XDP_REDIRECT, "forwarded: the backend decides (challenge ACK)");
+        assert_eq!(r.flow_count(), 2, "RST with seq {seq} removed the flow");
+    }
+    assert_eq!(r.counter(stats::RST_IGNORED), 4);
+    // From the backend's side, spoofed too.
+    let rst = Frame::tcp((BACKEND, 8080), (CLIENT, 40024), lb_common::tcp::FLAG_RST, 9999, 0);
+    assert_eq!(r.run(r.t1, &rst.build()).0, XDP_REDIRECT);
+    assert_eq!(r.flow_count(), 2);
+    // Exact: the backend's next sequence number.
+    let rst = Frame::tcp((BACKEND, 8080), (CLIENT, 40024), lb_common::tcp::FLAG_RST, 701, 0);
+    let (verdict, out) = r.run(r.t1, &rst.build());
+    assert_eq!(verdict, XDP_REDIRECT, "the RST itself still reaches the client");
+    assert!(checksums_valid(&out, 14));
+    assert_eq!(r.counter(stats::RST_TEARDOWN), 1);
+    assert_eq!(r.flow_count(), 0);
+    // Packets after the RST recreate nothing (the client is reset instead).
+    let late = Frame::tcp((CLIENT, 40024), (VIP, 80), TCP_ACK, 101, 701);
+    assert_eq!(r.run(r.t0, &late.build()).0, 3);
+    assert_eq!(r.flow_count(), 0);
+}
+
+#[test]
+fn udp_flows_of_a_gone_backend_are_rescheduled() {
+    let mut r = rig();
+    let dgram = Frame::udp((CLIENT, 5010), (VIP, 53), b"q1");
+    assert_eq!(r.run(r.t0, &dgram.build()).0, XDP_REDIRECT);
+    // Replace the only UDP backend (id 1) with another (added through the controller).
+    let svc = std::net::SocketAddrV4::new(VIP, 53);
+    r.ctl.backend_add(svc, Some(Proto::Udp), std::net::SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 3), 5353), None).expect("add");
+    r.ctl.dataplane().backend_set(1, lb_common::maps::Backend { state: lb_common::maps::BACKEND_REMOVED, ..Default::default() }).expect("gone");
+    r.ns.ip(&["neigh", "add", "10.1.1.3", "lladdr", "02:00:00:00:01:03", "dev", "t1", "nud", "permanent"]).expect("neigh");
+    let (verdict, out) = r.run(r.t0, &dgram.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(&out[14 + 16..14 + 20], &[10, 1, 1, 3], "rescheduled to the live backend");
+    assert_eq!(r.counter(stats::UDP_RESCHEDULED), 1);
+    assert_eq!(r.flow_count(), 2, "the old entries replaced by the new flow's");
+}
+
+#[test]
+fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_remembers_it() {
+    let mut r = rig();
+    let svc = std::net::SocketAddrV4::new(VIP, 80);
+    let opts = xlb::policy::ServiceOptions { on_miss: Some(xlb::policy::MissPolicy::Rehash), ..Default::default() };
+    r.ctl.service_set(svc, Some(Proto::Tcp), &opts).expect("set on_miss");
+    let data = Frame::tcp((CLIENT, 40030), (VIP, 80), TCP_ACK, 42, 43);
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend(data, 8080).build());
+    assert_eq!(r.counter(stats::REHASHED), 1);
+    let fwd = r.flow((CLIENT, 40030), (VIP, 80), 6).expect("entry created");
+    assert_eq!(fwd.tcp_state, tcp::STATE_ESTABLISHED);
+}

@@ -254,9 +254,16 @@ impl TableView {
         tcp::combined_state(f.fwd.tcp_state, f.rev.map(|r| r.tcp_state).unwrap_or(tcp::STATE_NONE))
     }
 
-    /// UDP flows, and TCP flows neither side has closed.
+    /// UDP flows, and TCP flows not yet over: no RST seen, and not both
+    /// sides' FIN (a half-closed flow may still carry data one way).
     fn is_active(f: &Flow) -> bool {
-        matches!(Self::combined_state(f), tcp::STATE_NONE | tcp::STATE_SYN | tcp::STATE_ESTABLISHED)
+        if !f.is_tcp() {
+            return true;
+        }
+        let rev = f.rev.map(|r| r.tcp_state).unwrap_or(tcp::STATE_NONE);
+        let closed = f.fwd.tcp_state == tcp::STATE_CLOSED || rev == tcp::STATE_CLOSED;
+        let both_fin = f.fwd.tcp_state == tcp::STATE_FIN && rev == tcp::STATE_FIN;
+        !closed && !both_fin
     }
 }
 
@@ -621,7 +628,7 @@ impl Controller {
         std::mem::take(&mut self.pending)
     }
 
-    /// Sends both RSTs of every TCP flow not already closed and removes all
+    /// Sends both RSTs of every TCP flow not already over and removes all
     /// the flows' entries. Counts TCP flows reset into `counts`.
     fn reset_now(&mut self, flows: &[Flow], cause: ResetCause, counts: &mut ResetCounts) {
         let mut keys = Vec::with_capacity(flows.len() * 2);
@@ -629,7 +636,7 @@ impl Controller {
         for f in flows {
             keys.push(f.key);
             keys.push(f.reverse_key);
-            if !f.is_tcp() || TableView::combined_state(f) == tcp::STATE_CLOSED {
+            if !f.is_tcp() || !TableView::is_active(f) {
                 continue;
             }
             if let Some(tx) = &self.rst {

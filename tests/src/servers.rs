@@ -154,6 +154,16 @@ impl LineClient {
     /// Sends `msg` and returns the name of the server that answered.
     pub fn ask(&mut self, msg: &str) -> anyhow::Result<String> {
         self.writer.write_all(format!("{msg}\n").as_bytes())?;
+        self.answer(msg)
+    }
+
+    /// Sends a line without waiting for the answer.
+    pub fn send(&mut self, msg: &str) -> std::io::Result<()> {
+        self.writer.write_all(format!("{msg}\n").as_bytes())
+    }
+
+    /// Reads the answer to `msg` and returns the name of the server.
+    pub fn answer(&mut self, msg: &str) -> anyhow::Result<String> {
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         let (name, echoed) = line
@@ -163,4 +173,62 @@ impl LineClient {
         anyhow::ensure!(echoed == msg, "answer {line:?} does not echo {msg:?}");
         Ok(name.to_owned())
     }
+}
+
+/// How each connection ended, observed without sending anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// ECONNRESET after this long.
+    Reset(Duration),
+    /// Orderly close (FIN) after this long.
+    Closed(Duration),
+    /// Data arrived (unexpected for idle clients).
+    Data,
+    /// Nothing happened before the deadline.
+    Silent,
+}
+
+/// Watches idle connections with poll(2) until each has ended or `timeout`
+/// has passed since `start`, and says how each ended.
+pub fn watch_idle(streams: &[&TcpStream], start: std::time::Instant, timeout: Duration) -> Vec<Outcome> {
+    use std::{io::Read, os::fd::AsRawFd};
+    let mut out = vec![Outcome::Silent; streams.len()];
+    let mut open: Vec<usize> = (0..streams.len()).collect();
+    while !open.is_empty() {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|&i| libc::pollfd { fd: streams[i].as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: valid array of pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, left.as_millis().min(1000) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let now = start.elapsed();
+        let mut still = Vec::new();
+        for (slot, &i) in fds.iter().zip(&open) {
+            if slot.revents == 0 {
+                still.push(i);
+                continue;
+            }
+            let mut buf = [0u8; 64];
+            let mut s = streams[i];
+            out[i] = match s.read(&mut buf) {
+                Ok(0) => Outcome::Closed(now),
+                Ok(_) => Outcome::Data,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Outcome::Reset(now),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    still.push(i);
+                    continue;
+                }
+                Err(_) => Outcome::Closed(now),
+            };
+        }
+        open = still;
+    }
+    out
 }

@@ -1,0 +1,294 @@
+//! No black holes: when a backend goes away, every client of it learns at
+//! once (real kernel TCP through client → lb → backend namespaces).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use testbed::{Daemon, LineClient, Outcome, TcpNameServer, Topology, TopologyOptions, wait_for, watch_idle};
+
+const PORT: u16 = 8080;
+
+struct Bed {
+    servers: Vec<Option<TcpNameServer>>,
+    daemon: Daemon,
+    topo: Topology,
+}
+
+/// `backends` namespaces with name servers; the service on VIP:80 gets the
+/// first `registered` of them.
+fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends }).expect("topology");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
+    let servers = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Some(TcpNameServer::start(&b.name, &format!("b{i}"), format!("0.0.0.0:{PORT}").parse().expect("addr")).expect("server")))
+        .collect();
+    let vip = topo.vip(80).to_string();
+    let mut args = vec!["service", "add", vip.as_str()];
+    args.extend_from_slice(service_args);
+    daemon.ok(&args).expect("service add");
+    let b = Bed { servers, daemon, topo };
+    for i in 0..registered {
+        b.add(i);
+    }
+    b
+}
+
+impl Bed {
+    fn vip(&self) -> String {
+        self.topo.vip(80).to_string()
+    }
+    fn backend(&self, i: usize) -> String {
+        self.topo.backend(i, PORT).to_string()
+    }
+    fn add(&self, i: usize) {
+        self.daemon.ok(&["backend", "add", &self.vip(), &self.backend(i)]).expect("backend add");
+    }
+    fn connect(&self) -> LineClient {
+        LineClient::connect(&self.topo.client.name, self.topo.vip_sock(80)).expect("connect to the VIP")
+    }
+    /// `n` idle clients, each having said hello; returns them with the
+    /// backend that answered.
+    fn idle_clients(&self, n: usize) -> Vec<(LineClient, String)> {
+        (0..n)
+            .map(|i| {
+                let mut c = self.connect();
+                let who = c.ask(&format!("hello {i}")).expect("hello");
+                (c, who)
+            })
+            .collect()
+    }
+    fn backend_status(&self, i: usize) -> serde_json::Value {
+        let s = self.daemon.json(&["status"]).expect("status");
+        s["services"][0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .find(|b| b["backend"] == self.backend(i))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn resets_within(outcomes: &[Outcome], limit: Duration) -> usize {
+    outcomes.iter().filter(|o| matches!(o, Outcome::Reset(t) if *t <= limit)).count()
+}
+
+#[test]
+fn red_black_deploy_resets_every_idle_client_at_once_and_loses_nothing_silently() {
+    let b = bed(4, 2, &[], &[]);
+    let mut clients = b.idle_clients(200);
+    let on_old = clients.iter().filter(|(_, w)| w == "b0" || w == "b1").count();
+    assert_eq!(on_old, 200, "all clients start on the old backends");
+    // Deploy: the new backends join, then the old ones leave (policy reset).
+    b.add(2);
+    b.add(3);
+    let start = Instant::now();
+    b.daemon.ok(&["backend", "remove", &b.vip(), &b.backend(0)]).expect("remove b0");
+    b.daemon.ok(&["backend", "remove", &b.vip(), &b.backend(1)]).expect("remove b1");
+    let streams: Vec<&std::net::TcpStream> = clients.iter().map(|(c, _)| c.stream()).collect();
+    let outcomes = watch_idle(&streams, start, Duration::from_secs(3));
+    assert_eq!(
+        resets_within(&outcomes, Duration::from_secs(1)),
+        200,
+        "every idle client must see ECONNRESET within 1 s without sending: {:?}",
+        outcomes.iter().filter(|o| !matches!(o, Outcome::Reset(t) if *t <= Duration::from_secs(1))).collect::<Vec<_>>()
+    );
+
+    // Every message sent after the removal either fails at the client or
+    // reaches a live backend.
+    let before: u64 = (2..4).map(|i| b.servers[i].as_ref().map_or(0, |s| s.seen.requests.load(std::sync::atomic::Ordering::Relaxed))).sum();
+    let (mut failed_loudly, mut delivered) = (0, 0);
+    for (i, (c, _)) in clients.iter_mut().enumerate() {
+        match c.send(&format!("late {i}")) {
+            Err(_) => failed_loudly += 1,
+            Ok(()) => match c.answer(&format!("late {i}")) {
+                Ok(who) => {
+                    assert!(who == "b2" || who == "b3", "a late message reached {who}");
+                    delivered += 1;
+                }
+                Err(_) => failed_loudly += 1,
+            },
+        }
+        let mut again = b.connect();
+        let who = again.ask(&format!("reconnected {i}")).expect("reconnect through the VIP");
+        assert!(who == "b2" || who == "b3", "reconnect landed on {who}");
+        delivered += 1;
+    }
+    assert_eq!(failed_loudly + delivered, 400, "a message went missing silently");
+    let after: u64 = (2..4).map(|i| b.servers[i].as_ref().map_or(0, |s| s.seen.requests.load(std::sync::atomic::Ordering::Relaxed))).sum();
+    assert_eq!(after - before, delivered as u64, "delivered messages must be exactly those the new backends received");
+    eprintln!("red/black: 200/200 reset within 1 s; after removal {failed_loudly} messages failed loudly, {delivered} delivered");
+    let s = b.daemon.json(&["status"]).expect("status");
+    assert_eq!(s["services"][0]["resets"]["removed"], 200, "{s:#}");
+}
+
+#[test]
+fn a_dead_backend_is_detected_and_its_flows_reset_while_others_serve_on() {
+    let (interval, fall) = (Duration::from_millis(500), 2u32);
+    let b = bed(3, 3, &["--health", "tcp", "--health-interval", "500ms", "--health-timeout", "300ms", "--fall", "2", "--rise", "2"], &[]);
+    let mut b = b;
+    let clients = b.idle_clients(150);
+    let on_b0: Vec<&LineClient> = clients.iter().filter(|(_, w)| w == "b0").map(|(c, _)| c).collect();
+    // Round robin (per-CPU cursors) puts about a third on b0.
+    assert!((45..=55).contains(&on_b0.len()), "{} flows on b0", on_b0.len());
+    let n_b0 = on_b0.len();
+    // The backend host dies: its server stops and its link goes silent.
+    let dead = Instant::now();
+    b.topo.backends[0].ip(&["link", "set", "b0", "down"]).expect("link down");
+    b.servers[0] = None;
+    let budget = interval * fall + Duration::from_secs(1);
+    let marked = wait_for("b0 to be marked down", budget + Duration::from_secs(2), || {
+        (b.backend_status(0)["state"] == "down").then(|| dead.elapsed())
+    })
+    .expect("b0 marked down");
+    assert!(marked <= budget, "marked down after {marked:?}, budget {budget:?}");
+    let streams: Vec<&std::net::TcpStream> = on_b0.iter().map(|c| c.stream()).collect();
+    let outcomes = watch_idle(&streams, dead, budget + Duration::from_secs(1));
+    assert_eq!(resets_within(&outcomes, budget + Duration::from_secs(1)), n_b0, "{outcomes:?}");
+    // After detection: every new connection succeeds, on the live backends.
+    let mut per: HashMap<String, u32> = HashMap::new();
+    for i in 0..100 {
+        let mut c = b.connect();
+        *per.entry(c.ask(&format!("after {i}")).expect("new connection after detection")).or_default() += 1;
+    }
+    assert_eq!(per.get("b0"), None, "{per:?}");
+    assert_eq!(per.values().sum::<u32>(), 100);
+    let s = b.daemon.json(&["status"]).expect("status");
+    assert_eq!(s["services"][0]["resets"]["unhealthy"], n_b0 as u64, "{s:#}");
+    // The other backends' flows were untouched.
+    let mut clients = clients;
+    for (c, w) in clients.iter_mut().filter(|(_, w)| w != "b0") {
+        assert_eq!(&c.ask("still there").expect("a flow on a live backend survived"), w);
+    }
+}
+
+#[test]
+fn drain_lets_short_flows_finish_and_resets_a_long_one_at_the_deadline() {
+    let b = bed(2, 1, &["--on-remove", "drain:3s"], &[]);
+    b.add(1);
+    // Flows on b0: several short ones and one long one (b0 is the ring's first pick).
+    let mut on_b0: Vec<LineClient> = Vec::new();
+    let mut others = Vec::new();
+    while on_b0.len() < 6 {
+        let mut c = b.connect();
+        if c.ask("which").expect("ask") == "b0" { on_b0.push(c) } else { others.push(c) }
+    }
+    let mut long = on_b0.pop().expect("long flow");
+    let start = Instant::now();
+    b.daemon.ok(&["backend", "remove", &b.vip(), &b.backend(0)]).expect("remove");
+    // Short flows finish normally during the drain.
+    for (i, mut c) in on_b0.into_iter().enumerate() {
+        assert_eq!(c.ask(&format!("last {i}")).expect("a draining flow still works"), "b0");
+        c.stream().shutdown(std::net::Shutdown::Both).expect("close");
+    }
+    // New flows go elsewhere.
+    for _ in 0..4 {
+        assert_eq!(b.connect().ask("new").expect("new"), "b1");
+    }
+    assert_eq!(b.backend_status(0)["state"], "draining");
+    // The long flow works until the deadline...
+    std::thread::sleep(Duration::from_millis(2000).saturating_sub(start.elapsed()));
+    assert_eq!(long.ask("still here").expect("not reset before the deadline"), "b0");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // ...and is reset at it.
+    let outcome = watch_idle(&[long.stream()], start, Duration::from_secs(5));
+    match outcome[0] {
+        Outcome::Reset(t) => assert!(t >= Duration::from_secs(3) && t < Duration::from_millis(4500), "reset at {t:?}"),
+        o => panic!("the long flow was not reset: {o:?}"),
+    }
+    let s = b.daemon.json(&["status"]).expect("status");
+    assert_eq!(s["services"][0]["resets"]["drain_deadline"], 1, "{s:#}");
+}
+
+#[test]
+fn without_the_proactive_walk_a_client_that_writes_gets_the_rst_from_xdp() {
+    let b = bed(1, 1, &[], &["--test-disable-proactive-reset"]);
+    let mut clients = b.idle_clients(3);
+    let start = Instant::now();
+    b.daemon.ok(&["backend", "remove", &b.vip(), &b.backend(0)]).expect("remove");
+    // Nothing is sent to idle clients in this mode...
+    let quiet = watch_idle(&[clients[0].0.stream()], start, Duration::from_millis(500));
+    assert_eq!(quiet[0], Outcome::Silent);
+    // ...but the first write is answered by the XDP program with a RST.
+    let (c, _) = &mut clients[0];
+    c.send("anyone?").expect("the write itself is accepted locally");
+    let outcome = watch_idle(&[c.stream()], Instant::now(), Duration::from_secs(2));
+    assert!(matches!(outcome[0], Outcome::Reset(_)), "{outcome:?}");
+    let s = b.daemon.json(&["status"]).expect("status");
+    assert!(s["counters"]["rst_reactive"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+}
+
+#[test]
+fn a_spoofed_rst_does_not_kill_a_live_flow_and_late_packets_create_no_state() {
+    let b = bed(1, 1, &[], &[]);
+    let mut c = b.connect();
+    assert_eq!(c.ask("hi").expect("hi"), "b0");
+    let local = c.stream().local_addr().expect("local");
+    let SocketAddr::V4(local) = local else { panic!("v4") };
+    // An attacker on the client side sends RSTs with guessed sequence numbers.
+    let spoof = |seq: u32| {
+        let r = lb_common::rst::Rst {
+            src: local.ip().octets(),
+            dst: b.topo.vip(80).ip().octets(),
+            sport: local.port().to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            seq,
+            ack: None,
+        };
+        testbed::in_netns(&b.topo.client.name, || xlb::resetter::RstSender::new().and_then(|s| s.send(&r)))
+            .expect("ns")
+            .expect("send spoofed RST");
+    };
+    for seq in [0u32, 1, 0x8000_0000, 12345] {
+        spoof(seq);
+    }
+    assert_eq!(c.ask("still alive?").expect("the flow survived spoofed RSTs"), "b0");
+    let flows = b.daemon.json(&["flows"]).expect("flows");
+    assert_eq!(flows.as_array().map(Vec::len), Some(1), "{flows}");
+    let s = b.daemon.json(&["status"]).expect("status");
+    assert!(s["counters"]["rst_ignored"].as_u64().unwrap_or(0) >= 4, "{s:#}");
+    // After the flow is reset (backend removed), late segments recreate nothing.
+    b.daemon.ok(&["backend", "remove", &b.vip(), &b.backend(0)]).expect("remove");
+    for seq in [1u32, 2, 3] {
+        spoof(seq); // a RST without state
+    }
+    let _ = c.send("late");
+    std::thread::sleep(Duration::from_millis(200));
+    let flows = b.daemon.json(&["flows"]).expect("flows");
+    assert_eq!(flows.as_array().map(Vec::len), Some(0), "late packets created state: {flows}");
+}
+
+#[test]
+fn reset_spread_paces_a_mass_reset_over_the_window() {
+    let b = bed(1, 1, &["--reset-spread", "2s"], &[]);
+    let clients = b.idle_clients(200);
+    let start = Instant::now();
+    b.daemon.ok(&["backend", "remove", &b.vip(), &b.backend(0)]).expect("remove");
+    let streams: Vec<&std::net::TcpStream> = clients.iter().map(|(c, _)| c.stream()).collect();
+    let outcomes = watch_idle(&streams, start, Duration::from_secs(5));
+    let mut times: Vec<Duration> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Reset(t) => *t,
+            o => panic!("a client was not reset: {o:?}"),
+        })
+        .collect();
+    times.sort();
+    let (first, last) = (times[0], times[199]);
+    assert!(first < Duration::from_millis(500), "first reset at {first:?}");
+    assert!(last >= Duration::from_millis(1700) && last < Duration::from_secs(3), "last reset at {last:?}");
+    // Roughly uniform: every half second of the window gets a share.
+    for q in 0..4 {
+        let lo = Duration::from_millis(500 * q);
+        let hi = lo + Duration::from_millis(500);
+        let n = times.iter().filter(|t| **t >= lo && **t < hi).count();
+        assert!(n >= 25, "only {n} resets in [{lo:?}, {hi:?}): {times:?}");
+    }
+}

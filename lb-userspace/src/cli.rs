@@ -10,7 +10,7 @@ use crate::{
     api::{ErrorCode, FlowInfo, Proto, Request, Response, Status},
     client,
     dataplane::AttachMode,
-    policy::{Dur, FlowPolicy, MissPolicy, ServiceOptions, StatusRange},
+    policy::ServiceOptions,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
@@ -78,58 +78,6 @@ pub struct DaemonArgs {
     pub conn_capacity: u32,
 }
 
-/// Per-service settings (on `service add` and `service set`).
-#[derive(Debug, Args, Default)]
-pub struct ServiceOptionArgs {
-    /// What a deregistered backend's flows get: reset (default), drain:DURATION, keep.
-    #[arg(long, value_name = "POLICY")]
-    pub on_remove: Option<FlowPolicy>,
-    /// What an unhealthy backend's flows get: reset (default), drain:DURATION, keep.
-    #[arg(long, value_name = "POLICY")]
-    pub on_unhealthy: Option<FlowPolicy>,
-    /// Spread a mass reset over this window (default 0: all at once).
-    #[arg(long, value_name = "DURATION")]
-    pub reset_spread: Option<Dur>,
-    /// Non-SYN TCP without a flow: reset (default) or rehash.
-    #[arg(long, value_enum)]
-    pub on_miss: Option<MissPolicy>,
-    /// Health check: tcp, http:/PATH, or none.
-    #[arg(long, value_name = "PROBE")]
-    pub health: Option<String>,
-    /// Time between probes (default 2s).
-    #[arg(long, value_name = "DURATION")]
-    pub health_interval: Option<Dur>,
-    /// Probe timeout (default 1s).
-    #[arg(long, value_name = "DURATION")]
-    pub health_timeout: Option<Dur>,
-    /// Successes that bring a down backend back (default 2).
-    #[arg(long)]
-    pub rise: Option<u32>,
-    /// Failures that take a backend down (default 3).
-    #[arg(long)]
-    pub fall: Option<u32>,
-    /// Accepted HTTP statuses for http probes (default 200-399).
-    #[arg(long, value_name = "RANGE")]
-    pub health_status: Option<StatusRange>,
-}
-
-impl ServiceOptionArgs {
-    pub fn to_options(&self) -> ServiceOptions {
-        ServiceOptions {
-            on_remove: self.on_remove,
-            on_unhealthy: self.on_unhealthy,
-            reset_spread: self.reset_spread,
-            on_miss: self.on_miss,
-            health: self.health.clone(),
-            health_interval: self.health_interval,
-            health_timeout: self.health_timeout,
-            rise: self.rise,
-            fall: self.fall,
-            health_status: self.health_status,
-        }
-    }
-}
-
 #[derive(Debug, Subcommand)]
 pub enum ServiceCmd {
     /// Create a service on VIP:PORT.
@@ -139,7 +87,7 @@ pub enum ServiceCmd {
         #[arg(long, default_value = "tcp")]
         proto: Proto,
         #[command(flatten)]
-        options: ServiceOptionArgs,
+        options: ServiceOptions,
     },
     /// Change a service's settings at run time (only the options given).
     Set {
@@ -149,7 +97,7 @@ pub enum ServiceCmd {
         #[arg(long)]
         proto: Option<Proto>,
         #[command(flatten)]
-        options: ServiceOptionArgs,
+        options: ServiceOptions,
     },
     /// Remove a service, its backends and its flows.
     Remove {
@@ -192,10 +140,10 @@ pub fn run_client(cli: &Cli) -> ExitCode {
     let req = match &cli.command {
         Command::Daemon(_) => unreachable_daemon(),
         Command::Service(ServiceCmd::Add { service, proto, options }) => {
-            Request::ServiceAdd { service: *service, proto: *proto, options: options.to_options() }
+            Request::ServiceAdd { service: *service, proto: *proto, options: options.clone() }
         }
         Command::Service(ServiceCmd::Set { service, proto, options }) => {
-            Request::ServiceSet { service: *service, proto: *proto, options: options.to_options() }
+            Request::ServiceSet { service: *service, proto: *proto, options: options.clone() }
         }
         Command::Service(ServiceCmd::Remove { service, proto }) => Request::ServiceRemove { service: *service, proto: *proto },
         Command::Backend(BackendCmd::Add { service, backend, weight, proto }) => Request::BackendAdd {

@@ -237,30 +237,49 @@ impl Default for ServiceSettings {
     }
 }
 
-/// A partial update of [`ServiceSettings`] (API, CLI and config file):
-/// absent fields keep their value.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A partial update of [`ServiceSettings`] (API, CLI flags of `service add`
+/// and `service set`, config file): absent fields keep their value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceOptions {
+    /// What a deregistered backend's flows get: reset (default), drain:DURATION, keep.
+    #[arg(long, value_name = "POLICY")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_remove: Option<FlowPolicy>,
+    /// What an unhealthy backend's flows get: reset (default), drain:DURATION, keep.
+    #[arg(long, value_name = "POLICY")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_unhealthy: Option<FlowPolicy>,
+    /// Spread a mass reset over this window (default 0: all at once).
+    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_spread: Option<Dur>,
+    /// Non-SYN TCP without a flow: reset (default) or rehash.
+    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_miss: Option<MissPolicy>,
-    /// `"none"` turns the health check off.
+    /// Health check: tcp, http:/PATH, or none.
+    #[arg(long, value_name = "PROBE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// Time between probes (default 2s).
+    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval: Option<Dur>,
+    /// Probe timeout (default 1s).
+    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_timeout: Option<Dur>,
+    /// Successes that bring a down backend back (default 2).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rise: Option<u32>,
+    /// Failures that take a backend down (default 3).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fall: Option<u32>,
+    /// Accepted HTTP statuses for http probes (default 200-399).
+    #[arg(long, value_name = "RANGE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_status: Option<StatusRange>,
 }

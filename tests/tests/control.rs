@@ -64,6 +64,13 @@ fn malformed_arguments_exit_2_with_a_message_naming_the_value() {
         (&["service", "add", "0.0.0.0:80"], "0.0.0.0:80"),
         (&["service", "add", "10.99.0.3:0"], "port"),
         (&["frobnicate"], "frobnicate"),
+        (&["service", "set", "10.99.0.1:80", "--on-remove", "nuke"], "reset, keep or drain"),
+        (&["service", "set", "10.99.0.1:80", "--on-unhealthy", "drain:soon"], "invalid duration"),
+        (&["service", "set", "10.99.0.1:80", "--health", "ping"], "tcp or http:/PATH"),
+        (&["service", "set", "10.99.0.1:80", "--rise", "3"], "no health check"),
+        (&["service", "set", "10.99.0.1:80", "--health", "tcp", "--health-interval", "1s", "--health-timeout", "2s"], "timeout"),
+        (&["service", "set", "10.99.0.1:80", "--reset-spread", "2h"], "maximum"),
+        (&["service", "set", "10.99.0.1:80", "--health", "http:/", "--health-status", "600"], "status range"),
     ];
     for (args, needle) in cases {
         let out = d.cli(args).expect("run");
@@ -90,6 +97,7 @@ fn refused_requests_exit_1_name_the_problem_and_change_nothing() {
         (&["service", "remove", "10.99.0.5:80"], "service 10.99.0.5:80 does not exist"),
         (&["backend", "add", "10.99.0.1:53", "10.1.1.3:53"], "say which with --proto"),
         (&["flows", "--service", "10.99.0.9:80"], "does not exist"),
+        (&["service", "set", "10.99.0.9:80", "--on-remove", "keep"], "service 10.99.0.9:80 does not exist"),
     ];
     for (args, needle) in cases {
         let out = d.cli(args).expect("run");
@@ -161,7 +169,7 @@ fn the_config_file_is_applied_at_start_and_a_bad_one_leaves_nothing_behind() {
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
-        "[[service]]\nvip = \"10.99.0.1:80\"\n[[service.backend]]\naddr = \"10.1.1.2:8080\"\nweight = 3\n\
+        "[[service]]\nvip = \"10.99.0.1:80\"\n[service.settings]\non_remove = \"drain:5s\"\nhealth = \"tcp\"\n[[service.backend]]\naddr = \"10.1.1.2:8080\"\nweight = 3\n\
          [[service.backend]]\naddr = \"10.1.2.2:8080\"\n[[service]]\nvip = \"10.99.0.1:53\"\nproto = \"udp\"\n",
     )
     .expect("write");
@@ -174,9 +182,13 @@ fn the_config_file_is_applied_at_start_and_a_bad_one_leaves_nothing_behind() {
             ["10.99.0.1:80", "tcp", [["10.1.1.2:8080", 3, "up"], ["10.1.2.2:8080", 1, "up"]]]
         ])
     );
+    let st = &d.json(&["status"]).expect("status")["services"][1]["settings"];
+    assert_eq!(st["on_remove"], "drain:5s");
+    assert_eq!(st["health"]["probe"], "tcp");
     drop(d);
 
     let bad_cases = [
+        ("policy.toml", "[[service]]\nvip = \"10.99.0.1:80\"\n[service.settings]\non_remove = \"nuke\"\n", "reset, keep or drain"),
         ("typo.toml", "[[service]]\nvip = \"10.99.0.1:80\"\nbackends = []\n", "unknown field `backends`"),
         ("addr.toml", "[[service]]\nvip = \"10.99.0.1:80\"\n[[service.backend]]\naddr = \"10.1.1.2\"\n", "addr"),
         (
@@ -217,4 +229,29 @@ fn sigterm_detaches_and_removes_pins_and_socket() {
     }
     assert!(!d.pin_dir.exists(), "pin directory left behind");
     assert!(!d.socket.exists(), "socket left behind");
+}
+
+#[test]
+fn settings_change_at_run_time_and_show_in_status() {
+    let t = topo(0);
+    let d = Daemon::start(&t.lb, &t.lb_ifaces, &[]).expect("daemon");
+    d.ok(&["service", "add", "10.99.0.1:80", "--on-remove", "drain:30s", "--health", "http:/healthz"]).expect("add");
+    let s = d.json(&["status"]).expect("status");
+    let st = &s["services"][0]["settings"];
+    assert_eq!(st["on_remove"], "drain:30s");
+    assert_eq!(st["on_unhealthy"], "reset", "default");
+    assert_eq!(st["health"]["probe"], "http:/healthz");
+    assert_eq!(st["health"]["fall"], 3, "default");
+    d.ok(&["service", "set", "10.99.0.1:80", "--on-remove", "keep", "--fall", "5", "--reset-spread", "2s", "--on-miss", "rehash"]).expect("set");
+    let s = d.json(&["status"]).expect("status");
+    let st = &s["services"][0]["settings"];
+    assert_eq!(st["on_remove"], "keep");
+    assert_eq!(st["health"]["fall"], 5);
+    assert_eq!(st["health"]["probe"], "http:/healthz", "unchanged fields stay");
+    assert_eq!(st["reset_spread"], "2s");
+    assert_eq!(st["on_miss"], "rehash");
+    d.ok(&["service", "set", "10.99.0.1:80", "--health", "none"]).expect("health off");
+    assert_eq!(d.json(&["status"]).expect("status")["services"][0]["settings"]["health"], Value::Null);
+    let text = d.ok(&["status"]).expect("text status");
+    assert!(text.contains("on-remove keep") && text.contains("on-miss rehash"), "{text}");
 }

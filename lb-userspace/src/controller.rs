@@ -202,6 +202,8 @@ pub struct Controller {
     /// Spread resets waiting for the daemon to pace them.
     pending: Vec<ResetJob>,
     rst_send_errors: u64,
+    /// When the last proactive RST went out (benchmarks).
+    last_rst_sent: Option<Instant>,
 }
 
 fn be_addr(a: Ipv4Addr) -> u32 {
@@ -288,6 +290,7 @@ impl Controller {
             proactive_reset: true,
             pending: Vec::new(),
             rst_send_errors: 0,
+            last_rst_sent: None,
         }
     }
 
@@ -301,6 +304,11 @@ impl Controller {
     /// flow of a gone backend on its next packet).
     pub fn set_proactive_reset(&mut self, on: bool) {
         self.proactive_reset = on;
+    }
+
+    /// When the last proactive RST was sent, if any.
+    pub fn last_rst_sent(&self) -> Option<Instant> {
+        self.last_rst_sent
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -579,11 +587,20 @@ impl Controller {
     // ---- the connection table ----
 
     fn table(&self) -> Result<TableView> {
+        self.table_where(|_| true)
+    }
+
+    /// The flows whose entries satisfy `keep` (both entries of a flow carry
+    /// the same backend and service, so filtering on those keeps pairs whole).
+    fn table_where(&self, keep: impl Fn(&FlowEntry) -> bool) -> Result<TableView> {
         let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
         let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
         let mut entries = 0u64;
         self.dp.for_each_flow(|k, v| {
             entries += 1;
+            if !keep(v) {
+                return;
+            }
             if v.direction == DIR_TO_BACKEND {
                 forward.push((*k, *v));
             } else {
@@ -602,7 +619,7 @@ impl Controller {
     }
 
     fn flows_of(&self, backend_id: u32) -> Result<Vec<Flow>> {
-        Ok(self.table()?.flows.into_iter().filter(|f| f.fwd.backend_id == backend_id).collect())
+        Ok(self.table_where(|e| e.backend_id == backend_id)?.flows)
     }
 
     // ---- resets ----
@@ -632,22 +649,26 @@ impl Controller {
     /// the flows' entries. Counts TCP flows reset into `counts`.
     fn reset_now(&mut self, flows: &[Flow], cause: ResetCause, counts: &mut ResetCounts) {
         let mut keys = Vec::with_capacity(flows.len() * 2);
+        let mut rsts = Vec::with_capacity(flows.len() * 2);
         let mut reset = 0u64;
         for f in flows {
             keys.push(f.key);
             keys.push(f.reverse_key);
-            if !f.is_tcp() || !TableView::is_active(f) {
-                continue;
+            if f.is_tcp() && TableView::is_active(f) {
+                rsts.push(f.client_rst());
+                rsts.push(f.backend_rst());
+                reset += 1;
             }
-            if let Some(tx) = &self.rst {
-                for r in [f.client_rst(), f.backend_rst()] {
-                    if let Err(e) = tx.send(&r) {
-                        self.rst_send_errors += 1;
-                        tracing::debug!(client = %f.client(), error = %e, "sending a RST failed");
-                    }
-                }
+        }
+        if let Some(tx) = &self.rst {
+            let (failed, err) = tx.send_all(&rsts);
+            if failed > 0 {
+                self.rst_send_errors += failed as u64;
+                tracing::warn!(failed, error = ?err, "some RSTs could not be sent");
             }
-            reset += 1;
+            if !rsts.is_empty() {
+                self.last_rst_sent = Some(Instant::now());
+            }
         }
         if let Err(e) = self.dp.flows_delete(&keys) {
             tracing::warn!(error = %e, "removing reset flows from the table failed");

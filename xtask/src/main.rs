@@ -31,6 +31,8 @@ enum Cmd {
     },
     /// Build a client/lb/3-backend netns topology and balance traffic through it.
     Demo,
+    /// Run the benchmarks (release build; results under target/bench/).
+    Bench,
 }
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2/ethtool/ping for the
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|()| test(&args)),
         Cmd::Demo => setup().and_then(|()| demo()),
+        Cmd::Bench => setup().and_then(|()| bench()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -185,4 +188,12 @@ fn demo() -> anyhow::Result<()> {
     }
     run(cargo().args(["build", "--package", "lb-userspace", "--bin", "xlb", "--package", "xlb-tests", "--bin", "xlb-demo"]))?;
     run(Command::new(root().join("target/debug/xlb-demo")).env("XLB_BIN", xlb_bin()))
+}
+
+fn bench() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmarks create network namespaces and load XDP programs: run them as root");
+    }
+    run(cargo().args(["build", "--release", "--package", "xlb-tests", "--bin", "xlb-bench"]))?;
+    run(&mut Command::new(root().join("target/release/xlb-bench")))
 }

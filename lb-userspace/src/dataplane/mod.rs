@@ -366,6 +366,14 @@ impl Dataplane {
         }
     }
 
+    /// Inserts a flow entry directly (benchmarks and tests that need a
+    /// populated table without traffic).
+    pub fn flow_insert(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
+        let map = self.map_mut(names::CONNS)?;
+        let mut m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", names::CONNS))?;
+        m.insert(key, entry, 0).map_err(map_err("inserting into", names::CONNS))
+    }
+
     /// Deletes flow entries (batched). Returns how many were deleted.
     pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
         let fd = batch::fd_of(self.map_data(names::CONNS)?);

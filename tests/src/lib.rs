@@ -14,7 +14,7 @@ pub mod topology;
 
 pub use daemon::Daemon;
 pub use netns::{in_netns, Netns};
-pub use servers::{LineClient, Outcome, TcpNameServer, UdpNameServer, watch_idle};
+pub use servers::{HttpStatusServer, LineClient, Outcome, TcpNameServer, UdpNameServer, watch_idle};
 pub use topology::{Topology, TopologyOptions};
 
 use std::time::{Duration, Instant};

@@ -232,3 +232,55 @@ pub fn watch_idle(streams: &[&TcpStream], start: std::time::Instant, timeout: Du
     }
     out
 }
+
+/// A minimal HTTP server answering every request with the current status
+/// (for health checks), in a namespace.
+pub struct HttpStatusServer {
+    pub status: Arc<std::sync::atomic::AtomicU16>,
+    pub requests: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpStatusServer {
+    /// Answers `HTTP/1.1 <status> <name>`: the reason phrase says who answered.
+    pub fn start(ns: &str, name: &str, bind: SocketAddr, status: u16) -> anyhow::Result<HttpStatusServer> {
+        let name = name.to_owned();
+        let listener = in_netns(ns, || TcpListener::bind(bind))??;
+        listener.set_nonblocking(true)?;
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(status));
+        let requests = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, rq, sp) = (status.clone(), requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut reader = BufReader::new(&s);
+                        let mut line = String::new();
+                        // Request line and headers, up to the blank line.
+                        while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line != "\r\n" {
+                            line.clear();
+                        }
+                        rq.fetch_add(1, Ordering::Relaxed);
+                        let code = st.load(Ordering::Relaxed);
+                        let _ = (&s).write_all(format!("HTTP/1.1 {code} {name}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(HttpStatusServer { status, requests, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for HttpStatusServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

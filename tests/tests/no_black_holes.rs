@@ -292,3 +292,59 @@ fn reset_spread_paces_a_mass_reset_over_the_window() {
         assert!(n >= 25, "only {n} resets in [{lo:?}, {hi:?}): {times:?}");
     }
 }
+
+#[test]
+fn http_health_checks_take_a_backend_out_and_bring_it_back_after_rise() {
+    // Backends that serve HTTP on the service port, with a switchable status.
+    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    let http: Vec<testbed::HttpStatusServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, n)| testbed::HttpStatusServer::start(&n.name, &format!("b{i}"), "0.0.0.0:8080".parse().expect("addr"), 200).expect("http"))
+        .collect();
+    let vip = topo.vip(80).to_string();
+    daemon
+        .ok(&["service", "add", &vip, "--health", "http:/healthz", "--health-interval", "200ms", "--health-timeout", "150ms", "--fall", "2", "--rise", "3"])
+        .expect("service");
+    for i in 0..2 {
+        daemon.ok(&["backend", "add", &vip, &topo.backend(i, 8080).to_string()]).expect("backend");
+    }
+    let state = |i: usize| -> String {
+        let s = daemon.json(&["status"]).expect("status");
+        s["services"][0]["backends"][i]["state"].as_str().unwrap_or("?").to_owned()
+    };
+    wait_for("probes to reach b0", Duration::from_secs(3), || (http[0].requests.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())).expect("probed");
+    assert_eq!(state(0), "up");
+    // A 503 is a failure: down after `fall` probes.
+    http[0].status.store(503, std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    wait_for("b0 down", Duration::from_secs(3), || (state(0) == "down").then_some(())).expect("down");
+    assert!(t.elapsed() <= Duration::from_millis(2 * 200 + 1000), "down after {:?}", t.elapsed());
+    let s = daemon.json(&["status"]).expect("status");
+    assert!(s["services"][0]["backends"][0]["last_health_error"].as_str().unwrap_or("").contains("503"), "{s:#}");
+    assert_eq!(state(1), "up");
+    // Back after `rise` successes, and new flows reach it again.
+    http[0].status.store(200, std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    wait_for("b0 up again", Duration::from_secs(3), || (state(0) == "up").then_some(())).expect("up");
+    assert!(t.elapsed() >= Duration::from_millis(2 * 200), "came back after only {:?}: rise is 3", t.elapsed());
+    let mut on_b0 = 0;
+    for _ in 0..6 {
+        let c = testbed::in_netns(&topo.client.name, || std::net::TcpStream::connect_timeout(&topo.vip_sock(80), Duration::from_secs(2)))
+            .expect("ns")
+            .expect("connect");
+        use std::io::{Read, Write};
+        let mut c = c;
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+        let mut buf = String::new();
+        c.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let _ = c.read_to_string(&mut buf);
+        assert!(buf.starts_with("HTTP/1.1 200"), "{buf:?}");
+        if buf.starts_with("HTTP/1.1 200 b0\r\n") {
+            on_b0 += 1;
+        }
+    }
+    assert!(on_b0 >= 2, "b0 gets new flows again: {on_b0} of 6");
+}

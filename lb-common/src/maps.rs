@@ -38,14 +38,14 @@ pub mod names {
 
 /// Services (VIP:port/proto) the data plane knows. Service ids index the
 /// per-service arrays, so they are below this bound.
-pub const MAX_SERVICES: u32 = 256;
+pub const MAX_SERVICES: u32 = 64;
 /// Backends across all services; a backend id indexes `XLB_BACKENDS` and
 /// `XLB_BE_STATS`. A backend registered on two services has two ids.
 pub const MAX_BACKENDS: u32 = 4096;
-/// Scheduling slots per service in `XLB_RING` (prime, so a later Maglev
-/// table can share the layout). Service `s` owns slots
-/// `s * RING_SLOTS .. s * RING_SLOTS + ring_len`.
-pub const RING_SLOTS: u32 = 4093;
+/// Scheduling slots per service in `XLB_RING`: the largest Maglev table
+/// (a prime). Service `s` owns slots `s * RING_SLOTS .. s * RING_SLOTS +
+/// ring_len`. 64 services × 65537 slots × 4 bytes = 16.8 MB.
+pub const RING_SLOTS: u32 = 65537;
 /// Default capacity of the connection table, in entries. Each flow takes
 /// two entries (one per direction).
 pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
@@ -61,8 +61,11 @@ pub const PROTO_UDP: u8 = 17;
 pub const ADDR_VIP: u32 = 1;
 pub const ADDR_BACKEND: u32 = 2;
 
-/// `ServiceEntry::scheduler`.
+/// `ServiceEntry::scheduler`: weighted round robin over the ring (per-CPU
+/// cursor).
 pub const SCHED_WRR: u8 = 1;
+/// Weighted Maglev: the ring is a Maglev table, indexed by flow hash.
+pub const SCHED_MAGLEV: u8 = 2;
 
 /// `Backend::state`: how the data plane treats the backend's flows.
 /// 0 marks an unused slot.

@@ -3,7 +3,7 @@
 //! slot is chosen. `pick` is the one entry point the rest of the program
 //! uses, so Maglev (hash → slot) and least-connections plug in here.
 
-use lb_common::maps::{Backend, FlowKey, ServiceEntry, BACKEND_UP, RING_SLOTS, SCHED_WRR};
+use lb_common::maps::{Backend, FlowKey, ServiceEntry, BACKEND_UP, RING_SLOTS, SCHED_MAGLEV, SCHED_WRR};
 
 use crate::maps::{BACKENDS, CURSOR, RING};
 
@@ -20,13 +20,12 @@ pub fn pick(svc: &ServiceEntry, key: &FlowKey, by_hash: bool) -> Option<(u32, Ba
     if len == 0 || len > RING_SLOTS {
         return None;
     }
-    let start = if by_hash {
+    let start = if by_hash || svc.scheduler == SCHED_MAGLEV {
         flow_hash(key) % len
+    } else if svc.scheduler == SCHED_WRR {
+        next_cursor(svc.id, len)?
     } else {
-        match svc.scheduler {
-            SCHED_WRR => next_cursor(svc.id, len)?,
-            _ => return None,
-        }
+        return None;
     };
     let base = svc.id.checked_mul(RING_SLOTS)?;
     for i in 0..MAX_PROBES {

@@ -22,7 +22,7 @@ use lb_common::{
     maps::{
         Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
         BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
-        MAX_SERVICES, RING_SLOTS, SCHED_WRR, SVC_F_MISS_REHASH,
+        MAX_SERVICES, RING_SLOTS, SCHED_MAGLEV, SCHED_WRR, SVC_F_MISS_REHASH,
     },
     sched, stats, tcp,
 };
@@ -33,7 +33,7 @@ use crate::{
     api::{BackendStatus, ErrorCode, FlowInfo, Proto, ServiceStatus, Status, TableStatus, Traffic},
     dataplane::{Dataplane, DataplaneError},
     health::Tracker,
-    policy::{FlowPolicy, HealthCheck, MissPolicy, ServiceOptions, ServiceSettings},
+    policy::{FlowPolicy, HealthCheck, MissPolicy, Scheduler, ServiceOptions, ServiceSettings},
     resetter::{Flow, RstSender},
 };
 
@@ -240,6 +240,12 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A backend's stable identity for Maglev: its address and port, so every
+/// balancer (and every restart) builds the same table.
+fn maglev_identity(a: SocketAddrV4) -> u64 {
+    (u32::from(*a.ip()) as u64) << 16 | a.port() as u64
+}
+
 /// Key of the backend → client entry belonging to a client → VIP entry.
 fn reverse_key(k: &FlowKey, v: &FlowEntry) -> FlowKey {
     FlowKey { src_addr: v.nat_addr, dst_addr: k.src_addr, src_port: v.nat_port, dst_port: k.src_port, proto: k.proto, _pad: [0; 3] }
@@ -347,7 +353,10 @@ impl Controller {
         ServiceEntry {
             id: svc.id,
             ring_len: svc.ring.len() as u32,
-            scheduler: SCHED_WRR,
+            scheduler: match svc.settings.scheduler {
+                Scheduler::Maglev => SCHED_MAGLEV,
+                Scheduler::Wrr => SCHED_WRR,
+            },
             flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 },
             _pad: 0,
             syn_timeout_s: DEFAULT_TIMEOUTS.syn,
@@ -567,9 +576,19 @@ impl Controller {
 
     fn rebuild_ring(&mut self, sid: ServiceId) -> Result<()> {
         let Some(svc) = self.services.get(&sid) else { return Ok(()) };
-        let weights: Vec<(u32, u32)> =
-            svc.backends.values().filter(|b| b.takes_new_flows()).map(|b| (b.id, b.weight)).collect();
-        let ring = sched::build_wrr_ring(&weights, RING_SLOTS as usize);
+        let live = svc.backends.values().filter(|b| b.takes_new_flows());
+        let ring = match svc.settings.scheduler {
+            Scheduler::Wrr => {
+                let weights: Vec<(u32, u32)> = live.map(|b| (b.id, b.weight)).collect();
+                sched::build_wrr_ring(&weights, RING_SLOTS as usize)
+            }
+            Scheduler::Maglev => {
+                let backends: Vec<sched::MaglevBackend> = live
+                    .map(|b| sched::MaglevBackend { id: b.id, weight: b.weight, identity: maglev_identity(b.addr) })
+                    .collect();
+                sched::build_maglev(&backends, svc.settings.maglev_size as usize)
+            }
+        };
         if ring == svc.ring {
             return Ok(());
         }
@@ -843,7 +862,7 @@ impl Controller {
                 service: sid.addr,
                 proto: sid.proto,
                 id: svc.id,
-                scheduler: "wrr".into(),
+                scheduler: svc.settings.scheduler.to_string(),
                 settings: svc.settings.clone(),
                 active_flows: active_total,
                 resets: svc.resets,

@@ -77,6 +77,27 @@ impl fmt::Display for MissPolicy {
     }
 }
 
+/// How a service picks the backend of a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Weighted Maglev consistent hashing (default): the same flow maps to
+    /// the same backend on every balancer, and a backend change moves only
+    /// about its own share of flows.
+    Maglev,
+    /// Smooth weighted round robin (per-CPU cursor).
+    Wrr,
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Wrr => "wrr",
+        })
+    }
+}
+
 /// A duration given as text ("500ms", "2s", "1m 30s").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -217,6 +238,9 @@ impl Default for HealthCheck {
 /// Every per-service setting, resolved.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSettings {
+    pub scheduler: Scheduler,
+    /// Maglev table size (a prime, at most 65537).
+    pub maglev_size: u32,
     pub on_remove: FlowPolicy,
     pub on_unhealthy: FlowPolicy,
     pub reset_spread: Dur,
@@ -228,6 +252,8 @@ pub struct ServiceSettings {
 impl Default for ServiceSettings {
     fn default() -> Self {
         ServiceSettings {
+            scheduler: Scheduler::Maglev,
+            maglev_size: lb_common::sched::MAGLEV_DEFAULT_SIZE as u32,
             on_remove: FlowPolicy::Reset,
             on_unhealthy: FlowPolicy::Reset,
             reset_spread: Dur(Duration::ZERO),
@@ -242,6 +268,14 @@ impl Default for ServiceSettings {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceOptions {
+    /// How new flows pick a backend: maglev (default) or wrr.
+    #[arg(long, value_enum)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<Scheduler>,
+    /// Maglev table size: a prime up to 65537 (default 65537).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev_size: Option<u32>,
     /// What a deregistered backend's flows get: reset (default), drain:DURATION, keep.
     #[arg(long, value_name = "POLICY")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,6 +325,15 @@ impl ServiceSettings {
     /// Applies `o` to a copy of these settings and validates the result.
     pub fn patched(&self, o: &ServiceOptions) -> Result<ServiceSettings, String> {
         let mut s = self.clone();
+        if let Some(sch) = o.scheduler {
+            s.scheduler = sch;
+        }
+        if let Some(m) = o.maglev_size {
+            if m as usize > lb_common::sched::MAGLEV_DEFAULT_SIZE || !lb_common::sched::is_prime(m as usize) {
+                return Err(format!("maglev size {m} must be a prime no larger than 65537 (e.g. 65537, 4093, 251)"));
+            }
+            s.maglev_size = m;
+        }
         if let Some(p) = o.on_remove {
             s.on_remove = p;
         }

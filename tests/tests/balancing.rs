@@ -40,7 +40,8 @@ fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str]) -> Bed {
         servers.push(TcpNameServer::start(&b.name, &format!("b{i}"), bind).expect("server"));
     }
     let vip = topo.vip(80).to_string();
-    daemon.ok(&["service", "add", &vip]).expect("service add");
+    // Round robin: these tests check exact weighted shares.
+    daemon.ok(&["service", "add", &vip, "--scheduler", "wrr"]).expect("service add");
     for i in 0..backends {
         let w = weights.get(i).copied().unwrap_or(1).to_string();
         daemon
@@ -135,7 +136,7 @@ fn udp_request_response_is_sticky_per_flow() {
         .map(|(i, b)| UdpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:5353".parse().expect("addr")).expect("udp server"))
         .collect();
     let vip = topo.vip(53).to_string();
-    daemon.ok(&["service", "add", &vip, "--proto", "udp"]).expect("service");
+    daemon.ok(&["service", "add", &vip, "--proto", "udp", "--scheduler", "wrr"]).expect("service");
     for i in 0..3 {
         daemon.ok(&["backend", "add", &vip, &topo.backend(i, 5353).to_string()]).expect("backend");
     }

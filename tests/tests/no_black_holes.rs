@@ -30,7 +30,8 @@ fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &
         .map(|(i, b)| Some(TcpNameServer::start(&b.name, &format!("b{i}"), format!("0.0.0.0:{PORT}").parse().expect("addr")).expect("server")))
         .collect();
     let vip = topo.vip(80).to_string();
-    let mut args = vec!["service", "add", vip.as_str()];
+    // Round robin: predictable shares per backend.
+    let mut args = vec!["service", "add", vip.as_str(), "--scheduler", "wrr"];
     args.extend_from_slice(service_args);
     daemon.ok(&args).expect("service add");
     let b = Bed { servers, daemon, topo };
@@ -306,7 +307,7 @@ fn http_health_checks_take_a_backend_out_and_bring_it_back_after_rise() {
         .collect();
     let vip = topo.vip(80).to_string();
     daemon
-        .ok(&["service", "add", &vip, "--health", "http:/healthz", "--health-interval", "200ms", "--health-timeout", "150ms", "--fall", "2", "--rise", "3"])
+        .ok(&["service", "add", &vip, "--scheduler", "wrr", "--health", "http:/healthz", "--health-interval", "200ms", "--health-timeout", "150ms", "--fall", "2", "--rise", "3"])
         .expect("service");
     for i in 0..2 {
         daemon.ok(&["backend", "add", &vip, &topo.backend(i, 8080).to_string()]).expect("backend");

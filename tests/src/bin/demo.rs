@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         print!("  {}", daemon.ok(&args)?);
     }
 
-    println!("== {REQUESTS} requests from the client to {vip}, one TCP connection each");
+    println!("== {REQUESTS} requests from the client to {vip}, one TCP connection each (weighted Maglev: shares follow weights statistically)");
     let target: SocketAddr = topo.vip_sock(80);
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..REQUESTS {
@@ -49,7 +49,12 @@ fn main() -> anyhow::Result<()> {
     for (i, w) in weights.iter().enumerate() {
         let name = format!("backend-{i}");
         let n = counts.get(&name).copied().unwrap_or(0);
-        println!("   {name} ({}, weight {w}): {n:>4} requests (expected {:.0})", topo.backend(i, 8080), REQUESTS as f64 * *w as f64 / total as f64);
+        println!(
+            "   {name} ({}, weight {w}): {n:>4} requests ({:.0}%; weight share {:.0}%)",
+            topo.backend(i, 8080),
+            100.0 * n as f64 / REQUESTS as f64,
+            100.0 * *w as f64 / total as f64
+        );
     }
     println!("\n$ xlb status");
     print!("{}", daemon.ok(&["status"])?);

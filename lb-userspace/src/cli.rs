@@ -15,6 +15,7 @@ use crate::{
 
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+pub const DEFAULT_STATE_FILE: &str = "/run/xlb/state.json";
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -44,6 +45,16 @@ pub enum Command {
     Backend(BackendCmd),
     /// Services, backends, counters and the connection table.
     Status,
+    /// Remove a data plane left running by a stopped daemon: detach its XDP
+    /// program and delete its pins and state (its connections are lost).
+    Detach {
+        /// bpffs directory of the pins.
+        #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+        pin_dir: PathBuf,
+        /// The daemon's state file.
+        #[arg(long, default_value = DEFAULT_STATE_FILE, value_name = "FILE")]
+        state_file: PathBuf,
+    },
     /// List the flows in the connection table.
     Flows {
         /// Only this service's flows.
@@ -66,9 +77,17 @@ pub struct DaemonArgs {
     /// TOML file of services and backends to apply at start.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// bpffs directory where the maps are pinned.
+    /// bpffs directory where the maps and XDP links are pinned.
     #[arg(long, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
     pub pin_dir: PathBuf,
+    /// Where the model (services, backends, settings) is saved, so a
+    /// restarted daemon takes over the running data plane.
+    #[arg(long, default_value = DEFAULT_STATE_FILE, value_name = "FILE")]
+    pub state_file: PathBuf,
+    /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the
+    /// data plane forwarding.
+    #[arg(long)]
+    pub detach_on_exit: bool,
     /// Test only: skip the proactive reset walk (the data plane still resets
     /// a flow of a gone backend on its next packet).
     #[arg(long, hide = true)]
@@ -138,7 +157,7 @@ pub enum BackendCmd {
 /// Runs a client verb (everything but `daemon`).
 pub fn run_client(cli: &Cli) -> ExitCode {
     let req = match &cli.command {
-        Command::Daemon(_) => unreachable_daemon(),
+        Command::Daemon(_) | Command::Detach { .. } => unreachable_daemon(),
         Command::Service(ServiceCmd::Add { service, proto, options }) => {
             Request::ServiceAdd { service: *service, proto: *proto, options: options.clone() }
         }
@@ -172,6 +191,38 @@ pub fn run_client(cli: &Cli) -> ExitCode {
         }
     };
     print_response(cli, &req, &resp)
+}
+
+/// `xlb detach`: refuses while a daemon serves the socket.
+pub fn run_detach(cli: &Cli, pin_dir: &std::path::Path, state_file: &std::path::Path) -> ExitCode {
+    if std::os::unix::net::UnixStream::connect(&cli.socket).is_ok() {
+        eprintln!("xlb: a daemon is serving {}: stop it first (or run it with --detach-on-exit)", cli.socket.display());
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let links = crate::dataplane::pinned_links(pin_dir);
+    let had_pins = pin_dir.exists();
+    for iface in &links {
+        if let Err(e) = crate::dataplane::unpin_link(pin_dir, iface) {
+            eprintln!("xlb: detaching from {iface}: {e}");
+        }
+    }
+    crate::dataplane::remove_pins(pin_dir);
+    let had_state = std::fs::remove_file(state_file).is_ok();
+    if pin_dir.exists() {
+        eprintln!("xlb: {} still exists: remove what else is in it by hand", pin_dir.display());
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let msg = if had_pins || had_state {
+        format!("detached from {} interface(s); removed {}{}", links.len(), if had_pins { pin_dir.display().to_string() } else { String::new() }, if had_state { format!(" and {}", state_file.display()) } else { String::new() })
+    } else {
+        "nothing to detach".to_owned()
+    };
+    if cli.json {
+        println!("{}", serde_json::json!({ "ok": true, "data": { "interfaces": links, "message": msg } }));
+    } else {
+        println!("{msg}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn unreachable_daemon() -> Request {

@@ -124,6 +124,40 @@ impl ResetCounts {
     }
 }
 
+/// What the daemon saves so a restart (or an upgrade) picks up the running
+/// data plane: the model, with the ids the maps refer to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub version: u32,
+    pub interfaces: Vec<crate::dataplane::Attachment>,
+    pub services: Vec<SavedService>,
+}
+
+impl SavedState {
+    pub const VERSION: u32 = 1;
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedService {
+    pub service: SocketAddrV4,
+    pub proto: Proto,
+    pub id: u32,
+    pub settings: ServiceSettings,
+    pub resets: ResetCounts,
+    pub backends: Vec<SavedBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedBackend {
+    pub backend: SocketAddrV4,
+    pub id: u32,
+    pub weight: u32,
+    pub registered: bool,
+    pub healthy: bool,
+    pub draining: bool,
+    pub drain_remaining_ms: Option<u64>,
+}
+
 /// A mass reset to pace over `spread` (zero-spread resets run inline).
 pub struct ResetJob {
     pub service: ServiceId,
@@ -204,6 +238,8 @@ pub struct Controller {
     rst_send_errors: u64,
     /// When the last proactive RST went out (benchmarks).
     last_rst_sent: Option<Instant>,
+    /// The model changed since the last `take_dirty` (state to save).
+    dirty: bool,
 }
 
 fn be_addr(a: Ipv4Addr) -> u32 {
@@ -297,6 +333,7 @@ impl Controller {
             pending: Vec::new(),
             rst_send_errors: 0,
             last_rst_sent: None,
+            dirty: false,
         }
     }
 
@@ -310,6 +347,12 @@ impl Controller {
     /// flow of a gone backend on its next packet).
     pub fn set_proactive_reset(&mut self, on: bool) {
         self.proactive_reset = on;
+    }
+
+    /// Whether the model changed since the last call (the daemon then saves
+    /// its state file).
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::replace(&mut self.dirty, false)
     }
 
     /// When the last proactive RST was sent, if any.
@@ -399,6 +442,7 @@ impl Controller {
         self.services.insert(sid, svc);
         self.addr_ref(*addr.ip(), 1, 0)?;
         tracing::info!(service = %sid, id, "service added");
+        self.dirty = true;
         Ok(sid)
     }
 
@@ -418,6 +462,7 @@ impl Controller {
         self.dp.service_set(Self::service_key(&sid), entry)?;
         self.sync_backends(sid)?;
         tracing::info!(service = %sid, ?settings, "service settings changed");
+        self.dirty = true;
         Ok((sid, settings))
     }
 
@@ -443,6 +488,7 @@ impl Controller {
         self.used_service_ids.remove(&svc.id);
         self.addr_ref(*addr.ip(), -1, 0)?;
         tracing::info!(service = %sid, flows_reset = counts.removed, "service removed");
+        self.dirty = true;
         Ok(sid)
     }
 
@@ -487,6 +533,7 @@ impl Controller {
         self.addr_ref(*backend.ip(), 0, 1)?;
         self.rebuild_ring(sid)?;
         tracing::info!(service = %sid, %backend, id, weight, "backend added");
+        self.dirty = true;
         Ok((sid, id))
     }
 
@@ -521,6 +568,7 @@ impl Controller {
             svc.leaving.push(slot);
         }
         tracing::info!(service = %sid, %backend, policy = %settings.on_remove, active_flows = active, "backend removed");
+        self.dirty = true;
         Ok((sid, settings.on_remove, active))
     }
 
@@ -571,6 +619,7 @@ impl Controller {
         self.used_backend_ids.remove(&id);
         self.addr_ref(*slot.addr.ip(), 0, -1)?;
         tracing::debug!(backend = %slot.addr, id, "backend id freed");
+        self.dirty = true;
         Ok(())
     }
 
@@ -745,6 +794,7 @@ impl Controller {
         }
         let service_id = svc.id;
         let id = slot.id;
+        self.dirty = true;
         self.rebuild_ring(sid)?;
         if let Some(slot) = self.services.get(&sid).and_then(|s| s.backends.get(&addr)) {
             let b = Backend { addr: be_addr(*addr.ip()), port: be_port(addr.port()), state: slot.dp_state(), _pad: 0, weight: slot.weight, service_id };
@@ -787,6 +837,7 @@ impl Controller {
                 let n = active.get(&slot.id).copied().unwrap_or(0);
                 let expired = drain.deadline.is_some_and(|d| now >= d);
                 if expired || n == 0 {
+                    self.dirty = true;
                     // Over: the rest (if any) is reset, the backend stops
                     // forwarding (down if unhealthy, removed if deregistered).
                     slot.drain = None;
@@ -814,6 +865,96 @@ impl Controller {
                 self.free_backend(&slot)?;
             }
         }
+        Ok(())
+    }
+
+    // ---- saved state (restarts) ----
+
+    /// The whole model, for the state file.
+    pub fn snapshot(&self) -> SavedState {
+        let now = Instant::now();
+        let save = |b: &BackendSlot| SavedBackend {
+            backend: b.addr,
+            id: b.id,
+            weight: b.weight,
+            registered: b.registered,
+            healthy: b.health.healthy,
+            draining: b.drain.is_some(),
+            drain_remaining_ms: b.drain.as_ref().and_then(|d| d.deadline).map(|d| d.saturating_duration_since(now).as_millis() as u64),
+        };
+        SavedState {
+            version: SavedState::VERSION,
+            interfaces: self.dp.attachments(),
+            services: self
+                .services
+                .iter()
+                .map(|(sid, svc)| SavedService {
+                    service: sid.addr,
+                    proto: sid.proto,
+                    id: svc.id,
+                    settings: svc.settings.clone(),
+                    resets: svc.resets,
+                    backends: svc.backends.values().chain(svc.leaving.iter()).map(save).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the model saved by [`Controller::snapshot`] on a data plane
+    /// whose maps were taken over from pins, and rewrites the configuration
+    /// maps from it (the same values: the flows keep their backends).
+    pub fn restore(&mut self, state: &SavedState) -> Result<()> {
+        if state.version != SavedState::VERSION {
+            return Err(ControllerError::BadRequest(format!(
+                "state file version {} is not {}: written by another xlb",
+                state.version,
+                SavedState::VERSION
+            )));
+        }
+        let now = Instant::now();
+        for s in &state.services {
+            let sid = ServiceId { addr: s.service, proto: s.proto };
+            if s.id >= MAX_SERVICES || !self.used_service_ids.insert(s.id) || self.services.contains_key(&sid) {
+                return Err(ControllerError::BadRequest(format!("state file: service {sid} has a bad or duplicate id {}", s.id)));
+            }
+            let mut svc = Service {
+                id: s.id,
+                ring: Vec::new(),
+                settings: s.settings.clone(),
+                backends: BTreeMap::new(),
+                leaving: Vec::new(),
+                resets: s.resets,
+            };
+            for b in &s.backends {
+                if b.id >= MAX_BACKENDS || !self.used_backend_ids.insert(b.id) {
+                    return Err(ControllerError::BadRequest(format!("state file: backend {} has a bad or duplicate id {}", b.backend, b.id)));
+                }
+                let health = Tracker { healthy: b.healthy, ..Tracker::default() };
+                let drain = b.draining.then(|| Drain { deadline: b.drain_remaining_ms.map(|ms| now + Duration::from_millis(ms)) });
+                let slot = BackendSlot { id: b.id, addr: b.backend, weight: b.weight, registered: b.registered, health, drain };
+                self.next_backend_id = self.next_backend_id.max((b.id + 1) % MAX_BACKENDS);
+                if b.registered {
+                    svc.backends.insert(b.backend, slot);
+                } else {
+                    svc.leaving.push(slot);
+                }
+            }
+            self.services.insert(sid, svc);
+        }
+        // Address roles, backend slots, service entries and rings.
+        let sids: Vec<ServiceId> = self.services.keys().copied().collect();
+        for sid in sids {
+            self.addr_ref(*sid.addr.ip(), 1, 0)?;
+            let addrs: Vec<Ipv4Addr> = self.services[&sid].backends.values().chain(self.services[&sid].leaving.iter()).map(|b| *b.addr.ip()).collect();
+            for a in addrs {
+                self.addr_ref(a, 0, 1)?;
+            }
+            if let Some(svc) = self.services.get(&sid) {
+                self.dp.service_set(Self::service_key(&sid), Self::service_entry(svc))?;
+            }
+            self.sync_backends(sid)?;
+        }
+        tracing::info!(services = self.services.len(), "restored the saved state");
         Ok(())
     }
 

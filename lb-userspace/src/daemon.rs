@@ -12,7 +12,7 @@ use tokio::{
 use crate::{
     cli::DaemonArgs,
     config::Config,
-    controller::{Controller, HealthTarget},
+    controller::{Controller, HealthTarget, SavedState},
     dataplane::{Dataplane, LoadOptions},
     server,
 };
@@ -27,30 +27,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = server::bind(&socket)?;
 
-    let result = async {
-        let mut dp = Dataplane::load(LoadOptions {
-            conn_capacity: args.conn_capacity,
-            pin_dir: Some(args.pin_dir.clone()),
-        })
-        .context("loading the XDP program")?;
-        for iface in &args.ifaces {
-            let att = dp.attach(iface, args.xdp_mode)?;
-            tracing::info!(iface = att.iface, ifindex = att.ifindex, mode = att.mode, "attached");
-        }
-        let sender = crate::resetter::RstSender::new()
-            .context("opening the raw socket for proactive resets (needs CAP_NET_RAW)")?;
-        let mut ctl = Controller::new(dp).with_resets(sender);
-        if args.test_disable_proactive_reset {
-            tracing::warn!("proactive resets disabled (test switch): flows of gone backends are reset on their next packet only");
-            ctl.set_proactive_reset(false);
-        }
-        if let Err(e) = config.apply(&mut ctl) {
-            ctl.dataplane().unpin();
-            return Err(e);
-        }
-        Ok(ctl)
-    }
-    .await;
+    let result = start(&args, &config).await;
     let ctl = match result {
         Ok(c) => c,
         Err(e) => {
@@ -58,10 +35,11 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
             return Err(e);
         }
     };
-    tracing::info!(socket = %socket.display(), pins = %args.pin_dir.display(), "xlb daemon ready");
+    save_state(&args.state_file, &ctl);
+    tracing::info!(socket = %socket.display(), pins = %args.pin_dir.display(), state = %args.state_file.display(), "xlb daemon ready");
     let ctl = Arc::new(Mutex::new(ctl));
-    let serving = tokio::spawn(server::serve(listener, ctl.clone()));
-    let upkeep = tokio::spawn(upkeep(ctl.clone()));
+    let serving = tokio::spawn(server::serve(listener, ctl.clone(), args.state_file.clone()));
+    let upkeep = tokio::spawn(upkeep(ctl.clone(), args.state_file.clone()));
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -71,16 +49,104 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     upkeep.abort();
     let _ = std::fs::remove_file(&socket);
     let mut ctl = ctl.lock().await;
-    ctl.dataplane().detach_all();
-    ctl.dataplane().unpin();
-    tracing::info!("detached, pins removed, bye");
+    if args.detach_on_exit {
+        ctl.dataplane().detach_all();
+        ctl.dataplane().unpin();
+        let _ = std::fs::remove_file(&args.state_file);
+        tracing::info!("detached, pins and state removed, bye");
+    } else {
+        save_state(&args.state_file, &ctl);
+        ctl.dataplane().set_persist(true);
+        tracing::info!("the data plane keeps forwarding; `xlb daemon` with the same --pin-dir takes it over, `xlb detach` removes it");
+    }
     Ok(())
+}
+
+/// Loads (or takes over) the data plane, attaches, and builds the model:
+/// from the saved state when the data plane was running, else from the
+/// config file. A failure leaves nothing new behind.
+async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller> {
+    let dp = Dataplane::load(LoadOptions { conn_capacity: args.conn_capacity, pin_dir: Some(args.pin_dir.clone()) })
+        .context("loading the XDP program")?;
+    let restored = dp.restored();
+    let saved: Option<SavedState> = if restored {
+        let text = std::fs::read_to_string(&args.state_file).with_context(|| {
+            format!(
+                "a data plane is pinned in {} but its state file {} cannot be read, so the services it serves are unknown. \
+                 Point --state-file at it, or remove that data plane with `xlb detach --pin-dir {}` (its connections will be reset)",
+                args.pin_dir.display(),
+                args.state_file.display(),
+                args.pin_dir.display()
+            )
+        })?;
+        Some(serde_json::from_str(&text).with_context(|| format!("state file {} is not valid", args.state_file.display()))?)
+    } else {
+        None
+    };
+    let sender = crate::resetter::RstSender::new().context("opening the raw socket for proactive resets (needs CAP_NET_RAW)")?;
+    let mut ctl = Controller::new(dp).with_resets(sender);
+    if args.test_disable_proactive_reset {
+        tracing::warn!("proactive resets disabled (test switch): flows of gone backends are reset on their next packet only");
+        ctl.set_proactive_reset(false);
+    }
+    let res: anyhow::Result<()> = (|| {
+        if let Some(state) = &saved {
+            if args.config.is_some() {
+                tracing::warn!("taking over a running data plane: its saved state wins over --config (use `xlb apply` semantics: change it through the API)");
+            }
+            ctl.restore(state).context("restoring the saved state")?;
+        }
+        // Links pinned by the previous run on interfaces not asked for now go.
+        for iface in crate::dataplane::pinned_links(&args.pin_dir) {
+            if !args.ifaces.contains(&iface) {
+                tracing::warn!(iface, "detaching from an interface no longer in --iface");
+                let _ = crate::dataplane::unpin_link(&args.pin_dir, &iface);
+            }
+        }
+        for iface in &args.ifaces {
+            let previous = saved.as_ref().and_then(|s| s.interfaces.iter().find(|a| &a.iface == iface)).map(|a| a.mode.clone());
+            let att = ctl.dataplane().attach(iface, args.xdp_mode, previous.as_deref())?;
+            tracing::info!(iface = att.iface, ifindex = att.ifindex, mode = att.mode, "attached");
+        }
+        if saved.is_none() {
+            config.apply(&mut ctl)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        if !restored {
+            // Nothing of ours was running before: leave nothing behind.
+            ctl.dataplane().detach_all();
+            ctl.dataplane().unpin();
+        } else {
+            // The previous data plane keeps forwarding as it was.
+            ctl.dataplane().set_persist(true);
+        }
+        return Err(e);
+    }
+    Ok(ctl)
+}
+
+/// Writes the model to the state file (atomically: temp file + rename).
+pub fn save_state(path: &std::path::Path, ctl: &Controller) {
+    let res = (|| -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&ctl.snapshot())?)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        tracing::error!(path = %path.display(), error = %e, "saving the state file failed: a restart would not know the services");
+    }
 }
 
 /// Periodic work: drain deadlines and freeing of deregistered backends
 /// (`Controller::tick`), and one health checker per checked backend, kept in
 /// line with the configuration.
-async fn upkeep(ctl: Arc<Mutex<Controller>>) {
+async fn upkeep(ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
     use std::collections::HashMap;
     let mut checkers: HashMap<u32, (HealthTarget, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
@@ -93,6 +159,9 @@ async fn upkeep(ctl: Arc<Mutex<Controller>>) {
                 tracing::warn!(error = %e, "periodic upkeep failed");
             }
             server::spawn_pending_resets(&mut c, &ctl);
+            if c.take_dirty() {
+                save_state(&state_file, &c);
+            }
             c.health_targets()
         };
         let want: HashMap<u32, HealthTarget> = targets.into_iter().map(|t| (t.backend_id, t)).collect();

@@ -61,8 +61,8 @@ pub fn parse_status_line(buf: &[u8]) -> Option<u16> {
 #[derive(Clone, Debug)]
 pub struct Tracker {
     pub healthy: bool,
-    ok_streak: u32,
-    fail_streak: u32,
+    pub ok_streak: u32,
+    pub fail_streak: u32,
     pub last_error: Option<String>,
     pub checks: u64,
 }

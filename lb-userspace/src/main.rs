@@ -32,6 +32,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Detach { ref pin_dir, ref state_file } => xlb::cli::run_detach(&cli, pin_dir, state_file),
         _ => xlb::cli::run_client(&cli),
     }
 }

@@ -89,13 +89,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves connections until the task is dropped.
-pub async fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
+pub async fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let ctl = ctl.clone();
+                let state_file = state_file.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, ctl).await {
+                    if let Err(e) = connection(stream, ctl, &state_file).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
                 });
@@ -108,7 +109,7 @@ pub async fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
     }
 }
 
-async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>, state_file: &std::path::Path) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     loop {
@@ -127,6 +128,11 @@ async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>) -> std::io:
                     let mut guard = ctl.lock().await;
                     let resp = handle(&mut guard, req);
                     spawn_pending_resets(&mut guard, &ctl);
+                    // Saved before answering: a change the client saw
+                    // acknowledged survives a restart.
+                    if guard.take_dirty() {
+                        crate::daemon::save_state(state_file, &guard);
+                    }
                     resp
                 }
                 Err(r) => r,

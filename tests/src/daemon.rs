@@ -1,7 +1,6 @@
 //! A running `xlb daemon` inside a test namespace, plus the CLI to drive it.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::Duration,
@@ -23,14 +22,58 @@ pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
+    pub state_file: PathBuf,
     pub log: PathBuf,
     dir: PathBuf,
+    /// Command line (after `nsenter`), for restarts.
+    args: Vec<String>,
+    /// Started without --detach-on-exit: the data plane outlives it.
+    persistent: bool,
 }
 
 impl Daemon {
-    /// Starts `xlb daemon` in `ns` on `ifaces` and waits until it answers.
+    /// Starts `xlb daemon --detach-on-exit` in `ns` on `ifaces` and waits
+    /// until it answers.
     pub fn start(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
+        let mut with = extra.to_vec();
+        with.push("--detach-on-exit");
+        let mut d = Daemon::spawn(ns, ifaces, &with)?;
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    /// Starts a daemon whose data plane keeps forwarding after it stops
+    /// (the production default); dropping it runs `xlb detach`.
+    pub fn start_persistent(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
         let mut d = Daemon::spawn(ns, ifaces, extra)?;
+        d.persistent = true;
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon again with the same command line (after `stop`),
+    /// plus `extra`, and waits until it answers.
+    pub fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "stop the daemon before restarting it");
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.child = Some(self.spawn_args(&args)?);
+        self.wait_ready()
+    }
+
+    /// Runs the daemon's command line plus `extra`, expecting it to exit;
+    /// returns the status and the log.
+    pub fn run_variant_expecting_exit(&mut self, extra: &[&str]) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        anyhow::ensure!(self.child.is_none(), "stop the daemon first");
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = self.spawn_args(&args)?;
+        let status = wait_exit(child, Duration::from_secs(20))?;
+        Ok((status, self.log_text()))
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let d = self;
         let ready = wait_for("the daemon to answer on its socket", Duration::from_secs(20), || {
             if let Some(c) = d.child.as_mut()
                 && let Ok(Some(_)) = c.try_wait() {
@@ -39,8 +82,11 @@ impl Daemon {
             d.cli(&["status"]).ok().filter(|o| o.status.success()).map(|_| true)
         });
         match ready {
-            Ok(true) => Ok(d),
-            Ok(false) => bail!("xlb daemon exited during start:\n{}", d.log_text()),
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                d.child = None;
+                bail!("xlb daemon exited during start:\n{}", d.log_text())
+            }
             Err(e) => bail!("{e}:\n{}", d.log_text()),
         }
     }
@@ -48,7 +94,9 @@ impl Daemon {
     /// Starts a daemon that is expected to fail, and returns its exit status
     /// and log once it has exited.
     pub fn run_expecting_exit(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<(std::process::ExitStatus, String, Daemon)> {
-        let mut d = Daemon::spawn(ns, ifaces, extra)?;
+        let mut with = extra.to_vec();
+        with.push("--detach-on-exit");
+        let mut d = Daemon::spawn(ns, ifaces, &with)?;
         let child = d.child.take().ok_or_else(|| anyhow::anyhow!("no child"))?;
         let status = wait_exit(child, Duration::from_secs(20)).map_err(|e| anyhow::anyhow!("{e}:\n{}", d.log_text()))?;
         let log = d.log_text();
@@ -64,6 +112,7 @@ impl Daemon {
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("xlb.sock");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+        let state_file = dir.join("state.json");
         let log = dir.join("daemon.log");
         let mut args: Vec<String> = vec![format!("--net={}", ns.path()), bin.display().to_string(), "daemon".into()];
         for i in ifaces {
@@ -79,6 +128,8 @@ impl Daemon {
                 &socket.display().to_string(),
                 "--pin-dir",
                 &pin_dir.display().to_string(),
+                "--state-file",
+                &state_file.display().to_string(),
                 "--conn-capacity",
                 "65536",
             ]
@@ -86,16 +137,27 @@ impl Daemon {
             .map(|s| s.to_string()),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
-        let logf = File::create(&log)?;
-        let child = Command::new("nsenter")
-            .args(&args)
+        let mut d = Daemon { child: None, socket, pin_dir, state_file, log, dir, args: args.clone(), persistent: false };
+        d.child = Some(d.spawn_args(&args)?);
+        Ok(d)
+    }
+
+    fn spawn_args(&self, args: &[String]) -> anyhow::Result<Child> {
+        // Each run appends to the log.
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        Command::new("nsenter")
+            .args(args)
             .env("XLB_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .spawn()
-            .context("spawning xlb daemon")?;
-        Ok(Daemon { child: Some(child), socket, pin_dir, log, dir })
+            .context("spawning xlb daemon")
+    }
+
+    /// `xlb detach` for this daemon's pins and state.
+    pub fn detach(&self) -> anyhow::Result<Output> {
+        self.cli(&["detach", "--pin-dir", &self.pin_dir.display().to_string(), "--state-file", &self.state_file.display().to_string()])
     }
 
     pub fn log_text(&self) -> String {
@@ -163,9 +225,13 @@ fn wait_exit(mut child: Child, timeout: Duration) -> anyhow::Result<std::process
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some()
-            && let Err(e) = self.stop() {
-                eprintln!("warning: {e:#}");
-            }
+            && let Err(e) = self.stop()
+        {
+            eprintln!("warning: {e:#}");
+        }
+        if self.persistent {
+            let _ = self.detach();
+        }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

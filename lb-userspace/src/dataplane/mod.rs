@@ -13,7 +13,11 @@ use std::{
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -83,6 +87,21 @@ pub enum DataplaneError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("the pinned data plane in {dir} has another layout than this xlb: {detail}. Its flows cannot be kept: stop here, or remove it with `xlb detach --pin-dir {dir}` and start again (existing connections will be reset)")]
+    LayoutMismatch { dir: PathBuf, detail: String },
+    #[error("pinning the XDP link of {iface} at {path}: {source}")]
+    PinLink {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("taking over the pinned XDP link {path}: {source}")]
+    Relink {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("preparing pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -132,6 +151,8 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     nr_cpus: usize,
     conn_capacity: u32,
+    restored: bool,
+    persist: bool,
 }
 
 impl Dataplane {
@@ -140,33 +161,52 @@ impl Dataplane {
             return Err(DataplaneError::EmptyObject);
         }
         let entries = opts.conn_capacity.saturating_mul(2).max(2);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CONNS, entries)
-            .load(EBPF_OBJECT)
-            .map_err(DataplaneError::Load)?;
+        let mut restored = false;
+        if let Some(dir) = &opts.pin_dir {
+            prepare_pin_dir(dir)?;
+            restored = names::ALL.iter().any(|n| dir.join(n).exists());
+            if restored {
+                check_layout(dir, entries)?;
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::CONNS, entries);
+        let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => names::ALL.iter().map(|n| (*n, dir.join(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            // Existing pins are reused (their state survives); missing ones
+            // are created and pinned.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let loaded = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load).and_then(|mut ebpf| {
+            for prog in [PROGRAM, PASS_PROGRAM] {
+                let p: &mut Xdp = ebpf
+                    .program_mut(prog)
+                    .ok_or(DataplaneError::MissingProgram(prog))?
+                    .try_into()
+                    .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
+                p.load().map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
+            }
+            Ok(ebpf)
+        });
+        let mut ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                // Pins this attempt created (not restored ones) go away.
+                if !restored {
+                    for (_, path) in &pin_paths {
+                        let _ = fs::remove_file(path);
+                    }
+                }
+                return Err(e);
+            }
+        };
         let mut maps = StdHashMap::new();
         for name in names::ALL {
             let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
             maps.insert(name, map);
-        }
-        for prog in [PROGRAM, PASS_PROGRAM] {
-            let p: &mut Xdp = ebpf
-                .program_mut(prog)
-                .ok_or(DataplaneError::MissingProgram(prog))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
-            p.load().map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
-        }
-        // Pin only once the programs passed the verifier, so a failed load
-        // leaves nothing behind.
-        if let Some(dir) = &opts.pin_dir {
-            prepare_pin_dir(dir)?;
-            for name in names::ALL {
-                let path = dir.join(name);
-                maps[name]
-                    .pin(&path)
-                    .map_err(|source| DataplaneError::Pin { map: name, path, source })?;
-            }
         }
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Syscall {
             op: "counting CPUs",
@@ -180,7 +220,20 @@ impl Dataplane {
             pin_dir: opts.pin_dir,
             nr_cpus,
             conn_capacity: opts.conn_capacity,
+            restored,
+            persist: false,
         })
+    }
+
+    /// Whether the maps were taken over from a previous run's pins.
+    pub fn restored(&self) -> bool {
+        self.restored
+    }
+
+    /// Keep forwarding after this process exits: attachments stay pinned and
+    /// dropping the data plane detaches nothing.
+    pub fn set_persist(&mut self, on: bool) {
+        self.persist = on;
     }
 
     pub fn conn_capacity(&self) -> u32 {
@@ -200,9 +253,28 @@ impl Dataplane {
         self.xdp(PROGRAM)
     }
 
-    /// Attaches the balancer to `iface` and registers it as a redirect target.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attachment> {
+    /// Attaches the balancer to `iface` and registers it as a redirect
+    /// target. With a pin directory the XDP link is pinned (`link_IFACE`), so
+    /// it outlives this process; a link pinned by a previous run is taken
+    /// over in place (the new program replaces the old one atomically: no
+    /// packet meets an interface without a program).
+    /// `previous_mode` is what a restored link was attached as (from the
+    /// controller's saved state), reported as is.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode, previous_mode: Option<&str>) -> Result<Attachment> {
         let ifindex = ifindex(iface)?;
+        let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
+        if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
+            let relink = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Relink { path: path.clone(), source };
+            let pinned = PinnedLink::from_pin(path).map_err(|e| relink(Box::new(e)))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| relink(Box::new(e)))?;
+            let id = self.xdp(PROGRAM)?.attach_to_link(link).map_err(|e| relink(Box::new(e)))?;
+            let mode = previous_mode.unwrap_or("unknown");
+            let att = Attachment { iface: iface.to_owned(), ifindex, mode: mode.to_owned() };
+            self.devmap_insert(ifindex)?;
+            self.attachments.push((att.clone(), id));
+            tracing::info!(iface, "took over the pinned XDP link: the new program replaced the old one in place");
+            return Ok(att);
+        }
         let try_modes: &[(XdpMode, &str)] = match mode {
             AttachMode::Native => &[(XdpMode::Driver, "native")],
             AttachMode::Generic => &[(XdpMode::Skb, "generic")],
@@ -217,7 +289,11 @@ impl Dataplane {
                     }
                     let att = Attachment { iface: iface.to_owned(), ifindex, mode: name.to_owned() };
                     self.devmap_insert(ifindex)?;
-                    self.attachments.push((att.clone(), link));
+                    let id = match &link_pin {
+                        Some(path) => self.pin_link(iface, link, path)?,
+                        None => link,
+                    };
+                    self.attachments.push((att.clone(), id));
                     return Ok(att);
                 }
                 Err(source) => last_err = Some((name, source)),
@@ -225,6 +301,26 @@ impl Dataplane {
         }
         let (mode, source) = last_err.expect("at least one mode was tried");
         Err(DataplaneError::Attach { iface: iface.to_owned(), mode, source })
+    }
+
+    /// Pins a fresh link and hands it back to the program.
+    fn pin_link(&mut self, iface: &str, id: XdpLinkId, path: &Path) -> Result<XdpLinkId> {
+        let prog = self.xdp(PROGRAM)?;
+        let link = prog.take_link(id).map_err(|source| DataplaneError::Program { op: "taking the link of", prog: PROGRAM, source })?;
+        let fd_link = match FdLink::try_from(link) {
+            Ok(l) => l,
+            Err(e) => {
+                // Netlink attachments (old kernels) cannot be pinned.
+                return Err(DataplaneError::Relink { path: path.to_owned(), source: Box::new(e) });
+            }
+        };
+        let pinned = fd_link
+            .pin(path)
+            .map_err(|source| DataplaneError::PinLink { iface: iface.to_owned(), path: path.to_owned(), source })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Relink { path: path.to_owned(), source: Box::new(e) })?;
+        self.xdp(PROGRAM)?
+            .attach_to_link(link)
+            .map_err(|e| DataplaneError::Relink { path: path.to_owned(), source: Box::new(e) })
     }
 
     /// Attaches the pass-only program (for veth peers in test topologies).
@@ -239,10 +335,13 @@ impl Dataplane {
         self.attachments.iter().map(|(a, _)| a.clone()).collect()
     }
 
-    /// Detaches from every interface.
+    /// Detaches from every interface for good (the pinned links go too).
     pub fn detach_all(&mut self) {
         let links: Vec<_> = self.attachments.drain(..).collect();
         for (att, link) in links {
+            if let Some(dir) = &self.pin_dir {
+                let _ = fs::remove_file(dir.join(format!("link_{}", att.iface)));
+            }
             let res = self.xdp(PROGRAM).and_then(|p| {
                 p.detach(link).map_err(|source| DataplaneError::Program { op: "detaching", prog: PROGRAM, source })
             });
@@ -253,13 +352,11 @@ impl Dataplane {
         }
     }
 
-    /// Removes the pinned maps (after which they die with this process).
+    /// Removes the pinned maps and links (after which they die with this
+    /// process).
     pub fn unpin(&self) {
         if let Some(dir) = &self.pin_dir {
-            for name in names::ALL {
-                let _ = fs::remove_file(dir.join(name));
-            }
-            let _ = fs::remove_dir(dir);
+            remove_pins(dir);
         }
     }
 
@@ -417,7 +514,77 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
-        self.detach_all();
+        if !self.persist {
+            self.detach_all();
+        }
+    }
+}
+
+/// Removes every pin of a data plane (maps and links) and the directory.
+/// Pinned links are destroyed (detaching their program) once no process
+/// holds them.
+pub fn remove_pins(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("link_") || names::ALL.contains(&name.as_ref()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Compares the pinned maps with this build's map definitions (type, key
+/// and value sizes, capacity): a mismatch means the pins were made by an
+/// xlb with another layout, and reading them would corrupt state.
+fn check_layout(dir: &Path, conn_entries: u32) -> Result<()> {
+    let mismatch = |detail: String| DataplaneError::LayoutMismatch { dir: dir.to_owned(), detail };
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| mismatch(format!("cannot parse this build's object: {e}")))?;
+    for name in names::ALL {
+        let path = dir.join(name);
+        let Some(def) = obj.maps.get(name) else {
+            return Err(mismatch(format!("this build has no map {name}")));
+        };
+        if !path.exists() {
+            return Err(mismatch(format!("map {name} is not pinned")));
+        }
+        let data = MapData::from_pin(&path).map_err(|e| mismatch(format!("cannot open pinned {name}: {e}")))?;
+        let info = data.info().map_err(|e| mismatch(format!("cannot read pinned {name}: {e}")))?;
+        let want_entries = if name == names::CONNS { conn_entries } else { def.max_entries() };
+        let got = (info.key_size(), info.value_size(), info.max_entries());
+        let want = (def.key_size(), def.value_size(), want_entries);
+        if got != want {
+            let hint = if name == names::CONNS && got.0 == want.0 && got.1 == want.1 {
+                format!(" (the pinned table holds {} flows: start with --conn-capacity {})", got.2 / 2, got.2 / 2)
+            } else {
+                String::new()
+            };
+            return Err(mismatch(format!(
+                "map {name}: pinned key/value/entries {}/{}/{}, this build {}/{}/{}{hint}",
+                got.0, got.1, got.2, want.0, want.1, want.2
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Interfaces with a pinned link in `dir` (from a previous run).
+pub fn pinned_links(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("link_")).map(str::to_owned))
+        .collect()
+}
+
+/// Detaches the pinned link of `iface` for good (a link this run does not
+/// take over).
+pub fn unpin_link(dir: &Path, iface: &str) -> std::io::Result<()> {
+    let path = dir.join(format!("link_{iface}"));
+    match PinnedLink::from_pin(&path) {
+        Ok(p) => p.unpin().map(drop),
+        Err(_) => fs::remove_file(&path),
     }
 }
 
@@ -442,23 +609,12 @@ pub fn ifindex(name: &str) -> Result<u32> {
 }
 
 /// Creates the pin directory, mounting bpffs at /sys/fs/bpf first if the
-/// directory lives there and nothing is mounted, and removes stale pins of a
-/// previous run (their program died with that run's process, so the state
-/// in them steers nothing any more).
+/// directory lives there and nothing is mounted.
 fn prepare_pin_dir(dir: &Path) -> Result<()> {
     let pin_err = |source| DataplaneError::PinDir { path: dir.to_owned(), source };
     let bpffs = Path::new("/sys/fs/bpf");
     if dir.starts_with(bpffs) && !is_bpffs(bpffs) {
         mount_bpffs(bpffs).map_err(pin_err)?;
-    }
-    if dir.exists() {
-        for name in names::ALL {
-            let p = dir.join(name);
-            if p.exists() {
-                tracing::warn!(path = %p.display(), "removing a stale pin from a previous run");
-                fs::remove_file(&p).map_err(pin_err)?;
-            }
-        }
     }
     fs::create_dir_all(dir).map_err(pin_err)
 }

@@ -63,10 +63,21 @@ impl Daemon {
 
     /// Runs the daemon's command line plus `extra`, expecting it to exit;
     /// returns the status and the log.
+    /// `extra` flags that the command line already has replace its values.
     pub fn run_variant_expecting_exit(&mut self, extra: &[&str]) -> anyhow::Result<(std::process::ExitStatus, String)> {
         anyhow::ensure!(self.child.is_none(), "stop the daemon first");
         let mut args = self.args.clone();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut rest = extra.iter();
+        while let Some(flag) = rest.next() {
+            match (args.iter().position(|a| a == flag), flag.starts_with("--")) {
+                (Some(i), true) if i + 1 < args.len() && !args[i + 1].starts_with("--") => {
+                    if let Some(v) = rest.next() {
+                        args[i + 1] = v.to_string();
+                    }
+                }
+                _ => args.push(flag.to_string()),
+            }
+        }
         let child = self.spawn_args(&args)?;
         let status = wait_exit(child, Duration::from_secs(20))?;
         Ok((status, self.log_text()))

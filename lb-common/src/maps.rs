@@ -17,18 +17,20 @@ pub mod names {
     pub const RING: &str = "XLB_RING";
     pub const CURSOR: &str = "XLB_CURSOR";
     pub const CONNS: &str = "XLB_CONNS";
+    pub const HALF_OPEN: &str = "XLB_HALF_OPEN";
     pub const STATS: &str = "XLB_STATS";
     pub const SERVICE_STATS: &str = "XLB_SVC_STATS";
     pub const BACKEND_STATS: &str = "XLB_BE_STATS";
     pub const DEVMAP: &str = "XLB_DEVMAP";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         ADDRS,
         BACKENDS,
         RING,
         CURSOR,
         CONNS,
+        HALF_OPEN,
         STATS,
         SERVICE_STATS,
         BACKEND_STATS,
@@ -49,6 +51,9 @@ pub const RING_SLOTS: u32 = 65537;
 /// Default capacity of the connection table, in entries. Each flow takes
 /// two entries (one per direction).
 pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
+/// Default capacity of the half-open table (TCP flows whose handshake has
+/// not completed), in flows.
+pub const DEFAULT_HALF_OPEN_CAPACITY: u32 = 1 << 18;
 /// Interfaces the program may redirect to.
 pub const MAX_IFACES: u32 = 64;
 

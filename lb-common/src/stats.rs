@@ -75,4 +75,9 @@ stats! {
     DROP_GONE_BACKEND = 24, "drop_gone_backend";
     /// Non-SYN TCP miss scheduled by hash (policy `rehash`).
     REHASHED = 25, "rehashed";
+    /// TCP flows whose handshake completed: moved from the half-open table
+    /// to the connection table.
+    PROMOTED = 26, "promoted";
+    /// Flow entries removed by the program (RST teardown, reactive reset).
+    ENTRIES_REMOVED = 27, "entries_removed";
 }

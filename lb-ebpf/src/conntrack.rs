@@ -11,7 +11,10 @@ use lb_common::{
     tcp,
 };
 
-use crate::{maps::CONNS, parse::Packet};
+use crate::{
+    maps::{CONNS, HALF_OPEN},
+    parse::Packet,
+};
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -19,9 +22,50 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// Where a flow's entries live.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Established,
+    HalfOpen,
+}
+
+/// Finds a packet's entry: the connection table first, then the half-open
+/// table (only packets that miss the first pay for the second lookup).
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<*mut FlowEntry> {
-    CONNS.get_ptr_mut(key)
+pub fn lookup(key: &FlowKey) -> Option<(*mut FlowEntry, Table)> {
+    if let Some(e) = CONNS.get_ptr_mut(key) {
+        return Some((e, Table::Established));
+    }
+    HALF_OPEN.get_ptr_mut(key).map(|e| (e, Table::HalfOpen))
+}
+
+/// Moves a flow whose handshake just completed (the client's first
+/// non-SYN segment) from the half-open table to the connection table.
+/// `fwd` is the client → VIP entry, already updated for this packet.
+#[inline(always)]
+pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
+    let rkey = peer_key(key, fwd);
+    // SAFETY: copied out of the map before it is removed.
+    let rev = match HALF_OPEN.get_ptr(&rkey) {
+        Some(r) => unsafe { *r },
+        // Evicted meanwhile: rebuild it from the forward entry.
+        None => FlowEntry {
+            nat_addr: key.dst_addr,
+            nat_port: key.dst_port,
+            direction: DIR_TO_CLIENT,
+            tcp_state: tcp::STATE_NONE,
+            backend_id: fwd.backend_id,
+            service_id: fwd.service_id,
+            seq_next: 0,
+            _pad: 0,
+            created_ns: fwd.created_ns,
+            last_seen_ns: fwd.last_seen_ns,
+        },
+    };
+    if CONNS.insert(&rkey, &rev, BPF_ANY as u64).is_ok() && CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
+        let _ = HALF_OPEN.remove(&rkey);
+        let _ = HALF_OPEN.remove(key);
+    }
 }
 
 /// Creates both entries of a new flow to `backend`. The reverse entry is
@@ -69,9 +113,12 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
-    CONNS.insert(&reverse_key, &reverse, BPF_ANY as u64).ok()?;
-    if CONNS.insert(key, &forward, BPF_ANY as u64).is_err() {
-        let _ = CONNS.remove(&reverse_key);
+    // TCP flows wait in the half-open table until their handshake
+    // completes; UDP flows go straight to the connection table.
+    let table = if is_tcp { &HALF_OPEN } else { &CONNS };
+    table.insert(&reverse_key, &reverse, BPF_ANY as u64).ok()?;
+    if table.insert(key, &forward, BPF_ANY as u64).is_err() {
+        let _ = table.remove(&reverse_key);
         return None;
     }
     Some(forward)
@@ -123,9 +170,12 @@ pub fn peer_key(key: &FlowKey, e: &FlowEntry) -> FlowKey {
     }
 }
 
-/// Removes both entries of a flow.
+/// Removes both entries of a flow from `table`.
 #[inline(always)]
-pub fn remove(key: &FlowKey, e: &FlowEntry) {
-    let _ = CONNS.remove(&peer_key(key, e));
-    let _ = CONNS.remove(key);
+pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table) {
+    let map = if table == Table::Established { &CONNS } else { &HALF_OPEN };
+    let _ = map.remove(&peer_key(key, e));
+    let _ = map.remove(key);
+    crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
+    crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
 }

@@ -48,7 +48,7 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let now = conntrack::now();
     let is_tcp = pkt.key.proto == PROTO_TCP;
-    if let Some(entry) = conntrack::lookup(&pkt.key) {
+    if let Some((entry, table)) = conntrack::lookup(&pkt.key) {
         // SAFETY: map value pointer from the kernel; copied once.
         let e = unsafe { *entry };
         let to_backend = e.direction == DIR_TO_BACKEND;
@@ -57,7 +57,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             None => true,
         };
         if gone {
-            conntrack::remove(&pkt.key, &e);
+            conntrack::remove(&pkt.key, &e, table);
             if is_tcp {
                 // No black hole: the sender learns at once.
                 return reset::answer(ctx, pkt, stat::RST_REACTIVE);
@@ -69,10 +69,20 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             return new_flow(ctx, pkt, now);
         }
         if is_tcp && pkt.tcp_flags & tcp::FLAG_RST != 0 {
-            return pass_rst(ctx, pkt, &e, now);
+            return pass_rst(ctx, pkt, &e, table);
         }
-        if !(to_backend && conntrack::is_new_connection(entry, pkt)) {
+        if to_backend && conntrack::is_new_connection(entry, pkt) {
+            // Port reuse after the previous connection ended: its entries
+            // go, the SYN starts a new flow below.
+            conntrack::remove(&pkt.key, &e, table);
+        } else {
             conntrack::touch(entry, pkt, now);
+            if table == conntrack::Table::HalfOpen && to_backend && pkt.tcp_flags & tcp::FLAG_SYN == 0 {
+                // The handshake completed: the flow is established.
+                // SAFETY: map value pointer; read after `touch` updated it.
+                conntrack::promote(&pkt.key, unsafe { &*entry });
+                stats::count(stat::PROMOTED);
+            }
             return nat_and_forward(ctx, pkt, &e, false);
         }
     }
@@ -101,10 +111,10 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
 /// (what the receiver itself accepts, RFC 5961 §3.2), so a spoofed or stale
 /// RST cannot remove the flow from the table.
 #[inline(always)]
-fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, _now: u64) -> Verdict {
+fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Table) -> Verdict {
     let exact = e.tcp_state != tcp::STATE_NONE && pkt.seq == e.seq_next;
     if exact {
-        conntrack::remove(&pkt.key, e);
+        conntrack::remove(&pkt.key, e, table);
         stats::count(stat::RST_TEARDOWN);
     } else {
         stats::count(stat::RST_IGNORED);

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters,
-        DEFAULT_CONN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
+        DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
     },
     stats,
 };
@@ -43,6 +43,13 @@ pub static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES
 #[map(name = "XLB_CONNS")]
 pub static CONNS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_CAPACITY * 2, 0);
+
+/// Half-open TCP flows (SYN seen, handshake not complete), same layout as
+/// `CONNS`. A SYN flood churns this table only: established flows in
+/// `CONNS` are never evicted by it. Capacity set at load time.
+#[map(name = "XLB_HALF_OPEN")]
+pub static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_CAPACITY * 2, 0);
 
 /// Global per-CPU counters, indexed by `lb_common::stats`.
 #[map(name = "XLB_STATS")]

@@ -183,6 +183,9 @@ pub struct TableStatus {
     pub entries: u64,
     /// Flows the table holds before the least recently used are recycled.
     pub capacity_flows: u64,
+    /// Entries of TCP flows still in their handshake (two per flow).
+    pub half_open_entries: u64,
+    pub half_open_capacity_flows: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -92,6 +92,10 @@ pub struct DaemonArgs {
     /// a flow of a gone backend on its next packet).
     #[arg(long, hide = true)]
     pub test_disable_proactive_reset: bool,
+    /// Half-open table capacity (TCP flows in their handshake), in flows
+    /// [default: a quarter of --conn-capacity, at least 1024].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    pub half_open_capacity: Option<u32>,
     /// Connection table capacity, in flows.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONN_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub conn_capacity: u32,
@@ -284,7 +288,11 @@ pub fn render_status(s: &Status) -> String {
     let mut o = String::new();
     let ifs: Vec<String> = s.interfaces.iter().map(|a| format!("{} ({})", a.iface, a.mode)).collect();
     let _ = writeln!(o, "interfaces: {}", if ifs.is_empty() { "none".into() } else { ifs.join(", ") });
-    let _ = writeln!(o, "connection table: {} entries ({} flows capacity)", s.table.entries, s.table.capacity_flows);
+    let _ = writeln!(
+        o,
+        "connection table: {} entries ({} flows capacity); half-open: {} entries ({} flows capacity)",
+        s.table.entries, s.table.capacity_flows, s.table.half_open_entries, s.table.half_open_capacity_flows
+    );
     let _ = writeln!(
         o,
         "\n{:<22} {:<22} {:<8} {:>6} {:>7} {:>10} {:>12} {:>10} {:>12} {:>9}",

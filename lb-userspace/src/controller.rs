@@ -289,7 +289,6 @@ fn reverse_key(k: &FlowKey, v: &FlowEntry) -> FlowKey {
 
 /// The flows of the table, forward entries joined with their reverse ones.
 struct TableView {
-    entries: u64,
     flows: Vec<Flow>,
 }
 
@@ -663,9 +662,7 @@ impl Controller {
     fn table_where(&self, keep: impl Fn(&FlowEntry) -> bool) -> Result<TableView> {
         let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
         let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
-        let mut entries = 0u64;
         self.dp.for_each_flow(|k, v| {
-            entries += 1;
             if !keep(v) {
                 return;
             }
@@ -683,7 +680,7 @@ impl Controller {
                 Flow { key, fwd, reverse_key, rev }
             })
             .collect();
-        Ok(TableView { entries, flows })
+        Ok(TableView { flows })
     }
 
     fn flows_of(&self, backend_id: u32) -> Result<Vec<Flow>> {
@@ -1013,7 +1010,15 @@ impl Controller {
         }
         Ok(Status {
             interfaces: self.dp.attachments(),
-            table: TableStatus { entries: view.entries, capacity_flows: self.dp.conn_capacity() as u64 },
+            table: {
+                let (entries, half_open) = self.dp.flow_entry_counts()?;
+                TableStatus {
+                    entries,
+                    capacity_flows: self.dp.conn_capacity() as u64,
+                    half_open_entries: half_open,
+                    half_open_capacity_flows: self.dp.half_open_capacity() as u64,
+                }
+            },
             counters,
             services,
         })

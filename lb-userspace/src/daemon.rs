@@ -66,7 +66,11 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
 /// from the saved state when the data plane was running, else from the
 /// config file. A failure leaves nothing new behind.
 async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller> {
-    let dp = Dataplane::load(LoadOptions { conn_capacity: args.conn_capacity, pin_dir: Some(args.pin_dir.clone()) })
+    let dp = Dataplane::load(LoadOptions {
+        conn_capacity: args.conn_capacity,
+        half_open_capacity: args.half_open_capacity,
+        pin_dir: Some(args.pin_dir.clone()),
+    })
         .context("loading the XDP program")?;
     let restored = dp.restored();
     let saved: Option<SavedState> = if restored {

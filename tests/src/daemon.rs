@@ -130,8 +130,11 @@ impl Daemon {
             args.push("--iface".into());
             args.push(i.clone());
         }
-        if !extra.contains(&"--xdp-mode") {
-            args.extend(["--xdp-mode".to_string(), "native".to_string()]);
+        // Defaults the caller may override.
+        for (flag, value) in [("--xdp-mode", "native"), ("--conn-capacity", "65536")] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
         }
         args.extend(
             [
@@ -141,8 +144,6 @@ impl Daemon {
                 &pin_dir.display().to_string(),
                 "--state-file",
                 &state_file.display().to_string(),
-                "--conn-capacity",
-                "65536",
             ]
             .iter()
             .map(|s| s.to_string()),

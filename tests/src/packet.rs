@@ -144,3 +144,33 @@ pub fn checksums_valid(frame: &[u8], l3: usize) -> bool {
     pseudo[10..12].copy_from_slice(&(seg.len() as u16).to_be_bytes());
     csum::fold(csum::sum_bytes(seg, csum::sum_bytes(&pseudo, 0))) == 0xffff
 }
+
+/// Sends raw IPv4 packets (headers included) from the calling thread's
+/// network namespace, in batches; returns how many the kernel took.
+pub fn send_raw_ipv4(packets: &[Vec<u8>]) -> std::io::Result<usize> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); IPPROTO_RAW implies IP_HDRINCL.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut sent = 0;
+    for p in packets {
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([p[16], p[17], p[18], p[19]]) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid buffer and address.
+        let n = unsafe {
+            libc::sendto(fd.as_raw_fd(), p.as_ptr().cast(), p.len(), 0, (&dst as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+        };
+        if n > 0 {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}

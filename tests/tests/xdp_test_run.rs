@@ -61,7 +61,7 @@ fn rig() -> Rig {
     ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
     let t0 = ns.ifindex("t0").expect("t0");
     let t1 = ns.ifindex("t1").expect("t1");
-    let mut dp = Dataplane::load(LoadOptions { conn_capacity: 32768, pin_dir: None }).expect("load");
+    let mut dp = Dataplane::load(LoadOptions { conn_capacity: 32768, half_open_capacity: Some(32768), pin_dir: None }).expect("load");
     dp.add_redirect_target(t0).expect("devmap t0");
     dp.add_redirect_target(t1).expect("devmap t1");
     let mut ctl = Controller::new(dp);
@@ -560,4 +560,28 @@ fn maglev_moves_only_the_removed_backends_flows() {
         }
     }
     assert!(moved_others * 100 <= 10_000 - share, "{moved_others} flows of remaining backends moved (> 1%)");
+}
+
+#[test]
+fn a_tcp_flow_waits_in_the_half_open_table_until_its_handshake_completes() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT, 40040), (VIP, 80), TCP_SYN, 100, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (0, 2), "SYN: half-open only");
+    let syn_ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40040), TCP_SYN | TCP_ACK, 700, 101);
+    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT, "the reply finds its entry in the half-open table");
+    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (0, 2));
+    let ack = Frame::tcp((CLIENT, 40040), (VIP, 80), TCP_ACK, 101, 701);
+    let (verdict, out) = r.run(r.t0, &ack.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend(ack, 8080).build());
+    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (2, 0), "ACK: promoted to the connection table");
+    assert_eq!(r.counter(stats::PROMOTED), 1);
+    let fwd = r.flow((CLIENT, 40040), (VIP, 80), 6).expect("forward");
+    assert_eq!((fwd.tcp_state, fwd.seq_next), (tcp::STATE_ESTABLISHED, 101));
+    let rev = r.flow((BACKEND, 8080), (CLIENT, 40040), 6).expect("reverse");
+    assert_eq!(rev.seq_next, 701, "the reverse entry kept its sequence tracking");
+    // UDP needs no handshake: straight to the connection table.
+    assert_eq!(r.run(r.t0, &Frame::udp((CLIENT, 5050), (VIP, 53), b"x").build()).0, XDP_REDIRECT);
+    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (4, 0));
 }

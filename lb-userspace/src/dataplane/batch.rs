@@ -94,11 +94,12 @@ pub fn for_each<K: Pod, V: Pod>(
     }
 }
 
-/// Deletes `keys` from a hash map, in batches. Keys that are already gone
-/// are skipped (one at a time) rather than failing the whole call.
-/// Returns how many were deleted.
-pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+/// Deletes `keys` from a hash map, in batches. Keys that are not there are
+/// skipped (and returned) rather than failing the whole call. Returns how
+/// many were deleted and the missing keys.
+pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<(usize, Vec<K>)> {
     let mut deleted = 0;
+    let mut missing = Vec::new();
     let mut rest = keys;
     while !rest.is_empty() {
         let mut attr = BatchAttr {
@@ -112,12 +113,15 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
         deleted += n;
         match res {
             Ok(()) => break,
-            // Key n was missing (removed by someone else): skip it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(n + 1).min(rest.len())..],
+            // Key n is not in this map: skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && n < rest.len() => {
+                missing.push(rest[n]);
+                rest = &rest[n + 1..];
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(deleted)
+    Ok((deleted, missing))
 }
 
 /// Borrowed fd of a map, for the functions above.

@@ -136,6 +136,9 @@ pub struct Attachment {
 pub struct LoadOptions {
     /// Connection table capacity in flows (two entries each).
     pub conn_capacity: u32,
+    /// Half-open table capacity in flows (two entries each); `None`: a
+    /// quarter of the connection table, at least 1024.
+    pub half_open_capacity: Option<u32>,
     /// Directory under a bpffs mount where the maps are pinned; `None`
     /// pins nothing (tests).
     pub pin_dir: Option<PathBuf>,
@@ -151,6 +154,7 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     nr_cpus: usize,
     conn_capacity: u32,
+    half_open_capacity: u32,
     restored: bool,
     persist: bool,
 }
@@ -161,16 +165,19 @@ impl Dataplane {
             return Err(DataplaneError::EmptyObject);
         }
         let entries = opts.conn_capacity.saturating_mul(2).max(2);
+        let half_open = opts.half_open_capacity.unwrap_or((opts.conn_capacity / 4).max(1024));
+        let half_open_entries = half_open.saturating_mul(2).max(2);
         let mut restored = false;
         if let Some(dir) = &opts.pin_dir {
             prepare_pin_dir(dir)?;
             restored = names::ALL.iter().any(|n| dir.join(n).exists());
             if restored {
-                check_layout(dir, entries)?;
+                check_layout(dir, entries, half_open_entries)?;
             }
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNS, entries);
+        loader.map_max_entries(names::HALF_OPEN, half_open_entries);
         let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => names::ALL.iter().map(|n| (*n, dir.join(n))).collect(),
             None => Vec::new(),
@@ -220,6 +227,7 @@ impl Dataplane {
             pin_dir: opts.pin_dir,
             nr_cpus,
             conn_capacity: opts.conn_capacity,
+            half_open_capacity: half_open,
             restored,
             persist: false,
         })
@@ -238,6 +246,10 @@ impl Dataplane {
 
     pub fn conn_capacity(&self) -> u32 {
         self.conn_capacity
+    }
+
+    pub fn half_open_capacity(&self) -> u32 {
+        self.half_open_capacity
     }
 
     fn xdp(&mut self, prog: &'static str) -> Result<&mut Xdp> {
@@ -446,35 +458,62 @@ impl Dataplane {
 
     // ---- connection table ----
 
-    /// Calls `f` for every entry of the connection table (batched walk).
+    /// Calls `f` for every entry of the connection table and of the
+    /// half-open table (batched walks).
     pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
-        let fd = batch::fd_of(self.map_data(names::CONNS)?);
-        batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(k, v))
-            .map_err(|source| DataplaneError::Syscall { op: "walking", map: names::CONNS, source })
+        for name in [names::CONNS, names::HALF_OPEN] {
+            let fd = batch::fd_of(self.map_data(name)?);
+            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(k, v))
+                .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Entries in (connection table, half-open table).
+    pub fn flow_entry_counts(&self) -> Result<(u64, u64)> {
+        let mut counts = [0u64; 2];
+        for (i, name) in [names::CONNS, names::HALF_OPEN].into_iter().enumerate() {
+            let fd = batch::fd_of(self.map_data(name)?);
+            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |_, _| counts[i] += 1)
+                .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+        }
+        Ok((counts[0], counts[1]))
     }
 
     pub fn flow_get(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
-        let map = self.map(names::CONNS)?;
-        let m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", names::CONNS))?;
-        match m.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err("reading", names::CONNS)(e)),
+        for name in [names::CONNS, names::HALF_OPEN] {
+            let map = self.map(name)?;
+            let m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", name))?;
+            match m.get(key, 0) {
+                Ok(v) => return Ok(Some(v)),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("reading", name)(e)),
+            }
         }
+        Ok(None)
     }
 
-    /// Inserts a flow entry directly (benchmarks and tests that need a
-    /// populated table without traffic).
+    /// Inserts a flow entry directly into the connection table (benchmarks
+    /// and tests that need a populated table without traffic).
     pub fn flow_insert(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
         let map = self.map_mut(names::CONNS)?;
         let mut m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", names::CONNS))?;
         m.insert(key, entry, 0).map_err(map_err("inserting into", names::CONNS))
     }
 
-    /// Deletes flow entries (batched). Returns how many were deleted.
+    /// Deletes flow entries from whichever table holds them (batched).
+    /// Returns how many were deleted.
     pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
         let fd = batch::fd_of(self.map_data(names::CONNS)?);
-        batch::delete(fd, keys).map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, source })
+        let (mut deleted, missing) = batch::delete(fd, keys)
+            .map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, source })?;
+        if !missing.is_empty() {
+            let fd = batch::fd_of(self.map_data(names::HALF_OPEN)?);
+            deleted += batch::delete(fd, &missing)
+                .map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, source })?
+                .0;
+        }
+        Ok(deleted)
     }
 
     // ---- counters ----
@@ -539,7 +578,7 @@ pub fn remove_pins(dir: &Path) {
 /// Compares the pinned maps with this build's map definitions (type, key
 /// and value sizes, capacity): a mismatch means the pins were made by an
 /// xlb with another layout, and reading them would corrupt state.
-fn check_layout(dir: &Path, conn_entries: u32) -> Result<()> {
+fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32) -> Result<()> {
     let mismatch = |detail: String| DataplaneError::LayoutMismatch { dir: dir.to_owned(), detail };
     let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| mismatch(format!("cannot parse this build's object: {e}")))?;
     for name in names::ALL {
@@ -552,12 +591,18 @@ fn check_layout(dir: &Path, conn_entries: u32) -> Result<()> {
         }
         let data = MapData::from_pin(&path).map_err(|e| mismatch(format!("cannot open pinned {name}: {e}")))?;
         let info = data.info().map_err(|e| mismatch(format!("cannot read pinned {name}: {e}")))?;
-        let want_entries = if name == names::CONNS { conn_entries } else { def.max_entries() };
+        let want_entries = match name {
+            names::CONNS => conn_entries,
+            names::HALF_OPEN => half_open_entries,
+            _ => def.max_entries(),
+        };
         let got = (info.key_size(), info.value_size(), info.max_entries());
         let want = (def.key_size(), def.value_size(), want_entries);
         if got != want {
             let hint = if name == names::CONNS && got.0 == want.0 && got.1 == want.1 {
                 format!(" (the pinned table holds {} flows: start with --conn-capacity {})", got.2 / 2, got.2 / 2)
+            } else if name == names::HALF_OPEN && got.0 == want.0 && got.1 == want.1 {
+                format!(" (the pinned half-open table holds {} flows: start with --half-open-capacity {})", got.2 / 2, got.2 / 2)
             } else {
                 String::new()
             };

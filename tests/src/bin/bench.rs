@@ -91,7 +91,7 @@ fn ms(d: Duration) -> f64 {
 /// Returns (time to the last RST sent, time until the table is clean).
 fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Duration, Duration)> {
     in_netns(&ns.name, || -> anyhow::Result<(Duration, Duration)> {
-        let dp = Dataplane::load(LoadOptions { conn_capacity: flows * 2, pin_dir: None })?;
+        let dp = Dataplane::load(LoadOptions { conn_capacity: flows * 2, half_open_capacity: None, pin_dir: None })?;
         let mut ctl = if send_rsts { Controller::new(dp).with_resets(RstSender::new().context("raw socket")?) } else { Controller::new(dp) };
         let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 80);
         let backend = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 2), 8080);

@@ -1,0 +1,89 @@
+//! The connection table under pressure and over time: SYN floods, idle
+//! expiry, closed flows leaving.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use testbed::{
+    Daemon, LineClient, TcpNameServer, Topology, TopologyOptions, in_netns,
+    packet::{Frame, TCP_SYN, send_raw_ipv4},
+};
+
+#[test]
+fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--conn-capacity", "1024", "--half-open-capacity", "256"]).expect("daemon");
+    let _servers: Vec<TcpNameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:8080".parse().expect("addr")).expect("server"))
+        .collect();
+    let vip = topo.vip(80).to_string();
+    daemon.ok(&["service", "add", &vip]).expect("service");
+    for i in 0..2 {
+        daemon.ok(&["backend", "add", &vip, &topo.backend(i, 8080).to_string()]).expect("backend");
+    }
+    let mut clients: Vec<(LineClient, String)> = (0..100)
+        .map(|i| {
+            let mut c = LineClient::connect(&topo.client.name, topo.vip_sock(80)).expect("connect");
+            let who = c.ask(&format!("hello {i}")).expect("hello");
+            (c, who)
+        })
+        .collect();
+    // The flood: SYNs from 40,000 spoofed sources, sent from the client
+    // namespace for at most 5 s (their SYN-ACKs die in the client namespace).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (ns, stop) = (topo.client.name.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut sent = 0usize;
+            'outer: for round in 0..4u32 {
+                let pkts: Vec<Vec<u8>> = (0..10_000u32)
+                    .map(|i| {
+                        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + round * 10_000 + i);
+                        Frame::tcp((src, 1024 + (i % 60000) as u16), (Ipv4Addr::new(10, 99, 0, 1), 80), TCP_SYN, i, 0).build()[14..].to_vec()
+                    })
+                    .collect();
+                sent += in_netns(&ns, || send_raw_ipv4(&pkts)).expect("ns").expect("raw send");
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break 'outer;
+                }
+            }
+            sent
+        })
+    };
+    // Meanwhile every established flow keeps talking.
+    let mut rounds = 0;
+    while !flood.is_finished() || rounds < 3 {
+        for (i, (c, who)) in clients.iter_mut().enumerate() {
+            let got = c.ask(&format!("during {rounds} {i}")).unwrap_or_else(|e| panic!("flow {i} broke under the flood: {e}"));
+            assert_eq!(&got, who, "flow {i} moved");
+        }
+        rounds += 1;
+        if rounds > 200 {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+    let sent = flood.join().expect("flood thread");
+    assert!(sent >= 20_000, "the flood sent only {sent} SYNs");
+    let s = daemon.json(&["status"]).expect("status");
+    let new_flows = s["counters"]["new_flows"].as_u64().unwrap_or(0);
+    // Not every SYN reaches XDP (a veth drops what its backlog cannot take),
+    // but the flood is many times the half-open table.
+    assert!(new_flows >= 5_000, "counters must show the flood: new_flows {new_flows} of {sent} sent");
+    assert_eq!(s["table"]["entries"], 200, "the connection table holds exactly the 100 established flows: {s:#}");
+    assert!(s["table"]["half_open_entries"].as_u64().unwrap_or(0) <= 512, "{s:#}");
+    // New connections still work after the flood.
+    let mut c = LineClient::connect(&topo.client.name, topo.vip_sock(80)).expect("connect after the flood");
+    c.ask("after").expect("a new flow after the flood");
+    eprintln!("flood: {sent} SYNs, {rounds} rounds of 100 messages, none lost");
+}

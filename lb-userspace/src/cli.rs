@@ -331,7 +331,7 @@ pub fn render_status(s: &Status) -> String {
         let st = &svc.settings;
         let _ = writeln!(
             o,
-            "{:<22} on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}",
+            "{:<22} on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}, idle {}; expired {}",
             "",
             st.on_remove,
             st.on_unhealthy,
@@ -340,7 +340,9 @@ pub fn render_status(s: &Status) -> String {
             st.health.as_ref().map(|h| format!("{} every {}", h.probe, String::from(h.interval))).unwrap_or_else(|| "none".into()),
             svc.resets.removed,
             svc.resets.unhealthy,
-            svc.resets.drain_deadline
+            svc.resets.drain_deadline,
+            svc.resets.idle,
+            svc.resets.expired
         );
     }
     let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();

@@ -37,18 +37,10 @@ use crate::{
     resetter::{Flow, RstSender},
 };
 
-/// Default flow idle timeouts, in seconds (stored per service; enforced by
-/// the expiry pass).
-pub const DEFAULT_TIMEOUTS: Timeouts = Timeouts { syn: 30, established: 350, closing: 30, udp: 120 };
 pub const MAX_WEIGHT: u32 = 10_000;
-
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    pub syn: u32,
-    pub established: u32,
-    pub closing: u32,
-    pub udp: u32,
-}
+/// How long a finished flow (RST seen, or FIN from both sides) stays in the
+/// table: long enough for the last ACK's retransmissions.
+pub const CLOSED_LINGER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Error)]
 pub enum ControllerError {
@@ -104,6 +96,8 @@ pub enum ResetCause {
     Unhealthy,
     /// A drain reached its deadline.
     DrainDeadline,
+    /// An established flow reached its idle timeout (`reset_on_idle`).
+    Idle,
 }
 
 /// Flows reset by the controller, per cause.
@@ -112,6 +106,10 @@ pub struct ResetCounts {
     pub removed: u64,
     pub unhealthy: u64,
     pub drain_deadline: u64,
+    pub idle: u64,
+    /// Flows that left the table on their idle timeout (reset or not).
+    #[serde(default)]
+    pub expired: u64,
 }
 
 impl ResetCounts {
@@ -120,6 +118,7 @@ impl ResetCounts {
             ResetCause::Removed => self.removed += n,
             ResetCause::Unhealthy => self.unhealthy += n,
             ResetCause::DrainDeadline => self.drain_deadline += n,
+            ResetCause::Idle => self.idle += n,
         }
     }
 }
@@ -401,10 +400,10 @@ impl Controller {
             },
             flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 },
             _pad: 0,
-            syn_timeout_s: DEFAULT_TIMEOUTS.syn,
-            established_timeout_s: DEFAULT_TIMEOUTS.established,
-            closing_timeout_s: DEFAULT_TIMEOUTS.closing,
-            udp_timeout_s: DEFAULT_TIMEOUTS.udp,
+            syn_timeout_s: svc.settings.timeouts.syn.0.as_secs() as u32,
+            established_timeout_s: svc.settings.timeouts.established.0.as_secs() as u32,
+            closing_timeout_s: svc.settings.timeouts.closing.0.as_secs() as u32,
+            udp_timeout_s: svc.settings.timeouts.udp.0.as_secs() as u32,
         }
     }
 
@@ -698,7 +697,7 @@ impl Controller {
             let mut counts = ResetCounts::default();
             self.reset_now(&job.flows, job.cause, &mut counts);
             if let Some(svc) = self.services.get_mut(&job.service) {
-                svc.resets.add(job.cause, counts.removed + counts.unhealthy + counts.drain_deadline);
+                svc.resets.add(job.cause, counts.removed + counts.unhealthy + counts.drain_deadline + counts.idle);
             }
         } else {
             self.pending.push(job);
@@ -746,7 +745,7 @@ impl Controller {
         let mut counts = ResetCounts::default();
         self.reset_now(&job.flows[range], job.cause, &mut counts);
         if let Some(svc) = self.services.get_mut(&job.service) {
-            svc.resets.add(job.cause, counts.removed + counts.unhealthy + counts.drain_deadline);
+            svc.resets.add(job.cause, counts.removed + counts.unhealthy + counts.drain_deadline + counts.idle);
         }
     }
 
@@ -863,6 +862,89 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    // ---- idle expiry ----
+
+    /// Removes flows idle past their state's timeout (resetting established
+    /// TCP flows at both ends where the service says `reset_on_idle`), and
+    /// finished flows after `CLOSED_LINGER`. Returns how many flows left.
+    pub fn expire(&mut self) -> Result<usize> {
+        let now = monotonic_ns();
+        let settings: HashMap<u32, (ServiceId, ServiceSettings)> =
+            self.services.iter().map(|(sid, s)| (s.id, (*sid, s.settings.clone()))).collect();
+        let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
+        let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
+        self.dp.for_each_flow(|k, v| {
+            if v.direction == DIR_TO_BACKEND {
+                forward.push((*k, *v));
+            } else {
+                reverse.insert(*k, *v);
+            }
+        })?;
+        let mut by_service: HashMap<u32, (Vec<Flow>, Vec<Flow>)> = HashMap::new(); // (reset, forget)
+        let mut orphans: Vec<FlowKey> = Vec::new();
+        for (key, fwd) in forward {
+            let reverse_key = reverse_key(&key, &fwd);
+            let rev = reverse.remove(&reverse_key);
+            let flow = Flow { key, fwd, reverse_key, rev };
+            let Some((_, st)) = settings.get(&fwd.service_id) else {
+                orphans.extend([key, reverse_key]);
+                continue;
+            };
+            let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
+            let idle = Duration::from_nanos(now.saturating_sub(last));
+            let active = TableView::is_active(&flow);
+            let limit = if !active {
+                CLOSED_LINGER
+            } else if !flow.is_tcp() {
+                st.timeouts.udp.0
+            } else {
+                match TableView::combined_state(&flow) {
+                    tcp::STATE_SYN | tcp::STATE_NONE => st.timeouts.syn.0,
+                    tcp::STATE_FIN => st.timeouts.closing.0,
+                    _ => st.timeouts.established.0,
+                }
+            };
+            if idle <= limit {
+                continue;
+            }
+            let e = by_service.entry(fwd.service_id).or_default();
+            if active && flow.is_tcp() && st.reset_on_idle {
+                e.0.push(flow);
+            } else {
+                e.1.push(flow);
+            }
+        }
+        // Reverse entries whose forward entry is gone (evicted) go once idle
+        // past the established timeout.
+        for (k, v) in reverse {
+            let limit = settings.get(&v.service_id).map_or(Duration::ZERO, |(_, st)| st.timeouts.established.0);
+            if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > limit {
+                orphans.push(k);
+            }
+        }
+        let mut total = 0;
+        for (service_id, (reset, forget)) in by_service {
+            let Some((sid, _)) = settings.get(&service_id) else { continue };
+            let mut counts = ResetCounts::default();
+            self.reset_now(&reset, ResetCause::Idle, &mut counts);
+            let keys: Vec<FlowKey> = forget.iter().flat_map(|f| [f.key, f.reverse_key]).collect();
+            self.dp.flows_delete(&keys)?;
+            let n = reset.len() + forget.len();
+            total += n;
+            if let Some(svc) = self.services.get_mut(sid) {
+                svc.resets.idle += counts.idle;
+                svc.resets.expired += n as u64;
+            }
+        }
+        if !orphans.is_empty() {
+            self.dp.flows_delete(&orphans)?;
+        }
+        if total > 0 {
+            tracing::debug!(flows = total, orphans = orphans.len(), "expired idle flows");
+        }
+        Ok(total)
     }
 
     // ---- saved state (restarts) ----

@@ -155,12 +155,20 @@ async fn upkeep(ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
     let mut checkers: HashMap<u32, (HealthTarget, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
         every.tick().await;
+        ticks += 1;
         let targets = {
             let mut c = ctl.lock().await;
             if let Err(e) = c.tick(std::time::Instant::now()) {
                 tracing::warn!(error = %e, "periodic upkeep failed");
+            }
+            // Idle expiry once a second (a walk of the whole table).
+            if ticks % 5 == 0 {
+                if let Err(e) = c.expire() {
+                    tracing::warn!(error = %e, "expiring idle flows failed");
+                }
             }
             server::spawn_pending_resets(&mut c, &ctl);
             if c.take_dirty() {

@@ -247,6 +247,34 @@ pub struct ServiceSettings {
     pub on_miss: MissPolicy,
     /// `None`: no health check (backends are up until removed).
     pub health: Option<HealthCheck>,
+    /// Idle timeouts per flow state.
+    pub timeouts: Timeouts,
+    /// An established TCP flow that reaches its idle timeout is reset at
+    /// both ends instead of silently forgotten.
+    pub reset_on_idle: bool,
+}
+
+/// How long a flow may stay idle in each state before it leaves the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// Handshake not completed.
+    pub syn: Dur,
+    /// Established (the largest cloud balancer's default: 350 s).
+    pub established: Dur,
+    /// One side has sent a FIN (half-closed).
+    pub closing: Dur,
+    pub udp: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            syn: Dur(Duration::from_secs(30)),
+            established: Dur(Duration::from_secs(350)),
+            closing: Dur(Duration::from_secs(30)),
+            udp: Dur(Duration::from_secs(120)),
+        }
+    }
 }
 
 impl Default for ServiceSettings {
@@ -259,6 +287,8 @@ impl Default for ServiceSettings {
             reset_spread: Dur(Duration::ZERO),
             on_miss: MissPolicy::Reset,
             health: None,
+            timeouts: Timeouts::default(),
+            reset_on_idle: false,
         }
     }
 }
@@ -316,6 +346,26 @@ pub struct ServiceOptions {
     #[arg(long, value_name = "RANGE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_status: Option<StatusRange>,
+    /// Idle timeout of a TCP flow in its handshake (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_syn: Option<Dur>,
+    /// Idle timeout of an established TCP flow (default 350s).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_established: Option<Dur>,
+    /// Idle timeout of a half-closed TCP flow (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_closing: Option<Dur>,
+    /// Idle timeout of a UDP flow (default 120s).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_udp: Option<Dur>,
+    /// Reset established TCP flows at both ends when they time out: true or false (default false).
+    #[arg(long, value_name = "BOOL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_on_idle: Option<bool>,
 }
 
 /// Longest reset spread accepted (a mass reset should not take longer).
@@ -348,6 +398,22 @@ impl ServiceSettings {
         }
         if let Some(m) = o.on_miss {
             s.on_miss = m;
+        }
+        for (value, slot, what) in [
+            (o.timeout_syn, &mut s.timeouts.syn, "syn"),
+            (o.timeout_established, &mut s.timeouts.established, "established"),
+            (o.timeout_closing, &mut s.timeouts.closing, "closing"),
+            (o.timeout_udp, &mut s.timeouts.udp, "udp"),
+        ] {
+            if let Some(v) = value {
+                if v.0 < Duration::from_secs(1) || v.0 > Duration::from_secs(7 * 24 * 3600) {
+                    return Err(format!("{what} timeout must be between 1s and 7 days"));
+                }
+                *slot = v;
+            }
+        }
+        if let Some(r) = o.reset_on_idle {
+            s.reset_on_idle = r;
         }
         match o.health.as_deref() {
             Some("none") => s.health = None,

@@ -19,6 +19,8 @@ use crate::netns::in_netns;
 #[derive(Default)]
 pub struct Seen {
     pub requests: AtomicU64,
+    /// Connections that ended with ECONNRESET on the server side.
+    pub resets: AtomicU64,
     pub connections: AtomicU64,
     pub peers: Mutex<HashMap<SocketAddr, u64>>,
 }
@@ -80,7 +82,12 @@ fn serve_tcp(stream: TcpStream, name: &str, seen: &Seen, stop: &AtomicBool) {
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(_) => return,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    seen.resets.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
         }
     }
 }

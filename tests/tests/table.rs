@@ -87,3 +87,55 @@ fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
     c.ask("after").expect("a new flow after the flood");
     eprintln!("flood: {sent} SYNs, {rounds} rounds of 100 messages, none lost");
 }
+
+#[test]
+fn idle_flows_expire_reset_on_idle_resets_both_ends_and_closed_flows_leave_within_seconds() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 1 }).expect("topology");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    let server = TcpNameServer::start(&topo.backends[0].name, "b0", "0.0.0.0:8080".parse().expect("addr")).expect("server");
+    let backend = topo.backend(0, 8080).to_string();
+    // :80 resets idle flows, :81 forgets them silently.
+    for (port, reset) in [(80u16, "true"), (81, "false")] {
+        let vip = topo.vip(port).to_string();
+        daemon.ok(&["service", "add", &vip, "--timeout-established", "4s", "--reset-on-idle", reset]).expect("service");
+        daemon.ok(&["backend", "add", &vip, &backend]).expect("backend");
+    }
+    let mut resetting = LineClient::connect(&topo.client.name, topo.vip_sock(80)).expect("connect");
+    let mut silent = LineClient::connect(&topo.client.name, topo.vip_sock(81)).expect("connect");
+    resetting.ask("hi").expect("hi");
+    silent.ask("hi").expect("hi");
+    let mut closing = LineClient::connect(&topo.client.name, topo.vip_sock(81)).expect("connect");
+    closing.ask("bye").expect("bye");
+    let start = Instant::now();
+    closing.stream().shutdown(std::net::Shutdown::Both).expect("close");
+    drop(closing);
+    // A closed flow leaves within seconds (it lingers CLOSED_LINGER, 2 s),
+    // while the idle ones (4 s timeout) are still there.
+    testbed::wait_for("the closed flow to leave the table", Duration::from_secs(4), || {
+        let flows = daemon.json(&["flows"]).ok()?;
+        (flows.as_array()?.len() == 2).then_some(())
+    })
+    .expect("closed flow gone");
+    assert!(start.elapsed() < Duration::from_millis(3500), "closed flow left after {:?}", start.elapsed());
+    // The idle flows: reset at both ends after ~4 s (+1 s expiry cadence).
+    let outcomes = testbed::watch_idle(&[resetting.stream(), silent.stream()], start, Duration::from_secs(7));
+    match outcomes[0] {
+        testbed::Outcome::Reset(t) => assert!(t >= Duration::from_secs(4) && t < Duration::from_millis(6500), "reset at {t:?}"),
+        o => panic!("reset-on-idle flow: {o:?}"),
+    }
+    assert_eq!(outcomes[1], testbed::Outcome::Silent, "without reset-on-idle nothing is sent");
+    testbed::wait_for("the backend's side of the idle flow to be reset", Duration::from_secs(2), || {
+        (server.seen.resets.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .expect("backend reset");
+    let flows = daemon.json(&["flows"]).expect("flows");
+    assert_eq!(flows.as_array().map(Vec::len), Some(0), "idle flows left the table: {flows}");
+    let s = daemon.json(&["status"]).expect("status");
+    assert_eq!(s["services"][0]["resets"]["idle"], 1, "{s:#}");
+    assert_eq!(s["services"][1]["resets"]["expired"], 2, "{s:#}"); // the idle one and the closed one
+    // The silently forgotten flow is not a black hole: its next write gets a RST.
+    silent.send("anyone?").expect("write");
+    let o = testbed::watch_idle(&[silent.stream()], Instant::now(), Duration::from_secs(2));
+    assert!(matches!(o[0], testbed::Outcome::Reset(_)), "{o:?}");
+}

@@ -165,11 +165,10 @@ async fn upkeep(ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
                 tracing::warn!(error = %e, "periodic upkeep failed");
             }
             // Idle expiry once a second (a walk of the whole table).
-            if ticks % 5 == 0 {
-                if let Err(e) = c.expire() {
+            if ticks.is_multiple_of(5)
+                && let Err(e) = c.expire() {
                     tracing::warn!(error = %e, "expiring idle flows failed");
                 }
-            }
             server::spawn_pending_resets(&mut c, &ctl);
             if c.take_dirty() {
                 save_state(&state_file, &c);

@@ -22,8 +22,9 @@ pub mod names {
     pub const SERVICE_STATS: &str = "XLB_SVC_STATS";
     pub const BACKEND_STATS: &str = "XLB_BE_STATS";
     pub const DEVMAP: &str = "XLB_DEVMAP";
+    pub const BACKEND_ACTIVE: &str = "XLB_BE_ACTIVE";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -35,6 +36,7 @@ pub mod names {
         SERVICE_STATS,
         BACKEND_STATS,
         DEVMAP,
+        BACKEND_ACTIVE,
     ];
 }
 
@@ -71,6 +73,10 @@ pub const ADDR_BACKEND: u32 = 2;
 pub const SCHED_WRR: u8 = 1;
 /// Weighted Maglev: the ring is a Maglev table, indexed by flow hash.
 pub const SCHED_MAGLEV: u8 = 2;
+/// Least connections by sampling the (weighted) ring: of four backends
+/// drawn in proportion to their weights, the one with the fewest active
+/// flows per unit of weight.
+pub const SCHED_LEAST_CONN: u8 = 3;
 
 /// `Backend::state`: how the data plane treats the backend's flows.
 /// 0 marks an unused slot.

@@ -156,6 +156,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         return Verdict::drop(stat::DROP_TABLE_FULL);
     };
     stats::count(stat::NEW_FLOWS);
+    schedule::count_active(backend_id);
     nat_and_forward(ctx, pkt, &entry, true)
 }
 

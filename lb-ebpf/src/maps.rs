@@ -65,6 +65,12 @@ pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Active flows per backend id, for least-connections: shared by all CPUs,
+/// incremented by the program on each new flow; the controller rewrites
+/// the exact counts from its table walk every second.
+#[map(name = "XLB_BE_ACTIVE")]
+pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// Interfaces xlb is attached to (ifindex → ifindex), the redirect targets.
 #[map(name = "XLB_DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);

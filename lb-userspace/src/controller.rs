@@ -22,7 +22,7 @@ use lb_common::{
     maps::{
         Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
         BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
-        MAX_SERVICES, RING_SLOTS, SCHED_MAGLEV, SCHED_WRR, SVC_F_MISS_REHASH,
+        MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_MISS_REHASH,
     },
     sched, stats, tcp,
 };
@@ -178,6 +178,8 @@ struct BackendSlot {
     registered: bool,
     health: Tracker,
     drain: Option<Drain>,
+    /// When the backend joined or came back up (slow start origin).
+    up_since: Instant,
 }
 
 impl BackendSlot {
@@ -205,6 +207,20 @@ impl BackendSlot {
 
     fn takes_new_flows(&self) -> bool {
         self.dp_state() == BACKEND_UP
+    }
+
+    /// Weight during slow start: from 1 up to the full weight in ten steps
+    /// over `ramp` (steps, so the ring is rebuilt ten times, not constantly).
+    fn effective_weight(&self, now: Instant, ramp: Duration) -> u32 {
+        if ramp.is_zero() {
+            return self.weight;
+        }
+        let elapsed = now.saturating_duration_since(self.up_since);
+        if elapsed >= ramp {
+            return self.weight;
+        }
+        let step = (elapsed.as_nanos() * 10 / ramp.as_nanos()) as u32 + 1; // 1..=10
+        (self.weight * step / 10).max(1)
     }
 }
 
@@ -397,6 +413,7 @@ impl Controller {
             scheduler: match svc.settings.scheduler {
                 Scheduler::Maglev => SCHED_MAGLEV,
                 Scheduler::Wrr => SCHED_WRR,
+                Scheduler::LeastConn => SCHED_LEAST_CONN,
             },
             flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 },
             _pad: 0,
@@ -525,7 +542,7 @@ impl Controller {
         if let Some(svc) = self.services.get_mut(&sid) {
             svc.backends.insert(
                 backend,
-                BackendSlot { id, addr: backend, weight, registered: true, health: Tracker::default(), drain: None },
+                BackendSlot { id, addr: backend, weight, registered: true, health: Tracker::default(), drain: None, up_since: Instant::now() },
             );
         }
         self.addr_ref(*backend.ip(), 0, 1)?;
@@ -623,15 +640,18 @@ impl Controller {
 
     fn rebuild_ring(&mut self, sid: ServiceId) -> Result<()> {
         let Some(svc) = self.services.get(&sid) else { return Ok(()) };
+        let now = Instant::now();
+        let ramp = svc.settings.slow_start.0;
         let live = svc.backends.values().filter(|b| b.takes_new_flows());
         let ring = match svc.settings.scheduler {
-            Scheduler::Wrr => {
-                let weights: Vec<(u32, u32)> = live.map(|b| (b.id, b.weight)).collect();
+            // Least-conn samples the weighted round-robin sequence.
+            Scheduler::Wrr | Scheduler::LeastConn => {
+                let weights: Vec<(u32, u32)> = live.map(|b| (b.id, b.effective_weight(now, ramp))).collect();
                 sched::build_wrr_ring(&weights, RING_SLOTS as usize)
             }
             Scheduler::Maglev => {
                 let backends: Vec<sched::MaglevBackend> = live
-                    .map(|b| sched::MaglevBackend { id: b.id, weight: b.weight, identity: maglev_identity(b.addr) })
+                    .map(|b| sched::MaglevBackend { id: b.id, weight: b.effective_weight(now, ramp), identity: maglev_identity(b.addr) })
                     .collect();
                 sched::build_maglev(&backends, svc.settings.maglev_size as usize)
             }
@@ -779,6 +799,7 @@ impl Controller {
         let Some(healthy) = slot.health.record(result, h.rise, h.fall) else { return Ok(()) };
         if healthy {
             slot.drain = None;
+            slot.up_since = Instant::now();
             tracing::info!(service = %sid, backend = %addr, "backend is healthy again: up");
         } else {
             slot.drain = match policy {
@@ -808,6 +829,20 @@ impl Controller {
     /// Drain deadlines, and freeing deregistered backends whose flows have
     /// ended. Walks the table only when some backend needs it.
     pub fn tick(&mut self, now: Instant) -> Result<()> {
+        // Slow start: rings follow the ramping weights (rebuilt only when a
+        // step changes, which `rebuild_ring` notices).
+        let ramping: Vec<ServiceId> = self
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                let ramp = s.settings.slow_start.0;
+                !ramp.is_zero() && s.backends.values().any(|b| now.saturating_duration_since(b.up_since) < ramp + Duration::from_millis(500))
+            })
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in ramping {
+            self.rebuild_ring(sid)?;
+        }
         let needs_walk = self.services.values().any(|s| !s.leaving.is_empty() || s.backends.values().any(|b| b.drain.is_some()));
         if !needs_walk {
             return Ok(());
@@ -882,6 +917,19 @@ impl Controller {
                 reverse.insert(*k, *v);
             }
         })?;
+        // Exact active-flow counts for least-connections, from this walk.
+        let mut active: HashMap<u32, u64> = HashMap::new();
+        for (key, fwd) in &forward {
+            let rkey = reverse_key(key, fwd);
+            let f = Flow { key: *key, fwd: *fwd, reverse_key: rkey, rev: reverse.get(&rkey).copied() };
+            if TableView::is_active(&f) {
+                *active.entry(fwd.backend_id).or_default() += 1;
+            }
+        }
+        let ids: Vec<u32> = self.used_backend_ids.iter().copied().collect();
+        for id in ids {
+            self.dp.backend_active_set(id, active.get(&id).copied().unwrap_or(0))?;
+        }
         let mut by_service: HashMap<u32, (Vec<Flow>, Vec<Flow>)> = HashMap::new(); // (reset, forget)
         let mut orphans: Vec<FlowKey> = Vec::new();
         for (key, fwd) in forward {
@@ -1010,7 +1058,7 @@ impl Controller {
                 }
                 let health = Tracker { healthy: b.healthy, ..Tracker::default() };
                 let drain = b.draining.then(|| Drain { deadline: b.drain_remaining_ms.map(|ms| now + Duration::from_millis(ms)) });
-                let slot = BackendSlot { id: b.id, addr: b.backend, weight: b.weight, registered: b.registered, health, drain };
+                let slot = BackendSlot { id: b.id, addr: b.backend, weight: b.weight, registered: b.registered, health, drain, up_since: now.checked_sub(svc.settings.slow_start.0).unwrap_or(now) };
                 self.next_backend_id = self.next_backend_id.max((b.id + 1) % MAX_BACKENDS);
                 if b.registered {
                     svc.backends.insert(b.backend, slot);

@@ -87,6 +87,8 @@ pub enum Scheduler {
     Maglev,
     /// Smooth weighted round robin (per-CPU cursor).
     Wrr,
+    /// Least connections (two random choices, weighted).
+    LeastConn,
 }
 
 impl fmt::Display for Scheduler {
@@ -94,12 +96,13 @@ impl fmt::Display for Scheduler {
         f.write_str(match self {
             Scheduler::Maglev => "maglev",
             Scheduler::Wrr => "wrr",
+            Scheduler::LeastConn => "least-conn",
         })
     }
 }
 
 /// A duration given as text ("500ms", "2s", "1m 30s").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Dur(pub Duration);
 
@@ -252,6 +255,10 @@ pub struct ServiceSettings {
     /// An established TCP flow that reaches its idle timeout is reset at
     /// both ends instead of silently forgotten.
     pub reset_on_idle: bool,
+    /// A backend that joins or comes back up ramps its weight from 1 to its
+    /// full weight over this period (0: at once).
+    #[serde(default)]
+    pub slow_start: Dur,
 }
 
 /// How long a flow may stay idle in each state before it leaves the table.
@@ -289,6 +296,7 @@ impl Default for ServiceSettings {
             health: None,
             timeouts: Timeouts::default(),
             reset_on_idle: false,
+            slow_start: Dur(Duration::ZERO),
         }
     }
 }
@@ -366,6 +374,10 @@ pub struct ServiceOptions {
     #[arg(long, value_name = "BOOL")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_on_idle: Option<bool>,
+    /// Ramp a joining or recovering backend's weight up over this period (default 0: off).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<Dur>,
 }
 
 /// Longest reset spread accepted (a mass reset should not take longer).
@@ -414,6 +426,12 @@ impl ServiceSettings {
         }
         if let Some(r) = o.reset_on_idle {
             s.reset_on_idle = r;
+        }
+        if let Some(d) = o.slow_start {
+            if d.0 > Duration::from_secs(3600) {
+                return Err("slow start must be at most 1h".into());
+            }
+            s.slow_start = d;
         }
         match o.health.as_deref() {
             Some("none") => s.health = None,

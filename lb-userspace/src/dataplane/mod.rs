@@ -418,6 +418,13 @@ impl Dataplane {
         m.set(id, b, 0).map_err(map_err("writing", names::BACKENDS))
     }
 
+    /// Sets a backend's active-flow count (least-connections input).
+    pub fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
+        let map = self.map_mut(names::BACKEND_ACTIVE)?;
+        let mut m: Array<_, u64> = Array::try_from(map).map_err(map_err("opening", names::BACKEND_ACTIVE))?;
+        m.set(id, count, 0).map_err(map_err("writing", names::BACKEND_ACTIVE))
+    }
+
     /// Writes the slots of a service's ring that differ from `old`.
     pub fn ring_write(&mut self, service_id: u32, old: &[u32], new: &[u32]) -> Result<()> {
         let map = self.map_mut(names::RING)?;

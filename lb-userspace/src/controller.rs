@@ -1101,6 +1101,14 @@ impl Controller {
             .map(|(i, label)| (label.to_string(), raw.get(*i as usize).copied().unwrap_or(0)))
             .collect();
         counters.insert("rst_send_errors".into(), self.rst_send_errors);
+        // The kernel's LRU does not report evictions: what was created and
+        // is neither removed (by the program or the controller) nor present
+        // was evicted. Exact while this daemon has run since the data plane
+        // was loaded; a restart loses the controller's share of removals.
+        let (entries, half_open) = self.dp.flow_entry_counts()?;
+        let created = counters.get("new_flows").copied().unwrap_or(0) * 2;
+        let removed = counters.get("entries_removed").copied().unwrap_or(0) + self.dp.entries_deleted() + entries + half_open;
+        counters.insert("table_evictions".into(), created.saturating_sub(removed));
         let now = Instant::now();
         let mut services = Vec::new();
         for (sid, svc) in &self.services {
@@ -1141,7 +1149,6 @@ impl Controller {
         Ok(Status {
             interfaces: self.dp.attachments(),
             table: {
-                let (entries, half_open) = self.dp.flow_entry_counts()?;
                 TableStatus {
                     entries,
                     capacity_flows: self.dp.conn_capacity() as u64,

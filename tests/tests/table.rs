@@ -82,6 +82,9 @@ fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
     assert!(new_flows >= 5_000, "counters must show the flood: new_flows {new_flows} of {sent} sent");
     assert_eq!(s["table"]["entries"], 200, "the connection table holds exactly the 100 established flows: {s:#}");
     assert!(s["table"]["half_open_entries"].as_u64().unwrap_or(0) <= 512, "{s:#}");
+    // The flood went through the half-open table and was evicted from it.
+    let evictions = s["counters"]["table_evictions"].as_u64().unwrap_or(0);
+    assert!(evictions >= new_flows, "evictions {evictions} for {new_flows} new flows into a 256-flow half-open table");
     // New connections still work after the flood.
     let mut c = LineClient::connect(&topo.client.name, topo.vip_sock(80)).expect("connect after the flood");
     c.ask("after").expect("a new flow after the flood");

@@ -157,6 +157,7 @@ pub struct Dataplane {
     half_open_capacity: u32,
     restored: bool,
     persist: bool,
+    entries_deleted: std::sync::atomic::AtomicU64,
 }
 
 impl Dataplane {
@@ -230,6 +231,7 @@ impl Dataplane {
             half_open_capacity: half_open,
             restored,
             persist: false,
+            entries_deleted: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -263,6 +265,22 @@ impl Dataplane {
     /// The balancing program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self) -> Result<&mut Xdp> {
         self.xdp(PROGRAM)
+    }
+
+    /// The pass-only program (benchmark calibration).
+    pub fn pass_program(&mut self) -> Result<&mut Xdp> {
+        self.xdp(PASS_PROGRAM)
+    }
+
+    /// Kernel memory charged to a map (`memlock` in its fdinfo), in bytes.
+    pub fn map_memory(&self, name: &'static str) -> Option<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = match self.maps.get(name)? {
+            Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
+            _ => return None,
+        };
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
     }
 
     /// Attaches the balancer to `iface` and registers it as a redirect
@@ -508,6 +526,11 @@ impl Dataplane {
         m.insert(key, entry, 0).map_err(map_err("inserting into", names::CONNS))
     }
 
+    /// Entries the controller has deleted since this data plane was loaded.
+    pub fn entries_deleted(&self) -> u64 {
+        self.entries_deleted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Deletes flow entries from whichever table holds them (batched).
     /// Returns how many were deleted.
     pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
@@ -520,6 +543,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, source })?
                 .0;
         }
+        self.entries_deleted.fetch_add(deleted as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(deleted)
     }
 

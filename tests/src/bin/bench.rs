@@ -1,5 +1,8 @@
 //! `cargo xtask bench`: benchmarks that need no peers yet.
 //!
+//! Data-plane cost per packet on the real XDP object (BPF_PROG_TEST_RUN),
+//! the memory of a 1M-flow table, and:
+//!
 //! Reset latency: time from `backend remove` (policy reset) to the last
 //! RST sent, for 10k and 100k flows on the removed backend. The flows are
 //! synthetic table entries (the netns tests prove the resets are right);
@@ -16,7 +19,11 @@ use lb_common::{
     maps::{FlowEntry, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT, PROTO_TCP},
     tcp,
 };
-use testbed::{Netns, in_netns, netns::unique_prefix};
+use testbed::{
+    Netns, in_netns,
+    netns::unique_prefix,
+    packet::{Frame, TCP_ACK, TCP_SYN},
+};
 use xlb::{
     api::Proto,
     controller::Controller,
@@ -78,7 +85,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let out = serde_json::json!({ "benchmark": "reset_latency", "results": results });
     std::fs::write(dir.join("reset.json"), serde_json::to_string_pretty(&out)?)?;
-    println!("written to target/bench/reset.json");
+    let costs = packet_costs()?;
+    std::fs::write(dir.join("dataplane.json"), serde_json::to_string_pretty(&costs)?)?;
+    println!("written to target/bench/reset.json and target/bench/dataplane.json");
     Ok(())
 }
 
@@ -129,4 +138,148 @@ fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Durati
         anyhow::ensure!(status.counters.get("rst_send_errors") == Some(&0), "RSTs failed to send: {:?}", status.counters.get("rst_send_errors"));
         Ok((last_rst, took))
     })?
+}
+
+// ---- data-plane cost per packet (BPF_PROG_TEST_RUN) ----
+
+/// Per-call kernel-reported durations of `calls` test runs over `frames`
+/// (round robin), median in ns. repeat=1 each: NAT rewrites the buffer, so
+/// repeat>1 would time the rewritten packet.
+fn time_prog(prog: &mut aya::programs::Xdp, ns: &str, frames: &[Vec<u8>], ifindex: u32, calls: usize) -> anyhow::Result<f64> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let mut samples = Vec::with_capacity(calls);
+    in_netns(ns, || -> anyhow::Result<()> {
+        let mut out = vec![0u8; 2048];
+        for i in 0..calls {
+            let f = &frames[i % frames.len()];
+            let md: [u32; 6] = [0, f.len() as u32, 0, ifindex, 0, 0];
+            let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            let r = prog.test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() })?;
+            samples.push(r.duration.as_nanos() as f64);
+        }
+        Ok(())
+    })??;
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples[samples.len() / 2])
+}
+
+struct Rig {
+    ns: Netns,
+    t0: u32,
+}
+
+fn rig() -> anyhow::Result<Rig> {
+    let ns = Netns::new(&format!("{}-pkt", unique_prefix()))?;
+    for a in [
+        &["link", "add", "t0", "type", "veth", "peer", "name", "t1"][..],
+        &["addr", "add", "10.0.0.1/24", "dev", "t0"],
+        &["addr", "add", "10.1.1.1/24", "dev", "t1"],
+        &["addr", "add", "10.99.0.1/32", "dev", "lo"],
+        &["link", "set", "t0", "up"],
+        &["link", "set", "t1", "up"],
+        &["neigh", "add", "10.1.1.2", "lladdr", "02:00:00:00:01:02", "dev", "t1", "nud", "permanent"],
+    ] {
+        ns.ip(a)?;
+    }
+    for i in 0..250u32 {
+        ns.ip(&["neigh", "add", &format!("10.0.0.{}", i + 2), "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"])?;
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    let t0 = ns.ifindex("t0")?;
+    Ok(Rig { ns, t0 })
+}
+
+fn client(i: u32) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::new(10, 0, 0, 2 + (i / 50_000) as u8), 10_000 + (i % 50_000) as u16)
+}
+
+/// Loads a data plane for `flows` flows with one service and backend, and
+/// `established` synthetic established flows in the table.
+fn loaded(r: &Rig, capacity: u32, half_open: u32, established: u32) -> anyhow::Result<Controller> {
+    in_netns(&r.ns.name, || -> anyhow::Result<Controller> {
+        let mut dp = Dataplane::load(LoadOptions { conn_capacity: capacity, half_open_capacity: Some(half_open), pin_dir: None })?;
+        dp.add_redirect_target(r.t0)?;
+        dp.add_redirect_target(r.ns.ifindex("t1")?)?;
+        let mut ctl = Controller::new(dp);
+        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 80);
+        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 2), 8080);
+        ctl.service_add(vip, Proto::Tcp, &Default::default())?;
+        let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
+        let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let np = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
+        for i in 0..established {
+            let (ip, port) = client(i);
+            let key = FlowKey { src_addr: ne(ip), dst_addr: ne(*vip.ip()), src_port: np(port), dst_port: np(80), proto: PROTO_TCP, _pad: [0; 3] };
+            let e = |dir, nat_addr, nat_port| FlowEntry { nat_addr, nat_port, direction: dir, tcp_state: tcp::STATE_ESTABLISHED, backend_id: id, seq_next: 1, ..Default::default() };
+            ctl.dataplane().flow_insert(key, e(DIR_TO_BACKEND, ne(*backend.ip()), np(8080)))?;
+            let rkey = FlowKey { src_addr: ne(*backend.ip()), dst_addr: ne(ip), src_port: np(8080), dst_port: np(port), proto: PROTO_TCP, _pad: [0; 3] };
+            ctl.dataplane().flow_insert(rkey, e(DIR_TO_CLIENT, ne(*vip.ip()), np(80)))?;
+        }
+        Ok(ctl)
+    })?
+}
+
+fn frames(n: u32, flags: u8, to_vip: bool, offset: u32) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let src = client(i + offset);
+            let dst = if to_vip { (Ipv4Addr::new(10, 99, 0, 1), 80) } else { (Ipv4Addr::new(10, 0, 0, 1), 22) };
+            Frame::tcp(src, dst, flags, 1, 1).build()
+        })
+        .collect()
+}
+
+fn packet_costs() -> anyhow::Result<serde_json::Value> {
+    const CALLS: usize = 200_000;
+    let r = rig()?;
+    println!("\ndata plane, ns per packet (BPF_PROG_TEST_RUN, repeat=1 loops of {CALLS}, kernel-reported median per call;");
+    println!("net = raw minus the pass-only program's raw cost, the harness floor; Katran's figures are from");
+    println!("shared/reference/katran-notes.md, measured on this machine kind by the same method, not in this run)");
+    let mut rows = Vec::new();
+    let mut small = loaded(&r, 4096, 4096, 1_000)?;
+    let acks_1k = frames(1_000, TCP_ACK, true, 0);
+    let floor = time_prog(small.dataplane().pass_program()?, &r.ns.name, &acks_1k, r.t0, CALLS)?;
+    let mut case = |name: &str, ctl: &mut Controller, fr: &[Vec<u8>], calls: usize, katran: Option<f64>, goal: Option<f64>| -> anyhow::Result<()> {
+        let raw = time_prog(ctl.dataplane().program()?, &r.ns.name, fr, r.t0, calls)?;
+        let net = raw - floor;
+        let goal_txt = match goal {
+            Some(g) => format!("goal ≤ {g:.0}: {}", if net <= g { "met" } else { "NOT met" }),
+            None => String::new(),
+        };
+        println!("  {name:<44} raw {raw:>6.0}  net {net:>6.0}  katran net {:>5}  {goal_txt}", katran.map_or("-".into(), |k| format!("{k:.0}")));
+        rows.push(serde_json::json!({ "case": name, "raw_ns": raw, "net_ns": net, "katran_net_ns": katran, "goal_ns": goal }));
+        Ok(())
+    };
+    println!("  {:<44} raw {floor:>6.0}  (floor)", "pass-only program");
+    {
+        // The same program timed in-kernel over 1M repeats (no per-call
+        // harness): what the floor costs beyond the program itself.
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let f = &acks_1k[0];
+        let md: [u32; 6] = [0, f.len() as u32, 0, r.t0, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let prog = small.dataplane().pass_program()?;
+        let d = in_netns(&r.ns.name, || prog.test_run(TestRunOptions { data_in: Some(f), ctx_in: Some(&ctx), repeat: 1_000_000, ..TestRunOptions::default() }))??;
+        println!("  {:<44} {:>6} ns per run with repeat=1M (the per-call harness costs the rest)", "pass-only program", d.duration.as_nanos());
+    }
+    case("not for a VIP (pass)", &mut small, &frames(1_000, TCP_SYN, false, 0), CALLS, Some(28.0), Some(25.0))?;
+    case("established flow, 1 hot flow", &mut small, &acks_1k[..1], CALLS, Some(70.0), Some(70.0))?;
+    case("established flows, 1k in the table", &mut small, &acks_1k, CALLS, None, None)?;
+    drop(small);
+    let mut big = loaded(&r, 1 << 20, 1 << 16, 1 << 20)?;
+    let acks_1m = frames(1 << 20, TCP_ACK, true, 0);
+    case("established flows, 1M in the table", &mut big, &acks_1m, CALLS, Some(228.0), Some(230.0))?;
+    // New flows: fresh 5-tuples each call, into a half-open table kept full
+    // (every insert evicts): the SYN-flood case.
+    let syns = frames(CALLS as u32, TCP_SYN, true, 1 << 20);
+    case("SYN, new 5-tuple, half-open table full", &mut big, &syns, CALLS, Some(330.0), Some(330.0))?;
+    let mem_conns = big.dataplane().map_memory("XLB_CONNS").unwrap_or(0);
+    let mem_half = big.dataplane().map_memory("XLB_HALF_OPEN").unwrap_or(0);
+    println!(
+        "\nmemory: connection table for 1M flows (2M entries of 16 + 40 bytes): {:.1} MiB ({:.0} bytes per flow); half-open table (64k flows): {:.1} MiB",
+        mem_conns as f64 / 1048576.0,
+        mem_conns as f64 / (1 << 20) as f64,
+        mem_half as f64 / 1048576.0
+    );
+    Ok(serde_json::json!({ "floor_ns": floor, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
 }

@@ -23,8 +23,9 @@ pub mod names {
     pub const BACKEND_STATS: &str = "XLB_BE_STATS";
     pub const DEVMAP: &str = "XLB_DEVMAP";
     pub const BACKEND_ACTIVE: &str = "XLB_BE_ACTIVE";
+    pub const NEXT_HOP: &str = "XLB_NEXT_HOP";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -37,6 +38,7 @@ pub mod names {
         BACKEND_STATS,
         DEVMAP,
         BACKEND_ACTIVE,
+        NEXT_HOP,
     ];
 }
 
@@ -224,6 +226,25 @@ pub struct FlowEntry {
 /// How stale `FlowEntry::last_seen_ns` may get before a packet refreshes it.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 250_000_000;
 
+/// Value of `XLB_NEXT_HOP`: where a FIB lookup said packets to an address
+/// go, kept for `NEXT_HOP_TTL_NS` (a FIB lookup costs an order of magnitude
+/// more than the rest of the packet's work).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns` after which the entry is looked up again.
+    pub expires_ns: u64,
+}
+
+/// How long a cached next hop is trusted: route and neighbour changes reach
+/// the data plane within this time.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// Destinations whose next hop is cached (LRU).
+pub const NEXT_HOP_CACHE: u32 = 65536;
+
 /// Per-service and per-backend traffic counters (per-CPU arrays, summed by
 /// the controller). "In" is client → backend, "out" is backend → client.
 #[repr(C)]
@@ -253,6 +274,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 40);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -265,4 +287,5 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for NextHop {}
 }

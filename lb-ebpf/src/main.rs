@@ -69,7 +69,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             return new_flow(ctx, pkt, now);
         }
         if is_tcp && pkt.tcp_flags & tcp::FLAG_RST != 0 {
-            return pass_rst(ctx, pkt, &e, table);
+            return pass_rst(ctx, pkt, &e, table, now);
         }
         if to_backend && conntrack::is_new_connection(entry, pkt) {
             // Port reuse after the previous connection ended: its entries
@@ -83,7 +83,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
                 conntrack::promote(&pkt.key, unsafe { &*entry });
                 stats::count(stat::PROMOTED);
             }
-            return nat_and_forward(ctx, pkt, &e, false);
+            return nat_and_forward(ctx, pkt, &e, false, now);
         }
     }
     if pkt.role != ADDR_VIP {
@@ -95,7 +95,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 }
 
 #[inline(always)]
-fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool) -> Verdict {
+fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool, now: u64) -> Verdict {
     let to_backend = e.direction == DIR_TO_BACKEND;
     if to_backend {
         nat::rewrite_dst(ctx, pkt, e.nat_addr, e.nat_port);
@@ -103,7 +103,7 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
         nat::rewrite_src(ctx, pkt, e.nat_addr, e.nat_port);
     }
     stats::count_traffic(e.service_id, e.backend_id, to_backend, pkt.ip_len as u64, new_flow);
-    forward::forward(ctx, pkt, to_backend, e.nat_port)
+    forward::forward(ctx, pkt, to_backend, e.nat_port, now)
 }
 
 /// A RST for a live flow is forwarded either way; it tears the flow down
@@ -111,7 +111,7 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
 /// (what the receiver itself accepts, RFC 5961 §3.2), so a spoofed or stale
 /// RST cannot remove the flow from the table.
 #[inline(always)]
-fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Table) -> Verdict {
+fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Table, now: u64) -> Verdict {
     let exact = e.tcp_state != tcp::STATE_NONE && pkt.seq == e.seq_next;
     if exact {
         conntrack::remove(&pkt.key, e, table);
@@ -119,7 +119,7 @@ fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Tab
     } else {
         stats::count(stat::RST_IGNORED);
     }
-    nat_and_forward(ctx, pkt, e, false)
+    nat_and_forward(ctx, pkt, e, false, now)
 }
 
 #[inline(always)]
@@ -157,7 +157,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     };
     stats::count(stat::NEW_FLOWS);
     schedule::count_active(backend_id);
-    nat_and_forward(ctx, pkt, &entry, true)
+    nat_and_forward(ctx, pkt, &entry, true, now)
 }
 
 #[cfg(not(test))]

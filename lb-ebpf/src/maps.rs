@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters,
+        Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE,
         DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
     },
     stats,
@@ -70,6 +70,11 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
 /// the exact counts from its table walk every second.
 #[map(name = "XLB_BE_ACTIVE")]
 pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Next-hop cache: destination address (network order) → egress and MACs
+/// from the last FIB lookup, trusted for `NEXT_HOP_TTL_NS`.
+#[map(name = "XLB_NEXT_HOP")]
+pub static NEXT_HOP: LruHashMap<u32, NextHop> = LruHashMap::with_max_entries(NEXT_HOP_CACHE, 0);
 
 /// Interfaces xlb is attached to (ifindex → ifindex), the redirect targets.
 #[map(name = "XLB_DEVMAP")]

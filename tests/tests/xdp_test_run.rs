@@ -7,7 +7,7 @@
 //!   t0 10.0.0.1/24 (client side, client 10.0.0.2)
 //!   t1 10.1.1.1/24 (backend side, backend 10.1.1.2)
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
@@ -584,4 +584,23 @@ fn a_tcp_flow_waits_in_the_half_open_table_until_its_handshake_completes() {
     // UDP needs no handshake: straight to the connection table.
     assert_eq!(r.run(r.t0, &Frame::udp((CLIENT, 5050), (VIP, 53), b"x").build()).0, XDP_REDIRECT);
     assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (4, 0));
+}
+
+#[test]
+fn next_hops_are_cached_for_a_second_and_then_looked_up_again() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT, 40050), (VIP, 80), TCP_SYN, 1, 0);
+    let (_, out) = r.run(r.t0, &syn.build());
+    assert_eq!(&out[0..6], &BACKEND_MAC);
+    // The backend's MAC changes (a replaced machine, a failover).
+    r.ns.ip(&["neigh", "replace", "10.1.1.2", "lladdr", "02:00:00:00:01:99", "dev", "t1", "nud", "permanent"]).expect("neigh");
+    let next = Frame::tcp((CLIENT, 40051), (VIP, 80), TCP_SYN, 1, 0);
+    let (_, out) = r.run(r.t0, &next.build());
+    assert_eq!(&out[0..6], &BACKEND_MAC, "within the second the cached next hop is used");
+    let changed = testbed::wait_for("the new MAC to be used", Duration::from_secs(3), || {
+        let f = Frame::tcp((CLIENT, 40052), (VIP, 80), TCP_SYN, 1, 0);
+        let (_, out) = r.run(r.t0, &f.build());
+        (out[0..6] == [2, 0, 0, 0, 1, 0x99]).then_some(())
+    });
+    assert!(changed.is_ok(), "the changed neighbour was never picked up");
 }

@@ -84,6 +84,10 @@ pub struct DaemonArgs {
     /// restarted daemon takes over the running data plane.
     #[arg(long, default_value = DEFAULT_STATE_FILE, value_name = "FILE")]
     pub state_file: PathBuf,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9100); off
+    /// unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the
     /// data plane forwarding.
     #[arg(long)]

@@ -26,6 +26,16 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = server::bind(&socket)?;
+    let metrics_listener = match args.metrics_addr {
+        Some(a) => match crate::metrics::bind(a).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
 
     let result = start(&args, &config).await;
     let ctl = match result {
@@ -40,6 +50,14 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let ctl = Arc::new(Mutex::new(ctl));
     let serving = tokio::spawn(server::serve(listener, ctl.clone(), args.state_file.clone()));
     let upkeep = tokio::spawn(upkeep(ctl.clone(), args.state_file.clone()));
+    let metrics = metrics_listener.map(|listener| {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, ctl).await {
+                tracing::error!("{e:#}");
+            }
+        })
+    });
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -47,6 +65,9 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     }
     serving.abort();
     upkeep.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     let mut ctl = ctl.lock().await;
     if args.detach_on_exit {

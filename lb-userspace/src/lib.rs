@@ -8,6 +8,7 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod policy;
 pub mod resetter;
 pub mod server;

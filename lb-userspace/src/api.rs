@@ -75,6 +75,21 @@ pub enum Request {
         proto: Option<Proto>,
         backend: SocketAddrV4,
     },
+    /// Changes a registered backend's weight.
+    BackendSet {
+        service: SocketAddrV4,
+        proto: Option<Proto>,
+        backend: SocketAddrV4,
+        weight: u32,
+    },
+    /// The whole configuration, in the form `apply` takes.
+    Export,
+    /// Makes the configuration match `config`; `dry_run` only lists changes.
+    Apply {
+        config: crate::declarative::Desired,
+        #[serde(default)]
+        dry_run: bool,
+    },
     Status,
     Flows {
         service: Option<SocketAddrV4>,

@@ -45,6 +45,17 @@ pub enum Command {
     Backend(BackendCmd),
     /// Services, backends, counters and the connection table.
     Status,
+    /// Print the whole configuration as JSON (the form `apply` takes).
+    Export,
+    /// Make the running configuration match FILE (as written by `export`),
+    /// printing what changes.
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Show the changes without applying them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove a data plane left running by a stopped daemon: detach its XDP
     /// program and delete its pins and state (its connections are lost).
     Detach {
@@ -151,6 +162,17 @@ pub enum BackendCmd {
         #[arg(long)]
         proto: Option<Proto>,
     },
+    /// Change a registered backend's weight.
+    Set {
+        #[arg(value_name = "VIP:PORT")]
+        service: SocketAddrV4,
+        #[arg(value_name = "IP:PORT")]
+        backend: SocketAddrV4,
+        #[arg(long)]
+        weight: u32,
+        #[arg(long)]
+        proto: Option<Proto>,
+    },
     /// Deregister a backend; its flows are removed from the table.
     Remove {
         #[arg(value_name = "VIP:PORT")]
@@ -184,7 +206,30 @@ pub fn run_client(cli: &Cli) -> ExitCode {
             proto: *proto,
             backend: *backend,
         },
+        Command::Backend(BackendCmd::Set { service, backend, weight, proto }) => Request::BackendSet {
+            service: *service,
+            proto: *proto,
+            backend: *backend,
+            weight: *weight,
+        },
         Command::Status => Request::Status,
+        Command::Export => Request::Export,
+        Command::Apply { file, dry_run } => {
+            let text = match std::fs::read_to_string(file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("xlb: reading {}: {e}", file.display());
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            match crate::declarative::Desired::parse(&text) {
+                Ok(config) => Request::Apply { config, dry_run: *dry_run },
+                Err(e) => {
+                    eprintln!("xlb: {}: {e}", file.display());
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
         Command::Flows { service, proto } => Request::Flows { service: *service, proto: *proto },
     };
     let resp = match client::call(&cli.socket, &req) {
@@ -277,6 +322,24 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
             data["active_flows"],
             data["policy"].as_str().unwrap_or("?")
         ),
+        Request::BackendSet { .. } => println!(
+            "backend {} on {}/{}: weight {} -> {}",
+            data["backend"].as_str().unwrap_or("?"),
+            data["service"].as_str().unwrap_or("?"),
+            data["proto"].as_str().unwrap_or("?"),
+            data["old_weight"],
+            data["weight"]
+        ),
+        Request::Export => println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default()),
+        Request::Apply { dry_run, .. } => {
+            let changes: Vec<String> = serde_json::from_value(data["changes"].clone()).unwrap_or_default();
+            if changes.is_empty() {
+                println!("nothing to change");
+            }
+            for c in changes {
+                println!("{}{c}", if *dry_run { "would " } else { "" });
+            }
+        }
         Request::ServiceSet { .. } => println!(
             "service {}/{} settings: {}",
             data["service"].as_str().unwrap_or("?"),

@@ -157,6 +157,16 @@ pub struct SavedBackend {
     pub drain_remaining_ms: Option<u64>,
 }
 
+/// One step of an `apply`.
+enum Step {
+    AddService(ServiceId, ServiceSettings),
+    Settings(ServiceId, ServiceSettings),
+    AddBackend(ServiceId, SocketAddrV4, u32),
+    Reweight(ServiceId, SocketAddrV4, u32),
+    RemoveBackend(ServiceId, SocketAddrV4),
+    RemoveService(ServiceId),
+}
+
 /// A mass reset to pace over `spread` (zero-spread resets run inline).
 pub struct ResetJob {
     pub service: ServiceId,
@@ -667,6 +677,166 @@ impl Controller {
             let entry = Self::service_entry(svc);
             self.dp.service_set(Self::service_key(&sid), entry)?;
         }
+        Ok(())
+    }
+
+    /// Changes a backend's weight at run time.
+    pub fn backend_set(&mut self, addr: SocketAddrV4, proto: Option<Proto>, backend: SocketAddrV4, weight: u32) -> Result<(ServiceId, u32)> {
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
+        }
+        let sid = self.resolve(addr, proto)?;
+        let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
+        let service_id = svc.id;
+        let Some(slot) = svc.backends.get_mut(&backend) else {
+            return Err(ControllerError::NotFound(format!("backend {backend} is not registered on {sid}")));
+        };
+        let old = slot.weight;
+        slot.weight = weight;
+        let b = Backend { addr: be_addr(*backend.ip()), port: be_port(backend.port()), state: slot.dp_state(), _pad: 0, weight, service_id };
+        let id = slot.id;
+        self.dp.backend_set(id, b)?;
+        self.rebuild_ring(sid)?;
+        self.dirty = true;
+        tracing::info!(service = %sid, %backend, old, weight, "backend weight changed");
+        Ok((sid, old))
+    }
+
+    // ---- declarative configuration ----
+
+    /// The whole configuration (registered backends only).
+    pub fn export(&self) -> crate::declarative::Desired {
+        use crate::declarative::{DesiredBackend, DesiredService};
+        crate::declarative::Desired {
+            services: self
+                .services
+                .iter()
+                .map(|(sid, svc)| DesiredService {
+                    service: sid.addr,
+                    proto: sid.proto,
+                    settings: svc.settings.clone(),
+                    backends: svc.backends.values().map(|b| DesiredBackend { backend: b.addr, weight: b.weight }).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Makes the running configuration match `want`: validates all of it
+    /// first (nothing changes if any of it is wrong, and the error names the
+    /// field), then adds, changes and removes what differs. Returns the
+    /// changes, applied or (with `dry_run`) only listed.
+    pub fn apply(&mut self, want: &crate::declarative::Desired, dry_run: bool) -> Result<Vec<String>> {
+        let bad = |path: String, msg: String| ControllerError::BadRequest(format!("{path}: {msg}"));
+        let mut seen = HashSet::new();
+        if want.services.len() > MAX_SERVICES as usize {
+            return Err(ControllerError::Capacity(format!("{} services, at most {MAX_SERVICES}", want.services.len())));
+        }
+        for (i, s) in want.services.iter().enumerate() {
+            let sid = ServiceId { addr: s.service, proto: s.proto };
+            check_unicast("service", s.service).map_err(|e| bad(format!("services[{i}].service"), e.to_string()))?;
+            if !seen.insert(sid) {
+                return Err(bad(format!("services[{i}]"), format!("service {sid} is listed twice")));
+            }
+            s.settings.validate().map_err(|e| bad(format!("services[{i}].settings"), e))?;
+            let mut backends = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let path = format!("services[{i}].backends[{j}]");
+                check_unicast("backend", b.backend).map_err(|e| bad(format!("{path}.backend"), e.to_string()))?;
+                if b.weight == 0 || b.weight > MAX_WEIGHT {
+                    return Err(bad(format!("{path}.weight"), format!("{} is out of range 1-{MAX_WEIGHT}", b.weight)));
+                }
+                if !backends.insert(b.backend) {
+                    return Err(bad(format!("{path}.backend"), format!("{} is listed twice on {sid}", b.backend)));
+                }
+            }
+        }
+        // The plan.
+        let mut changes = Vec::new();
+        let mut steps: Vec<Step> = Vec::new();
+        for s in &want.services {
+            let sid = ServiceId { addr: s.service, proto: s.proto };
+            match self.services.get(&sid) {
+                None => {
+                    changes.push(format!("add service {sid}"));
+                    steps.push(Step::AddService(sid, s.settings.clone()));
+                    for b in &s.backends {
+                        changes.push(format!("add backend {} to {sid} (weight {})", b.backend, b.weight));
+                        steps.push(Step::AddBackend(sid, b.backend, b.weight));
+                    }
+                }
+                Some(cur) => {
+                    if cur.settings != s.settings {
+                        changes.push(format!("change settings of {sid}"));
+                        steps.push(Step::Settings(sid, s.settings.clone()));
+                    }
+                    for b in &s.backends {
+                        match cur.backends.get(&b.backend) {
+                            None => {
+                                changes.push(format!("add backend {} to {sid} (weight {})", b.backend, b.weight));
+                                steps.push(Step::AddBackend(sid, b.backend, b.weight));
+                            }
+                            Some(slot) if slot.weight != b.weight => {
+                                changes.push(format!("reweight backend {} on {sid}: {} -> {}", b.backend, slot.weight, b.weight));
+                                steps.push(Step::Reweight(sid, b.backend, b.weight));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    for addr in cur.backends.keys() {
+                        if !s.backends.iter().any(|b| b.backend == *addr) {
+                            changes.push(format!("remove backend {addr} from {sid} (policy {})", s.settings.on_remove));
+                            steps.push(Step::RemoveBackend(sid, *addr));
+                        }
+                    }
+                }
+            }
+        }
+        for sid in self.services.keys() {
+            if !seen.contains(sid) {
+                changes.push(format!("remove service {sid}"));
+                steps.push(Step::RemoveService(*sid));
+            }
+        }
+        if dry_run {
+            return Ok(changes);
+        }
+        for step in steps {
+            match step {
+                Step::AddService(sid, settings) => {
+                    self.service_add(sid.addr, sid.proto, &ServiceOptions::default())?;
+                    self.replace_settings(sid, settings)?;
+                }
+                Step::Settings(sid, settings) => self.replace_settings(sid, settings)?,
+                Step::AddBackend(sid, b, w) => {
+                    self.backend_add(sid.addr, Some(sid.proto), b, Some(w))?;
+                }
+                Step::Reweight(sid, b, w) => {
+                    self.backend_set(sid.addr, Some(sid.proto), b, w)?;
+                }
+                Step::RemoveBackend(sid, b) => {
+                    self.backend_remove(sid.addr, Some(sid.proto), b)?;
+                }
+                Step::RemoveService(sid) => {
+                    self.service_remove(sid.addr, Some(sid.proto))?;
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Replaces a service's settings whole (validated by the caller).
+    fn replace_settings(&mut self, sid: ServiceId, settings: ServiceSettings) -> Result<()> {
+        let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
+        svc.settings = settings;
+        if svc.settings.health.is_none() {
+            for b in svc.backends.values_mut() {
+                b.health = Tracker::default();
+            }
+        }
+        let entry = Self::service_entry(svc);
+        self.dp.service_set(Self::service_key(&sid), entry)?;
+        self.sync_backends(sid)?;
+        self.dirty = true;
         Ok(())
     }
 

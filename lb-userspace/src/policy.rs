@@ -213,6 +213,7 @@ impl From<StatusRange> for String {
 
 /// A health check as configured on a service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HealthCheck {
     pub probe: Probe,
     pub interval: Dur,
@@ -238,8 +239,10 @@ impl Default for HealthCheck {
     }
 }
 
-/// Every per-service setting, resolved.
+/// Every per-service setting, resolved. Absent fields (in `xlb apply`
+/// files) take their defaults; unknown ones are errors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServiceSettings {
     pub scheduler: Scheduler,
     /// Maglev table size (a prime, at most 65537).
@@ -257,12 +260,12 @@ pub struct ServiceSettings {
     pub reset_on_idle: bool,
     /// A backend that joins or comes back up ramps its weight from 1 to its
     /// full weight over this period (0: at once).
-    #[serde(default)]
     pub slow_start: Dur,
 }
 
 /// How long a flow may stay idle in each state before it leaves the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// Handshake not completed.
     pub syn: Dur,
@@ -466,7 +469,33 @@ impl ServiceSettings {
                 h.status = v;
             }
         }
-        if let Some(h) = &s.health {
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks every setting (for settings given whole, as `xlb apply` does).
+    pub fn validate(&self) -> Result<(), String> {
+        let m = self.maglev_size as usize;
+        if m > lb_common::sched::MAGLEV_DEFAULT_SIZE || !lb_common::sched::is_prime(m) {
+            return Err(format!("maglev_size {m} must be a prime no larger than 65537"));
+        }
+        if self.reset_spread.0 > MAX_RESET_SPREAD {
+            return Err("reset_spread must be at most 10m".into());
+        }
+        if self.slow_start.0 > Duration::from_secs(3600) {
+            return Err("slow_start must be at most 1h".into());
+        }
+        for (t, what) in [
+            (self.timeouts.syn, "timeouts.syn"),
+            (self.timeouts.established, "timeouts.established"),
+            (self.timeouts.closing, "timeouts.closing"),
+            (self.timeouts.udp, "timeouts.udp"),
+        ] {
+            if t.0 < Duration::from_secs(1) || t.0 > Duration::from_secs(7 * 24 * 3600) {
+                return Err(format!("{what} must be between 1s and 7 days"));
+            }
+        }
+        if let Some(h) = &self.health {
             if h.interval.0 < Duration::from_millis(50) || h.interval.0 > Duration::from_secs(3600) {
                 return Err("health interval must be between 50ms and 1h".into());
             }
@@ -477,7 +506,7 @@ impl ServiceSettings {
                 return Err("rise and fall must be between 1 and 100".into());
             }
         }
-        Ok(s)
+        Ok(())
     }
 }
 

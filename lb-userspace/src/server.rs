@@ -43,6 +43,15 @@ fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, Con
             let (sid, policy, flows) = ctl.backend_remove(service, proto, backend)?;
             json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "policy": policy, "active_flows": flows })
         }
+        Request::BackendSet { service, proto, backend, weight } => {
+            let (sid, old) = ctl.backend_set(service, proto, backend, weight)?;
+            json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "old_weight": old, "weight": weight })
+        }
+        Request::Export => serde_json::to_value(ctl.export()).unwrap_or_default(),
+        Request::Apply { config, dry_run } => {
+            let changes = ctl.apply(&config, dry_run)?;
+            json!({ "dry_run": dry_run, "changes": changes })
+        }
         Request::Status => serde_json::to_value(ctl.status()?).unwrap_or_default(),
         Request::Flows { service, proto } => {
             let filter = match service {

@@ -105,3 +105,69 @@ fn an_unusable_metrics_address_fails_the_start_cleanly() {
     let link = topo.lb.ip(&["link", "show", "l0"]).expect("link");
     assert!(!link.contains("xdp"), "{link}");
 }
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn export_apply_round_trip_diff_dry_run_and_refusals() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 0 }).expect("topology");
+    let a = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon a");
+    a.ok(&["service", "add", "10.99.0.1:80", "--scheduler", "least-conn", "--on-remove", "drain:30s", "--health", "http:/healthz", "--fall", "2", "--timeout-established", "1h"])
+        .expect("svc");
+    a.ok(&["backend", "add", "10.99.0.1:80", "10.1.1.2:8080", "--weight", "3"]).expect("b");
+    a.ok(&["backend", "add", "10.99.0.1:80", "10.1.2.2:8080"]).expect("b");
+    a.ok(&["service", "add", "10.99.0.1:53", "--proto", "udp", "--reset-spread", "5s"]).expect("svc");
+    a.ok(&["backend", "add", "10.99.0.1:53", "10.1.3.2:53", "--proto", "udp"]).expect("b");
+    let exported = a.ok(&["export"]).expect("export");
+    let dir = std::env::temp_dir().join(format!("{}-export", topo.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("config.json");
+    std::fs::write(&file, &exported).expect("write");
+    drop(a);
+
+    // Clone onto a fresh daemon: export → apply → export is identical.
+    let b = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon b");
+    let dry = b.ok(&["apply", "-f", file.to_str().expect("path"), "--dry-run"]).expect("dry run");
+    assert!(dry.contains("would add service 10.99.0.1:80/tcp") && dry.contains("would add backend 10.1.1.2:8080"), "{dry}");
+    assert_eq!(b.ok(&["export"]).expect("export"), "{\n  \"services\": []\n}\n", "a dry run changed the configuration");
+    let out = b.ok(&["apply", "-f", file.to_str().expect("path")]).expect("apply");
+    assert_eq!(out.lines().count(), 5, "2 services and 3 backends added: {out}");
+    assert_eq!(b.ok(&["export"]).expect("export"), exported, "export → apply → export must be identical");
+    assert_eq!(b.ok(&["apply", "-f", file.to_str().expect("path")]).expect("again"), "nothing to change\n");
+
+    // A changed file applies only the difference.
+    let mut v: serde_json::Value = serde_json::from_str(&exported).expect("json");
+    v["services"][1]["backends"][0]["weight"] = 5.into(); // 10.99.0.1:80 is second (sorted by address)
+    v["services"][1]["backends"].as_array_mut().expect("backends").remove(1);
+    v["services"][0]["settings"]["on_miss"] = "rehash".into();
+    std::fs::write(&file, serde_json::to_string(&v).expect("json")).expect("write");
+    let out = b.ok(&["apply", "-f", file.to_str().expect("path")]).expect("apply diff");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(out.contains("change settings of 10.99.0.1:53/udp"), "{out}");
+    assert!(out.contains("reweight backend 10.1.1.2:8080 on 10.99.0.1:80/tcp: 3 -> 5"), "{out}");
+    assert!(out.contains("remove backend 10.1.2.2:8080 from 10.99.0.1:80/tcp"), "{out}");
+
+    // Invalid files change nothing and name the bad field.
+    let before = b.ok(&["export"]).expect("export");
+    let bad_cases = [
+        (r#"{"services":[{"service":"10.99.0.1:80","proto":"tcp","backends":[{"backend":"10.1.1.2:8080","weight":0}]}]}"#, "services[0].backends[0].weight"),
+        (r#"{"services":[{"service":"10.99.0.1:80","proto":"tcp","settings":{"on_remve":"keep"}}]}"#, "unknown field `on_remve`"),
+        (r#"{"services":[{"service":"10.99.0.1","proto":"tcp"}]}"#, "invalid"),
+        (r#"{"services":[{"service":"10.99.0.1:80","proto":"tcp","settings":{"maglev_size":1000}}]}"#, "services[0].settings: maglev_size 1000"),
+        (r#"{"services":[{"service":"10.99.0.1:80","proto":"tcp"},{"service":"10.99.0.1:80","proto":"tcp"}]}"#, "listed twice"),
+    ];
+    for (text, needle) in bad_cases {
+        std::fs::write(&file, text).expect("write");
+        let out = b.cli(&["apply", "-f", file.to_str().expect("path")]).expect("run");
+        assert_eq!(out.status.code(), Some(2), "{text}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "{text}: {:?} lacks {needle:?}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(b.ok(&["export"]).expect("export"), before, "a refused apply changed the configuration");
+    }
+    let o = b.cli(&["backend", "set", "10.99.0.1:80", "10.1.1.2:8080", "--weight", "7"]).expect("set");
+    assert!(o.status.success() && stdout(&o).contains("weight 5 -> 7"), "{}", stdout(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -94,6 +94,9 @@ pub enum Request {
     Flows {
         service: Option<SocketAddrV4>,
         proto: Option<Proto>,
+        /// Only this backend's flows (who would be reset if it went now).
+        #[serde(default)]
+        backend: Option<SocketAddrV4>,
     },
 }
 

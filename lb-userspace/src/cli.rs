@@ -74,6 +74,9 @@ pub enum Command {
         /// Protocol of --service, when both tcp and udp are served there.
         #[arg(long, requires = "service")]
         proto: Option<Proto>,
+        /// Only this backend's flows (who would be reset if it went now).
+        #[arg(long, value_name = "IP:PORT")]
+        backend: Option<SocketAddrV4>,
     },
 }
 
@@ -230,7 +233,7 @@ pub fn run_client(cli: &Cli) -> ExitCode {
                 }
             }
         }
-        Command::Flows { service, proto } => Request::Flows { service: *service, proto: *proto },
+        Command::Flows { service, proto, backend } => Request::Flows { service: *service, proto: *proto, backend: *backend },
     };
     let resp = match client::call(&cli.socket, &req) {
         Ok(r) => r,

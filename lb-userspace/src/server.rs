@@ -53,12 +53,16 @@ fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, Con
             json!({ "dry_run": dry_run, "changes": changes })
         }
         Request::Status => serde_json::to_value(ctl.status()?).unwrap_or_default(),
-        Request::Flows { service, proto } => {
+        Request::Flows { service, proto, backend } => {
             let filter = match service {
                 Some(s) => Some(ctl.resolve(s, proto)?),
                 None => None,
             };
-            serde_json::to_value(ctl.flows(filter)?).unwrap_or_default()
+            let mut flows = ctl.flows(filter)?;
+            if let Some(b) = backend {
+                flows.retain(|f| f.backend == b);
+            }
+            serde_json::to_value(flows).unwrap_or_default()
         }
     })
 }

@@ -113,6 +113,12 @@ fn long_lived_connections_stay_on_their_backend_and_are_listed() {
         let idx: usize = name[1..].parse().expect("backend index");
         assert_eq!(*backend, b.topo.backend(idx, BACKEND_PORT).to_string(), "flow table and answers disagree");
     }
+    // One backend's flows only: who would be reset if it went now.
+    let b0 = b.topo.backend(0, BACKEND_PORT).to_string();
+    let only = b.daemon.json(&["flows", "--backend", &b0]).expect("flows --backend");
+    let only = only.as_array().expect("array");
+    assert_eq!(only.len(), first.iter().filter(|n| *n == "b0").count());
+    assert!(only.iter().all(|f| f["backend"] == b0.as_str()));
     for round in 1..20 {
         std::thread::sleep(Duration::from_millis(250));
         for (c, name) in clients.iter_mut().zip(&first) {

@@ -45,6 +45,8 @@ pub enum Command {
     Backend(BackendCmd),
     /// Services, backends, counters and the connection table.
     Status,
+    /// A live view of services and backends, refreshed every second (q quits).
+    Top,
     /// Print the whole configuration as JSON (the form `apply` takes).
     Export,
     /// Make the running configuration match FILE (as written by `export`),
@@ -190,7 +192,7 @@ pub enum BackendCmd {
 /// Runs a client verb (everything but `daemon`).
 pub fn run_client(cli: &Cli) -> ExitCode {
     let req = match &cli.command {
-        Command::Daemon(_) | Command::Detach { .. } => unreachable_daemon(),
+        Command::Daemon(_) | Command::Detach { .. } | Command::Top => unreachable_daemon(),
         Command::Service(ServiceCmd::Add { service, proto, options }) => {
             Request::ServiceAdd { service: *service, proto: *proto, options: options.clone() }
         }

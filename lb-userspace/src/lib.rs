@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod policy;
 pub mod resetter;
 pub mod server;
+pub mod top;

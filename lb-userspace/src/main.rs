@@ -33,6 +33,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Detach { ref pin_dir, ref state_file } => xlb::cli::run_detach(&cli, pin_dir, state_file),
+        Command::Top => match xlb::top::run(&cli.socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xlb: {e:#}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
         _ => xlb::cli::run_client(&cli),
     }
 }

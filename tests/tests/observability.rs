@@ -171,3 +171,54 @@ fn export_apply_round_trip_diff_dry_run_and_refusals() {
     assert!(o.status.success() && stdout(&o).contains("weight 5 -> 7"), "{}", stdout(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn top_renders_backends_and_their_rates_in_a_terminal() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    let _servers: Vec<UdpNameServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| UdpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:5353".parse().expect("addr")).expect("server"))
+        .collect();
+    let vip = topo.vip(53).to_string();
+    daemon.ok(&["service", "add", &vip, "--proto", "udp"]).expect("service");
+    for i in 0..2 {
+        daemon.ok(&["backend", "add", &vip, &topo.backend(i, 5353).to_string()]).expect("backend");
+    }
+    let session = format!("{}-top", topo.prefix);
+    let cmd = format!("{} --socket {} top", testbed::daemon::xlb_bin().display(), daemon.socket.display());
+    let tmux = |args: &[&str]| std::process::Command::new("tmux").args(args).output().expect("tmux (installed by `cargo xtask setup`)");
+    assert!(tmux(&["new-session", "-d", "-s", &session, "-x", "150", "-y", "30", &cmd]).status.success());
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    // Traffic for a few seconds while top refreshes.
+    let sock = in_netns(&topo.client.name, || UdpSocket::bind("0.0.0.0:0")).expect("ns").expect("bind");
+    let start = std::time::Instant::now();
+    let mut screen = String::new();
+    let found = testbed::wait_for("top to show both backends with traffic", Duration::from_secs(8), || {
+        for _ in 0..50 {
+            let _ = sock.send_to(&[b'x'; 500], topo.vip_sock(53));
+        }
+        screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+        let rows: Vec<&str> = screen.lines().filter(|l| l.contains("10.1.1.2:5353") || l.contains("10.1.2.2:5353")).collect();
+        // A backend row with a nonzero rate (kilo- or megabits/s).
+        let busy = |r: &&str| r.contains(" up ") && r.split_whitespace().any(|w| w.len() > 1 && (w.ends_with('k') || w.ends_with('M')) && w[..w.len() - 1].parse::<f64>().is_ok_and(|v| v > 0.0));
+        (rows.len() == 2 && start.elapsed() > Duration::from_secs(2) && rows.iter().any(busy)).then_some(())
+    });
+    assert!(found.is_ok(), "screen:\n{screen}");
+    assert!(screen.contains("xlb top") && screen.contains("10.99.0.1:53/udp") && screen.contains("IN b/s"), "{screen}");
+    // q quits.
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let quit = testbed::wait_for("top to quit on q", Duration::from_secs(3), || {
+        (!tmux(&["has-session", "-t", &session]).status.success()).then_some(())
+    });
+    assert!(quit.is_ok(), "top did not quit on q");
+}

@@ -119,3 +119,16 @@ mod tests {
         assert!(no_port.to_string().contains("vip"), "{no_port}");
     }
 }
+
+#[cfg(test)]
+mod example {
+    /// The example shipped in packaging/ parses.
+    #[test]
+    fn the_packaged_example_config_is_valid() {
+        let text = include_str!("../../packaging/xlb.toml");
+        let c = super::Config::parse(text).expect("packaging/xlb.toml must parse");
+        assert_eq!(c.services.len(), 2);
+        let s = crate::policy::ServiceSettings::default().patched(&c.services[0].settings).expect("valid settings");
+        assert_eq!(s.health.map(|h| h.fall), Some(3));
+    }
+}

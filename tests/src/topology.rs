@@ -119,4 +119,22 @@ impl Topology {
     pub fn backend(&self, i: usize, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(backend_addr(i), port)
     }
+
+    /// A TCP name server on `port` in every backend namespace, named b0, b1...
+    pub fn tcp_servers(&self, port: u16) -> anyhow::Result<Vec<crate::TcpNameServer>> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| crate::TcpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::from(([0, 0, 0, 0], port))))
+            .collect()
+    }
+
+    /// A UDP name server on `port` in every backend namespace, named b0, b1...
+    pub fn udp_servers(&self, port: u16) -> anyhow::Result<Vec<crate::UdpNameServer>> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| crate::UdpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::from(([0, 0, 0, 0], port))))
+            .collect()
+    }
 }

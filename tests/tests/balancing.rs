@@ -34,11 +34,7 @@ fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str]) -> Bed {
     require_root();
     let topo = Topology::new(TopologyOptions { backends }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
-    let mut servers = Vec::new();
-    for (i, b) in topo.backends.iter().enumerate() {
-        let bind: SocketAddr = format!("0.0.0.0:{BACKEND_PORT}").parse().expect("addr");
-        servers.push(TcpNameServer::start(&b.name, &format!("b{i}"), bind).expect("server"));
-    }
+    let servers = topo.tcp_servers(BACKEND_PORT).expect("servers");
     let vip = topo.vip(80).to_string();
     // Round robin: these tests check exact weighted shares.
     daemon.ok(&["service", "add", &vip, "--scheduler", "wrr"]).expect("service add");
@@ -135,12 +131,7 @@ fn udp_request_response_is_sticky_per_flow() {
     require_root();
     let topo = Topology::new(TopologyOptions { backends: 3 }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
-    let _servers: Vec<UdpNameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:5353".parse().expect("addr")).expect("udp server"))
-        .collect();
+    let _servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("udp servers");
     let vip = topo.vip(53).to_string();
     daemon.ok(&["service", "add", &vip, "--proto", "udp", "--scheduler", "wrr"]).expect("service");
     for i in 0..3 {

@@ -23,12 +23,7 @@ fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
-    let servers = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Some(TcpNameServer::start(&b.name, &format!("b{i}"), format!("0.0.0.0:{PORT}").parse().expect("addr")).expect("server")))
-        .collect();
+    let servers = topo.tcp_servers(PORT).expect("servers").into_iter().map(Some).collect();
     let vip = topo.vip(80).to_string();
     // Round robin: predictable shares per backend.
     let mut args = vec!["service", "add", vip.as_str(), "--scheduler", "wrr"];

@@ -36,12 +36,7 @@ fn scraped_metrics_match_the_traffic_sent() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--metrics-addr", "127.0.0.1:9100"]).expect("daemon");
-    let servers: Vec<UdpNameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:5353".parse().expect("addr")).expect("server"))
-        .collect();
+    let servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("servers");
     let vip = topo.vip(53).to_string();
     daemon.ok(&["service", "add", &vip, "--proto", "udp", "--scheduler", "wrr"]).expect("service");
     for i in 0..2 {
@@ -177,12 +172,7 @@ fn top_renders_backends_and_their_rates_in_a_terminal() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
-    let _servers: Vec<UdpNameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| UdpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:5353".parse().expect("addr")).expect("server"))
-        .collect();
+    let _servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("servers");
     let vip = topo.vip(53).to_string();
     daemon.ok(&["service", "add", &vip, "--proto", "udp"]).expect("service");
     for i in 0..2 {

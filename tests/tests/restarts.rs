@@ -16,12 +16,7 @@ fn bed(backends: usize) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends }).expect("topology");
     let daemon = Daemon::start_persistent(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
-    let servers = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:8080".parse().expect("addr")).expect("server"))
-        .collect();
+    let servers = topo.tcp_servers(8080).expect("servers");
     let vip = topo.vip(80).to_string();
     daemon.ok(&["service", "add", &vip, "--health", "tcp", "--health-interval", "500ms", "--health-timeout", "300ms"]).expect("service");
     for i in 0..backends {

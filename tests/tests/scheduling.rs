@@ -19,12 +19,7 @@ fn bed(backends: usize, service_args: &[&str], weights: &[u32]) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
-    let servers = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:8080".parse().expect("addr")).expect("server"))
-        .collect();
+    let servers = topo.tcp_servers(8080).expect("servers");
     let vip = topo.vip(80).to_string();
     let mut args = vec!["service", "add", vip.as_str()];
     args.extend_from_slice(service_args);

@@ -20,12 +20,7 @@ fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--conn-capacity", "1024", "--half-open-capacity", "256"]).expect("daemon");
-    let _servers: Vec<TcpNameServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), "0.0.0.0:8080".parse().expect("addr")).expect("server"))
-        .collect();
+    let _servers: Vec<TcpNameServer> = topo.tcp_servers(8080).expect("servers");
     let vip = topo.vip(80).to_string();
     daemon.ok(&["service", "add", &vip]).expect("service");
     for i in 0..2 {

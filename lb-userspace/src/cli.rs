@@ -192,7 +192,11 @@ pub enum BackendCmd {
 /// Runs a client verb (everything but `daemon`).
 pub fn run_client(cli: &Cli) -> ExitCode {
     let req = match &cli.command {
-        Command::Daemon(_) | Command::Detach { .. } | Command::Top => unreachable_daemon(),
+        // Not API verbs: main dispatches them before calling this.
+        Command::Daemon(_) | Command::Detach { .. } | Command::Top => {
+            eprintln!("xlb: internal error: this command is not a control API request");
+            return ExitCode::from(EXIT_USAGE);
+        }
         Command::Service(ServiceCmd::Add { service, proto, options }) => {
             Request::ServiceAdd { service: *service, proto: *proto, options: options.clone() }
         }
@@ -281,11 +285,6 @@ pub fn run_detach(cli: &Cli, pin_dir: &std::path::Path, state_file: &std::path::
         println!("{msg}");
     }
     ExitCode::SUCCESS
-}
-
-fn unreachable_daemon() -> Request {
-    // `daemon` is dispatched by main before run_client.
-    Request::Status
 }
 
 fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {

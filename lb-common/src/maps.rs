@@ -24,8 +24,9 @@ pub mod names {
     pub const DEVMAP: &str = "XLB_DEVMAP";
     pub const BACKEND_ACTIVE: &str = "XLB_BE_ACTIVE";
     pub const NEXT_HOP: &str = "XLB_NEXT_HOP";
+    pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -39,6 +40,7 @@ pub mod names {
         DEVMAP,
         BACKEND_ACTIVE,
         NEXT_HOP,
+        FLOW_EVENTS,
     ];
 }
 
@@ -219,9 +221,67 @@ pub struct FlowEntry {
     /// `bpf_ktime_get_coarse_ns` at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_coarse_ns` at the last packet (refreshed at most every
-    /// `LAST_SEEN_GRANULARITY_NS` to keep the cache line quiet).
+    /// `LAST_SEEN_GRANULARITY_NS`).
     pub last_seen_ns: u64,
+    /// Packets and IP bytes this direction forwarded (flow logs).
+    pub packets: u64,
+    pub bytes: u64,
 }
+
+/// Why a flow ended, in flow logs (`FlowEnd::reason` for the data plane's
+/// own removals; the controller uses the same numbers).
+pub mod end_reason {
+    /// FIN from both sides.
+    pub const FIN: u32 = 1;
+    /// The client sent a RST (exact sequence).
+    pub const RST_CLIENT: u32 = 2;
+    /// The backend sent a RST (exact sequence).
+    pub const RST_BACKEND: u32 = 3;
+    /// Idle past its timeout.
+    pub const IDLE: u32 = 4;
+    /// Its backend was deregistered.
+    pub const REMOVED: u32 = 5;
+    /// Its backend failed its health check.
+    pub const UNHEALTHY: u32 = 6;
+    /// A drain reached its deadline.
+    pub const DRAIN_DEADLINE: u32 = 7;
+    /// Its service was removed.
+    pub const SERVICE_REMOVED: u32 = 8;
+
+    pub const fn name(r: u32) -> &'static str {
+        match r {
+            FIN => "fin",
+            RST_CLIENT => "rst_client",
+            RST_BACKEND => "rst_backend",
+            IDLE => "idle",
+            REMOVED => "backend_removed",
+            UNHEALTHY => "unhealthy",
+            DRAIN_DEADLINE => "drain_deadline",
+            SERVICE_REMOVED => "service_removed",
+            _ => "unknown",
+        }
+    }
+}
+
+/// A flow the data plane removed, sent to the controller through the
+/// `XLB_FLOW_EVENTS` ring buffer (a full buffer drops the record, counted,
+/// never the packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEnd {
+    /// Client → VIP key.
+    pub key: FlowKey,
+    /// `end_reason::*`.
+    pub reason: u32,
+    pub _pad: u32,
+    /// Client → backend direction.
+    pub to_backend: FlowEntry,
+    /// Backend → client direction (zero if it was gone).
+    pub to_client: FlowEntry,
+}
+
+/// Size of the flow event ring buffer.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
 
 /// How stale `FlowEntry::last_seen_ns` may get before a packet refreshes it.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 250_000_000;
@@ -272,7 +332,8 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 28);
 const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowEnd>() == 136);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 40);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
@@ -288,4 +349,5 @@ mod pod {
     unsafe impl aya::Pod for FlowEntry {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for FlowEnd {}
 }

@@ -80,4 +80,7 @@ stats! {
     PROMOTED = 26, "promoted";
     /// Flow entries removed by the program (RST teardown, reactive reset).
     ENTRIES_REMOVED = 27, "entries_removed";
+    /// Flow-log records lost because the ring buffer was full (the packets
+    /// were forwarded all the same).
+    FLOW_LOG_DROPPED = 28, "flow_log_dropped";
 }

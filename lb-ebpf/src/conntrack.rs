@@ -5,14 +5,14 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     maps::{
-        Backend, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND, DIR_TO_CLIENT,
+        Backend, FlowEnd, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND, DIR_TO_CLIENT,
         LAST_SEEN_GRANULARITY_NS, PROTO_TCP,
     },
     tcp,
 };
 
 use crate::{
-    maps::{CONNS, HALF_OPEN},
+    maps::{CONNS, FLOW_EVENTS, HALF_OPEN},
     parse::Packet,
 };
 
@@ -60,6 +60,8 @@ pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
             _pad: 0,
             created_ns: fwd.created_ns,
             last_seen_ns: fwd.last_seen_ns,
+            packets: 0,
+            bytes: 0,
         },
     };
     if CONNS.insert(&rkey, &rev, BPF_ANY as u64).is_ok() && CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
@@ -99,6 +101,8 @@ pub fn create(
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
     };
     let is_tcp = key.proto == PROTO_TCP;
     let forward = FlowEntry {
@@ -112,6 +116,8 @@ pub fn create(
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
+        packets: 1,
+        bytes: pkt.ip_len as u64,
     };
     // TCP flows wait in the half-open table until their handshake
     // completes; UDP flows go straight to the connection table.
@@ -145,6 +151,8 @@ pub fn touch(entry: *mut FlowEntry, pkt: &Packet, now: u64) {
     if now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         e.last_seen_ns = now;
     }
+    e.packets += 1;
+    e.bytes += pkt.ip_len as u64;
 }
 
 /// A SYN that finds an entry whose previous connection ended starts a new
@@ -170,11 +178,29 @@ pub fn peer_key(key: &FlowKey, e: &FlowEntry) -> FlowKey {
     }
 }
 
-/// Removes both entries of a flow from `table`.
+/// Removes both entries of a flow from `table` and reports it (with
+/// `reason`, and `last_bytes` for the packet that ended it, if counted) to
+/// the controller's flow log.
 #[inline(always)]
-pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table) {
+pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table, reason: u32, last_bytes: u64) {
     let map = if table == Table::Established { &CONNS } else { &HALF_OPEN };
-    let _ = map.remove(&peer_key(key, e));
+    let pkey = peer_key(key, e);
+    // SAFETY: copied out of the map before it is removed.
+    let peer = map.get_ptr(&pkey).map(|p| unsafe { *p }).unwrap_or_default();
+    let mut mine = *e;
+    if last_bytes > 0 {
+        mine.packets += 1;
+        mine.bytes += last_bytes;
+    }
+    let ev = if e.direction == DIR_TO_BACKEND {
+        FlowEnd { key: *key, reason, _pad: 0, to_backend: mine, to_client: peer }
+    } else {
+        FlowEnd { key: pkey, reason, _pad: 0, to_backend: peer, to_client: mine }
+    };
+    if FLOW_EVENTS.output::<FlowEnd>(&ev, 0).is_err() {
+        crate::stats::count(lb_common::stats::FLOW_LOG_DROPPED);
+    }
+    let _ = map.remove(&pkey);
     let _ = map.remove(key);
     crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
     crate::stats::count(lb_common::stats::ENTRIES_REMOVED);

@@ -18,7 +18,10 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    maps::{backend_is_gone, FlowEntry, ServiceKey, ADDR_VIP, DIR_TO_BACKEND, PROTO_TCP, SVC_F_MISS_REHASH},
+    maps::{
+        backend_is_gone, end_reason, FlowEntry, ServiceKey, ADDR_VIP, BACKEND_DOWN, DIR_TO_BACKEND, PROTO_TCP,
+        SVC_F_MISS_REHASH,
+    },
     stats as stat,
     tcp,
 };
@@ -52,12 +55,15 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         // SAFETY: map value pointer from the kernel; copied once.
         let e = unsafe { *entry };
         let to_backend = e.direction == DIR_TO_BACKEND;
-        let gone = match maps::BACKENDS.get(e.backend_id) {
-            Some(b) => backend_is_gone(b.state),
-            None => true,
+        let (gone, reason) = match maps::BACKENDS.get(e.backend_id) {
+            Some(b) => (
+                backend_is_gone(b.state),
+                if b.state == BACKEND_DOWN { end_reason::UNHEALTHY } else { end_reason::REMOVED },
+            ),
+            None => (true, end_reason::REMOVED),
         };
         if gone {
-            conntrack::remove(&pkt.key, &e, table);
+            conntrack::remove(&pkt.key, &e, table, reason, 0);
             if is_tcp {
                 // No black hole: the sender learns at once.
                 return reset::answer(ctx, pkt, stat::RST_REACTIVE);
@@ -74,7 +80,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         if to_backend && conntrack::is_new_connection(entry, pkt) {
             // Port reuse after the previous connection ended: its entries
             // go, the SYN starts a new flow below.
-            conntrack::remove(&pkt.key, &e, table);
+            conntrack::remove(&pkt.key, &e, table, end_reason::FIN, 0);
         } else {
             conntrack::touch(entry, pkt, now);
             if table == conntrack::Table::HalfOpen && to_backend && pkt.tcp_flags & tcp::FLAG_SYN == 0 {
@@ -114,7 +120,8 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
 fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Table, now: u64) -> Verdict {
     let exact = e.tcp_state != tcp::STATE_NONE && pkt.seq == e.seq_next;
     if exact {
-        conntrack::remove(&pkt.key, e, table);
+        let reason = if e.direction == DIR_TO_BACKEND { end_reason::RST_CLIENT } else { end_reason::RST_BACKEND };
+        conntrack::remove(&pkt.key, e, table, reason, pkt.ip_len as u64);
         stats::count(stat::RST_TEARDOWN);
     } else {
         stats::count(stat::RST_IGNORED);

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     maps::{
-        Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE,
+        Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE, FLOW_EVENTS_BYTES,
         DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
     },
     stats,
@@ -75,6 +75,11 @@ pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0)
 /// from the last FIB lookup, trusted for `NEXT_HOP_TTL_NS`.
 #[map(name = "XLB_NEXT_HOP")]
 pub static NEXT_HOP: LruHashMap<u32, NextHop> = LruHashMap::with_max_entries(NEXT_HOP_CACHE, 0);
+
+/// Flows the program removed (RST teardown, reactive resets), for the
+/// controller's flow logs.
+#[map(name = "XLB_FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 
 /// Interfaces xlb is attached to (ifindex → ifindex), the redirect targets.
 #[map(name = "XLB_DEVMAP")]

@@ -104,6 +104,12 @@ pub struct DaemonArgs {
     /// unless given.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Write one JSON line per finished flow to FILE ("-": stdout).
+    #[arg(long, value_name = "FILE")]
+    pub flow_log: Option<PathBuf>,
+    /// Log 1 in N flows (by a hash of the 5-tuple).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub flow_log_sample: u32,
     /// On SIGTERM/SIGINT, detach and remove the pins instead of leaving the
     /// data plane forwarding.
     #[arg(long)]

@@ -22,7 +22,7 @@ use lb_common::{
     maps::{
         Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
         BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
-        MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_MISS_REHASH,
+        end_reason, MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_MISS_REHASH,
     },
     sched, stats, tcp,
 };
@@ -265,6 +265,7 @@ pub struct Controller {
     last_rst_sent: Option<Instant>,
     /// The model changed since the last `take_dirty` (state to save).
     dirty: bool,
+    flow_log: Option<crate::flowlog::FlowLog>,
 }
 
 fn be_addr(a: Ipv4Addr) -> u32 {
@@ -358,6 +359,7 @@ impl Controller {
             rst_send_errors: 0,
             last_rst_sent: None,
             dirty: false,
+            flow_log: None,
         }
     }
 
@@ -365,6 +367,26 @@ impl Controller {
     pub fn with_resets(mut self, sender: RstSender) -> Self {
         self.rst = Some(Arc::new(sender));
         self
+    }
+
+    /// Writes flow logs (records of finished flows) to `log`.
+    pub fn with_flow_log(mut self, log: crate::flowlog::FlowLog) -> Self {
+        self.flow_log = Some(log);
+        self
+    }
+
+    /// Logs a flow the data plane removed (from its ring buffer).
+    pub fn log_flow_end(&mut self, ev: &lb_common::maps::FlowEnd) {
+        if let Some(l) = self.flow_log.as_mut() {
+            l.record(ev);
+        }
+    }
+
+    fn log_flows(&mut self, flows: &[Flow], reason: u32) {
+        let Some(l) = self.flow_log.as_mut() else { return };
+        for f in flows {
+            l.record(&lb_common::maps::FlowEnd { key: f.key, reason, _pad: 0, to_backend: f.fwd, to_client: f.rev.unwrap_or_default() });
+        }
     }
 
     /// Test-only: skip the proactive walk (the data plane still resets a
@@ -927,6 +949,13 @@ impl Controller {
         if let Err(e) = self.dp.flows_delete(&keys) {
             tracing::warn!(error = %e, "removing reset flows from the table failed");
         }
+        let reason = match cause {
+            ResetCause::Removed => end_reason::REMOVED,
+            ResetCause::Unhealthy => end_reason::UNHEALTHY,
+            ResetCause::DrainDeadline => end_reason::DRAIN_DEADLINE,
+            ResetCause::Idle => end_reason::IDLE,
+        };
+        self.log_flows(flows, reason);
         counts.add(cause, reset);
     }
 
@@ -1149,7 +1178,11 @@ impl Controller {
             self.reset_now(&reset, ResetCause::Idle, &mut counts);
             let keys: Vec<FlowKey> = forget.iter().flat_map(|f| [f.key, f.reverse_key]).collect();
             self.dp.flows_delete(&keys)?;
-            let n = reset.len() + forget.len();
+            let (idle, done): (Vec<Flow>, Vec<Flow>) = forget.into_iter().partition(TableView::is_active);
+            self.log_flows(&idle, end_reason::IDLE);
+            self.log_flows(&done, end_reason::FIN);
+            let forget_len = idle.len() + done.len();
+            let n = reset.len() + forget_len;
             total += n;
             if let Some(svc) = self.services.get_mut(sid) {
                 svc.resets.idle += counts.idle;
@@ -1271,6 +1304,10 @@ impl Controller {
             .map(|(i, label)| (label.to_string(), raw.get(*i as usize).copied().unwrap_or(0)))
             .collect();
         counters.insert("rst_send_errors".into(), self.rst_send_errors);
+        if let Some(l) = &self.flow_log {
+            counters.insert("flow_log_written".into(), l.written);
+            counters.insert("flow_log_write_errors".into(), l.write_errors);
+        }
         // The kernel's LRU does not report evictions: what was created and
         // is neither removed (by the program or the controller) nor present
         // was evicted. Exact while this daemon has run since the data plane

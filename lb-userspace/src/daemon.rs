@@ -23,6 +23,10 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    let flow_log = match &args.flow_log {
+        Some(p) => Some(crate::flowlog::FlowLog::open(p, args.flow_log_sample)?),
+        None => None,
+    };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = server::bind(&socket)?;
@@ -39,6 +43,13 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
 
     let result = start(&args, &config).await;
     let ctl = match result {
+        Ok(c) => match flow_log {
+            Some(l) => Ok(c.with_flow_log(l)),
+            None => Ok(c),
+        },
+        Err(e) => Err(e),
+    };
+    let ctl = match ctl {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -50,6 +61,10 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let ctl = Arc::new(Mutex::new(ctl));
     let serving = tokio::spawn(server::serve(listener, ctl.clone(), args.state_file.clone()));
     let upkeep = tokio::spawn(upkeep(ctl.clone(), args.state_file.clone()));
+    let events = {
+        let rb = ctl.lock().await.dataplane().take_flow_events().context("opening the flow event ring buffer")?;
+        tokio::spawn(flow_events(rb, ctl.clone()))
+    };
     let metrics = metrics_listener.map(|listener| {
         let ctl = ctl.clone();
         tokio::spawn(async move {
@@ -65,6 +80,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     }
     serving.abort();
     upkeep.abort();
+    events.abort();
     if let Some(m) = metrics {
         m.abort();
     }
@@ -223,5 +239,46 @@ async fn check_loop(ctl: Arc<Mutex<Controller>>, t: HealthTarget) {
             tracing::warn!(backend = %t.addr, error = %e, "applying a health result failed");
         }
         server::spawn_pending_resets(&mut c, &ctl);
+    }
+}
+
+/// Reads the data plane's flow-end events into the flow log. Always
+/// drained (even without a flow log) so the buffer never stays full.
+async fn flow_events(rb: aya::maps::RingBuf<aya::maps::MapData>, ctl: Arc<Mutex<Controller>>) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd owns the ring buffer.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(rb) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            let e = e.into_parts().1;
+            tracing::error!(error = %e, "cannot poll the flow event ring buffer: no flow logs for the data plane's removals");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "polling the flow event ring buffer failed");
+                return;
+            }
+        };
+        let mut events = Vec::new();
+        {
+            let rb = guard.get_inner_mut();
+            while let Some(item) = rb.next() {
+                if item.len() >= std::mem::size_of::<lb_common::maps::FlowEnd>() {
+                    // SAFETY: the program writes whole FlowEnd records (Pod).
+                    events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<lb_common::maps::FlowEnd>()) });
+                }
+            }
+        }
+        guard.clear_ready();
+        if !events.is_empty() {
+            let mut c = ctl.lock().await;
+            for ev in &events {
+                c.log_flow_end(ev);
+            }
+        }
     }
 }

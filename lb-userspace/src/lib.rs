@@ -7,6 +7,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod flowlog;
 pub mod declarative;
 pub mod health;
 pub mod metrics;

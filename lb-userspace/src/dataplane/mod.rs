@@ -436,6 +436,12 @@ impl Dataplane {
         m.set(id, b, 0).map_err(map_err("writing", names::BACKENDS))
     }
 
+    /// The ring buffer of flows the program removed (flow logs); taken once.
+    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self.maps.remove(names::FLOW_EVENTS).ok_or(DataplaneError::MissingMap(names::FLOW_EVENTS))?;
+        aya::maps::RingBuf::try_from(map).map_err(map_err("opening", names::FLOW_EVENTS))
+    }
+
     /// Sets a backend's active-flow count (least-connections input).
     pub fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
         let map = self.map_mut(names::BACKEND_ACTIVE)?;

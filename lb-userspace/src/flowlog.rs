@@ -74,7 +74,11 @@ impl FlowLog {
                     .with_context(|| format!("opening the flow log {}", path.display()))?,
             )
         };
-        Ok(FlowLog { out, sample: sample.max(1), written: 0, write_errors: 0 })
+        Ok(FlowLog::to_writer(out, sample))
+    }
+
+    pub fn to_writer(out: Box<dyn Write + Send>, sample: u32) -> FlowLog {
+        FlowLog { out, sample: sample.max(1), written: 0, write_errors: 0 }
     }
 
     fn sampled(&self, k: &FlowKey) -> bool {
@@ -118,5 +122,58 @@ impl FlowLog {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::maps::{FlowEntry, PROTO_TCP};
+
+    fn ev(port: u16) -> FlowEnd {
+        FlowEnd {
+            key: FlowKey { src_addr: 0x0200000a, dst_addr: 0x0100630a, src_port: port.to_be(), dst_port: 80u16.to_be(), proto: PROTO_TCP, _pad: [0; 3] },
+            reason: end_reason::IDLE,
+            _pad: 0,
+            to_backend: FlowEntry { packets: 3, bytes: 180, nat_addr: 0x0201010a, nat_port: 8080u16.to_be(), ..Default::default() },
+            to_client: FlowEntry { packets: 2, bytes: 120, ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn records_are_json_lines_and_sampling_is_deterministic() {
+        let mut all = FlowLog::to_writer(Box::new(std::io::sink()), 1);
+        let mut quarter = FlowLog::to_writer(Box::new(std::io::sink()), 4);
+        let mut again = FlowLog::to_writer(Box::new(std::io::sink()), 4);
+        for p in 0..4000 {
+            all.record(&ev(10_000 + p));
+            quarter.record(&ev(10_000 + p));
+            again.record(&ev(10_000 + p));
+        }
+        assert_eq!(all.written, 4000);
+        assert!((800..1200).contains(&quarter.written), "{}", quarter.written);
+        assert_eq!(quarter.written, again.written, "the same flows are sampled every time");
+        // The line itself.
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct W(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut one = FlowLog::to_writer(Box::new(W(buf.clone())), 1);
+        one.record(&ev(40000));
+        let text = String::from_utf8(buf.lock().expect("lock").clone()).expect("utf8");
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("one JSON line");
+        assert_eq!(v["client"], "10.0.0.2:40000");
+        assert_eq!(v["vip"], "10.99.0.1:80");
+        assert_eq!(v["backend"], "10.1.1.2:8080");
+        assert_eq!((v["packets_in"].as_u64(), v["bytes_in"].as_u64(), v["bytes_out"].as_u64()), (Some(3), Some(180), Some(120)));
+        assert_eq!(v["reason"], "idle");
+        assert!(text.ends_with('\n'));
     }
 }

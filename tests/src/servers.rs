@@ -73,6 +73,11 @@ fn serve_tcp(stream: TcpStream, name: &str, seen: &Seen, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
+            Ok(_) if line == "rst\n" => {
+                // Abort: close with SO_LINGER 0, so the kernel sends a RST.
+                abort(reader.get_ref());
+                return;
+            }
             Ok(_) if line.ends_with('\n') => {
                 seen.requests.fetch_add(1, Ordering::Relaxed);
                 if writer.write_all(format!("{name} {line}").as_bytes()).is_err() {
@@ -89,6 +94,17 @@ fn serve_tcp(stream: TcpStream, name: &str, seen: &Seen, stop: &AtomicBool) {
                 return;
             }
         }
+    }
+}
+
+/// Makes the socket's close send a RST (SO_LINGER with a zero timeout):
+/// it happens when the last descriptor of the socket is dropped.
+pub fn abort(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket and option buffer.
+    unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as u32);
     }
 }
 

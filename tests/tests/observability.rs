@@ -212,3 +212,87 @@ fn top_renders_backends_and_their_rates_in_a_terminal() {
     });
     assert!(quit.is_ok(), "top did not quit on q");
 }
+
+#[test]
+fn flow_logs_record_fifty_flows_ended_five_ways_with_their_bytes() {
+    use testbed::LineClient;
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let dir = std::env::temp_dir().join(format!("{}-flowlog", topo.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let log = dir.join("flows.jsonl");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--flow-log", log.to_str().expect("path")]).expect("daemon");
+    let _servers = topo.tcp_servers(8080).expect("servers");
+    let (v80, v81) = (topo.vip(80).to_string(), topo.vip(81).to_string());
+    daemon.ok(&["service", "add", &v80, "--timeout-established", "3s"]).expect("service");
+    daemon.ok(&["backend", "add", &v80, &topo.backend(0, 8080).to_string()]).expect("backend");
+    daemon.ok(&["service", "add", &v81]).expect("service");
+    daemon.ok(&["backend", "add", &v81, &topo.backend(1, 8080).to_string()]).expect("backend");
+    let connect = |port: u16| {
+        let mut c = LineClient::connect(&topo.client.name, topo.vip_sock(port)).expect("connect");
+        c.ask("hello").expect("hello");
+        c
+    };
+    let mut by_port: HashMap<u16, &str> = HashMap::new();
+    let mut note = |c: &LineClient, how: &'static str| {
+        by_port.insert(c.stream().local_addr().expect("local").port(), how);
+    };
+    let mut keep = Vec::new();
+    for _ in 0..10 {
+        // FIN from both sides.
+        let c = connect(80);
+        note(&c, "fin");
+        c.stream().shutdown(std::net::Shutdown::Both).expect("close");
+        keep.push(c);
+        // The client aborts.
+        let c = connect(80);
+        note(&c, "rst_client");
+        testbed::servers::abort(c.stream());
+        drop(c);
+        // The backend aborts.
+        let mut c = connect(80);
+        note(&c, "rst_backend");
+        c.send("rst").expect("ask for a RST");
+        keep.push(c);
+        // Idle past the 3 s timeout.
+        let c = connect(80);
+        note(&c, "idle");
+        keep.push(c);
+        // On a backend that will be removed.
+        let c = connect(81);
+        note(&c, "backend_removed");
+        keep.push(c);
+    }
+    daemon.ok(&["backend", "remove", &v81, &topo.backend(1, 8080).to_string()]).expect("remove");
+    let records = testbed::wait_for("50 flow records", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let recs: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        (recs.len() >= 50).then_some(recs)
+    })
+    .expect("records");
+    assert_eq!(records.len(), 50, "one record per flow");
+    let mut reasons: HashMap<String, u32> = HashMap::new();
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+    for r in &records {
+        let client: std::net::SocketAddr = r["client"].as_str().expect("client").parse().expect("addr");
+        let want = by_port.get(&client.port()).unwrap_or_else(|| panic!("record for an unknown flow: {r}"));
+        assert_eq!(r["reason"], *want, "{r}");
+        *reasons.entry(want.to_string()).or_default() += 1;
+        assert!(r["packets_in"].as_u64().unwrap_or(0) >= 3 && r["packets_out"].as_u64().unwrap_or(0) >= 2, "{r}");
+        assert!(r["duration_s"].as_f64().unwrap_or(-1.0) >= 0.0 && r["start"].as_f64().unwrap_or(0.0) > 1.7e9, "{r}");
+        if r["vip"] == v80.as_str() {
+            bytes_in += r["bytes_in"].as_u64().unwrap_or(0);
+            bytes_out += r["bytes_out"].as_u64().unwrap_or(0);
+        }
+    }
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert!(reasons.values().all(|n| *n == 10), "{reasons:?}");
+    // Every byte of the :80 flows is in their records: the sums equal the
+    // service's counters.
+    let s = daemon.json(&["status"]).expect("status");
+    let svc = s["services"].as_array().expect("services").iter().find(|x| x["service"] == v80.as_str()).expect("svc").clone();
+    assert_eq!(bytes_in, svc["traffic"]["bytes_in"].as_u64().unwrap_or(0), "bytes in");
+    assert_eq!(bytes_out, svc["traffic"]["bytes_out"].as_u64().unwrap_or(0), "bytes out");
+    drop(keep);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -82,7 +82,7 @@ impl FlowLog {
     }
 
     fn sampled(&self, k: &FlowKey) -> bool {
-        self.sample == 1 || lb_common::sched_hash::flow_hash(k.src_addr, k.dst_addr, k.src_port, k.dst_port, k.proto) % self.sample == 0
+        self.sample == 1 || lb_common::sched_hash::flow_hash(k.src_addr, k.dst_addr, k.src_port, k.dst_port, k.proto).is_multiple_of(self.sample)
     }
 
     /// Logs one finished flow.

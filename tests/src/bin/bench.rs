@@ -276,7 +276,7 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     let mem_conns = big.dataplane().map_memory("XLB_CONNS").unwrap_or(0);
     let mem_half = big.dataplane().map_memory("XLB_HALF_OPEN").unwrap_or(0);
     println!(
-        "\nmemory: connection table for 1M flows (2M entries of 16 + 40 bytes): {:.1} MiB ({:.0} bytes per flow); half-open table (64k flows): {:.1} MiB",
+        "\nmemory: connection table for 1M flows (2M entries of 16 + 56 bytes): {:.1} MiB ({:.0} bytes per flow); half-open table (64k flows): {:.1} MiB",
         mem_conns as f64 / 1048576.0,
         mem_conns as f64 / (1 << 20) as f64,
         mem_half as f64 / 1048576.0

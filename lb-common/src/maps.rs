@@ -25,8 +25,9 @@ pub mod names {
     pub const BACKEND_ACTIVE: &str = "XLB_BE_ACTIVE";
     pub const NEXT_HOP: &str = "XLB_NEXT_HOP";
     pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
+    pub const SETTINGS: &str = "XLB_SETTINGS";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -41,6 +42,7 @@ pub mod names {
         BACKEND_ACTIVE,
         NEXT_HOP,
         FLOW_EVENTS,
+        SETTINGS,
     ];
 }
 
@@ -247,6 +249,8 @@ pub mod end_reason {
     pub const DRAIN_DEADLINE: u32 = 7;
     /// Its service was removed.
     pub const SERVICE_REMOVED: u32 = 8;
+    /// Not an end: a new flow (logged when new-flow records are on).
+    pub const NEW: u32 = 9;
 
     pub const fn name(r: u32) -> &'static str {
         match r {
@@ -258,6 +262,7 @@ pub mod end_reason {
             UNHEALTHY => "unhealthy",
             DRAIN_DEADLINE => "drain_deadline",
             SERVICE_REMOVED => "service_removed",
+            NEW => "new",
             _ => "unknown",
         }
     }
@@ -279,6 +284,10 @@ pub struct FlowEnd {
     /// Backend → client direction (zero if it was gone).
     pub to_client: FlowEntry,
 }
+
+/// `XLB_SETTINGS` index: global switches the controller sets (a u32 each).
+pub const SETTING_LOG_NEW_FLOWS: u32 = 0;
+pub const SETTINGS_COUNT: u32 = 4;
 
 /// Size of the flow event ring buffer.
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;

@@ -185,23 +185,47 @@ pub fn peer_key(key: &FlowKey, e: &FlowEntry) -> FlowKey {
 pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table, reason: u32, last_bytes: u64) {
     let map = if table == Table::Established { &CONNS } else { &HALF_OPEN };
     let pkey = peer_key(key, e);
-    // SAFETY: copied out of the map before it is removed.
-    let peer = map.get_ptr(&pkey).map(|p| unsafe { *p }).unwrap_or_default();
+    // SAFETY: read before the entry is removed.
+    let peer = map.get_ptr(&pkey).map(|p| unsafe { &*p });
     let mut mine = *e;
     if last_bytes > 0 {
         mine.packets += 1;
         mine.bytes += last_bytes;
     }
-    let ev = if e.direction == DIR_TO_BACKEND {
-        FlowEnd { key: *key, reason, _pad: 0, to_backend: mine, to_client: peer }
-    } else {
-        FlowEnd { key: pkey, reason, _pad: 0, to_backend: peer, to_client: mine }
-    };
-    if FLOW_EVENTS.output::<FlowEnd>(&ev, 0).is_err() {
-        crate::stats::count(lb_common::stats::FLOW_LOG_DROPPED);
+    if e.direction == DIR_TO_BACKEND {
+        report(key, &mine, peer, reason);
+    } else if let Some(fwd) = peer {
+        report(&pkey, fwd, Some(&mine), reason);
     }
+    // (A reverse entry whose forward entry is gone says nothing about the
+    // client side: no record.)
     let _ = map.remove(&pkey);
     let _ = map.remove(key);
     crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
     crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
+}
+
+/// Sends a flow record to the controller (`fwd_key` is the client → VIP
+/// key; `to_client` absent is zeroes). Written straight into the ring
+/// buffer (the record would not fit the BPF stack beside the packet's
+/// state). A full ring buffer loses the record, counted, never the packet.
+#[inline(always)]
+pub fn report(fwd_key: &FlowKey, to_backend: &FlowEntry, to_client: Option<&FlowEntry>, reason: u32) {
+    let Some(mut slot) = FLOW_EVENTS.reserve::<FlowEnd>(0) else {
+        crate::stats::count(lb_common::stats::FLOW_LOG_DROPPED);
+        return;
+    };
+    let p = slot.as_mut_ptr();
+    // SAFETY: `p` points to a reserved, properly sized record.
+    unsafe {
+        (*p).key = *fwd_key;
+        (*p).reason = reason;
+        (*p)._pad = 0;
+        (*p).to_backend = *to_backend;
+        match to_client {
+            Some(c) => (*p).to_client = *c,
+            None => core::ptr::write_bytes(&mut (*p).to_client, 0, 1),
+        }
+    }
+    slot.submit(0);
 }

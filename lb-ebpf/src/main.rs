@@ -19,7 +19,7 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::{
-        backend_is_gone, end_reason, FlowEntry, ServiceKey, ADDR_VIP, BACKEND_DOWN, DIR_TO_BACKEND, PROTO_TCP,
+        backend_is_gone, end_reason, FlowEntry, SETTING_LOG_NEW_FLOWS, ServiceKey, ADDR_VIP, BACKEND_DOWN, DIR_TO_BACKEND, PROTO_TCP,
         SVC_F_MISS_REHASH,
     },
     stats as stat,
@@ -164,6 +164,9 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     };
     stats::count(stat::NEW_FLOWS);
     schedule::count_active(backend_id);
+    if maps::SETTINGS.get(SETTING_LOG_NEW_FLOWS).is_some_and(|v| *v != 0) {
+        conntrack::report(&pkt.key, &entry, None, end_reason::NEW);
+    }
     nat_and_forward(ctx, pkt, &entry, true, now)
 }
 

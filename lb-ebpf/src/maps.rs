@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE, FLOW_EVENTS_BYTES,
+        Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE, FLOW_EVENTS_BYTES, SETTINGS_COUNT,
         DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
     },
     stats,
@@ -80,6 +80,10 @@ pub static NEXT_HOP: LruHashMap<u32, NextHop> = LruHashMap::with_max_entries(NEX
 /// controller's flow logs.
 #[map(name = "XLB_FLOW_EVENTS")]
 pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+/// Global switches (`SETTING_*`), written by the controller.
+#[map(name = "XLB_SETTINGS")]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 
 /// Interfaces xlb is attached to (ifindex → ifindex), the redirect targets.
 #[map(name = "XLB_DEVMAP")]

@@ -107,6 +107,9 @@ pub struct DaemonArgs {
     /// Write one JSON line per finished flow to FILE ("-": stdout).
     #[arg(long, value_name = "FILE")]
     pub flow_log: Option<PathBuf>,
+    /// Also write a record when a flow starts.
+    #[arg(long, requires = "flow_log")]
+    pub flow_log_new: bool,
     /// Log 1 in N flows (by a hash of the 5-tuple).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub flow_log_sample: u32,

@@ -43,10 +43,17 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
 
     let result = start(&args, &config).await;
     let ctl = match result {
-        Ok(c) => match flow_log {
-            Some(l) => Ok(c.with_flow_log(l)),
-            None => Ok(c),
-        },
+        Ok(mut c) => {
+            // New-flow records are a data-plane switch (off unless asked).
+            let on = u32::from(args.flow_log_new);
+            match c.dataplane().setting_set(lb_common::maps::SETTING_LOG_NEW_FLOWS, on) {
+                Err(e) => Err(anyhow::Error::from(e).context("setting the new-flow log switch")),
+                Ok(()) => Ok(match flow_log {
+                    Some(l) => c.with_flow_log(l),
+                    None => c,
+                }),
+            }
+        }
         Err(e) => Err(e),
     };
     let ctl = match ctl {

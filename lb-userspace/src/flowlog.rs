@@ -1,4 +1,5 @@
-//! Flow logs: one JSON line per finished flow (5-tuple, VIP, backend,
+//! Flow logs: one JSON line per finished flow (and, with
+//! `--flow-log-new`, per new flow: `"event":"new"`) (5-tuple, VIP, backend,
 //! packets and bytes each way, start, duration, why it ended), to a file or
 //! stdout, sampled 1 in N by a hash of the 5-tuple (so a sampled flow is
 //! the same on every balancer). Records come from the data plane's ring
@@ -42,6 +43,7 @@ struct Record {
     bytes_out: u64,
     start: f64,
     duration_s: f64,
+    #[serde(skip_serializing_if = "str::is_empty")]
     reason: &'static str,
 }
 
@@ -96,7 +98,7 @@ impl FlowLog {
         let start = ev.to_backend.created_ns;
         let r = Record {
             ts: wall,
-            event: "end",
+            event: if ev.reason == end_reason::NEW { "new" } else { "end" },
             proto,
             client: addr(ev.key.src_addr, ev.key.src_port),
             vip: addr(ev.key.dst_addr, ev.key.dst_port),
@@ -107,7 +109,7 @@ impl FlowLog {
             bytes_out: ev.to_client.bytes,
             start: to_wall(start),
             duration_s: mono.saturating_sub(start) as f64 / 1e9,
-            reason: end_reason::name(ev.reason),
+            reason: if ev.reason == end_reason::NEW { "" } else { end_reason::name(ev.reason) },
         };
         let line = serde_json::to_string(&r).map(|mut l| {
             l.push('\n');

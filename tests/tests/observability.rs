@@ -221,7 +221,7 @@ fn flow_logs_record_fifty_flows_ended_five_ways_with_their_bytes() {
     let dir = std::env::temp_dir().join(format!("{}-flowlog", topo.prefix));
     std::fs::create_dir_all(&dir).expect("dir");
     let log = dir.join("flows.jsonl");
-    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--flow-log", log.to_str().expect("path")]).expect("daemon");
+    let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--flow-log", log.to_str().expect("path"), "--flow-log-new"]).expect("daemon");
     let _servers = topo.tcp_servers(8080).expect("servers");
     let (v80, v81) = (topo.vip(80).to_string(), topo.vip(81).to_string());
     daemon.ok(&["service", "add", &v80, "--timeout-established", "3s"]).expect("service");
@@ -264,13 +264,16 @@ fn flow_logs_record_fifty_flows_ended_five_ways_with_their_bytes() {
         keep.push(c);
     }
     daemon.ok(&["backend", "remove", &v81, &topo.backend(1, 8080).to_string()]).expect("remove");
-    let records = testbed::wait_for("50 flow records", Duration::from_secs(10), || {
+    let all = testbed::wait_for("50 end records", Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&log).ok()?;
         let recs: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        (recs.len() >= 50).then_some(recs)
+        (recs.iter().filter(|r| r["event"] == "end").count() >= 50).then_some(recs)
     })
     .expect("records");
-    assert_eq!(records.len(), 50, "one record per flow");
+    let new = all.iter().filter(|r| r["event"] == "new").count();
+    assert_eq!(new, 50, "one new-flow record per flow (--flow-log-new)");
+    let records: Vec<serde_json::Value> = all.into_iter().filter(|r| r["event"] == "end").collect();
+    assert_eq!(records.len(), 50, "one end record per flow");
     let mut reasons: HashMap<String, u32> = HashMap::new();
     let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
     for r in &records {

@@ -442,6 +442,13 @@ impl Dataplane {
         aya::maps::RingBuf::try_from(map).map_err(map_err("opening", names::FLOW_EVENTS))
     }
 
+    /// Sets a global switch (`SETTING_*`).
+    pub fn setting_set(&mut self, index: u32, value: u32) -> Result<()> {
+        let map = self.map_mut(names::SETTINGS)?;
+        let mut m: Array<_, u32> = Array::try_from(map).map_err(map_err("opening", names::SETTINGS))?;
+        m.set(index, value, 0).map_err(map_err("writing", names::SETTINGS))
+    }
+
     /// Sets a backend's active-flow count (least-connections input).
     pub fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
         let map = self.map_mut(names::BACKEND_ACTIVE)?;

@@ -324,6 +324,9 @@ pub struct TrafficCounters {
     pub packets_out: u64,
     pub bytes_out: u64,
     pub new_flows: u64,
+    /// RSTs the program itself sent for flows of this backend/service
+    /// whose backend was gone (reactive resets).
+    pub reactive_resets: u64,
 }
 
 impl TrafficCounters {
@@ -333,6 +336,7 @@ impl TrafficCounters {
         self.packets_out += o.packets_out;
         self.bytes_out += o.bytes_out;
         self.new_flows += o.new_flows;
+        self.reactive_resets += o.reactive_resets;
     }
 }
 
@@ -343,7 +347,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 56);
 const _: () = assert!(core::mem::size_of::<FlowEnd>() == 136);
-const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
 #[cfg(feature = "user")]

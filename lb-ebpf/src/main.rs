@@ -66,6 +66,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             conntrack::remove(&pkt.key, &e, table, reason, 0);
             if is_tcp {
                 // No black hole: the sender learns at once.
+                stats::count_reactive_reset(e.service_id, e.backend_id);
                 return reset::answer(ctx, pkt, stat::RST_REACTIVE);
             }
             if !to_backend {

@@ -38,3 +38,14 @@ fn add(c: *mut TrafficCounters, to_backend: bool, bytes: u64, new_flow: bool) {
         c.new_flows += 1;
     }
 }
+
+/// Counts a reactive RST on the flow's service and backend.
+#[inline(always)]
+pub fn count_reactive_reset(service_id: u32, backend_id: u32) {
+    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)] {
+        if let Some(c) = c {
+            // SAFETY: per-CPU slot, only this CPU writes it while we run.
+            unsafe { (*c).reactive_resets += 1 };
+        }
+    }
+}

@@ -148,6 +148,8 @@ pub struct Traffic {
     pub packets_out: u64,
     pub bytes_out: u64,
     pub new_flows: u64,
+    /// RSTs the data plane sent on its own for flows whose backend was gone.
+    pub reactive_resets: u64,
 }
 
 impl From<lb_common::maps::TrafficCounters> for Traffic {
@@ -158,6 +160,7 @@ impl From<lb_common::maps::TrafficCounters> for Traffic {
             packets_out: c.packets_out,
             bytes_out: c.bytes_out,
             new_flows: c.new_flows,
+            reactive_resets: c.reactive_resets,
         }
     }
 }
@@ -174,6 +177,8 @@ pub struct BackendStatus {
     pub registered: bool,
     pub healthy: bool,
     pub last_health_error: Option<String>,
+    /// Flows of this backend the controller reset, by cause.
+    pub resets: crate::controller::ResetCounts,
     /// Seconds until a draining backend's remaining flows are reset.
     pub drain_remaining_s: Option<f64>,
     pub active_flows: u64,

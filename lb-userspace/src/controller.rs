@@ -266,6 +266,8 @@ pub struct Controller {
     /// The model changed since the last `take_dirty` (state to save).
     dirty: bool,
     flow_log: Option<crate::flowlog::FlowLog>,
+    /// Flows reset per backend id, by cause (since the id was handed out).
+    backend_resets: HashMap<u32, ResetCounts>,
 }
 
 fn be_addr(a: Ipv4Addr) -> u32 {
@@ -360,6 +362,7 @@ impl Controller {
             last_rst_sent: None,
             dirty: false,
             flow_log: None,
+            backend_resets: HashMap::new(),
         }
     }
 
@@ -565,6 +568,7 @@ impl Controller {
             .ok_or_else(|| ControllerError::Capacity(format!("cannot add {backend}: all {MAX_BACKENDS} backend slots are in use")))?;
         let service_id = svc.id;
         self.dp.reset_traffic(None, Some(id))?;
+        self.backend_resets.remove(&id);
         self.dp.backend_set(
             id,
             Backend { addr: be_addr(*backend.ip()), port: be_port(backend.port()), state: BACKEND_UP, _pad: 0, weight, service_id },
@@ -934,6 +938,7 @@ impl Controller {
                 rsts.push(f.client_rst());
                 rsts.push(f.backend_rst());
                 reset += 1;
+                self.backend_resets.entry(f.fwd.backend_id).or_default().add(cause, 1);
             }
         }
         if let Some(tx) = &self.rst {
@@ -1332,6 +1337,7 @@ impl Controller {
                     registered: slot.registered,
                     healthy: slot.health.healthy,
                     last_health_error: slot.health.last_error.clone(),
+                    resets: self.backend_resets.get(&slot.id).copied().unwrap_or_default(),
                     drain_remaining_s: slot
                         .drain
                         .as_ref()

@@ -70,6 +70,7 @@ pub fn render(s: &Status) -> String {
     let mut state = Vec::new();
     let mut weight = Vec::new();
     let mut resets = Vec::new();
+    let mut backend_resets = Vec::new();
     let mut svc_packets = Vec::new();
     let mut svc_bytes = Vec::new();
     for svc in &s.services {
@@ -83,6 +84,7 @@ pub fn render(s: &Status) -> String {
             ("unhealthy", svc.resets.unhealthy),
             ("drain_deadline", svc.resets.drain_deadline),
             ("idle", svc.resets.idle),
+            ("reactive", svc.traffic.reactive_resets),
         ] {
             resets.push((format!("{sl},cause=\"{cause}\""), n as f64));
         }
@@ -93,6 +95,15 @@ pub fn render(s: &Status) -> String {
                 bytes.push((format!("{bl},direction=\"{dir}\""), by as f64));
             }
             new_flows.push((bl.clone(), b.traffic.new_flows as f64));
+            for (cause, n) in [
+                ("removed", b.resets.removed),
+                ("unhealthy", b.resets.unhealthy),
+                ("drain_deadline", b.resets.drain_deadline),
+                ("idle", b.resets.idle),
+                ("reactive", b.traffic.reactive_resets),
+            ] {
+                backend_resets.push((format!("{bl},cause=\"{cause}\""), n as f64));
+            }
             active.push((bl.clone(), b.active_flows as f64));
             weight.push((bl.clone(), b.weight as f64));
             for st in ["up", "down", "draining", "removed"] {
@@ -108,7 +119,8 @@ pub fn render(s: &Status) -> String {
     family("xlb_backend_state", "gauge", "1 for the backend's current state (up, down, draining, removed).", state);
     family("xlb_service_packets_total", "counter", "Packets of a service, client to backend (in) and back (out).", svc_packets);
     family("xlb_service_bytes_total", "counter", "IP bytes of a service, client to backend (in) and back (out).", svc_bytes);
-    family("xlb_resets_total", "counter", "Flows reset by the controller, by cause.", resets);
+    family("xlb_resets_total", "counter", "Flows reset, by cause (reactive: by the data plane on a packet of a gone backend's flow).", resets);
+    family("xlb_backend_resets_total", "counter", "A backend's flows reset, by cause.", backend_resets);
     let mut reasons = Vec::new();
     let mut other = Vec::new();
     for (k, v) in &s.counters {

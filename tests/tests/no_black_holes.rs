@@ -158,6 +158,8 @@ fn a_dead_backend_is_detected_and_its_flows_reset_while_others_serve_on() {
     assert_eq!(per.values().sum::<u32>(), 100);
     let s = b.daemon.json(&["status"]).expect("status");
     assert_eq!(s["services"][0]["resets"]["unhealthy"], n_b0 as u64, "{s:#}");
+    assert_eq!(b.backend_status(0)["resets"]["unhealthy"], n_b0 as u64, "per-backend reset count");
+    assert_eq!(b.backend_status(1)["resets"]["unhealthy"], 0);
     // The other backends' flows were untouched.
     let mut clients = clients;
     for (c, w) in clients.iter_mut().filter(|(_, w)| w != "b0") {
@@ -219,6 +221,7 @@ fn without_the_proactive_walk_a_client_that_writes_gets_the_rst_from_xdp() {
     assert!(matches!(outcome[0], Outcome::Reset(_)), "{outcome:?}");
     let s = b.daemon.json(&["status"]).expect("status");
     assert!(s["counters"]["rst_reactive"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert!(s["services"][0]["traffic"]["reactive_resets"].as_u64().unwrap_or(0) >= 1, "per-service reactive resets: {s:#}");
 }
 
 #[test]

@@ -48,6 +48,17 @@ fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Resets by cause: the controller's, and the data plane's reactive ones.
+fn by_cause(r: &crate::controller::ResetCounts, t: &crate::api::Traffic) -> [(&'static str, u64); 5] {
+    [
+        ("removed", r.removed),
+        ("unhealthy", r.unhealthy),
+        ("drain_deadline", r.drain_deadline),
+        ("idle", r.idle),
+        ("reactive", t.reactive_resets),
+    ]
+}
+
 /// Renders a status report in the Prometheus text format.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
@@ -79,13 +90,7 @@ pub fn render(s: &Status) -> String {
             svc_packets.push((format!("{sl},direction=\"{dir}\""), p as f64));
             svc_bytes.push((format!("{sl},direction=\"{dir}\""), b as f64));
         }
-        for (cause, n) in [
-            ("removed", svc.resets.removed),
-            ("unhealthy", svc.resets.unhealthy),
-            ("drain_deadline", svc.resets.drain_deadline),
-            ("idle", svc.resets.idle),
-            ("reactive", svc.traffic.reactive_resets),
-        ] {
+        for (cause, n) in by_cause(&svc.resets, &svc.traffic) {
             resets.push((format!("{sl},cause=\"{cause}\""), n as f64));
         }
         for b in &svc.backends {
@@ -95,13 +100,7 @@ pub fn render(s: &Status) -> String {
                 bytes.push((format!("{bl},direction=\"{dir}\""), by as f64));
             }
             new_flows.push((bl.clone(), b.traffic.new_flows as f64));
-            for (cause, n) in [
-                ("removed", b.resets.removed),
-                ("unhealthy", b.resets.unhealthy),
-                ("drain_deadline", b.resets.drain_deadline),
-                ("idle", b.resets.idle),
-                ("reactive", b.traffic.reactive_resets),
-            ] {
+            for (cause, n) in by_cause(&b.resets, &b.traffic) {
                 backend_resets.push((format!("{bl},cause=\"{cause}\""), n as f64));
             }
             active.push((bl.clone(), b.active_flows as f64));

@@ -1107,73 +1107,30 @@ impl Controller {
 
     /// Removes flows idle past their state's timeout (resetting established
     /// TCP flows at both ends where the service says `reset_on_idle`), and
-    /// finished flows after `CLOSED_LINGER`. Returns how many flows left.
+    /// finished flows after `CLOSED_LINGER`; rewrites the least-conn active
+    /// counts. Returns how many flows left. (The daemon runs the walk of
+    /// [`plan_expiry`] without holding the controller; this does it all.)
     pub fn expire(&mut self) -> Result<usize> {
-        let now = monotonic_ns();
-        let settings: HashMap<u32, (ServiceId, ServiceSettings)> =
-            self.services.iter().map(|(sid, s)| (s.id, (*sid, s.settings.clone()))).collect();
-        let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
-        let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
-        self.dp.for_each_flow(|k, v| {
-            if v.direction == DIR_TO_BACKEND {
-                forward.push((*k, *v));
-            } else {
-                reverse.insert(*k, *v);
-            }
-        })?;
-        // Exact active-flow counts for least-connections, from this walk.
-        let mut active: HashMap<u32, u64> = HashMap::new();
-        for (key, fwd) in &forward {
-            let rkey = reverse_key(key, fwd);
-            let f = Flow { key: *key, fwd: *fwd, reverse_key: rkey, rev: reverse.get(&rkey).copied() };
-            if TableView::is_active(&f) {
-                *active.entry(fwd.backend_id).or_default() += 1;
-            }
+        let input = self.expiry_input();
+        let dp = &self.dp;
+        let plan = plan_expiry(|f| dp.for_each_flow(f), input)?;
+        self.expire_apply(plan)
+    }
+
+    /// What an expiry walk needs to know, taken quickly under the lock.
+    pub fn expiry_input(&self) -> ExpiryInput {
+        ExpiryInput {
+            settings: self.services.iter().map(|(sid, s)| (s.id, (*sid, s.settings.clone()))).collect(),
+            backend_ids: self.used_backend_ids.iter().copied().collect(),
         }
-        let ids: Vec<u32> = self.used_backend_ids.iter().copied().collect();
-        for id in ids {
-            self.dp.backend_active_set(id, active.get(&id).copied().unwrap_or(0))?;
-        }
-        let mut by_service: HashMap<u32, (Vec<Flow>, Vec<Flow>)> = HashMap::new(); // (reset, forget)
-        let mut orphans: Vec<FlowKey> = Vec::new();
-        for (key, fwd) in forward {
-            let reverse_key = reverse_key(&key, &fwd);
-            let rev = reverse.remove(&reverse_key);
-            let flow = Flow { key, fwd, reverse_key, rev };
-            let Some((_, st)) = settings.get(&fwd.service_id) else {
-                orphans.extend([key, reverse_key]);
-                continue;
-            };
-            let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
-            let idle = Duration::from_nanos(now.saturating_sub(last));
-            let active = TableView::is_active(&flow);
-            let limit = if !active {
-                CLOSED_LINGER
-            } else if !flow.is_tcp() {
-                st.timeouts.udp.0
-            } else {
-                match TableView::combined_state(&flow) {
-                    tcp::STATE_SYN | tcp::STATE_NONE => st.timeouts.syn.0,
-                    tcp::STATE_FIN => st.timeouts.closing.0,
-                    _ => st.timeouts.established.0,
-                }
-            };
-            if idle <= limit {
-                continue;
-            }
-            let e = by_service.entry(fwd.service_id).or_default();
-            if active && flow.is_tcp() && st.reset_on_idle {
-                e.0.push(flow);
-            } else {
-                e.1.push(flow);
-            }
-        }
-        // Reverse entries whose forward entry is gone (evicted) go once idle
-        // past the established timeout.
-        for (k, v) in reverse {
-            let limit = settings.get(&v.service_id).map_or(Duration::ZERO, |(_, st)| st.timeouts.established.0);
-            if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > limit {
-                orphans.push(k);
+    }
+
+    /// Applies a plan made by [`plan_expiry`].
+    pub fn expire_apply(&mut self, plan: ExpiryPlan) -> Result<usize> {
+        let ExpiryPlan { settings, backend_ids, active, by_service, orphans } = plan;
+        for id in backend_ids {
+            if self.used_backend_ids.contains(&id) {
+                self.dp.backend_active_set(id, active.get(&id).copied().unwrap_or(0))?;
             }
         }
         let mut total = 0;
@@ -1403,6 +1360,93 @@ impl Controller {
         out.sort_by_key(|f| (f.service, f.client));
         Ok(out)
     }
+}
+
+/// Settings and backends an expiry walk is judged against.
+pub struct ExpiryInput {
+    settings: HashMap<u32, (ServiceId, ServiceSettings)>,
+    backend_ids: Vec<u32>,
+}
+
+/// What an expiry walk decided: flows to reset or forget per service,
+/// orphan entries, and the active flows per backend.
+pub struct ExpiryPlan {
+    settings: HashMap<u32, (ServiceId, ServiceSettings)>,
+    backend_ids: Vec<u32>,
+    active: HashMap<u32, u64>,
+    by_service: HashMap<u32, (Vec<Flow>, Vec<Flow>)>,
+    orphans: Vec<FlowKey>,
+}
+
+/// Walks the tables (through `walk`, which may use its own map handles so
+/// the controller stays free meanwhile) and decides what expires.
+pub fn plan_expiry(
+    walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>,
+    input: ExpiryInput,
+) -> Result<ExpiryPlan> {
+    let ExpiryInput { settings, backend_ids } = input;
+    let now = monotonic_ns();
+        let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
+    let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
+    walk(&mut |k: &FlowKey, v: &FlowEntry| {
+        if v.direction == DIR_TO_BACKEND {
+            forward.push((*k, *v));
+        } else {
+            reverse.insert(*k, *v);
+        }
+    })?;
+    // Exact active-flow counts for least-connections, from this walk.
+    let mut active: HashMap<u32, u64> = HashMap::new();
+    for (key, fwd) in &forward {
+        let rkey = reverse_key(key, fwd);
+        let f = Flow { key: *key, fwd: *fwd, reverse_key: rkey, rev: reverse.get(&rkey).copied() };
+        if TableView::is_active(&f) {
+            *active.entry(fwd.backend_id).or_default() += 1;
+        }
+    }
+    let mut by_service: HashMap<u32, (Vec<Flow>, Vec<Flow>)> = HashMap::new(); // (reset, forget)
+    let mut orphans: Vec<FlowKey> = Vec::new();
+    for (key, fwd) in forward {
+        let reverse_key = reverse_key(&key, &fwd);
+        let rev = reverse.remove(&reverse_key);
+        let flow = Flow { key, fwd, reverse_key, rev };
+        let Some((_, st)) = settings.get(&fwd.service_id) else {
+            orphans.extend([key, reverse_key]);
+            continue;
+        };
+        let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
+        let idle = Duration::from_nanos(now.saturating_sub(last));
+        let active = TableView::is_active(&flow);
+        let limit = if !active {
+            CLOSED_LINGER
+        } else if !flow.is_tcp() {
+            st.timeouts.udp.0
+        } else {
+            match TableView::combined_state(&flow) {
+                tcp::STATE_SYN | tcp::STATE_NONE => st.timeouts.syn.0,
+                tcp::STATE_FIN => st.timeouts.closing.0,
+                _ => st.timeouts.established.0,
+            }
+        };
+        if idle <= limit {
+            continue;
+        }
+        let e = by_service.entry(fwd.service_id).or_default();
+        if active && flow.is_tcp() && st.reset_on_idle {
+            e.0.push(flow);
+        } else {
+            e.1.push(flow);
+        }
+    }
+    // Reverse entries whose forward entry is gone (evicted) go once idle
+    // past the established timeout.
+    for (k, v) in reverse {
+        let limit = settings.get(&v.service_id).map_or(Duration::ZERO, |(_, st)| st.timeouts.established.0);
+        if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > limit {
+            orphans.push(k);
+        }
+    }
+    Ok(ExpiryPlan { settings, backend_ids, active, by_service, orphans })
 }
 
 /// Paces a spread reset: flow `i` of `n` is reset at `i/n` of the window.

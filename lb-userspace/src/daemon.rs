@@ -200,25 +200,50 @@ async fn upkeep(ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
     let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
+    let reader = match ctl.lock().await.dataplane().table_reader() {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            tracing::error!(error = %e, "no table handle for the expiry pass: idle flows will not expire");
+            None
+        }
+    };
     loop {
         every.tick().await;
         ticks += 1;
+        let mut expiry = None;
         let targets = {
             let mut c = ctl.lock().await;
             if let Err(e) = c.tick(std::time::Instant::now()) {
                 tracing::warn!(error = %e, "periodic upkeep failed");
             }
-            // Idle expiry once a second (a walk of the whole table).
-            if ticks.is_multiple_of(5)
-                && let Err(e) = c.expire() {
-                    tracing::warn!(error = %e, "expiring idle flows failed");
-                }
+            if ticks.is_multiple_of(5) {
+                expiry = Some(c.expiry_input());
+            }
             server::spawn_pending_resets(&mut c, &ctl);
             if c.take_dirty() {
                 save_state(&state_file, &c);
             }
             c.health_targets()
         };
+        // Idle expiry once a second: the walk of the whole table runs
+        // without the controller (API requests and health results go on);
+        // only the decisions are applied under it.
+        if let (Some(input), Some(reader)) = (expiry, reader.clone()) {
+            let plan = tokio::task::spawn_blocking(move || {
+                crate::controller::plan_expiry(|f| reader.for_each_flow(f), input)
+            })
+            .await;
+            match plan {
+                Ok(Ok(plan)) => {
+                    let mut c = ctl.lock().await;
+                    if let Err(e) = c.expire_apply(plan) {
+                        tracing::warn!(error = %e, "expiring idle flows failed");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "walking the table for expiry failed"),
+                Err(e) => tracing::warn!(error = %e, "the expiry walk panicked"),
+            }
+        }
         let want: HashMap<u32, HealthTarget> = targets.into_iter().map(|t| (t.backend_id, t)).collect();
         checkers.retain(|id, (t, h)| {
             let keep = want.get(id) == Some(t);

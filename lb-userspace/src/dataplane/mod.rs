@@ -507,6 +507,19 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Independent handles on the flow tables, for walks that should not
+    /// hold the controller (the periodic expiry pass).
+    pub fn table_reader(&self) -> Result<TableReader> {
+        let mut fds = Vec::new();
+        for name in [names::CONNS, names::HALF_OPEN] {
+            let fd = batch::fd_of(self.map_data(name)?)
+                .try_clone_to_owned()
+                .map_err(|source| DataplaneError::Syscall { op: "duplicating the fd of", map: name, source })?;
+            fds.push((name, fd));
+        }
+        Ok(TableReader { fds })
+    }
+
     /// Entries in (connection table, half-open table).
     pub fn flow_entry_counts(&self) -> Result<(u64, u64)> {
         let mut counts = [0u64; 2];
@@ -600,6 +613,23 @@ impl Drop for Dataplane {
         if !self.persist {
             self.detach_all();
         }
+    }
+}
+
+/// Handles on the flow tables that live apart from the `Dataplane`.
+pub struct TableReader {
+    fds: Vec<(&'static str, std::os::fd::OwnedFd)>,
+}
+
+impl TableReader {
+    /// Calls `f` for every entry of both flow tables (batched walks).
+    pub fn for_each_flow(&self, f: &mut dyn FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
+        use std::os::fd::AsFd;
+        for (name, fd) in &self.fds {
+            batch::for_each::<FlowKey, FlowEntry>(fd.as_fd(), 4096, |k, v| f(k, v))
+                .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+        }
+        Ok(())
     }
 }
 

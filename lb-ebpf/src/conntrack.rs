@@ -201,8 +201,7 @@ pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table, reason: u32, last_byte
     // client side: no record.)
     let _ = map.remove(&pkey);
     let _ = map.remove(key);
-    crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
-    crate::stats::count(lb_common::stats::ENTRIES_REMOVED);
+    crate::stats::count_n(lb_common::stats::ENTRIES_REMOVED, 2);
 }
 
 /// Sends a flow record to the controller (`fwd_key` is the client → VIP

@@ -6,9 +6,14 @@ use crate::maps::{BACKEND_STATS, SERVICE_STATS, STATS};
 
 #[inline(always)]
 pub fn count(idx: u32) {
+    count_n(idx, 1);
+}
+
+#[inline(always)]
+pub fn count_n(idx: u32, n: u64) {
     if let Some(c) = STATS.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe { *c += 1 };
+        unsafe { *c += n };
     }
 }
 

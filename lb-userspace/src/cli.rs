@@ -310,6 +310,7 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let data = resp.data.clone().unwrap_or_default();
+    let f = |k: &str| data[k].as_str().unwrap_or("?").to_owned();
     match req {
         Request::Status => match serde_json::from_value::<Status>(data) {
             Ok(s) => print!("{}", render_status(&s)),
@@ -319,27 +320,27 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
             Ok(f) => print!("{}", render_flows(&f)),
             Err(e) => eprintln!("xlb: unexpected flow list from the daemon: {e}"),
         },
-        Request::ServiceAdd { .. } => println!("service {}/{} added", data["service"].as_str().unwrap_or("?"), data["proto"].as_str().unwrap_or("?")),
-        Request::ServiceRemove { .. } => println!("service {}/{} removed", data["service"].as_str().unwrap_or("?"), data["proto"].as_str().unwrap_or("?")),
+        Request::ServiceAdd { .. } => println!("service {}/{} added", f("service"), f("proto")),
+        Request::ServiceRemove { .. } => println!("service {}/{} removed", f("service"), f("proto")),
         Request::BackendAdd { .. } => println!(
             "backend {} added to {}/{}",
-            data["backend"].as_str().unwrap_or("?"),
-            data["service"].as_str().unwrap_or("?"),
-            data["proto"].as_str().unwrap_or("?")
+            f("backend"),
+            f("service"),
+            f("proto")
         ),
         Request::BackendRemove { .. } => println!(
             "backend {} removed from {}/{} ({} active flows, policy {})",
-            data["backend"].as_str().unwrap_or("?"),
-            data["service"].as_str().unwrap_or("?"),
-            data["proto"].as_str().unwrap_or("?"),
+            f("backend"),
+            f("service"),
+            f("proto"),
             data["active_flows"],
-            data["policy"].as_str().unwrap_or("?")
+            f("policy")
         ),
         Request::BackendSet { .. } => println!(
             "backend {} on {}/{}: weight {} -> {}",
-            data["backend"].as_str().unwrap_or("?"),
-            data["service"].as_str().unwrap_or("?"),
-            data["proto"].as_str().unwrap_or("?"),
+            f("backend"),
+            f("service"),
+            f("proto"),
             data["old_weight"],
             data["weight"]
         ),
@@ -355,8 +356,8 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
         }
         Request::ServiceSet { .. } => println!(
             "service {}/{} settings: {}",
-            data["service"].as_str().unwrap_or("?"),
-            data["proto"].as_str().unwrap_or("?"),
+            f("service"),
+            f("proto"),
             data["settings"]
         ),
     }

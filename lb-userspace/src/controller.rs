@@ -318,6 +318,8 @@ fn reverse_key(k: &FlowKey, v: &FlowEntry) -> FlowKey {
 /// The flows of the table, forward entries joined with their reverse ones.
 struct TableView {
     flows: Vec<Flow>,
+    /// Entries walked in (connection table, half-open table), kept or not.
+    entries: (u64, u64),
 }
 
 impl TableView {
@@ -877,7 +879,13 @@ impl Controller {
     fn table_where(&self, keep: impl Fn(&FlowEntry) -> bool) -> Result<TableView> {
         let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
         let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
-        self.dp.for_each_flow(|k, v| {
+        let mut entries = (0u64, 0u64);
+        self.dp.for_each_flow_tagged(|half_open, k, v| {
+            if half_open {
+                entries.1 += 1;
+            } else {
+                entries.0 += 1;
+            }
             if !keep(v) {
                 return;
             }
@@ -895,7 +903,7 @@ impl Controller {
                 Flow { key, fwd, reverse_key, rev }
             })
             .collect();
-        Ok(TableView { flows })
+        Ok(TableView { flows, entries })
     }
 
     fn flows_of(&self, backend_id: u32) -> Result<Vec<Flow>> {
@@ -1105,18 +1113,6 @@ impl Controller {
 
     // ---- idle expiry ----
 
-    /// Removes flows idle past their state's timeout (resetting established
-    /// TCP flows at both ends where the service says `reset_on_idle`), and
-    /// finished flows after `CLOSED_LINGER`; rewrites the least-conn active
-    /// counts. Returns how many flows left. (The daemon runs the walk of
-    /// [`plan_expiry`] without holding the controller; this does it all.)
-    pub fn expire(&mut self) -> Result<usize> {
-        let input = self.expiry_input();
-        let dp = &self.dp;
-        let plan = plan_expiry(|f| dp.for_each_flow(f), input)?;
-        self.expire_apply(plan)
-    }
-
     /// What an expiry walk needs to know, taken quickly under the lock.
     pub fn expiry_input(&self) -> ExpiryInput {
         ExpiryInput {
@@ -1274,7 +1270,8 @@ impl Controller {
         // is neither removed (by the program or the controller) nor present
         // was evicted. Exact while this daemon has run since the data plane
         // was loaded; a restart loses the controller's share of removals.
-        let (entries, half_open) = self.dp.flow_entry_counts()?;
+        // (Counted in the same walk as the flows above.)
+        let (entries, half_open) = view.entries;
         let created = counters.get("new_flows").copied().unwrap_or(0) * 2;
         let removed = counters.get("entries_removed").copied().unwrap_or(0) + self.dp.entries_deleted() + entries + half_open;
         counters.insert("table_evictions".into(), created.saturating_sub(removed));

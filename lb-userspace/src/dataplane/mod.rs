@@ -499,12 +499,25 @@ impl Dataplane {
     /// Calls `f` for every entry of the connection table and of the
     /// half-open table (batched walks).
     pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
-        for name in [names::CONNS, names::HALF_OPEN] {
+        self.for_each_flow_tagged(|_, k, v| f(k, v))
+    }
+
+    /// As [`Dataplane::for_each_flow`], saying for each entry whether it
+    /// is in the half-open table.
+    pub fn for_each_flow_tagged(&self, mut f: impl FnMut(bool, &FlowKey, &FlowEntry)) -> Result<()> {
+        for (half_open, name) in [(false, names::CONNS), (true, names::HALF_OPEN)] {
             let fd = batch::fd_of(self.map_data(name)?);
-            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(k, v))
+            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(half_open, k, v))
                 .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
         }
         Ok(())
+    }
+
+    /// Entries in (connection table, half-open table).
+    pub fn flow_entry_counts(&self) -> Result<(u64, u64)> {
+        let mut counts = (0u64, 0u64);
+        self.for_each_flow_tagged(|half_open, _, _| if half_open { counts.1 += 1 } else { counts.0 += 1 })?;
+        Ok(counts)
     }
 
     /// Independent handles on the flow tables, for walks that should not
@@ -518,17 +531,6 @@ impl Dataplane {
             fds.push((name, fd));
         }
         Ok(TableReader { fds })
-    }
-
-    /// Entries in (connection table, half-open table).
-    pub fn flow_entry_counts(&self) -> Result<(u64, u64)> {
-        let mut counts = [0u64; 2];
-        for (i, name) in [names::CONNS, names::HALF_OPEN].into_iter().enumerate() {
-            let fd = batch::fd_of(self.map_data(name)?);
-            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |_, _| counts[i] += 1)
-                .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
-        }
-        Ok((counts[0], counts[1]))
     }
 
     pub fn flow_get(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {

@@ -7,6 +7,10 @@
 //! Addresses and ports are kept in **network byte order** inside native
 //! integers (`u32::from_ne_bytes(packet_bytes)`), so the data plane copies
 //! them between packet and map without swapping.
+//!
+//! Addresses are 16 bytes ([`Addr`]) for both families: an IPv4 address is
+//! stored IPv4-mapped (`::ffff:a.b.c.d`), so one set of maps, one key
+//! layout and one code path serve IPv4 and IPv6 (as Katran's flow key does).
 
 /// Map names: the symbol names in the eBPF object and the file names of the
 /// pins under the pin directory (the kernel keeps at most 15 characters).
@@ -26,8 +30,9 @@ pub mod names {
     pub const NEXT_HOP: &str = "XLB_NEXT_HOP";
     pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
     pub const SETTINGS: &str = "XLB_SETTINGS";
+    pub const PORTS: &str = "XLB_PORTS";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -43,7 +48,63 @@ pub mod names {
         NEXT_HOP,
         FLOW_EVENTS,
         SETTINGS,
+        PORTS,
     ];
+}
+
+/// An address as the maps hold it: four words in network byte order
+/// (`u32::from_ne_bytes` of each 4 packet bytes). IPv4 is IPv4-mapped.
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped address (`::ffff:0:0/96`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The map form of an IPv4 address given as its packet word.
+#[inline(always)]
+pub const fn addr_v4(a: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, a]
+}
+
+/// Whether a map address is an IPv4 one.
+#[inline(always)]
+pub const fn is_v4(a: &Addr) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
+}
+
+/// The map form of 16 packet bytes.
+#[inline(always)]
+pub const fn addr_from_bytes(b: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The 16 packet bytes of a map address.
+#[inline(always)]
+pub const fn addr_bytes(a: &Addr) -> [u8; 16] {
+    let (w0, w1, w2, w3) = (a[0].to_ne_bytes(), a[1].to_ne_bytes(), a[2].to_ne_bytes(), a[3].to_ne_bytes());
+    [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0], w3[1], w3[2], w3[3]]
+}
+
+/// The map form of an address.
+pub const fn addr_from_ip(ip: core::net::IpAddr) -> Addr {
+    match ip {
+        core::net::IpAddr::V4(v4) => addr_v4(u32::from_ne_bytes(v4.octets())),
+        core::net::IpAddr::V6(v6) => addr_from_bytes(v6.octets()),
+    }
+}
+
+/// The address a map form stands for (IPv4-mapped → IPv4).
+pub const fn addr_to_ip(a: &Addr) -> core::net::IpAddr {
+    if is_v4(a) {
+        let b = a[3].to_ne_bytes();
+        core::net::IpAddr::V4(core::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from_octets(addr_bytes(a)))
+    }
 }
 
 /// Services (VIP:port/proto) the data plane knows. Service ids index the
@@ -106,6 +167,29 @@ pub const fn backend_is_gone(state: u8) -> bool {
 /// scheduled by hash and given one (instead of being reset). For several
 /// balancers sharing a VIP with the same backends.
 pub const SVC_F_MISS_REHASH: u8 = 1;
+/// Full-NAT: the client's address and port are replaced by the backend's
+/// `snat_addr` and a port from the service's pool, so replies come back to
+/// the balancer without any routing on the backend.
+pub const SVC_F_FULLNAT: u8 = 2;
+/// Full-NAT: a new flow that finds no free source port is dropped (default:
+/// a TCP SYN is answered with a RST; UDP is always dropped).
+pub const SVC_F_NO_PORT_DROP: u8 = 4;
+
+/// `FlowEntry::nat_flags`: which half of the tuple the entry rewrites.
+pub const NAT_SRC: u8 = 1;
+pub const NAT_DST: u8 = 2;
+/// The flow owns a full-NAT source port (an `XLB_PORTS` entry keyed by the
+/// backend → balancer key) that goes when the flow goes.
+pub const NAT_FULL: u8 = 4;
+
+/// Full-NAT source ports tried for a new flow before it is refused (all of
+/// them when the pool is smaller).
+pub const SNAT_PORT_PROBES: u32 = 16;
+/// Default full-NAT port pool: below Linux's default ephemeral range
+/// (`net.ipv4.ip_local_port_range` 32768–60999), so flows never collide
+/// with the balancer host's own connections (health checks) to a backend.
+pub const DEFAULT_SNAT_PORT_LO: u16 = 1024;
+pub const DEFAULT_SNAT_PORT_HI: u16 = 32767;
 
 /// `FlowEntry::direction`: which way the packets matching this entry go.
 /// Client → VIP packets get their destination rewritten to the backend.
@@ -117,8 +201,8 @@ pub const DIR_TO_CLIENT: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
-    /// VIP, network byte order.
-    pub addr: u32,
+    /// VIP.
+    pub addr: Addr,
     /// Port, network byte order.
     pub port: u16,
     /// IP protocol number (`PROTO_TCP`/`PROTO_UDP`).
@@ -136,7 +220,7 @@ pub struct ServiceEntry {
     pub ring_len: u32,
     /// `SCHED_*`.
     pub scheduler: u8,
-    /// Reserved for per-service behaviour flags.
+    /// `SVC_F_*`.
     pub flags: u8,
     pub _pad: u16,
     /// Idle timeouts in seconds, per flow state (enforced by the controller).
@@ -144,6 +228,10 @@ pub struct ServiceEntry {
     pub established_timeout_s: u32,
     pub closing_timeout_s: u32,
     pub udp_timeout_s: u32,
+    /// Full-NAT source port pool (host byte order, inclusive); each backend
+    /// has the whole pool to itself.
+    pub snat_port_lo: u16,
+    pub snat_port_hi: u16,
 }
 
 /// Value of `XLB_BACKENDS` (an array indexed by backend id). Written by the
@@ -151,8 +239,10 @@ pub struct ServiceEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    /// Address, network byte order.
-    pub addr: u32,
+    pub addr: Addr,
+    /// Full-NAT services: the balancer's source address towards this
+    /// backend (unused in DNAT mode).
+    pub snat_addr: Addr,
     /// Port, network byte order.
     pub port: u16,
     /// `BACKEND_*`.
@@ -166,10 +256,8 @@ pub struct Backend {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    /// Network byte order.
-    pub src_addr: u32,
-    /// Network byte order.
-    pub dst_addr: u32,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
     /// Network byte order.
     pub src_port: u16,
     /// Network byte order.
@@ -192,27 +280,56 @@ impl FlowKey {
     }
 }
 
+/// Map form of a flow entry's rewritten tuple (see `FlowEntry`).
+impl FlowEntry {
+    /// Key of the other direction's entry: the reverse of the tuple this
+    /// entry's packets leave with.
+    #[inline(always)]
+    pub const fn peer_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: self.nat_dst,
+            dst_addr: self.nat_src,
+            src_port: self.nat_dport,
+            dst_port: self.nat_sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Value of `XLB_CONNS`. Every flow has two entries, one per direction, so
 /// each packet (client's or backend's) finds everything it needs in one
-/// lookup:
-/// - `DIR_TO_BACKEND`, keyed client → VIP: `nat_*` is the backend (new
-///   destination); `seq_next` tracks the client's sequence space.
-/// - `DIR_TO_CLIENT`, keyed backend → client: `nat_*` is the VIP (new
-///   source); `seq_next` tracks the backend's sequence space.
+/// lookup. Each entry holds the whole tuple its packets leave with
+/// (`nat_*`), and `nat_flags` says which half is rewritten:
+/// - `DIR_TO_BACKEND`, keyed client → VIP: leaves as client → backend
+///   (DNAT: destination rewritten) or balancer:port → backend (full-NAT:
+///   both); `seq_next` tracks the client's sequence space.
+/// - `DIR_TO_CLIENT`, keyed backend → client (DNAT) or backend →
+///   balancer:port (full-NAT): leaves as VIP → client; `seq_next` tracks
+///   the backend's sequence space.
+///
+/// The key of one direction's entry is the reverse of the other's
+/// outgoing tuple ([`FlowEntry::peer_key`]).
 ///
 /// Written by the data plane (creation, state, seq, last seen) and removed by
 /// the controller.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEntry {
-    /// Address written into the packet, network byte order.
-    pub nat_addr: u32,
-    /// Port written into the packet, network byte order.
-    pub nat_port: u16,
+    /// Source address the packet leaves with.
+    pub nat_src: Addr,
+    /// Destination address the packet leaves with.
+    pub nat_dst: Addr,
+    /// Ports the packet leaves with, network byte order.
+    pub nat_sport: u16,
+    pub nat_dport: u16,
     /// `DIR_*`.
     pub direction: u8,
     /// `tcp::STATE_*` as seen from this direction's packets (0 for UDP).
     pub tcp_state: u8,
+    /// `NAT_*`.
+    pub nat_flags: u8,
+    pub _pad0: u8,
     pub backend_id: u32,
     pub service_id: u32,
     /// Sequence number this direction's sender will use next, i.e. what the
@@ -314,6 +431,15 @@ pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// Destinations whose next hop is cached (LRU).
 pub const NEXT_HOP_CACHE: u32 = 65536;
 
+/// `XLB_PORTS`: full-NAT source ports in use, keyed by the backend →
+/// balancer key of the flow that owns them (which is also that flow's
+/// reverse entry key), valued by the allocation time
+/// (`bpf_ktime_get_coarse_ns`). A plain hash, not LRU: a port is taken with
+/// an exclusive insert and only given back when its flow goes, so two live
+/// flows can never share one. Ports whose flow entries were evicted are
+/// given back by the controller's expiry pass.
+pub const PORTS_GRACE_NS: u64 = 2_000_000_000;
+
 /// Per-service and per-backend traffic counters (per-CPU arrays, summed by
 /// the controller). "In" is client → backend, "out" is backend → client.
 #[repr(C)]
@@ -327,6 +453,8 @@ pub struct TrafficCounters {
     /// RSTs the program itself sent for flows of this backend/service
     /// whose backend was gone (reactive resets).
     pub reactive_resets: u64,
+    /// Full-NAT: new flows refused because no source port was free.
+    pub no_port: u64,
 }
 
 impl TrafficCounters {
@@ -337,17 +465,18 @@ impl TrafficCounters {
         self.bytes_out += o.bytes_out;
         self.new_flows += o.new_flows;
         self.reactive_resets += o.reactive_resets;
+        self.no_port += o.no_port;
     }
 }
 
 // No implicit padding anywhere: these sizes are the sum of the fields.
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 28);
-const _: () = assert!(core::mem::size_of::<Backend>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 56);
-const _: () = assert!(core::mem::size_of::<FlowEnd>() == 136);
-const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<Backend>() == 44);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 88);
+const _: () = assert!(core::mem::size_of::<FlowEnd>() == 224);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 56);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
 #[cfg(feature = "user")]

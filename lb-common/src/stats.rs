@@ -14,9 +14,9 @@ macro_rules! stats {
 stats! {
     /// Packets seen by the program.
     RX = 0, "rx";
-    /// Not IPv4 (ARP, IPv6, QinQ, ...): passed to the kernel.
-    PASS_NOT_IPV4 = 1, "pass_not_ipv4";
-    /// IPv4 but no service matches (the host's own traffic): passed.
+    /// Neither IPv4 nor IPv6 (ARP, QinQ, ...): passed to the kernel.
+    PASS_NOT_IP = 1, "pass_not_ip";
+    /// IP but no service matches (the host's own traffic): passed.
     PASS_NOT_SERVICE = 2, "pass_not_service";
     /// Frame too short for the headers it announces, before a VIP could be
     /// identified: passed (the kernel drops it).
@@ -83,4 +83,15 @@ stats! {
     /// Flow-log records lost because the ring buffer was full (the packets
     /// were forwarded all the same).
     FLOW_LOG_DROPPED = 28, "flow_log_dropped";
+    /// IPv6 fragment (a Fragment extension header) to or from a xlb
+    /// address: passed to the kernel, never NATed, no state.
+    PASS_IPV6_FRAGMENT = 29, "pass_ipv6_fragment";
+    /// IPv6 with extension headers the program does not follow (a Routing
+    /// header, ESP/AH, or a chain longer than `MAX_IPV6_EXT_HDRS`): passed,
+    /// no state.
+    PASS_IPV6_EXT_HEADERS = 30, "pass_ipv6_ext_headers";
+    /// Full-NAT: a new flow found no free source port towards its backend
+    /// and was refused (a TCP SYN answered with a RST, or dropped by policy;
+    /// UDP dropped). Existing flows are untouched.
+    REFUSED_NO_PORT = 31, "refused_no_port";
 }

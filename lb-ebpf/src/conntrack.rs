@@ -6,13 +6,13 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     maps::{
         Backend, FlowEnd, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND, DIR_TO_CLIENT,
-        LAST_SEEN_GRANULARITY_NS, PROTO_TCP,
+        LAST_SEEN_GRANULARITY_NS, NAT_DST, NAT_FULL, NAT_SRC, PROTO_TCP,
     },
     tcp,
 };
 
 use crate::{
-    maps::{CONNS, FLOW_EVENTS, HALF_OPEN},
+    maps::{CONNS, FLOW_EVENTS, HALF_OPEN, PORTS, SCRATCH},
     parse::Packet,
 };
 
@@ -44,86 +44,102 @@ pub fn lookup(key: &FlowKey) -> Option<(*mut FlowEntry, Table)> {
 /// `fwd` is the client → VIP entry, already updated for this packet.
 #[inline(always)]
 pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
-    let rkey = peer_key(key, fwd);
-    // SAFETY: copied out of the map before it is removed.
-    let rev = match HALF_OPEN.get_ptr(&rkey) {
-        Some(r) => unsafe { *r },
-        // Evicted meanwhile: rebuild it from the forward entry.
-        None => FlowEntry {
-            nat_addr: key.dst_addr,
-            nat_port: key.dst_port,
-            direction: DIR_TO_CLIENT,
-            tcp_state: tcp::STATE_NONE,
-            backend_id: fwd.backend_id,
-            service_id: fwd.service_id,
-            seq_next: 0,
-            _pad: 0,
-            created_ns: fwd.created_ns,
-            last_seen_ns: fwd.last_seen_ns,
-            packets: 0,
-            bytes: 0,
-        },
+    let rkey = fwd.peer_key(key.proto);
+    // Inserted straight from the half-open table's value (no copy on the
+    // stack), before it is removed there.
+    let rev: &FlowEntry = match HALF_OPEN.get_ptr(&rkey) {
+        // SAFETY: map value pointer from the kernel.
+        Some(r) => unsafe { &*r },
+        // Evicted meanwhile: rebuild it from the forward entry, in scratch
+        // space.
+        None => {
+            let Some(pair) = SCRATCH.get_ptr_mut(0) else { return };
+            // SAFETY: this CPU's scratch slot, unused by the established path.
+            let r = unsafe { &mut (*pair)[1] };
+            fill_reverse(r, key, fwd, fwd.created_ns);
+            r
+        }
     };
-    if CONNS.insert(&rkey, &rev, BPF_ANY as u64).is_ok() && CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
+    if CONNS.insert(&rkey, rev, BPF_ANY as u64).is_ok() && CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
         let _ = HALF_OPEN.remove(&rkey);
         let _ = HALF_OPEN.remove(key);
     }
 }
 
-/// Creates both entries of a new flow to `backend`. The reverse entry is
-/// written first so that the backend's first reply can never miss.
-/// Returns the forward entry, or `None` when the table refused the insert.
+/// Fills `rev` as the backend → client entry of the flow whose client →
+/// VIP entry is `fwd` (keyed `key`): its packets leave as VIP → client.
+#[inline(always)]
+fn fill_reverse(rev: &mut FlowEntry, key: &FlowKey, fwd: &FlowEntry, now: u64) {
+    rev.nat_src = key.dst_addr;
+    rev.nat_dst = key.src_addr;
+    rev.nat_sport = key.dst_port;
+    rev.nat_dport = key.src_port;
+    rev.direction = DIR_TO_CLIENT;
+    rev.tcp_state = tcp::STATE_NONE;
+    rev.nat_flags = if fwd.nat_flags & NAT_FULL != 0 { NAT_SRC | NAT_DST | NAT_FULL } else { NAT_SRC };
+    rev._pad0 = 0;
+    rev.backend_id = fwd.backend_id;
+    rev.service_id = fwd.service_id;
+    rev.seq_next = 0;
+    rev._pad = 0;
+    rev.created_ns = now;
+    rev.last_seen_ns = now;
+    rev.packets = 0;
+    rev.bytes = 0;
+}
+
+/// Creates both entries of a new flow to `backend`; `snat_port` (network
+/// order) is the full-NAT source port already allocated for it, if the
+/// service is full-NAT. The reverse entry is written first so that the
+/// backend's first reply can never miss. Returns the forward entry (in
+/// per-CPU scratch space, valid while this packet is processed), or `None`
+/// when the table refused the insert.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
     svc: &ServiceEntry,
     backend_id: u32,
     backend: &Backend,
+    snat_port: Option<u16>,
     now: u64,
-) -> Option<FlowEntry> {
+) -> Option<&'static FlowEntry> {
     let key = &pkt.key;
-    let reverse_key = FlowKey {
-        src_addr: backend.addr,
-        dst_addr: key.src_addr,
-        src_port: backend.port,
-        dst_port: key.src_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    let reverse = FlowEntry {
-        nat_addr: key.dst_addr,
-        nat_port: key.dst_port,
-        direction: DIR_TO_CLIENT,
-        tcp_state: tcp::STATE_NONE,
-        backend_id,
-        service_id: svc.id,
-        seq_next: 0,
-        _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 0,
-        bytes: 0,
-    };
     let is_tcp = key.proto == PROTO_TCP;
-    let forward = FlowEntry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        direction: DIR_TO_BACKEND,
-        tcp_state: if is_tcp { tcp::next_state(tcp::STATE_NONE, pkt.tcp_flags) } else { tcp::STATE_NONE },
-        backend_id,
-        service_id: svc.id,
-        seq_next: if is_tcp { tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags) } else { 0 },
-        _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: pkt.ip_len as u64,
-    };
+    let pair = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this packet.
+    let [forward, reverse] = unsafe { &mut *pair };
+    match snat_port {
+        Some(p) => {
+            forward.nat_src = backend.snat_addr;
+            forward.nat_sport = p;
+            forward.nat_flags = NAT_SRC | NAT_DST | NAT_FULL;
+        }
+        None => {
+            forward.nat_src = key.src_addr;
+            forward.nat_sport = key.src_port;
+            forward.nat_flags = NAT_DST;
+        }
+    }
+    forward.nat_dst = backend.addr;
+    forward.nat_dport = backend.port;
+    forward.direction = DIR_TO_BACKEND;
+    forward.tcp_state = if is_tcp { tcp::next_state(tcp::STATE_NONE, pkt.tcp_flags) } else { tcp::STATE_NONE };
+    forward._pad0 = 0;
+    forward.backend_id = backend_id;
+    forward.service_id = svc.id;
+    forward.seq_next = if is_tcp { tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags) } else { 0 };
+    forward._pad = 0;
+    forward.created_ns = now;
+    forward.last_seen_ns = now;
+    forward.packets = 1;
+    forward.bytes = pkt.ip_len as u64;
+    fill_reverse(reverse, key, forward, now);
+    let reverse_key = forward.peer_key(key.proto);
     // TCP flows wait in the half-open table until their handshake
     // completes; UDP flows go straight to the connection table.
     let table = if is_tcp { &HALF_OPEN } else { &CONNS };
-    table.insert(&reverse_key, &reverse, BPF_ANY as u64).ok()?;
-    if table.insert(key, &forward, BPF_ANY as u64).is_err() {
+    table.insert(&reverse_key, &*reverse, BPF_ANY as u64).ok()?;
+    if table.insert(key, &*forward, BPF_ANY as u64).is_err() {
         let _ = table.remove(&reverse_key);
         return None;
     }
@@ -166,50 +182,45 @@ pub fn is_new_connection(entry: *const FlowEntry, pkt: &Packet) -> bool {
         && tcp::is_reusable(e.tcp_state)
 }
 
-/// Key of the other direction's entry of the flow `entry` belongs to.
-#[inline(always)]
-pub fn peer_key(key: &FlowKey, e: &FlowEntry) -> FlowKey {
-    if e.direction == DIR_TO_BACKEND {
-        // client → VIP; peer: backend → client.
-        FlowKey { src_addr: e.nat_addr, dst_addr: key.src_addr, src_port: e.nat_port, dst_port: key.src_port, proto: key.proto, _pad: [0; 3] }
-    } else {
-        // backend → client; peer: client → VIP.
-        FlowKey { src_addr: key.dst_addr, dst_addr: e.nat_addr, src_port: key.dst_port, dst_port: e.nat_port, proto: key.proto, _pad: [0; 3] }
-    }
-}
-
 /// Removes both entries of a flow from `table` and reports it (with
 /// `reason`, and `last_bytes` for the packet that ended it, if counted) to
 /// the controller's flow log.
 #[inline(always)]
+///
+/// `e` may point into the map: everything is read from it before the
+/// entries go.
 pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table, reason: u32, last_bytes: u64) {
     let map = if table == Table::Established { &CONNS } else { &HALF_OPEN };
-    let pkey = peer_key(key, e);
+    let pkey = e.peer_key(key.proto);
+    let to_backend = e.direction == DIR_TO_BACKEND;
+    let full_nat = e.nat_flags & NAT_FULL != 0;
     // SAFETY: read before the entry is removed.
     let peer = map.get_ptr(&pkey).map(|p| unsafe { &*p });
-    let mut mine = *e;
-    if last_bytes > 0 {
-        mine.packets += 1;
-        mine.bytes += last_bytes;
-    }
-    if e.direction == DIR_TO_BACKEND {
-        report(key, &mine, peer, reason);
+    if to_backend {
+        report(key, e, peer, reason, last_bytes, false);
     } else if let Some(fwd) = peer {
-        report(&pkey, fwd, Some(&mine), reason);
+        report(&pkey, fwd, Some(e), reason, last_bytes, true);
     }
     // (A reverse entry whose forward entry is gone says nothing about the
     // client side: no record.)
     let _ = map.remove(&pkey);
     let _ = map.remove(key);
+    if full_nat {
+        // The full-NAT source port goes with its flow; it is keyed like the
+        // backend → balancer entry.
+        let _ = PORTS.remove(if to_backend { &pkey } else { key });
+    }
     crate::stats::count_n(lb_common::stats::ENTRIES_REMOVED, 2);
 }
 
 /// Sends a flow record to the controller (`fwd_key` is the client → VIP
-/// key; `to_client` absent is zeroes). Written straight into the ring
-/// buffer (the record would not fit the BPF stack beside the packet's
-/// state). A full ring buffer loses the record, counted, never the packet.
+/// key; `to_client` absent is zeroes; `last_bytes`, if not 0, is a last
+/// packet not yet counted, on the client side's entry if
+/// `last_on_to_client`). Written straight into the ring buffer (the record
+/// would not fit the BPF stack beside the packet's state). A full ring
+/// buffer loses the record, counted, never the packet.
 #[inline(always)]
-pub fn report(fwd_key: &FlowKey, to_backend: &FlowEntry, to_client: Option<&FlowEntry>, reason: u32) {
+pub fn report(fwd_key: &FlowKey, to_backend: &FlowEntry, to_client: Option<&FlowEntry>, reason: u32, last_bytes: u64, last_on_to_client: bool) {
     let Some(mut slot) = FLOW_EVENTS.reserve::<FlowEnd>(0) else {
         crate::stats::count(lb_common::stats::FLOW_LOG_DROPPED);
         return;
@@ -224,6 +235,11 @@ pub fn report(fwd_key: &FlowKey, to_backend: &FlowEntry, to_client: Option<&Flow
         match to_client {
             Some(c) => (*p).to_client = *c,
             None => core::ptr::write_bytes(&mut (*p).to_client, 0, 1),
+        }
+        if last_bytes > 0 {
+            let side = if last_on_to_client { &mut (*p).to_client } else { &mut (*p).to_backend };
+            side.packets += 1;
+            side.bytes += last_bytes;
         }
     }
     slot.submit(0);

@@ -5,6 +5,7 @@
 
 use core::mem;
 
+use network_types::eth::EthHdr;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
@@ -14,34 +15,35 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{NextHop, NEXT_HOP_TTL_NS},
+    maps::{FlowEntry, NextHop, NEXT_HOP_TTL_NS},
     stats,
 };
 
 use crate::{
     maps::{DEVMAP, NEXT_HOP},
     nat,
-    parse::{Packet, Verdict},
+    parse::{ptr_at, Packet, Verdict},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
+/// Forwards a packet already rewritten to leave with `e`'s tuple.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, to_backend: bool, nat_port: u16, now: u64) -> Verdict {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, now: u64) -> Verdict {
     if pkt.vlan {
         // The egress may be another VLAN or none: the kernel's VLAN devices
         // know which tag (if any) the rewritten packet needs.
         return Verdict::pass(stats::PASS_VLAN);
     }
-    // SAFETY: `ip` was bounds-checked by the parser.
-    let dst = u32::from_ne_bytes(unsafe { (*pkt.ip).dst_addr });
-    let hop = match NEXT_HOP.get_ptr(&dst) {
+    let dst = &e.nat_dst;
+    let hop = match NEXT_HOP.get_ptr(dst) {
         // SAFETY: map value pointer from the kernel.
         Some(h) if unsafe { (*h).expires_ns } > now => unsafe { *h },
-        _ => match fib(ctx, pkt, to_backend, nat_port) {
+        _ => match fib(ctx, pkt, e) {
             Ok(h) => {
                 let h = NextHop { expires_ns: now + NEXT_HOP_TTL_NS, ..h };
-                let _ = NEXT_HOP.insert(&dst, &h, 0);
+                let _ = NEXT_HOP.insert(dst, &h, 0);
                 h
             }
             Err(v) => return v,
@@ -54,13 +56,14 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, to_backend: bool, nat_port: u16, 
     if !same_iface && DEVMAP.get(hop.ifindex).is_none() {
         return Verdict::pass(stats::PASS_NOT_MANAGED_IFACE);
     }
-    if !nat::decrement_ttl(pkt) {
+    if !nat::decrement_ttl(ctx, pkt) {
         return Verdict::pass(stats::PASS_TTL);
     }
-    // SAFETY: `eth` was bounds-checked by the parser.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Verdict::drop(stats::DROP_MALFORMED) };
+    // SAFETY: bounds-checked just above.
     unsafe {
-        (*pkt.eth).dst_addr = hop.dmac;
-        (*pkt.eth).src_addr = hop.smac;
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
     }
     if same_iface {
         return Verdict { action: xdp_action::XDP_TX, stat: stats::TX };
@@ -76,21 +79,23 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, to_backend: bool, nat_port: u16, 
 /// The kernel's FIB lookup for the rewritten packet; what XDP cannot finish
 /// (unresolved neighbour, no route) is a counted pass to the kernel.
 #[inline(always)]
-fn fib(ctx: &XdpContext, pkt: &Packet, to_backend: bool, nat_port: u16) -> Result<NextHop, Verdict> {
+fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<NextHop, Verdict> {
     // SAFETY: zeroed is a valid bit pattern for this plain C struct.
     let mut p: FibParams = unsafe { mem::zeroed() };
-    // SAFETY: `ip` was bounds-checked by the parser.
-    let ip = unsafe { &*pkt.ip };
-    p.family = AF_INET;
     p.l4_protocol = pkt.key.proto;
-    p.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-    p.__bindgen_anon_2.tos = ip.tos;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-    // Ports as they are after the rewrite (NAT changed one of them).
-    let (sport, dport) = if to_backend { (pkt.key.src_port, nat_port) } else { (nat_port, pkt.key.dst_port) };
-    p.sport = sport;
-    p.dport = dport;
+    p.__bindgen_anon_1.tot_len = pkt.ip_len as u16;
+    // The tuple as it is after the rewrite.
+    if pkt.v6 {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = e.nat_src;
+        p.__bindgen_anon_4.ipv6_dst = e.nat_dst;
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = e.nat_src[3];
+        p.__bindgen_anon_4.ipv4_dst = e.nat_dst[3];
+    }
+    p.sport = e.nat_sport;
+    p.dport = e.nat_dport;
     p.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: helper call with a correctly sized, initialised struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, &mut p as *mut FibParams, mem::size_of::<FibParams>() as i32, 0) };

@@ -12,6 +12,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod ports;
 mod reset;
 mod schedule;
 mod stats;
@@ -20,7 +21,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::{
         backend_is_gone, end_reason, FlowEntry, SETTING_LOG_NEW_FLOWS, ServiceKey, ADDR_VIP, BACKEND_DOWN, DIR_TO_BACKEND, PROTO_TCP,
-        SVC_F_MISS_REHASH,
+        SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
     },
     stats as stat,
     tcp,
@@ -31,9 +32,22 @@ use crate::parse::{Packet, Verdict};
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     stats::count(stat::RX);
-    let v = match parse::parse(&ctx) {
-        Ok(pkt) => balance(&ctx, &pkt),
-        Err(v) => v,
+    let mut pkt = Packet::default();
+    let parsed = parse::parse_into(&ctx, &mut pkt);
+    let v = if parsed != parse::PARSED {
+        Verdict::from_bits(parsed)
+    } else {
+        let now = conntrack::now();
+        let v = existing_flow(&ctx, &pkt, now);
+        if v != NO_FLOW {
+            Verdict::from_bits(v)
+        } else if pkt.role != ADDR_VIP {
+            // From a backend address but not a flow of ours: the host's
+            // own traffic (health checks, management).
+            Verdict::pass(stat::PASS_NOT_SERVICE)
+        } else {
+            Verdict::from_bits(new_flow(&ctx, &pkt, now))
+        }
     };
     stats::count(v.stat);
     v.action
@@ -47,13 +61,30 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// `existing_flow`'s "no usable entry".
+const NO_FLOW: u64 = u64::MAX;
+
+/// A packet of a flow in the table: forwarded, reset, or torn down
+/// (`Verdict::to_bits`). [`NO_FLOW`]: no usable entry, the packet starts a
+/// new flow (or is not ours).
+///
+/// This, [`new_flow`] and the parser are separate BPF functions (not
+/// inlined), called one after the other from the entry point: each gets
+/// its own stack frame within the 512-byte limit, and no frame is counted
+/// twice. They return verdicts as a `u64` (see `Verdict::to_bits`).
+#[inline(never)]
+fn existing_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> u64 {
+    existing_flow_verdict(ctx, pkt, now).map_or(NO_FLOW, Verdict::to_bits)
+}
+
 #[inline(always)]
-fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
-    let now = conntrack::now();
+fn existing_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Option<Verdict> {
     let is_tcp = pkt.key.proto == PROTO_TCP;
     if let Some((entry, table)) = conntrack::lookup(&pkt.key) {
-        // SAFETY: map value pointer from the kernel; copied once.
-        let e = unsafe { *entry };
+        // Read in place (no 88-byte copy on the stack); every use comes
+        // before the entry is removed or rewritten.
+        // SAFETY: map value pointer from the kernel.
+        let e = unsafe { &*entry };
         let to_backend = e.direction == DIR_TO_BACKEND;
         let (gone, reason) = match maps::BACKENDS.get(e.backend_id) {
             Some(b) => (
@@ -63,54 +94,46 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Verdict {
             None => (true, end_reason::REMOVED),
         };
         if gone {
-            conntrack::remove(&pkt.key, &e, table, reason, 0);
+            let (service_id, backend_id) = (e.service_id, e.backend_id);
+            conntrack::remove(&pkt.key, e, table, reason, 0);
             if is_tcp {
                 // No black hole: the sender learns at once.
-                stats::count_reactive_reset(e.service_id, e.backend_id);
-                return reset::answer(ctx, pkt, stat::RST_REACTIVE);
+                stats::count_reactive_reset(service_id, backend_id);
+                return Some(reset::answer(ctx, pkt, stat::RST_REACTIVE));
             }
             if !to_backend {
-                return Verdict::drop(stat::DROP_GONE_BACKEND);
+                return Some(Verdict::drop(stat::DROP_GONE_BACKEND));
             }
             stats::count(stat::UDP_RESCHEDULED);
-            return new_flow(ctx, pkt, now);
+            return None;
         }
         if is_tcp && pkt.tcp_flags & tcp::FLAG_RST != 0 {
-            return pass_rst(ctx, pkt, &e, table, now);
+            return Some(pass_rst(ctx, pkt, e, table, now));
         }
         if to_backend && conntrack::is_new_connection(entry, pkt) {
             // Port reuse after the previous connection ended: its entries
             // go, the SYN starts a new flow below.
-            conntrack::remove(&pkt.key, &e, table, end_reason::FIN, 0);
+            conntrack::remove(&pkt.key, e, table, end_reason::FIN, 0);
         } else {
             conntrack::touch(entry, pkt, now);
+            // SAFETY: map value pointer; read again after `touch` wrote it.
+            let e = unsafe { &*entry };
             if table == conntrack::Table::HalfOpen && to_backend && pkt.tcp_flags & tcp::FLAG_SYN == 0 {
                 // The handshake completed: the flow is established.
-                // SAFETY: map value pointer; read after `touch` updated it.
-                conntrack::promote(&pkt.key, unsafe { &*entry });
+                conntrack::promote(&pkt.key, e);
                 stats::count(stat::PROMOTED);
             }
-            return nat_and_forward(ctx, pkt, &e, false, now);
+            return Some(nat_and_forward(ctx, pkt, e, false, now));
         }
     }
-    if pkt.role != ADDR_VIP {
-        // From a backend address but not a flow of ours: the host's own
-        // traffic (health checks, management).
-        return Verdict::pass(stat::PASS_NOT_SERVICE);
-    }
-    new_flow(ctx, pkt, now)
+    None
 }
 
 #[inline(always)]
 fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool, now: u64) -> Verdict {
-    let to_backend = e.direction == DIR_TO_BACKEND;
-    if to_backend {
-        nat::rewrite_dst(ctx, pkt, e.nat_addr, e.nat_port);
-    } else {
-        nat::rewrite_src(ctx, pkt, e.nat_addr, e.nat_port);
-    }
-    stats::count_traffic(e.service_id, e.backend_id, to_backend, pkt.ip_len as u64, new_flow);
-    forward::forward(ctx, pkt, to_backend, e.nat_port, now)
+    nat::rewrite(ctx, pkt, e);
+    stats::count_traffic(e.service_id, e.backend_id, e.direction == DIR_TO_BACKEND, pkt.ip_len as u64, new_flow);
+    forward::forward(ctx, pkt, e, now)
 }
 
 /// A RST for a live flow is forwarded either way; it tears the flow down
@@ -120,6 +143,8 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
 #[inline(always)]
 fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Table, now: u64) -> Verdict {
     let exact = e.tcp_state != tcp::STATE_NONE && pkt.seq == e.seq_next;
+    // Forwarded first: `e` may point into the table, and goes below.
+    let v = nat_and_forward(ctx, pkt, e, false, now);
     if exact {
         let reason = if e.direction == DIR_TO_BACKEND { end_reason::RST_CLIENT } else { end_reason::RST_BACKEND };
         conntrack::remove(&pkt.key, e, table, reason, pkt.ip_len as u64);
@@ -127,11 +152,18 @@ fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Tab
     } else {
         stats::count(stat::RST_IGNORED);
     }
-    nat_and_forward(ctx, pkt, e, false, now)
+    v
+}
+
+/// A new flow: scheduled, entered in the table, forwarded. A separate BPF
+/// function (see [`existing_flow`]).
+#[inline(never)]
+fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> u64 {
+    new_flow_verdict(ctx, pkt, now).to_bits()
 }
 
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
+fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     let skey = ServiceKey {
         addr: pkt.key.dst_addr,
         port: pkt.key.dst_port,
@@ -160,15 +192,31 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     let Some((backend_id, backend)) = schedule::pick(svc, &pkt.key, by_hash) else {
         return Verdict::pass(stat::PASS_NO_BACKEND);
     };
-    let Some(entry) = conntrack::create(pkt, svc, backend_id, &backend, now) else {
+    let snat_port = if svc.flags & SVC_F_FULLNAT != 0 {
+        let Some(port) = ports::allocate(svc, &backend, pkt.key.proto, now) else {
+            // Refused cleanly: never a port shared with a live flow.
+            stats::count_no_port(svc.id, backend_id);
+            if pkt.key.proto == PROTO_TCP && svc.flags & SVC_F_NO_PORT_DROP == 0 {
+                return reset::answer(ctx, pkt, stat::REFUSED_NO_PORT);
+            }
+            return Verdict::drop(stat::REFUSED_NO_PORT);
+        };
+        Some(port)
+    } else {
+        None
+    };
+    let Some(entry) = conntrack::create(pkt, svc, backend_id, &backend, snat_port, now) else {
+        if let Some(port) = snat_port {
+            ports::release(&backend, pkt.key.proto, port);
+        }
         return Verdict::drop(stat::DROP_TABLE_FULL);
     };
     stats::count(stat::NEW_FLOWS);
     schedule::count_active(backend_id);
     if maps::SETTINGS.get(SETTING_LOG_NEW_FLOWS).is_some_and(|v| *v != 0) {
-        conntrack::report(&pkt.key, &entry, None, end_reason::NEW);
+        conntrack::report(&pkt.key, entry, None, end_reason::NEW, 0, false);
     }
-    nat_and_forward(ctx, pkt, &entry, true, now)
+    nat_and_forward(ctx, pkt, entry, true, now)
 }
 
 #[cfg(not(test))]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE, FLOW_EVENTS_BYTES, SETTINGS_COUNT,
+        Addr, Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE, FLOW_EVENTS_BYTES, SETTINGS_COUNT,
         DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
     },
     stats,
@@ -19,10 +19,10 @@ use lb_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceEntry> =
     HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// IPv4 address (network order) → `ADDR_VIP | ADDR_BACKEND`. Controller-written.
-/// Lets packets that are not xlb's business leave early.
+/// Address → `ADDR_VIP | ADDR_BACKEND`. Controller-written. Lets packets
+/// that are not xlb's business leave early.
 #[map(name = "XLB_ADDRS")]
-pub static ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SERVICES + MAX_BACKENDS, 0);
+pub static ADDRS: HashMap<Addr, u32> = HashMap::with_max_entries(MAX_SERVICES + MAX_BACKENDS, 0);
 
 /// Backend id → backend. Controller-written.
 #[map(name = "XLB_BACKENDS")]
@@ -74,7 +74,7 @@ pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0)
 /// Next-hop cache: destination address (network order) → egress and MACs
 /// from the last FIB lookup, trusted for `NEXT_HOP_TTL_NS`.
 #[map(name = "XLB_NEXT_HOP")]
-pub static NEXT_HOP: LruHashMap<u32, NextHop> = LruHashMap::with_max_entries(NEXT_HOP_CACHE, 0);
+pub static NEXT_HOP: LruHashMap<Addr, NextHop> = LruHashMap::with_max_entries(NEXT_HOP_CACHE, 0);
 
 /// Flows the program removed (RST teardown, reactive resets), for the
 /// controller's flow logs.
@@ -88,3 +88,16 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 /// Interfaces xlb is attached to (ifindex → ifindex), the redirect targets.
 #[map(name = "XLB_DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+
+/// Full-NAT source ports in use: backend → balancer key of the owning flow
+/// → allocation time. Not LRU (see `lb_common::maps::PORTS_GRACE_NS`).
+/// Capacity set at load time (connection + half-open capacity).
+#[map(name = "XLB_PORTS")]
+pub static PORTS: HashMap<FlowKey, u64> =
+    HashMap::with_max_entries(DEFAULT_CONN_CAPACITY + DEFAULT_HALF_OPEN_CAPACITY, 0);
+
+/// Per-CPU scratch space where a new flow's two entries are built (they
+/// would not fit the 512-byte BPF stack beside the packet's state). Not
+/// pinned: its contents never outlive one packet.
+#[map(name = "XLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<[FlowEntry; 2]> = PerCpuArray::with_max_entries(1, 0);

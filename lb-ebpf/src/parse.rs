@@ -3,23 +3,28 @@
 //!
 //! Policy for packets to or from xlb's addresses (see docs/architecture.md):
 //! - IPv4 options: passed to the kernel, never NATed (counted).
-//! - Fragments: dropped (counted): later fragments carry no ports, so no
-//!   flow can be found for them, and NATing only the first would corrupt
-//!   the datagram.
+//! - IPv4 fragments: dropped (counted): later fragments carry no ports, so
+//!   no flow can be found for them, and NATing only the first would
+//!   corrupt the datagram.
+//! - IPv6 extension headers: Hop-by-Hop and Destination Options are
+//!   skipped (up to `MAX_IPV6_EXT_HDRS`); a Fragment header, a Routing
+//!   header, ESP/AH or a longer chain is passed to the kernel untouched
+//!   (counted), with no state created.
 //! - Bad IHL, TCP data offset or lengths: dropped (counted); no state.
-//! Anything else that is not IPv4 TCP/UDP, or not to/from a service or
-//! backend address, goes to the kernel untouched.
+//! Anything else that is not TCP/UDP over IPv4 or IPv6 (ARP, ICMP, ICMPv6
+//! neighbour discovery...), or not to/from a service or backend address,
+//! goes to the kernel untouched.
 
 use core::mem;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    maps::{FlowKey, ADDR_BACKEND, ADDR_VIP, PROTO_TCP, PROTO_UDP},
+    maps::{addr_from_bytes, addr_v4, Addr, FlowKey, ADDR_BACKEND, ADDR_VIP, PROTO_TCP, PROTO_UDP},
     stats,
 };
 use network_types::{
     eth::EthHdr,
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     udp::UdpHdr,
     vlan::VlanHdr,
@@ -28,12 +33,28 @@ use network_types::{
 use crate::maps::ADDRS;
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 /// "More fragments" flag and fragment offset mask, in the host-order
 /// flags/offset word.
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+
+/// IPv6 next-header values of extension headers.
+const NH_HOP_BY_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_ESP: u8 = 50;
+const NH_AH: u8 = 51;
+const NH_DEST_OPTS: u8 = 60;
+const NH_MOBILITY: u8 = 135;
+const NH_HIP: u8 = 139;
+const NH_SHIM6: u8 = 140;
+/// Hop-by-Hop / Destination Options headers skipped before the packet is
+/// passed as "too many extension headers". Real traffic carries at most
+/// one or two.
+pub const MAX_IPV6_EXT_HDRS: usize = 4;
 
 /// A parse outcome that ends processing: an XDP action and the counter that
 /// explains it.
@@ -44,6 +65,16 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// A verdict as one register: BPF functions cannot return a struct
+    /// through the caller's stack (the verifier refuses the pointer).
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        (self.action as u64) << 32 | self.stat as u64
+    }
+    #[inline(always)]
+    pub const fn from_bits(b: u64) -> Self {
+        Verdict { action: (b >> 32) as u32, stat: b as u32 }
+    }
     pub const fn pass(stat: u32) -> Self {
         Verdict { action: xdp_action::XDP_PASS, stat }
     }
@@ -52,15 +83,22 @@ impl Verdict {
     }
 }
 
-/// A parsed IPv4 TCP/UDP packet that concerns xlb.
+/// A parsed TCP/UDP packet (IPv4 or IPv6) that concerns xlb. Offsets, no
+/// pointers: LLVM may spill a packet pointer as two 32-bit halves (it
+/// knows the high half is zero), which the verifier refuses; users
+/// re-derive pointers with [`ptr_at`].
+#[derive(Default)]
 pub struct Packet {
-    pub eth: *mut EthHdr,
-    pub ip: *mut Ipv4Hdr,
-    /// Offset of the TCP/UDP header. Users re-derive the typed pointer with
-    /// [`l4_hdr`] inside their protocol branch: the verifier does not carry
-    /// "proto is TCP" across spills, so a pointer chosen here could not be
-    /// proven in bounds there.
+    /// Offset of the IP header.
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP header. Users re-derive typed pointers with
+    /// [`l4_hdr`] / [`ptr_at`] inside their branch: the verifier does not
+    /// carry "proto is TCP" across spills, so a pointer chosen here could
+    /// not be proven in bounds there.
     pub l4_off: usize,
+    /// IPv6 (else IPv4).
+    pub v6: bool,
+    /// Addresses in map form (IPv4-mapped for IPv4).
     pub key: FlowKey,
     /// `ADDR_VIP` when the destination is a VIP address, else `ADDR_BACKEND`
     /// (the source is a backend address).
@@ -71,16 +109,35 @@ pub struct Packet {
     pub seq: u32,
     /// TCP payload length in bytes.
     pub payload_len: u32,
-    /// IP total length.
+    /// IP total length (IPv6: header, extension headers and payload).
     pub ip_len: u32,
     /// The frame carries an 802.1Q/802.1ad tag.
     pub vlan: bool,
 }
 
+/// Largest header offset the program reads at. Offsets travel between BPF
+/// functions on the stack, where the verifier loses their bounds; checking
+/// against this constant restores them before any pointer arithmetic.
+pub const MAX_HDR_OFFSET: usize = 512;
+/// IPv6 extension header bytes followed before the packet is passed as
+/// "too many extension headers".
+pub const MAX_IPV6_EXT_BYTES: usize = 256;
+
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    if offset > MAX_HDR_OFFSET {
+        return None;
+    }
+    // Fresh loads of data/data_end every time: LLVM would otherwise reuse
+    // a packet pointer spilled long before (whose checked range the
+    // verifier no longer knows) and drop this check as redundant.
+    // SAFETY: `ctx.ctx` is the kernel's xdp_md for this call.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
     if start + offset + mem::size_of::<T>() > end {
         return None;
     }
@@ -93,8 +150,25 @@ pub fn l4_hdr<T>(ctx: &XdpContext, pkt: &Packet) -> Option<*mut T> {
     ptr_at(ctx, pkt.l4_off)
 }
 
+/// `parse_into`'s "parsed" (no XDP action is this large).
+pub const PARSED: u64 = u64::MAX;
+
+/// Parses the frame into `out`; returns [`PARSED`] or a verdict
+/// (`Verdict::to_bits`). A separate BPF function (not inlined), so its
+/// locals do not add to the stack frames of the paths that follow.
+#[inline(never)]
+pub fn parse_into(ctx: &XdpContext, out: &mut Packet) -> u64 {
+    match parse(ctx) {
+        Ok(p) => {
+            *out = p;
+            PARSED
+        }
+        Err(v) => v.to_bits(),
+    }
+}
+
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
@@ -106,28 +180,59 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         l3 = EthHdr::LEN + VlanHdr::LEN;
     }
-    // A second tag (QinQ) lands here too: not ours.
-    if ether_type != ETH_P_IP {
-        return Err(Verdict::pass(stats::PASS_NOT_IPV4));
+    // A second tag (QinQ) lands in the "not IP" branch: not ours.
+    let mut pkt = if ether_type == ETH_P_IP {
+        parse_v4(ctx, l3)?
+    } else if ether_type == ETH_P_IPV6 {
+        parse_v6(ctx, l3)?
+    } else {
+        return Err(Verdict::pass(stats::PASS_NOT_IP));
+    };
+    let l4_len = pkt.ip_len as usize - (pkt.l4_off - l3);
+    parse_l4(ctx, &mut pkt, l4_len)?;
+    Ok(pkt)
+}
+
+/// What an address pair is to xlb: to a VIP, or from a backend.
+#[inline(always)]
+fn role_of(src: &Addr, dst: &Addr) -> Result<u32, Verdict> {
+    if is_addr(dst, ADDR_VIP) {
+        Ok(ADDR_VIP)
+    } else if is_addr(src, ADDR_BACKEND) {
+        Ok(ADDR_BACKEND)
+    } else {
+        Err(Verdict::pass(stats::PASS_NOT_SERVICE))
     }
+}
+
+#[inline(always)]
+fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, role: u32, ip_len: usize) -> Packet {
+    Packet {
+        l3_off: l3,
+        l4_off: l4,
+        v6,
+        key: FlowKey { src_addr: src, dst_addr: dst, src_port: 0, dst_port: 0, proto, _pad: [0; 3] },
+        role,
+        tcp_flags: 0,
+        seq: 0,
+        payload_len: 0,
+        ip_len: ip_len as u32,
+        vlan: l3 != EthHdr::LEN,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at (the 20-byte base header).
     let (vihl, dst, src, proto) =
         unsafe { ((*ip).vihl, (*ip).dst_addr, (*ip).src_addr, (*ip).proto) };
     if vihl >> 4 != 4 {
-        return Err(Verdict::pass(stats::PASS_NOT_IPV4));
+        return Err(Verdict::pass(stats::PASS_NOT_IP));
     }
-    let dst = u32::from_ne_bytes(dst);
-    let src = u32::from_ne_bytes(src);
-
-    // Is this xlb's business at all? To a VIP, or from a backend.
-    let role = if is_addr(dst, ADDR_VIP) {
-        ADDR_VIP
-    } else if is_addr(src, ADDR_BACKEND) {
-        ADDR_BACKEND
-    } else {
-        return Err(Verdict::pass(stats::PASS_NOT_SERVICE));
-    };
+    let dst = addr_v4(u32::from_ne_bytes(dst));
+    let src = addr_v4(u32::from_ne_bytes(src));
+    let role = role_of(&src, &dst)?;
 
     let ihl = vihl & 0x0f;
     if ihl < 5 {
@@ -146,57 +251,101 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     if ip_len < Ipv4Hdr::LEN || ctx.data() + l3 + ip_len > ctx.data_end() {
         return Err(Verdict::drop(stats::DROP_MALFORMED));
     }
-    let l4 = l3 + Ipv4Hdr::LEN;
-    let l4_len = ip_len - Ipv4Hdr::LEN;
-
-    let mut pkt = Packet {
-        eth,
-        ip,
-        l4_off: l4,
-        key: FlowKey { src_addr: src, dst_addr: dst, src_port: 0, dst_port: 0, proto, _pad: [0; 3] },
-        role,
-        tcp_flags: 0,
-        seq: 0,
-        payload_len: 0,
-        ip_len: ip_len as u32,
-        vlan: l3 != EthHdr::LEN,
-    };
     match proto {
-        PROTO_TCP => {
-            let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
-            // SAFETY: bounds checked by ptr_at.
-            let (doff, sport, dport, seq, flags) = unsafe {
-                let flags_byte = *((tcp as *const u8).add(13));
-                ((*tcp).doff() as usize, (*tcp).source, (*tcp).dest, (*tcp).seq, flags_byte)
-            };
-            let hdr_len = doff * 4;
-            if doff < 5 || hdr_len > l4_len {
-                return Err(Verdict::drop(stats::DROP_MALFORMED));
-            }
-            pkt.key.src_port = u16::from_ne_bytes(sport);
-            pkt.key.dst_port = u16::from_ne_bytes(dport);
-            pkt.tcp_flags = flags;
-            pkt.seq = u32::from_be_bytes(seq);
-            pkt.payload_len = (l4_len - hdr_len) as u32;
-        }
-        PROTO_UDP => {
-            let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
-            // SAFETY: bounds checked by ptr_at.
-            let (sport, dport, len) = unsafe { ((*udp).src, (*udp).dst, (*udp).len) };
-            let len = u16::from_be_bytes(len) as usize;
-            if len < UdpHdr::LEN || len > l4_len {
-                return Err(Verdict::drop(stats::DROP_MALFORMED));
-            }
-            pkt.key.src_port = u16::from_ne_bytes(sport);
-            pkt.key.dst_port = u16::from_ne_bytes(dport);
-        }
+        PROTO_TCP | PROTO_UDP => {}
         _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
     }
-    Ok(pkt)
+    Ok(new_packet(l3, l3 + Ipv4Hdr::LEN, false, src, dst, proto, role, ip_len))
 }
 
 #[inline(always)]
-fn is_addr(addr: u32, role: u32) -> bool {
+fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
+    // SAFETY: bounds checked by ptr_at (the 40-byte fixed header).
+    let (vcf0, plen, next, src, dst) =
+        unsafe { ((*ip).vcf[0], (*ip).payload_len, (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    if vcf0 >> 4 != 6 {
+        return Err(Verdict::pass(stats::PASS_NOT_IP));
+    }
+    let dst = addr_from_bytes(dst);
+    let src = addr_from_bytes(src);
+    let role = role_of(&src, &dst)?;
+
+    // Payload length 0 would be a jumbogram (Hop-by-Hop option): never a
+    // valid TCP/UDP packet here.
+    let plen = u16::from_be_bytes(plen) as usize;
+    let ip_len = Ipv6Hdr::LEN + plen;
+    if plen == 0 || ctx.data() + l3 + ip_len > ctx.data_end() {
+        return Err(Verdict::drop(stats::DROP_MALFORMED));
+    }
+    let mut next = next;
+    let mut ext_len = 0usize;
+    for _ in 0..MAX_IPV6_EXT_HDRS {
+        if next != NH_HOP_BY_HOP && next != NH_DEST_OPTS {
+            break;
+        }
+        // Next header and length (in 8-byte units, not counting the first 8).
+        let h: *const [u8; 2] =
+            ptr_at(ctx, l3 + Ipv6Hdr::LEN + ext_len).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
+        // SAFETY: bounds checked by ptr_at.
+        let (nh, len) = unsafe { ((*h)[0], (*h)[1]) };
+        next = nh;
+        ext_len += (len as usize + 1) * 8;
+        if ext_len >= plen {
+            return Err(Verdict::drop(stats::DROP_MALFORMED));
+        }
+        if ext_len > MAX_IPV6_EXT_BYTES {
+            return Err(Verdict::pass(stats::PASS_IPV6_EXT_HEADERS));
+        }
+    }
+    match next {
+        PROTO_TCP | PROTO_UDP => {}
+        NH_FRAGMENT => return Err(Verdict::pass(stats::PASS_IPV6_FRAGMENT)),
+        NH_HOP_BY_HOP | NH_DEST_OPTS | NH_ROUTING | NH_ESP | NH_AH | NH_MOBILITY | NH_HIP | NH_SHIM6 => {
+            return Err(Verdict::pass(stats::PASS_IPV6_EXT_HEADERS))
+        }
+        _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
+    }
+    Ok(new_packet(l3, l3 + Ipv6Hdr::LEN + ext_len, true, src, dst, next, role, ip_len))
+}
+
+/// Ports and TCP fields; `l4_len` is what the IP header says the L4
+/// segment's length is (already checked to be inside the frame).
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Verdict> {
+    let l4 = pkt.l4_off;
+    if pkt.key.proto == PROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
+        // SAFETY: bounds checked by ptr_at.
+        let (doff, sport, dport, seq, flags) = unsafe {
+            let flags_byte = *((tcp as *const u8).add(13));
+            ((*tcp).doff() as usize, (*tcp).source, (*tcp).dest, (*tcp).seq, flags_byte)
+        };
+        let hdr_len = doff * 4;
+        if doff < 5 || hdr_len > l4_len {
+            return Err(Verdict::drop(stats::DROP_MALFORMED));
+        }
+        pkt.key.src_port = u16::from_ne_bytes(sport);
+        pkt.key.dst_port = u16::from_ne_bytes(dport);
+        pkt.tcp_flags = flags;
+        pkt.seq = u32::from_be_bytes(seq);
+        pkt.payload_len = (l4_len - hdr_len) as u32;
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
+        // SAFETY: bounds checked by ptr_at.
+        let (sport, dport, len) = unsafe { ((*udp).src, (*udp).dst, (*udp).len) };
+        let len = u16::from_be_bytes(len) as usize;
+        if len < UdpHdr::LEN || len > l4_len {
+            return Err(Verdict::drop(stats::DROP_MALFORMED));
+        }
+        pkt.key.src_port = u16::from_ne_bytes(sport);
+        pkt.key.dst_port = u16::from_ne_bytes(dport);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn is_addr(addr: &Addr, role: u32) -> bool {
     // SAFETY: read-only use of a value the controller writes whole.
-    matches!(unsafe { ADDRS.get(&addr) }, Some(flags) if flags & role != 0)
+    matches!(unsafe { ADDRS.get(addr) }, Some(flags) if flags & role != 0)
 }

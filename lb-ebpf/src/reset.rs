@@ -28,20 +28,17 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet, stat: u32) -> Verdict {
     let seg_ack = if pkt.tcp_flags & tcp::FLAG_ACK != 0 { Some(u32::from_be_bytes(ack_seq)) } else { None };
     let seg_end = tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags);
     let r = rst::answering(
-        pkt.key.src_addr.to_ne_bytes(),
-        pkt.key.dst_addr.to_ne_bytes(),
+        pkt.key.src_addr,
+        pkt.key.dst_addr,
         pkt.key.src_port.to_ne_bytes(),
         pkt.key.dst_port.to_ne_bytes(),
         seg_ack,
         seg_end,
     );
-    let hdrs = rst::build(&r);
-    // SAFETY: `eth` was bounds-checked by the parser.
-    let (src_mac, dst_mac) = unsafe { ((*pkt.eth).src_addr, (*pkt.eth).dst_addr) };
-
-    // Cut the frame to Ethernet [+ VLAN] + 40 bytes.
-    let ip_off = pkt.l4_off - 20;
-    let new_len = ip_off + rst::RST_LEN;
+    // Cut the frame to Ethernet [+ VLAN] + the reset's headers, then write
+    // them straight into it (no copy on the stack).
+    let ip_off = pkt.l3_off;
+    let new_len = ip_off + if pkt.v6 { rst::RST_LEN_V6 } else { rst::RST_LEN };
     let cur_len = ctx.data_end() - ctx.data();
     if cur_len > new_len {
         // SAFETY: plain helper call; packet pointers are re-derived below.
@@ -50,12 +47,21 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet, stat: u32) -> Verdict {
         }
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Verdict::drop(stat) };
-    let Some(out) = ptr_at::<[u8; rst::RST_LEN]>(ctx, ip_off) else { return Verdict::drop(stat) };
-    // SAFETY: both bounds-checked just above.
+    if pkt.v6 {
+        let Some(out) = ptr_at::<[u8; rst::RST_LEN_V6]>(ctx, ip_off) else { return Verdict::drop(stat) };
+        // SAFETY: bounds-checked just above.
+        rst::write_v6(&r, unsafe { &mut *out });
+    } else {
+        let Some(out) = ptr_at::<[u8; rst::RST_LEN]>(ctx, ip_off) else { return Verdict::drop(stat) };
+        // SAFETY: bounds-checked just above.
+        rst::write_v4(&r, unsafe { &mut *out });
+    }
+    // SAFETY: bounds-checked above (after the tail moved, so the
+    // verifier sees a fresh check; the MACs are untouched by the cut).
     unsafe {
+        let (src_mac, dst_mac) = ((*eth).src_addr, (*eth).dst_addr);
         (*eth).dst_addr = src_mac;
         (*eth).src_addr = dst_mac;
-        *out = hdrs;
     }
     Verdict { action: xdp_action::XDP_TX, stat }
 }

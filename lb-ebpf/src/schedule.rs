@@ -64,7 +64,7 @@ fn next_cursor(service_id: u32, len: u32) -> Option<u32> {
 /// A fixed (seedless) hash of the 5-tuple: the same on every node.
 #[inline(always)]
 pub fn flow_hash(k: &FlowKey) -> u32 {
-    lb_common::sched_hash::flow_hash(k.src_addr, k.dst_addr, k.src_port, k.dst_port, k.proto)
+    lb_common::sched_hash::flow_hash(&k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto)
 }
 
 /// Least connections by sampling: `LC_CHOICES` slots of the weighted ring

@@ -54,3 +54,14 @@ pub fn count_reactive_reset(service_id: u32, backend_id: u32) {
         }
     }
 }
+
+/// Counts a new flow refused for want of a full-NAT source port.
+#[inline(always)]
+pub fn count_no_port(service_id: u32, backend_id: u32) {
+    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)] {
+        if let Some(c) = c {
+            // SAFETY: per-CPU slot, only this CPU writes it while we run.
+            unsafe { (*c).no_port += 1 };
+        }
+    }
+}

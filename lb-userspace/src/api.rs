@@ -5,7 +5,7 @@
 //! Response: `{"ok":true,"data":...}` or
 //!           `{"ok":false,"error":{"code":"not_found","message":"..."}}`
 
-use std::{collections::BTreeMap, fmt, net::SocketAddrV4};
+use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -48,38 +48,38 @@ impl fmt::Display for Proto {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     ServiceAdd {
-        service: SocketAddrV4,
+        service: SocketAddr,
         proto: Proto,
         #[serde(default)]
         options: crate::policy::ServiceOptions,
     },
     /// Changes settings of an existing service; absent options keep their value.
     ServiceSet {
-        service: SocketAddrV4,
+        service: SocketAddr,
         proto: Option<Proto>,
         options: crate::policy::ServiceOptions,
     },
     /// `proto` may be omitted when only one protocol is served on the VIP:port.
     ServiceRemove {
-        service: SocketAddrV4,
+        service: SocketAddr,
         proto: Option<Proto>,
     },
     BackendAdd {
-        service: SocketAddrV4,
+        service: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         weight: Option<u32>,
     },
     BackendRemove {
-        service: SocketAddrV4,
+        service: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
     },
     /// Changes a registered backend's weight.
     BackendSet {
-        service: SocketAddrV4,
+        service: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         weight: u32,
     },
     /// The whole configuration, in the form `apply` takes.
@@ -92,11 +92,11 @@ pub enum Request {
     },
     Status,
     Flows {
-        service: Option<SocketAddrV4>,
+        service: Option<SocketAddr>,
         proto: Option<Proto>,
         /// Only this backend's flows (who would be reset if it went now).
         #[serde(default)]
-        backend: Option<SocketAddrV4>,
+        backend: Option<SocketAddr>,
     },
 }
 
@@ -167,7 +167,7 @@ impl From<lb_common::maps::TrafficCounters> for Traffic {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub id: u32,
     pub weight: u32,
     /// up, draining (no new flows), down (unhealthy), removed (deregistered,
@@ -187,7 +187,7 @@ pub struct BackendStatus {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
-    pub service: SocketAddrV4,
+    pub service: SocketAddr,
     pub proto: Proto,
     pub id: u32,
     pub scheduler: String,
@@ -222,10 +222,10 @@ pub struct Status {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlowInfo {
-    pub client: SocketAddrV4,
-    pub service: SocketAddrV4,
+    pub client: SocketAddr,
+    pub service: SocketAddr,
     pub proto: Proto,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// syn, established, fin, closed (none for UDP).
     pub state: String,
     pub age_s: f64,

@@ -2,7 +2,7 @@
 //! into text or JSON. Exit codes: 0 success, 1 runtime failure (daemon
 //! unreachable, request refused), 2 bad usage.
 
-use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -72,13 +72,13 @@ pub enum Command {
     Flows {
         /// Only this service's flows.
         #[arg(long, value_name = "VIP:PORT")]
-        service: Option<SocketAddrV4>,
+        service: Option<SocketAddr>,
         /// Protocol of --service, when both tcp and udp are served there.
         #[arg(long, requires = "service")]
         proto: Option<Proto>,
         /// Only this backend's flows (who would be reset if it went now).
         #[arg(long, value_name = "IP:PORT")]
-        backend: Option<SocketAddrV4>,
+        backend: Option<SocketAddr>,
     },
 }
 
@@ -135,7 +135,7 @@ pub enum ServiceCmd {
     /// Create a service on VIP:PORT.
     Add {
         #[arg(value_name = "VIP:PORT")]
-        service: SocketAddrV4,
+        service: SocketAddr,
         #[arg(long, default_value = "tcp")]
         proto: Proto,
         #[command(flatten)]
@@ -144,7 +144,7 @@ pub enum ServiceCmd {
     /// Change a service's settings at run time (only the options given).
     Set {
         #[arg(value_name = "VIP:PORT")]
-        service: SocketAddrV4,
+        service: SocketAddr,
         /// Needed only when both tcp and udp are served on VIP:PORT.
         #[arg(long)]
         proto: Option<Proto>,
@@ -154,7 +154,7 @@ pub enum ServiceCmd {
     /// Remove a service, its backends and its flows.
     Remove {
         #[arg(value_name = "VIP:PORT")]
-        service: SocketAddrV4,
+        service: SocketAddr,
         /// Needed only when both tcp and udp are served on VIP:PORT.
         #[arg(long)]
         proto: Option<Proto>,
@@ -166,9 +166,9 @@ pub enum BackendCmd {
     /// Register a backend on a service.
     Add {
         #[arg(value_name = "VIP:PORT")]
-        service: SocketAddrV4,
+        service: SocketAddr,
         #[arg(value_name = "IP:PORT")]
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         /// Relative share of new flows (1-10000).
         #[arg(long, default_value_t = 1)]
         weight: u32,
@@ -179,9 +179,9 @@ pub enum BackendCmd {
     /// Change a registered backend's weight.
     Set {
         #[arg(value_name = "VIP:PORT")]
-        service: SocketAddrV4,
+        service: SocketAddr,
         #[arg(value_name = "IP:PORT")]
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         #[arg(long)]
         weight: u32,
         #[arg(long)]
@@ -190,9 +190,9 @@ pub enum BackendCmd {
     /// Deregister a backend; its flows are removed from the table.
     Remove {
         #[arg(value_name = "VIP:PORT")]
-        service: SocketAddrV4,
+        service: SocketAddr,
         #[arg(value_name = "IP:PORT")]
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         #[arg(long)]
         proto: Option<Proto>,
     },

@@ -18,7 +18,7 @@
 //! Unknown keys are errors (a typo must not silently drop a setting). The
 //! entries go through the same controller operations as API requests.
 
-use std::{net::SocketAddrV4, path::Path};
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context as _;
 use serde::Deserialize;
@@ -35,7 +35,7 @@ pub struct Config {
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     #[serde(default = "default_proto")]
     pub proto: Proto,
     /// Policies and health check (see `xlb service add --help`).
@@ -48,7 +48,7 @@ pub struct ServiceConfig {
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub weight: Option<u32>,
 }
 

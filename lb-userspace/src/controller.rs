@@ -13,16 +13,16 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use lb_common::{
     maps::{
-        Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
+        addr_from_ip, addr_to_ip, PORTS_GRACE_NS, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
         BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
-        end_reason, MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_MISS_REHASH,
+        end_reason, MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
     },
     sched, stats, tcp,
 };
@@ -33,7 +33,7 @@ use crate::{
     api::{BackendStatus, ErrorCode, FlowInfo, Proto, ServiceStatus, Status, TableStatus, Traffic},
     dataplane::{Dataplane, DataplaneError},
     health::Tracker,
-    policy::{FlowPolicy, HealthCheck, MissPolicy, Scheduler, ServiceOptions, ServiceSettings},
+    policy::{FlowPolicy, HealthCheck, MissPolicy, NatMode, NoPortPolicy, Scheduler, ServiceOptions, ServiceSettings, SnatSource},
     resetter::{Flow, RstSender},
 };
 
@@ -76,7 +76,7 @@ type Result<T> = std::result::Result<T, ControllerError>;
 /// `VIP:port/proto`, the identity of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceId {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub proto: Proto,
 }
 
@@ -138,7 +138,7 @@ impl SavedState {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SavedService {
-    pub service: SocketAddrV4,
+    pub service: SocketAddr,
     pub proto: Proto,
     pub id: u32,
     pub settings: ServiceSettings,
@@ -148,7 +148,7 @@ pub struct SavedService {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SavedBackend {
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub id: u32,
     pub weight: u32,
     pub registered: bool,
@@ -161,16 +161,16 @@ pub struct SavedBackend {
 enum Step {
     AddService(ServiceId, ServiceSettings),
     Settings(ServiceId, ServiceSettings),
-    AddBackend(ServiceId, SocketAddrV4, u32),
-    Reweight(ServiceId, SocketAddrV4, u32),
-    RemoveBackend(ServiceId, SocketAddrV4),
+    AddBackend(ServiceId, SocketAddr, u32),
+    Reweight(ServiceId, SocketAddr, u32),
+    RemoveBackend(ServiceId, SocketAddr),
     RemoveService(ServiceId),
 }
 
 /// A mass reset to pace over `spread` (zero-spread resets run inline).
 pub struct ResetJob {
     pub service: ServiceId,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub cause: ResetCause,
     pub flows: Vec<Flow>,
     pub spread: Duration,
@@ -183,7 +183,10 @@ struct Drain {
 
 struct BackendSlot {
     id: u32,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
+    /// Full-NAT: the balancer's source address towards the backend
+    /// (unspecified in DNAT mode).
+    snat: IpAddr,
     weight: u32,
     registered: bool,
     health: Tracker,
@@ -193,6 +196,19 @@ struct BackendSlot {
 }
 
 impl BackendSlot {
+    /// The backend's data-plane entry in `state`.
+    fn entry(&self, service_id: u32, state: u8) -> Backend {
+        Backend {
+            addr: addr_from_ip(self.addr.ip()),
+            snat_addr: addr_from_ip(self.snat),
+            port: be_port(self.addr.port()),
+            state,
+            _pad: 0,
+            weight: self.weight,
+            service_id,
+        }
+    }
+
     /// How the data plane must treat this backend.
     fn dp_state(&self) -> u8 {
         if self.drain.is_some() {
@@ -238,7 +254,7 @@ struct Service {
     id: u32,
     ring: Vec<u32>,
     settings: ServiceSettings,
-    backends: BTreeMap<SocketAddrV4, BackendSlot>,
+    backends: BTreeMap<SocketAddr, BackendSlot>,
     /// Deregistered backends that still have flows (drain/keep policies, or
     /// resets in progress).
     leaving: Vec<BackendSlot>,
@@ -249,7 +265,7 @@ pub struct Controller {
     dp: Dataplane,
     services: BTreeMap<ServiceId, Service>,
     /// Address → (services on it, backends on it): the `XLB_ADDRS` bits.
-    addr_refs: HashMap<Ipv4Addr, (u32, u32)>,
+    addr_refs: HashMap<IpAddr, (u32, u32)>,
     used_service_ids: HashSet<u32>,
     used_backend_ids: HashSet<u32>,
     /// Backend ids are handed out round robin so a just-freed id is the last
@@ -270,30 +286,63 @@ pub struct Controller {
     backend_resets: HashMap<u32, ResetCounts>,
 }
 
-fn be_addr(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
-}
+
 fn be_port(p: u16) -> u16 {
     u16::from_ne_bytes(p.to_be_bytes())
 }
-fn addr_from(a: u32) -> Ipv4Addr {
-    Ipv4Addr::from(a.to_ne_bytes())
-}
+
 fn port_from(p: u16) -> u16 {
     u16::from_be_bytes(p.to_ne_bytes())
 }
 
-fn check_unicast(what: &str, a: SocketAddrV4) -> Result<()> {
+fn check_unicast(what: &str, a: SocketAddr) -> Result<()> {
     let ip = a.ip();
-    if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || ip.is_loopback() {
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    let mapped = matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast || ip.is_loopback() || mapped {
         return Err(ControllerError::BadRequest(format!(
-            "{what} {a}: address must be a unicast, non-loopback IPv4 address"
+            "{what} {a}: address must be a unicast, non-loopback IPv4 or IPv6 address (IPv4-mapped IPv6 is written as IPv4)"
         )));
     }
     if a.port() == 0 {
         return Err(ControllerError::BadRequest(format!("{what} {a}: port must be 1-65535")));
     }
     Ok(())
+}
+
+/// The balancer's source address towards `backend` for a full-NAT service:
+/// the configured one, else the address the kernel picks from its routing
+/// table (a connected UDP socket's local address: nothing is sent).
+/// Unspecified for DNAT services, which do not use it.
+fn snat_source(settings: &ServiceSettings, backend: IpAddr) -> Result<IpAddr> {
+    if settings.mode != NatMode::Fullnat {
+        return Ok(match backend {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        });
+    }
+    if let SnatSource::Addr(a) = settings.snat_source {
+        if a.is_ipv4() != backend.is_ipv4() {
+            return Err(ControllerError::BadRequest(format!(
+                "full-NAT source {a} and backend {backend} are not the same address family"
+            )));
+        }
+        return Ok(a);
+    }
+    let local = match backend {
+        IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    let found = std::net::UdpSocket::bind(local)
+        .and_then(|s| s.connect(SocketAddr::new(backend, 9)).map(|_| s))
+        .and_then(|s| s.local_addr());
+    match found {
+        Ok(a) if !a.ip().is_unspecified() => Ok(a.ip()),
+        Ok(_) => Err(ControllerError::BadRequest(format!("no source address towards backend {backend}: set --snat-source"))),
+        Err(e) => Err(ControllerError::BadRequest(format!(
+            "cannot choose a full-NAT source address towards backend {backend}: {e} (add a route to it, or set --snat-source)"
+        ))),
+    }
 }
 
 /// Nanoseconds on the clock `bpf_ktime_get_coarse_ns` uses (CLOCK_MONOTONIC).
@@ -306,13 +355,21 @@ fn monotonic_ns() -> u64 {
 
 /// A backend's stable identity for Maglev: its address and port, so every
 /// balancer (and every restart) builds the same table.
-fn maglev_identity(a: SocketAddrV4) -> u64 {
-    (u32::from(*a.ip()) as u64) << 16 | a.port() as u64
+fn maglev_identity(a: SocketAddr) -> u64 {
+    let ip = match a.ip() {
+        IpAddr::V4(v4) => u32::from(v4) as u64,
+        // Folded to 64 bits; the identity only seeds the permutation.
+        IpAddr::V6(v6) => {
+            let v = u128::from(v6);
+            (v as u64) ^ ((v >> 64) as u64).rotate_left(17)
+        }
+    };
+    ip << 16 ^ a.port() as u64
 }
 
 /// Key of the backend → client entry belonging to a client → VIP entry.
 fn reverse_key(k: &FlowKey, v: &FlowEntry) -> FlowKey {
-    FlowKey { src_addr: v.nat_addr, dst_addr: k.src_addr, src_port: v.nat_port, dst_port: k.src_port, proto: k.proto, _pad: [0; 3] }
+    v.peer_key(k.proto)
 }
 
 /// The flows of the table, forward entries joined with their reverse ones.
@@ -344,7 +401,7 @@ impl TableView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthTarget {
     pub backend_id: u32,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub check: HealthCheck,
 }
 
@@ -416,7 +473,7 @@ impl Controller {
     }
 
     /// Finds the service for `addr`, with or without a protocol.
-    pub fn resolve(&self, addr: SocketAddrV4, proto: Option<Proto>) -> Result<ServiceId> {
+    pub fn resolve(&self, addr: SocketAddr, proto: Option<Proto>) -> Result<ServiceId> {
         if let Some(proto) = proto {
             let id = ServiceId { addr, proto };
             return if self.services.contains_key(&id) {
@@ -440,7 +497,7 @@ impl Controller {
     }
 
     fn service_key(id: &ServiceId) -> ServiceKey {
-        ServiceKey { addr: be_addr(*id.addr.ip()), port: be_port(id.addr.port()), proto: id.proto.number(), _pad: 0 }
+        ServiceKey { addr: addr_from_ip(id.addr.ip()), port: be_port(id.addr.port()), proto: id.proto.number(), _pad: 0 }
     }
 
     fn service_entry(svc: &Service) -> ServiceEntry {
@@ -452,16 +509,20 @@ impl Controller {
                 Scheduler::Wrr => SCHED_WRR,
                 Scheduler::LeastConn => SCHED_LEAST_CONN,
             },
-            flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 },
+            flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 }
+                | if svc.settings.mode == NatMode::Fullnat { SVC_F_FULLNAT } else { 0 }
+                | if svc.settings.on_no_port == NoPortPolicy::Drop { SVC_F_NO_PORT_DROP } else { 0 },
             _pad: 0,
             syn_timeout_s: svc.settings.timeouts.syn.0.as_secs() as u32,
             established_timeout_s: svc.settings.timeouts.established.0.as_secs() as u32,
             closing_timeout_s: svc.settings.timeouts.closing.0.as_secs() as u32,
             udp_timeout_s: svc.settings.timeouts.udp.0.as_secs() as u32,
+            snat_port_lo: svc.settings.snat_ports.0,
+            snat_port_hi: svc.settings.snat_ports.1,
         }
     }
 
-    fn addr_ref(&mut self, ip: Ipv4Addr, vip: i32, backend: i32) -> Result<()> {
+    fn addr_ref(&mut self, ip: IpAddr, vip: i32, backend: i32) -> Result<()> {
         let e = self.addr_refs.entry(ip).or_insert((0, 0));
         e.0 = e.0.saturating_add_signed(vip);
         e.1 = e.1.saturating_add_signed(backend);
@@ -469,7 +530,7 @@ impl Controller {
         if flags == 0 {
             self.addr_refs.remove(&ip);
         }
-        self.dp.addr_set(be_addr(ip), flags)?;
+        self.dp.addr_set(addr_from_ip(ip), flags)?;
         Ok(())
     }
 
@@ -477,7 +538,7 @@ impl Controller {
         self.services.get(sid).ok_or_else(|| ControllerError::NotFound(format!("service {sid} does not exist")))
     }
 
-    pub fn service_add(&mut self, addr: SocketAddrV4, proto: Proto, options: &ServiceOptions) -> Result<ServiceId> {
+    pub fn service_add(&mut self, addr: SocketAddr, proto: Proto, options: &ServiceOptions) -> Result<ServiceId> {
         check_unicast("service", addr)?;
         let sid = ServiceId { addr, proto };
         if self.services.contains_key(&sid) {
@@ -492,18 +553,30 @@ impl Controller {
         self.dp.service_set(Self::service_key(&sid), Self::service_entry(&svc))?;
         self.used_service_ids.insert(id);
         self.services.insert(sid, svc);
-        self.addr_ref(*addr.ip(), 1, 0)?;
+        self.addr_ref(addr.ip(), 1, 0)?;
         tracing::info!(service = %sid, id, "service added");
         self.dirty = true;
         Ok(sid)
     }
 
     /// Changes a service's settings at run time.
-    pub fn service_set(&mut self, addr: SocketAddrV4, proto: Option<Proto>, options: &ServiceOptions) -> Result<(ServiceId, ServiceSettings)> {
+    pub fn service_set(&mut self, addr: SocketAddr, proto: Option<Proto>, options: &ServiceOptions) -> Result<(ServiceId, ServiceSettings)> {
         let sid = self.resolve(addr, proto)?;
         let settings = self.svc(&sid)?.settings.patched(options).map_err(ControllerError::BadRequest)?;
+        // Full-NAT source addresses first: a backend without one refuses
+        // the change before anything moves.
+        let svc = self.svc(&sid)?;
+        let snat: Vec<IpAddr> = svc
+            .backends
+            .values()
+            .chain(svc.leaving.iter())
+            .map(|b| snat_source(&settings, b.addr.ip()))
+            .collect::<Result<_>>()?;
         let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
         svc.settings = settings.clone();
+        for (b, a) in svc.backends.values_mut().chain(svc.leaving.iter_mut()).zip(snat) {
+            b.snat = a;
+        }
         if settings.health.is_none() {
             // No check: nobody is unhealthy any more.
             for b in svc.backends.values_mut() {
@@ -518,7 +591,7 @@ impl Controller {
         Ok((sid, settings))
     }
 
-    pub fn service_remove(&mut self, addr: SocketAddrV4, proto: Option<Proto>) -> Result<ServiceId> {
+    pub fn service_remove(&mut self, addr: SocketAddr, proto: Option<Proto>) -> Result<ServiceId> {
         let sid = self.resolve(addr, proto)?;
         // No new flows first; then every flow of the service goes, with a RST
         // (the service itself is gone: no policy can keep its flows).
@@ -527,7 +600,7 @@ impl Controller {
         let mut ids: Vec<u32> = svc.backends.values().map(|b| b.id).collect();
         ids.extend(svc.leaving.iter().map(|b| b.id));
         for b in svc.backends.values().chain(svc.leaving.iter()) {
-            let gone = Backend { addr: be_addr(*b.addr.ip()), port: be_port(b.addr.port()), state: BACKEND_REMOVED, ..Default::default() };
+            let gone = b.entry(svc.id, BACKEND_REMOVED);
             self.dp.backend_set(b.id, gone)?;
         }
         let view = self.table()?;
@@ -538,7 +611,7 @@ impl Controller {
             self.free_backend(b)?;
         }
         self.used_service_ids.remove(&svc.id);
-        self.addr_ref(*addr.ip(), -1, 0)?;
+        self.addr_ref(addr.ip(), -1, 0)?;
         tracing::info!(service = %sid, flows_reset = counts.removed, "service removed");
         self.dirty = true;
         Ok(sid)
@@ -546,9 +619,9 @@ impl Controller {
 
     pub fn backend_add(
         &mut self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         weight: Option<u32>,
     ) -> Result<(ServiceId, u32)> {
         check_unicast("backend", backend)?;
@@ -557,6 +630,11 @@ impl Controller {
             return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
         }
         let sid = self.resolve(addr, proto)?;
+        if sid.addr.is_ipv4() != backend.is_ipv4() {
+            return Err(ControllerError::BadRequest(format!(
+                "backend {backend} and service {sid} are not the same address family (an IPv4 VIP with IPv6 backends is not supported)"
+            )));
+        }
         let svc = self.svc(&sid)?;
         if svc.backends.contains_key(&backend) {
             return Err(ControllerError::Conflict(format!("backend {backend} is already registered on {sid}")));
@@ -569,21 +647,17 @@ impl Controller {
             .find(|i| !self.used_backend_ids.contains(i))
             .ok_or_else(|| ControllerError::Capacity(format!("cannot add {backend}: all {MAX_BACKENDS} backend slots are in use")))?;
         let service_id = svc.id;
+        let snat = snat_source(&svc.settings, backend.ip())?;
+        let slot = BackendSlot { id, addr: backend, snat, weight, registered: true, health: Tracker::default(), drain: None, up_since: Instant::now() };
         self.dp.reset_traffic(None, Some(id))?;
         self.backend_resets.remove(&id);
-        self.dp.backend_set(
-            id,
-            Backend { addr: be_addr(*backend.ip()), port: be_port(backend.port()), state: BACKEND_UP, _pad: 0, weight, service_id },
-        )?;
+        self.dp.backend_set(id, slot.entry(service_id, BACKEND_UP))?;
         self.used_backend_ids.insert(id);
         self.next_backend_id = (id + 1) % MAX_BACKENDS;
         if let Some(svc) = self.services.get_mut(&sid) {
-            svc.backends.insert(
-                backend,
-                BackendSlot { id, addr: backend, weight, registered: true, health: Tracker::default(), drain: None, up_since: Instant::now() },
-            );
+            svc.backends.insert(backend, slot);
         }
-        self.addr_ref(*backend.ip(), 0, 1)?;
+        self.addr_ref(backend.ip(), 0, 1)?;
         self.rebuild_ring(sid)?;
         tracing::info!(service = %sid, %backend, id, weight, "backend added");
         self.dirty = true;
@@ -594,9 +668,9 @@ impl Controller {
     /// policy. Returns the policy applied and how many active flows it had.
     pub fn backend_remove(
         &mut self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
     ) -> Result<(ServiceId, FlowPolicy, usize)> {
         let sid = self.resolve(addr, proto)?;
         let Some(mut slot) = self.services.get_mut(&sid).and_then(|s| s.backends.remove(&backend)) else {
@@ -626,17 +700,7 @@ impl Controller {
     }
 
     fn write_backend(&mut self, slot: &BackendSlot, service_id: u32) -> Result<()> {
-        self.dp.backend_set(
-            slot.id,
-            Backend {
-                addr: be_addr(*slot.addr.ip()),
-                port: be_port(slot.addr.port()),
-                state: slot.dp_state(),
-                _pad: 0,
-                weight: slot.weight,
-                service_id,
-            },
-        )?;
+        self.dp.backend_set(slot.id, slot.entry(service_id, slot.dp_state()))?;
         Ok(())
     }
 
@@ -649,9 +713,7 @@ impl Controller {
             .backends
             .values()
             .chain(svc.leaving.iter())
-            .map(|b| {
-                (b.id, Backend { addr: be_addr(*b.addr.ip()), port: be_port(b.addr.port()), state: b.dp_state(), _pad: 0, weight: b.weight, service_id })
-            })
+            .map(|b| (b.id, b.entry(service_id, b.dp_state())))
             .collect();
         for (id, b) in slots {
             self.dp.backend_set(id, b)?;
@@ -670,7 +732,7 @@ impl Controller {
         self.dp.flows_delete(&keys)?;
         self.dp.backend_set(id, Backend { state: BACKEND_UNUSED, ..Default::default() })?;
         self.used_backend_ids.remove(&id);
-        self.addr_ref(*slot.addr.ip(), 0, -1)?;
+        self.addr_ref(slot.addr.ip(), 0, -1)?;
         tracing::debug!(backend = %slot.addr, id, "backend id freed");
         self.dirty = true;
         Ok(())
@@ -709,7 +771,7 @@ impl Controller {
     }
 
     /// Changes a backend's weight at run time.
-    pub fn backend_set(&mut self, addr: SocketAddrV4, proto: Option<Proto>, backend: SocketAddrV4, weight: u32) -> Result<(ServiceId, u32)> {
+    pub fn backend_set(&mut self, addr: SocketAddr, proto: Option<Proto>, backend: SocketAddr, weight: u32) -> Result<(ServiceId, u32)> {
         if weight == 0 || weight > MAX_WEIGHT {
             return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
         }
@@ -721,7 +783,7 @@ impl Controller {
         };
         let old = slot.weight;
         slot.weight = weight;
-        let b = Backend { addr: be_addr(*backend.ip()), port: be_port(backend.port()), state: slot.dp_state(), _pad: 0, weight, service_id };
+        let b = slot.entry(service_id, slot.dp_state());
         let id = slot.id;
         self.dp.backend_set(id, b)?;
         self.rebuild_ring(sid)?;
@@ -1026,7 +1088,7 @@ impl Controller {
         self.dirty = true;
         self.rebuild_ring(sid)?;
         if let Some(slot) = self.services.get(&sid).and_then(|s| s.backends.get(&addr)) {
-            let b = Backend { addr: be_addr(*addr.ip()), port: be_port(addr.port()), state: slot.dp_state(), _pad: 0, weight: slot.weight, service_id };
+            let b = slot.entry(service_id, slot.dp_state());
             self.dp.backend_set(id, b)?;
         }
         if !healthy && policy == FlowPolicy::Reset {
@@ -1084,7 +1146,7 @@ impl Controller {
                     // Over: the rest (if any) is reset, the backend stops
                     // forwarding (down if unhealthy, removed if deregistered).
                     slot.drain = None;
-                    writes.push((slot.id, slot.addr, slot.dp_state(), slot.weight));
+                    writes.push((slot.id, slot.entry(service_id, slot.dp_state())));
                     if expired && n > 0 {
                         let flows = by_backend.remove(&slot.id).unwrap_or_default();
                         tracing::info!(service = %sid, backend = %slot.addr, flows = n, "drain deadline reached: resetting the remaining flows");
@@ -1092,8 +1154,8 @@ impl Controller {
                     }
                 }
             }
-            for (id, addr, state, weight) in writes {
-                self.dp.backend_set(id, Backend { addr: be_addr(*addr.ip()), port: be_port(addr.port()), state, _pad: 0, weight, service_id })?;
+            for (id, b) in writes {
+                self.dp.backend_set(id, b)?;
             }
             for j in jobs {
                 self.queue_reset(j);
@@ -1123,7 +1185,7 @@ impl Controller {
 
     /// Applies a plan made by [`plan_expiry`].
     pub fn expire_apply(&mut self, plan: ExpiryPlan) -> Result<usize> {
-        let ExpiryPlan { settings, backend_ids, active, by_service, orphans } = plan;
+        let ExpiryPlan { settings, backend_ids, active, by_service, orphans, stale_ports } = plan;
         for id in backend_ids {
             if self.used_backend_ids.contains(&id) {
                 self.dp.backend_active_set(id, active.get(&id).copied().unwrap_or(0))?;
@@ -1149,6 +1211,16 @@ impl Controller {
         }
         if !orphans.is_empty() {
             self.dp.flows_delete(&orphans)?;
+        }
+        let mut stale = Vec::new();
+        for k in stale_ports {
+            if !self.dp.port_in_use(&k)? {
+                stale.push(k);
+            }
+        }
+        if !stale.is_empty() {
+            let n = self.dp.ports_release(&stale)?;
+            tracing::debug!(ports = n, "gave back full-NAT ports of evicted flows");
         }
         if total > 0 {
             tracing::debug!(flows = total, orphans = orphans.len(), "expired idle flows");
@@ -1219,7 +1291,8 @@ impl Controller {
                 }
                 let health = Tracker { healthy: b.healthy, ..Tracker::default() };
                 let drain = b.draining.then(|| Drain { deadline: b.drain_remaining_ms.map(|ms| now + Duration::from_millis(ms)) });
-                let slot = BackendSlot { id: b.id, addr: b.backend, weight: b.weight, registered: b.registered, health, drain, up_since: now.checked_sub(svc.settings.slow_start.0).unwrap_or(now) };
+                let snat = snat_source(&svc.settings, b.backend.ip())?;
+                let slot = BackendSlot { id: b.id, addr: b.backend, snat, weight: b.weight, registered: b.registered, health, drain, up_since: now.checked_sub(svc.settings.slow_start.0).unwrap_or(now) };
                 self.next_backend_id = self.next_backend_id.max((b.id + 1) % MAX_BACKENDS);
                 if b.registered {
                     svc.backends.insert(b.backend, slot);
@@ -1232,8 +1305,8 @@ impl Controller {
         // Address roles, backend slots, service entries and rings.
         let sids: Vec<ServiceId> = self.services.keys().copied().collect();
         for sid in sids {
-            self.addr_ref(*sid.addr.ip(), 1, 0)?;
-            let addrs: Vec<Ipv4Addr> = self.services[&sid].backends.values().chain(self.services[&sid].leaving.iter()).map(|b| *b.addr.ip()).collect();
+            self.addr_ref(sid.addr.ip(), 1, 0)?;
+            let addrs: Vec<IpAddr> = self.services[&sid].backends.values().chain(self.services[&sid].leaving.iter()).map(|b| b.addr.ip()).collect();
             for a in addrs {
                 self.addr_ref(a, 0, 1)?;
             }
@@ -1335,7 +1408,7 @@ impl Controller {
         for f in view.flows {
             let (k, v) = (f.key, f.fwd);
             let Some(proto) = Proto::from_number(k.proto) else { continue };
-            let service = SocketAddrV4::new(addr_from(k.dst_addr), port_from(k.dst_port));
+            let service = SocketAddr::new(addr_to_ip(&k.dst_addr), port_from(k.dst_port));
             if filter.is_some_and(|s| s.addr != service || s.proto != proto) {
                 continue;
             }
@@ -1345,10 +1418,10 @@ impl Controller {
             };
             let secs = |t: u64| now.saturating_sub(t) as f64 / 1e9;
             out.push(FlowInfo {
-                client: SocketAddrV4::new(addr_from(k.src_addr), port_from(k.src_port)),
+                client: SocketAddr::new(addr_to_ip(&k.src_addr), port_from(k.src_port)),
                 service,
                 proto,
-                backend: SocketAddrV4::new(addr_from(v.nat_addr), port_from(v.nat_port)),
+                backend: SocketAddr::new(addr_to_ip(&v.nat_dst), port_from(v.nat_dport)),
                 state: state.into(),
                 age_s: secs(v.created_ns),
                 idle_s: secs(v.last_seen_ns),
@@ -1373,23 +1446,35 @@ pub struct ExpiryPlan {
     active: HashMap<u32, u64>,
     by_service: HashMap<u32, (Vec<Flow>, Vec<Flow>)>,
     orphans: Vec<FlowKey>,
+    /// Full-NAT ports no flow in the walk held.
+    stale_ports: Vec<FlowKey>,
 }
 
 /// Walks the tables (through `walk`, which may use its own map handles so
 /// the controller stays free meanwhile) and decides what expires.
 pub fn plan_expiry(
     walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>,
+    walk_ports: impl FnOnce(&mut dyn FnMut(&FlowKey, u64)) -> std::result::Result<(), DataplaneError>,
     input: ExpiryInput,
 ) -> Result<ExpiryPlan> {
     let ExpiryInput { settings, backend_ids } = input;
     let now = monotonic_ns();
-        let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
+    let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
     let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
     walk(&mut |k: &FlowKey, v: &FlowEntry| {
         if v.direction == DIR_TO_BACKEND {
             forward.push((*k, *v));
         } else {
             reverse.insert(*k, *v);
+        }
+    })?;
+    // Full-NAT ports whose flow is gone from both tables (evicted: nobody
+    // saw it go) past the grace period of a flow being created; confirmed
+    // one by one before they are given back (`expire_apply`).
+    let mut stale_ports: Vec<FlowKey> = Vec::new();
+    walk_ports(&mut |k: &FlowKey, allocated_ns: u64| {
+        if now.saturating_sub(allocated_ns) > PORTS_GRACE_NS && !reverse.contains_key(k) {
+            stale_ports.push(*k);
         }
     })?;
     // Exact active-flow counts for least-connections, from this walk.
@@ -1443,7 +1528,7 @@ pub fn plan_expiry(
             orphans.push(k);
         }
     }
-    Ok(ExpiryPlan { settings, backend_ids, active, by_service, orphans })
+    Ok(ExpiryPlan { settings, backend_ids, active, by_service, orphans, stale_ports })
 }
 
 /// Paces a spread reset: flow `i` of `n` is reset at `i/n` of the window.

@@ -230,7 +230,7 @@ async fn upkeep(ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
         // only the decisions are applied under it.
         if let (Some(input), Some(reader)) = (expiry, reader.clone()) {
             let plan = tokio::task::spawn_blocking(move || {
-                crate::controller::plan_expiry(|f| reader.for_each_flow(f), input)
+                crate::controller::plan_expiry(|f| reader.for_each_flow(f), |f| reader.for_each_port(f), input)
             })
             .await;
             match plan {

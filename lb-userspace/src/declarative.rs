@@ -2,7 +2,7 @@
 //! `xlb apply -f FILE` makes the running balancer match a file of the same
 //! form, changing only what differs.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,7 @@ pub struct Desired {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredService {
-    pub service: SocketAddrV4,
+    pub service: SocketAddr,
     pub proto: Proto,
     #[serde(default)]
     pub settings: ServiceSettings,
@@ -29,7 +29,7 @@ pub struct DesiredService {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredBackend {
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     #[serde(default = "one")]
     pub weight: u32,
 }

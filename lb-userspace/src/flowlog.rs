@@ -10,13 +10,13 @@
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     path::Path,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
-use lb_common::maps::{end_reason, FlowEnd, FlowKey};
+use lb_common::maps::{addr_to_ip, end_reason, Addr, FlowEnd, FlowKey, NAT_FULL};
 use serde::Serialize;
 
 use crate::api::Proto;
@@ -34,9 +34,12 @@ struct Record {
     ts: f64,
     event: &'static str,
     proto: Proto,
-    client: SocketAddrV4,
-    vip: SocketAddrV4,
-    backend: SocketAddrV4,
+    client: SocketAddr,
+    vip: SocketAddr,
+    backend: SocketAddr,
+    /// Full NAT: the balancer's address and port the backend saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snat: Option<SocketAddr>,
     packets_in: u64,
     bytes_in: u64,
     packets_out: u64,
@@ -47,8 +50,8 @@ struct Record {
     reason: &'static str,
 }
 
-fn addr(a: u32, p: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), u16::from_be_bytes(p.to_ne_bytes()))
+fn addr(a: &Addr, p: u16) -> SocketAddr {
+    SocketAddr::new(addr_to_ip(a), u16::from_be_bytes(p.to_ne_bytes()))
 }
 
 /// (CLOCK_MONOTONIC ns, wall seconds) now, to turn data-plane times into
@@ -84,7 +87,7 @@ impl FlowLog {
     }
 
     fn sampled(&self, k: &FlowKey) -> bool {
-        self.sample == 1 || lb_common::sched_hash::flow_hash(k.src_addr, k.dst_addr, k.src_port, k.dst_port, k.proto).is_multiple_of(self.sample)
+        self.sample == 1 || lb_common::sched_hash::flow_hash(&k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto).is_multiple_of(self.sample)
     }
 
     /// Logs one finished flow.
@@ -100,9 +103,11 @@ impl FlowLog {
             ts: wall,
             event: if ev.reason == end_reason::NEW { "new" } else { "end" },
             proto,
-            client: addr(ev.key.src_addr, ev.key.src_port),
-            vip: addr(ev.key.dst_addr, ev.key.dst_port),
-            backend: addr(ev.to_backend.nat_addr, ev.to_backend.nat_port),
+            // The key is the client's own tuple in both modes.
+            client: addr(&ev.key.src_addr, ev.key.src_port),
+            vip: addr(&ev.key.dst_addr, ev.key.dst_port),
+            backend: addr(&ev.to_backend.nat_dst, ev.to_backend.nat_dport),
+            snat: (ev.to_backend.nat_flags & NAT_FULL != 0).then(|| addr(&ev.to_backend.nat_src, ev.to_backend.nat_sport)),
             packets_in: ev.to_backend.packets,
             bytes_in: ev.to_backend.bytes,
             packets_out: ev.to_client.packets,
@@ -130,14 +135,14 @@ impl FlowLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::maps::{FlowEntry, PROTO_TCP};
+    use lb_common::maps::{addr_v4, FlowEntry, PROTO_TCP};
 
     fn ev(port: u16) -> FlowEnd {
         FlowEnd {
-            key: FlowKey { src_addr: 0x0200000a, dst_addr: 0x0100630a, src_port: port.to_be(), dst_port: 80u16.to_be(), proto: PROTO_TCP, _pad: [0; 3] },
+            key: FlowKey { src_addr: addr_v4(0x0200000a), dst_addr: addr_v4(0x0100630a), src_port: port.to_be(), dst_port: 80u16.to_be(), proto: PROTO_TCP, _pad: [0; 3] },
             reason: end_reason::IDLE,
             _pad: 0,
-            to_backend: FlowEntry { packets: 3, bytes: 180, nat_addr: 0x0201010a, nat_port: 8080u16.to_be(), ..Default::default() },
+            to_backend: FlowEntry { packets: 3, bytes: 180, nat_dst: addr_v4(0x0201010a), nat_dport: 8080u16.to_be(), ..Default::default() },
             to_client: FlowEntry { packets: 2, bytes: 120, ..Default::default() },
         }
     }
@@ -174,6 +179,7 @@ mod tests {
         assert_eq!(v["client"], "10.0.0.2:40000");
         assert_eq!(v["vip"], "10.99.0.1:80");
         assert_eq!(v["backend"], "10.1.1.2:8080");
+        assert!(v.get("snat").is_none(), "DNAT records name no balancer source");
         assert_eq!((v["packets_in"].as_u64(), v["bytes_in"].as_u64(), v["bytes_out"].as_u64()), (Some(3), Some(180), Some(120)));
         assert_eq!(v["reason"], "idle");
         assert!(text.ends_with('\n'));

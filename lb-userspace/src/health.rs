@@ -1,7 +1,7 @@
 //! Health probes (run from the balancer host to each backend) and the
 //! rise/fall bookkeeping that turns results into state changes.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -12,14 +12,14 @@ use tokio::{
 use crate::policy::{HealthCheck, Probe};
 
 /// Runs one probe; `Err` says why it failed.
-pub async fn probe(addr: SocketAddrV4, hc: &HealthCheck) -> Result<(), String> {
+pub async fn probe(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
     match timeout(hc.timeout.0, probe_inner(addr, hc)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {}", humantime::format_duration(hc.timeout.0))),
     }
 }
 
-async fn probe_inner(addr: SocketAddrV4, hc: &HealthCheck) -> Result<(), String> {
+async fn probe_inner(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let Probe::Http { path } = &hc.probe else { return Ok(()) };
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xlb-health\r\nConnection: close\r\n\r\n");

@@ -3,7 +3,7 @@
 //! mid-flow packet without state gets, and the health check itself.
 //! All are set when the service is created and changeable at run time.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +98,126 @@ impl fmt::Display for Scheduler {
             Scheduler::Wrr => "wrr",
             Scheduler::LeastConn => "least-conn",
         })
+    }
+}
+
+/// How a service's packets are rewritten.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NatMode {
+    /// Destination NAT: backends see the client's address and must route
+    /// their replies back through the balancer.
+    #[default]
+    Dnat,
+    /// Full NAT: backends see one of the balancer's addresses and a port
+    /// from the service's pool; replies come back without any routing.
+    Fullnat,
+}
+
+impl fmt::Display for NatMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NatMode::Dnat => "dnat",
+            NatMode::Fullnat => "fullnat",
+        })
+    }
+}
+
+/// What a full-NAT flow that finds no free source port gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NoPortPolicy {
+    /// A TCP SYN is answered with a RST (the client fails at once);
+    /// UDP is dropped.
+    #[default]
+    Reset,
+    /// Dropped (the client retries its SYN).
+    Drop,
+}
+
+/// The balancer's source address for full-NAT flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SnatSource {
+    /// Per backend, the address the kernel would use to reach it (from the
+    /// routing table, looked up when the backend is added).
+    #[default]
+    Auto,
+    Addr(IpAddr),
+}
+
+impl FromStr for SnatSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(SnatSource::Auto);
+        }
+        s.parse().map(SnatSource::Addr).map_err(|_| format!("invalid source address {s:?}: expected auto or an IP address"))
+    }
+}
+
+impl fmt::Display for SnatSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnatSource::Auto => f.write_str("auto"),
+            SnatSource::Addr(a) => a.fmt(f),
+        }
+    }
+}
+
+impl TryFrom<String> for SnatSource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<SnatSource> for String {
+    fn from(p: SnatSource) -> String {
+        p.to_string()
+    }
+}
+
+/// An inclusive port range, "1024-32767".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange(pub u16, pub u16);
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange(lb_common::maps::DEFAULT_SNAT_PORT_LO, lb_common::maps::DEFAULT_SNAT_PORT_HI)
+    }
+}
+
+impl PortRange {
+    pub fn len(&self) -> u32 {
+        self.1 as u32 - self.0 as u32 + 1
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = || format!("invalid port range {s:?}: expected LOW-HIGH within 1-65535 (e.g. 1024-32767)");
+        let (lo, hi) = s.split_once('-').ok_or_else(err)?;
+        let (lo, hi): (u16, u16) = (lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?);
+        if lo == 0 || lo > hi {
+            return Err(err());
+        }
+        Ok(PortRange(lo, hi))
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> String {
+        format!("{}-{}", r.0, r.1)
     }
 }
 
@@ -261,6 +381,14 @@ pub struct ServiceSettings {
     /// A backend that joins or comes back up ramps its weight from 1 to its
     /// full weight over this period (0: at once).
     pub slow_start: Dur,
+    /// DNAT or full NAT.
+    pub mode: NatMode,
+    /// Full NAT: the source port pool, per backend.
+    pub snat_ports: PortRange,
+    /// Full NAT: the balancer's source address.
+    pub snat_source: SnatSource,
+    /// Full NAT: what a new flow gets when its backend's pool is exhausted.
+    pub on_no_port: NoPortPolicy,
 }
 
 /// How long a flow may stay idle in each state before it leaves the table.
@@ -300,6 +428,10 @@ impl Default for ServiceSettings {
             timeouts: Timeouts::default(),
             reset_on_idle: false,
             slow_start: Dur(Duration::ZERO),
+            mode: NatMode::Dnat,
+            snat_ports: PortRange::default(),
+            snat_source: SnatSource::Auto,
+            on_no_port: NoPortPolicy::Reset,
         }
     }
 }
@@ -381,6 +513,22 @@ pub struct ServiceOptions {
     #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<Dur>,
+    /// dnat (default: backends route replies through the balancer) or fullnat.
+    #[arg(long, value_enum)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NatMode>,
+    /// Full NAT: source port pool per backend (default 1024-32767; keep it clear of net.ipv4.ip_local_port_range).
+    #[arg(long, value_name = "LOW-HIGH")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_ports: Option<PortRange>,
+    /// Full NAT: the balancer's source address, or auto (default: the address the routing table picks per backend).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_source: Option<SnatSource>,
+    /// Full NAT: a new flow with no free source port gets reset (default; UDP is dropped) or drop.
+    #[arg(long, value_enum)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_no_port: Option<NoPortPolicy>,
 }
 
 /// Longest reset spread accepted (a mass reset should not take longer).
@@ -435,6 +583,18 @@ impl ServiceSettings {
                 return Err("slow start must be at most 1h".into());
             }
             s.slow_start = d;
+        }
+        if let Some(m) = o.mode {
+            s.mode = m;
+        }
+        if let Some(r) = o.snat_ports {
+            s.snat_ports = r;
+        }
+        if let Some(a) = o.snat_source {
+            s.snat_source = a;
+        }
+        if let Some(p) = o.on_no_port {
+            s.on_no_port = p;
         }
         match o.health.as_deref() {
             Some("none") => s.health = None,
@@ -495,6 +655,14 @@ impl ServiceSettings {
                 return Err(format!("{what} must be between 1s and 7 days"));
             }
         }
+        if self.snat_ports.0 == 0 || self.snat_ports.0 > self.snat_ports.1 {
+            return Err("snat_ports must be LOW-HIGH with 1 <= LOW <= HIGH".into());
+        }
+        if let SnatSource::Addr(a) = self.snat_source {
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                return Err(format!("snat_source {a} must be a unicast, non-loopback address of this host"));
+            }
+        }
         if let Some(h) = &self.health {
             if h.interval.0 < Duration::from_millis(50) || h.interval.0 > Duration::from_secs(3600) {
                 return Err("health interval must be between 50ms and 1h".into());
@@ -536,6 +704,29 @@ mod tests {
         assert_eq!("204".parse::<StatusRange>(), Ok(StatusRange(204, 204)));
         assert!("399-200".parse::<StatusRange>().is_err());
         assert!("99".parse::<StatusRange>().is_err());
+    }
+
+    #[test]
+    fn full_nat_settings_parse_and_validate() {
+        assert_eq!("1024-2047".parse::<PortRange>(), Ok(PortRange(1024, 2047)));
+        assert_eq!(PortRange(40000, 40003).len(), 4);
+        for bad in ["0-10", "10-5", "1024", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+        assert_eq!("auto".parse::<SnatSource>(), Ok(SnatSource::Auto));
+        assert_eq!("fd00::1".parse::<SnatSource>(), Ok(SnatSource::Addr("fd00::1".parse().expect("ip"))));
+        assert!("somewhere".parse::<SnatSource>().is_err());
+        let s = ServiceSettings::default()
+            .patched(&ServiceOptions { mode: Some(NatMode::Fullnat), snat_ports: Some(PortRange(5000, 5001)), ..Default::default() })
+            .expect("valid");
+        assert_eq!((s.mode, s.snat_ports, s.on_no_port), (NatMode::Fullnat, PortRange(5000, 5001), NoPortPolicy::Reset));
+        let err = ServiceSettings::default()
+            .patched(&ServiceOptions { snat_source: Some(SnatSource::Addr("127.0.0.1".parse().expect("ip"))), ..Default::default() })
+            .expect_err("loopback source");
+        assert!(err.contains("snat_source"), "{err}");
+        // Settings files spell them as strings.
+        let t: ServiceSettings = toml::from_str("mode = \"fullnat\"\nsnat_ports = \"2000-2999\"\nsnat_source = \"10.1.0.1\"\non_no_port = \"drop\"").expect("toml");
+        assert_eq!((t.mode, t.snat_ports, t.on_no_port), (NatMode::Fullnat, PortRange(2000, 2999), NoPortPolicy::Drop));
     }
 
     #[test]

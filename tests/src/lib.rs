@@ -7,6 +7,7 @@
 //! deadline, never a bare sleep.
 
 pub mod daemon;
+pub mod flows;
 pub mod netns;
 pub mod packet;
 pub mod servers;

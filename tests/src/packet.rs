@@ -1,9 +1,10 @@
-//! Building test frames (Ethernet [+802.1Q] / IPv4 / TCP|UDP) with correct
-//! checksums, for BPF_PROG_TEST_RUN fixtures. Expected outputs are built the
+//! Building test frames (Ethernet [+802.1Q] / IPv4 or IPv6 [+ extension
+//! headers] / TCP|UDP) with correct checksums, for BPF_PROG_TEST_RUN
+//! fixtures. Expected outputs are built the
 //! same way from the expected field values, so comparing bytes checks every
 //! rewritten field and both checksums at once.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_common::csum;
 
@@ -19,9 +20,13 @@ pub struct Frame {
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub vlan: Option<u16>,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TTL or hop limit.
     pub ttl: u8,
+    /// IPv6 extension headers before the L4 header: (next-header value
+    /// naming it, length in bytes, a multiple of 8).
+    pub ext: Vec<(u8, usize)>,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
@@ -33,7 +38,7 @@ pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
 impl Frame {
-    fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4, payload: &[u8]) -> Frame {
+    fn new(src: IpAddr, dst: IpAddr, l4: L4, payload: &[u8]) -> Frame {
         Frame {
             dst_mac: [0x02, 0, 0, 0, 0xaa, 0x01],
             src_mac: [0x02, 0, 0, 0, 0xbb, 0x01],
@@ -41,22 +46,46 @@ impl Frame {
             src,
             dst,
             ttl: 64,
+            ext: Vec::new(),
             l4,
             payload: payload.to_vec(),
         }
     }
 
-    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32, ack: u32) -> Frame {
-        Frame::new(src.0, dst.0, L4::Tcp { sport: src.1, dport: dst.1, seq, ack, flags, doff: 5 }, &[])
+    pub fn tcp<A: Into<IpAddr>>(src: (A, u16), dst: (A, u16), flags: u8, seq: u32, ack: u32) -> Frame {
+        Frame::new(src.0.into(), dst.0.into(), L4::Tcp { sport: src.1, dport: dst.1, seq, ack, flags, doff: 5 }, &[])
     }
 
-    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Frame {
-        Frame::new(src.0, dst.0, L4::Udp { sport: src.1, dport: dst.1, no_csum: false }, payload)
+    pub fn udp<A: Into<IpAddr>>(src: (A, u16), dst: (A, u16), payload: &[u8]) -> Frame {
+        Frame::new(src.0.into(), dst.0.into(), L4::Udp { sport: src.1, dport: dst.1, no_csum: false }, payload)
     }
 
-    /// Offset of the IPv4 header.
+    /// Offset of the IP header.
     pub fn l3_offset(&self) -> usize {
         if self.vlan.is_some() { 18 } else { 14 }
+    }
+
+    fn pseudo_sum(&self, proto: u8, len: usize) -> u32 {
+        let mut p = Vec::new();
+        match (self.src, self.dst) {
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                p.extend_from_slice(&s.octets());
+                p.extend_from_slice(&d.octets());
+                p.extend_from_slice(&(len as u32).to_be_bytes());
+                p.extend_from_slice(&[0, 0, 0, proto]);
+            }
+            (s, d) => {
+                let v4 = |a: IpAddr| match a {
+                    IpAddr::V4(a) => a.octets(),
+                    IpAddr::V6(_) => panic!("mixed address families in a test frame"),
+                };
+                p.extend_from_slice(&v4(s));
+                p.extend_from_slice(&v4(d));
+                p.extend_from_slice(&[0, proto]);
+                p.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+        }
+        csum::sum_bytes(&p, 0)
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -77,7 +106,7 @@ impl Frame {
                 let opt_len = (doff as usize).saturating_sub(5) * 4;
                 l4.extend(std::iter::repeat_n(1u8, opt_len));
                 l4.extend_from_slice(&self.payload);
-                let c = csum::l4_checksum_v4(self.src.octets(), self.dst.octets(), proto, &l4);
+                let c = !csum::fold(csum::sum_bytes(&l4, self.pseudo_sum(proto, l4.len())));
                 l4[16..18].copy_from_slice(&c.to_ne_bytes());
             }
             L4::Udp { sport, dport, no_csum } => {
@@ -89,7 +118,7 @@ impl Frame {
                 l4.extend_from_slice(&[0, 0]);
                 l4.extend_from_slice(&self.payload);
                 if !no_csum {
-                    let mut c = csum::l4_checksum_v4(self.src.octets(), self.dst.octets(), proto, &l4);
+                    let mut c = !csum::fold(csum::sum_bytes(&l4, self.pseudo_sum(proto, l4.len())));
                     if c == 0 {
                         c = 0xffff;
                     }
@@ -97,17 +126,49 @@ impl Frame {
                 }
             }
         }
-        let mut ip = vec![0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-        ip[6] = 0x40; // DF
-        ip[8] = self.ttl;
-        ip[9] = proto;
-        ip[12..16].copy_from_slice(&self.src.octets());
-        ip[16..20].copy_from_slice(&self.dst.octets());
-        let c = csum::checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_ne_bytes());
+        let (ip, ether_type) = match (self.src, self.dst) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                // Extension headers, each naming the next.
+                let mut ext = Vec::new();
+                let mut first = proto;
+                for (i, (_, len)) in self.ext.iter().enumerate() {
+                    let next = self.ext.get(i + 1).map_or(proto, |e| e.0);
+                    let mut h = vec![0u8; *len];
+                    h[0] = next;
+                    if let Some(l) = h.get_mut(1) {
+                        *l = (len / 8).saturating_sub(1) as u8;
+                    }
+                    ext.extend_from_slice(&h);
+                    if i == 0 {
+                        first = self.ext[0].0;
+                    }
+                }
+                let mut ip = vec![0u8; 40];
+                ip[0] = 0x60;
+                ip[4..6].copy_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+                ip[6] = first;
+                ip[7] = self.ttl;
+                ip[8..24].copy_from_slice(&src.octets());
+                ip[24..40].copy_from_slice(&dst.octets());
+                ip.extend_from_slice(&ext);
+                (ip, 0x86ddu16)
+            }
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let mut ip = vec![0u8; 20];
+                ip[0] = 0x45;
+                ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+                ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+                ip[6] = 0x40; // DF
+                ip[8] = self.ttl;
+                ip[9] = proto;
+                ip[12..16].copy_from_slice(&src.octets());
+                ip[16..20].copy_from_slice(&dst.octets());
+                let c = csum::checksum(&ip);
+                ip[10..12].copy_from_slice(&c.to_ne_bytes());
+                (ip, 0x0800u16)
+            }
+            _ => panic!("mixed address families in a test frame"),
+        };
 
         let mut f = Vec::new();
         f.extend_from_slice(&self.dst_mac);
@@ -116,16 +177,27 @@ impl Frame {
             f.extend_from_slice(&0x8100u16.to_be_bytes());
             f.extend_from_slice(&vid.to_be_bytes());
         }
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&ether_type.to_be_bytes());
         f.extend_from_slice(&ip);
         f.extend_from_slice(&l4);
         f
     }
 }
 
-/// Recomputes both checksums of a frame built like ours and says whether
-/// they match what the frame carries.
+/// Recomputes the checksums of a frame built like ours (IPv4 header and
+/// L4; IPv6 without extension headers: L4) and says whether they match
+/// what the frame carries.
 pub fn checksums_valid(frame: &[u8], l3: usize) -> bool {
+    if frame[l3] >> 4 == 6 {
+        let ip = &frame[l3..l3 + 40];
+        let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+        let seg = &frame[l3 + 40..l3 + 40 + plen];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ip[8..40]);
+        pseudo.extend_from_slice(&(plen as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, ip[6]]);
+        return csum::fold(csum::sum_bytes(seg, csum::sum_bytes(&pseudo, 0))) == 0xffff;
+    }
     let ip = &frame[l3..l3 + 20];
     if csum::fold(csum::sum_bytes(ip, 0)) != 0xffff {
         return false;

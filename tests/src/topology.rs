@@ -1,20 +1,24 @@
-//! The standard test topology:
+//! The standard test topology, dual-stack:
 //!
 //! ```text
 //!  client ns              lb ns (xlb attached to l0, l1..lN)            backend ns i
 //!  c0 10.0.0.2/24 ──veth── l0 10.0.0.1/24                               
+//!     fd00::2/64              fd00::1/64
 //!                          li 10.1.i.1/24 ───────────────veth─────────── b0 10.1.i.2/24
-//!                          lo: VIP 10.99.0.1/32
+//!                             fd01:i::1/64                                  fd01:i::2/64
+//!                          lo: VIP 10.99.0.1/32, fd99::1/128
 //! ```
 //!
 //! The client routes everything via the lb; backends route via the lb
-//! (DNAT mode needs their replies to come back through it). The peer ends
+//! (DNAT mode needs their replies to come back through it), unless
+//! `isolated_backends`: then backends only know their own link (full-NAT
+//! tests: replies can only reach the balancer's address). The peer ends
 //! (c0, b0) run a pass-only XDP program: a veth in native XDP mode delivers
 //! redirected/XDP_TX frames only when its peer has one. Senders have TX
 //! checksum offload off so frames reaching XDP carry full checksums, as
 //! frames from a real NIC do.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::Context as _;
 use xlb::dataplane::{Dataplane, LoadOptions};
@@ -24,9 +28,15 @@ use crate::netns::{Netns, in_netns, unique_prefix};
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 1);
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+pub const LB_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 
+#[derive(Default)]
 pub struct TopologyOptions {
     pub backends: usize,
+    /// Backends get no route beyond their own link.
+    pub isolated_backends: bool,
 }
 
 pub struct Topology {
@@ -46,6 +56,20 @@ pub fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 1, (i + 1) as u8, 2)
 }
 
+/// IPv6 address of backend `i` (0-based).
+pub fn backend_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd01, (i + 1) as u16, 0, 0, 0, 0, 0, 2)
+}
+
+/// The lb's address on backend `i`'s link.
+pub fn lb_backend_side(i: usize, v6: bool) -> IpAddr {
+    if v6 {
+        Ipv6Addr::new(0xfd01, (i + 1) as u16, 0, 0, 0, 0, 0, 1).into()
+    } else {
+        Ipv4Addr::new(10, 1, (i + 1) as u8, 1).into()
+    }
+}
+
 impl Topology {
     pub fn new(opts: TopologyOptions) -> anyhow::Result<Topology> {
         let prefix = unique_prefix();
@@ -56,32 +80,43 @@ impl Topology {
             backends.push(Netns::new(&format!("{prefix}-b{i}"))?);
         }
         let mut topo = Topology { _peers: Vec::new(), prefix, client, lb, backends, lb_ifaces: Vec::new() };
-        topo.wire().context("building the test topology")?;
+        topo.wire(opts.isolated_backends).context("building the test topology")?;
         Ok(topo)
     }
 
-    fn wire(&mut self) -> anyhow::Result<()> {
+    fn wire(&mut self, isolated_backends: bool) -> anyhow::Result<()> {
         let lb = &self.lb;
         lb.sysctl("net.ipv4.ip_forward", "1")?;
+        lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-        // Client link.
+        lb.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
+        // Client link. IPv6 addresses skip duplicate address detection:
+        // usable at once, and nothing else shares these links.
         lb.ip(&["link", "add", "l0", "type", "veth", "peer", "name", "c0", "netns", &self.client.name])?;
         lb.ip(&["addr", "add", &format!("{LB_CLIENT_SIDE}/24"), "dev", "l0"])?;
+        lb.ip(&["addr", "add", &format!("{LB_CLIENT_SIDE6}/64"), "dev", "l0", "nodad"])?;
         lb.ip(&["link", "set", "l0", "up"])?;
         self.client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "c0"])?;
+        self.client.ip(&["addr", "add", &format!("{CLIENT_ADDR6}/64"), "dev", "c0", "nodad"])?;
         self.client.ip(&["link", "set", "c0", "up"])?;
         self.client.ip(&["route", "add", "default", "via", &LB_CLIENT_SIDE.to_string()])?;
+        self.client.ip(&["-6", "route", "add", "default", "via", &LB_CLIENT_SIDE6.to_string()])?;
         self.lb_ifaces.push("l0".into());
         // One link per backend.
         for (i, b) in self.backends.iter().enumerate() {
             let l = format!("l{}", i + 1);
-            let gw = Ipv4Addr::new(10, 1, (i + 1) as u8, 1);
+            let (gw, gw6) = (lb_backend_side(i, false), lb_backend_side(i, true));
             lb.ip(&["link", "add", &l, "type", "veth", "peer", "name", "b0", "netns", &b.name])?;
             lb.ip(&["addr", "add", &format!("{gw}/24"), "dev", &l])?;
+            lb.ip(&["addr", "add", &format!("{gw6}/64"), "dev", &l, "nodad"])?;
             lb.ip(&["link", "set", &l, "up"])?;
             b.ip(&["addr", "add", &format!("{}/24", backend_addr(i)), "dev", "b0"])?;
+            b.ip(&["addr", "add", &format!("{}/64", backend_addr6(i)), "dev", "b0", "nodad"])?;
             b.ip(&["link", "set", "b0", "up"])?;
-            b.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+            if !isolated_backends {
+                b.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+                b.ip(&["-6", "route", "add", "default", "via", &gw6.to_string()])?;
+            }
             self.lb_ifaces.push(l);
         }
         // Full checksums on the wire (see the module doc).
@@ -120,13 +155,35 @@ impl Topology {
         SocketAddrV4::new(backend_addr(i), port)
     }
 
-    /// A TCP name server on `port` in every backend namespace, named b0, b1...
-    pub fn tcp_servers(&self, port: u16) -> anyhow::Result<Vec<crate::TcpNameServer>> {
+    /// `VIP:port` of either family.
+    pub fn vip_of(&self, v6: bool, port: u16) -> SocketAddr {
+        if v6 { SocketAddr::new(VIP6.into(), port) } else { self.vip_sock(port) }
+    }
+
+    /// Backend `i`'s `addr:port` of either family.
+    pub fn backend_of(&self, v6: bool, i: usize, port: u16) -> SocketAddr {
+        if v6 { SocketAddr::new(backend_addr6(i).into(), port) } else { SocketAddr::V4(self.backend(i, port)) }
+    }
+
+    /// The client's address of either family.
+    pub fn client_addr(v6: bool) -> IpAddr {
+        if v6 { CLIENT_ADDR6.into() } else { CLIENT_ADDR.into() }
+    }
+
+    /// TCP name servers listening on `port` of one family only (so the
+    /// addresses they record are that family's, not IPv4-mapped).
+    pub fn tcp_servers_of(&self, v6: bool, port: u16) -> anyhow::Result<Vec<crate::TcpNameServer>> {
+        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
         self.backends
             .iter()
             .enumerate()
-            .map(|(i, b)| crate::TcpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::from(([0, 0, 0, 0], port))))
+            .map(|(i, b)| crate::TcpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::new(any, port)))
             .collect()
+    }
+
+    /// A TCP name server on `port` in every backend namespace, named b0, b1...
+    pub fn tcp_servers(&self, port: u16) -> anyhow::Result<Vec<crate::TcpNameServer>> {
+        self.tcp_servers_of(false, port)
     }
 
     /// A UDP name server on `port` in every backend namespace, named b0, b1...

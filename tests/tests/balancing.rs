@@ -32,7 +32,7 @@ fn bed(backends: usize, weights: &[u32]) -> Bed {
 
 fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str]) -> Bed {
     require_root();
-    let topo = Topology::new(TopologyOptions { backends }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
     let servers = topo.tcp_servers(BACKEND_PORT).expect("servers");
     let vip = topo.vip(80).to_string();
@@ -129,7 +129,7 @@ fn long_lived_connections_stay_on_their_backend_and_are_listed() {
 #[test]
 fn udp_request_response_is_sticky_per_flow() {
     require_root();
-    let topo = Topology::new(TopologyOptions { backends: 3 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 3, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
     let _servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("udp servers");
     let vip = topo.vip(53).to_string();

@@ -17,7 +17,7 @@ fn require_root() {
 
 fn topo(backends: usize) -> Topology {
     require_root();
-    Topology::new(TopologyOptions { backends }).expect("topology")
+    Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology")
 }
 
 fn code(out: &std::process::Output) -> i32 {

@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -21,7 +20,7 @@ struct Bed {
 /// first `registered` of them.
 fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
     let servers = topo.tcp_servers(PORT).expect("servers").into_iter().map(Some).collect();
     let vip = topo.vip(80).to_string();
@@ -230,12 +229,11 @@ fn a_spoofed_rst_does_not_kill_a_live_flow_and_late_packets_create_no_state() {
     let mut c = b.connect();
     assert_eq!(c.ask("hi").expect("hi"), "b0");
     let local = c.stream().local_addr().expect("local");
-    let SocketAddr::V4(local) = local else { panic!("v4") };
     // An attacker on the client side sends RSTs with guessed sequence numbers.
     let spoof = |seq: u32| {
         let r = lb_common::rst::Rst {
-            src: local.ip().octets(),
-            dst: b.topo.vip(80).ip().octets(),
+            src: lb_common::maps::addr_from_ip(local.ip()),
+            dst: lb_common::maps::addr_from_ip(b.topo.vip_sock(80).ip()),
             sport: local.port().to_be_bytes(),
             dport: 80u16.to_be_bytes(),
             seq,
@@ -295,7 +293,7 @@ fn reset_spread_paces_a_mass_reset_over_the_window() {
 #[test]
 fn http_health_checks_take_a_backend_out_and_bring_it_back_after_rise() {
     // Backends that serve HTTP on the service port, with a switchable status.
-    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 2, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
     let http: Vec<testbed::HttpStatusServer> = topo
         .backends

@@ -34,7 +34,7 @@ fn scrape(ns: &str) -> HashMap<String, f64> {
 #[test]
 fn scraped_metrics_match_the_traffic_sent() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 2, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--metrics-addr", "127.0.0.1:9100"]).expect("daemon");
     let servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("servers");
     let vip = topo.vip(53).to_string();
@@ -91,7 +91,7 @@ fn scraped_metrics_match_the_traffic_sent() {
 #[test]
 fn an_unusable_metrics_address_fails_the_start_cleanly() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 0 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 0, ..Default::default() }).expect("topology");
     // 10.9.9.9 is not an address of the lb namespace.
     let (status, log, d) = Daemon::run_expecting_exit(&topo.lb, &topo.lb_ifaces, &["--metrics-addr", "10.9.9.9:9100"]).expect("run");
     assert_eq!(status.code(), Some(1), "{log}");
@@ -108,7 +108,7 @@ fn stdout(o: &std::process::Output) -> String {
 #[test]
 fn export_apply_round_trip_diff_dry_run_and_refusals() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 0 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 0, ..Default::default() }).expect("topology");
     let a = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon a");
     a.ok(&["service", "add", "10.99.0.1:80", "--scheduler", "least-conn", "--on-remove", "drain:30s", "--health", "http:/healthz", "--fall", "2", "--timeout-established", "1h"])
         .expect("svc");
@@ -170,7 +170,7 @@ fn export_apply_round_trip_diff_dry_run_and_refusals() {
 #[test]
 fn top_renders_backends_and_their_rates_in_a_terminal() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 2, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
     let _servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("servers");
     let vip = topo.vip(53).to_string();
@@ -217,7 +217,7 @@ fn top_renders_backends_and_their_rates_in_a_terminal() {
 fn flow_logs_record_fifty_flows_ended_five_ways_with_their_bytes() {
     use testbed::LineClient;
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 2, ..Default::default() }).expect("topology");
     let dir = std::env::temp_dir().join(format!("{}-flowlog", topo.prefix));
     std::fs::create_dir_all(&dir).expect("dir");
     let log = dir.join("flows.jsonl");

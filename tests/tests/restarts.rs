@@ -14,7 +14,7 @@ struct Bed {
 
 fn bed(backends: usize) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology");
     let daemon = Daemon::start_persistent(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
     let servers = topo.tcp_servers(8080).expect("servers");
     let vip = topo.vip(80).to_string();

@@ -18,7 +18,7 @@ use testbed::{
 #[test]
 fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 2 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 2, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--conn-capacity", "1024", "--half-open-capacity", "256"]).expect("daemon");
     let _servers: Vec<TcpNameServer> = topo.tcp_servers(8080).expect("servers");
     let vip = topo.vip(80).to_string();
@@ -89,7 +89,7 @@ fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
 #[test]
 fn idle_flows_expire_reset_on_idle_resets_both_ends_and_closed_flows_leave_within_seconds() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 1 }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 1, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
     let server = TcpNameServer::start(&topo.backends[0].name, "b0", "0.0.0.0:8080".parse().expect("addr")).expect("server");
     let backend = topo.backend(0, 8080).to_string();

@@ -4,18 +4,22 @@
 //!
 //! Each rig runs in its own network namespace with a veth pair, addresses
 //! and permanent neighbours, so the program's FIB lookups are deterministic:
-//!   t0 10.0.0.1/24 (client side, client 10.0.0.2)
-//!   t1 10.1.1.1/24 (backend side, backend 10.1.1.2)
+//!   t0 10.0.0.1/24 fd00::1/64 (client side, client 10.0.0.2, fd00::2)
+//!   t1 10.1.1.1/24 fd01:1::1/64 (backend side, backend 10.1.1.2, fd01:1::2)
+//!   lo VIPs 10.99.0.1, fd99::1
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
-    maps::{FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT},
+    maps::{addr_from_ip, DIR_TO_BACKEND, DIR_TO_CLIENT, NAT_DST, NAT_FULL, NAT_SRC},
     stats, tcp,
 };
 use testbed::{
-    Netns, in_netns,
+    flows, Netns, in_netns,
     netns::unique_prefix,
     packet::{Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, checksums_valid},
 };
@@ -32,6 +36,12 @@ const XDP_REDIRECT: u32 = 4;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd01, 1, 0, 0, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 1);
+/// The full-NAT service's source address and its (tiny) port pool.
+const SNAT: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+const SNAT_PORTS: std::ops::RangeInclusive<u16> = 40000..=40003;
 const T0_MAC: [u8; 6] = [2, 0, 0, 0, 0x10, 0];
 const T1_MAC: [u8; 6] = [2, 0, 0, 0, 0x10, 1];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -58,26 +68,46 @@ fn rig() -> Rig {
     ip(&["link", "set", "t1", "up"]);
     ip(&["neigh", "add", "10.0.0.2", "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"]);
     ip(&["neigh", "add", "10.1.1.2", "lladdr", "02:00:00:00:01:02", "dev", "t1", "nud", "permanent"]);
+    ip(&["addr", "add", "fd00::1/64", "dev", "t0", "nodad"]);
+    ip(&["addr", "add", "fd01:1::1/64", "dev", "t1", "nodad"]);
+    ip(&["addr", "add", "fd99::1/128", "dev", "lo"]);
+    ip(&["neigh", "add", "fd00::2", "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"]);
+    ip(&["neigh", "add", "fd01:1::2", "lladdr", "02:00:00:00:01:02", "dev", "t1", "nud", "permanent"]);
     ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").expect("forwarding");
     let t0 = ns.ifindex("t0").expect("t0");
     let t1 = ns.ifindex("t1").expect("t1");
     let mut dp = Dataplane::load(LoadOptions { conn_capacity: 32768, half_open_capacity: Some(32768), pin_dir: None }).expect("load");
     dp.add_redirect_target(t0).expect("devmap t0");
     dp.add_redirect_target(t1).expect("devmap t1");
     let mut ctl = Controller::new(dp);
-    let vip = |p| std::net::SocketAddrV4::new(VIP, p);
+    let vip = |p| SocketAddr::new(VIP.into(), p);
+    let at = |a: Ipv4Addr, p| SocketAddr::new(a.into(), p);
     ctl.service_add(vip(80), Proto::Tcp, &Default::default()).expect("tcp service");
-    ctl.backend_add(vip(80), Some(Proto::Tcp), std::net::SocketAddrV4::new(BACKEND, 8080), None).expect("tcp backend");
+    ctl.backend_add(vip(80), Some(Proto::Tcp), at(BACKEND, 8080), None).expect("tcp backend");
     ctl.service_add(vip(53), Proto::Udp, &Default::default()).expect("udp service");
-    ctl.backend_add(vip(53), Some(Proto::Udp), std::net::SocketAddrV4::new(BACKEND, 5353), None).expect("udp backend");
+    ctl.backend_add(vip(53), Some(Proto::Udp), at(BACKEND, 5353), None).expect("udp backend");
     ctl.service_add(vip(81), Proto::Tcp, &Default::default()).expect("empty service");
     // A backend on the client's own link (hairpin: out of the NIC it came in on).
     ip(&["neigh", "add", "10.0.0.3", "lladdr", "02:00:00:00:00:03", "dev", "t0", "nud", "permanent"]);
     ctl.service_add(vip(82), Proto::Tcp, &Default::default()).expect("hairpin service");
-    ctl.backend_add(vip(82), Some(Proto::Tcp), std::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 3), 80), None).expect("hairpin backend");
+    ctl.backend_add(vip(82), Some(Proto::Tcp), at(Ipv4Addr::new(10, 0, 0, 3), 80), None).expect("hairpin backend");
     // A backend whose neighbour is not resolved yet.
     ctl.service_add(vip(83), Proto::Tcp, &Default::default()).expect("unresolved service");
-    ctl.backend_add(vip(83), Some(Proto::Tcp), std::net::SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 9), 80), None).expect("unresolved backend");
+    ctl.backend_add(vip(83), Some(Proto::Tcp), at(Ipv4Addr::new(10, 1, 1, 9), 80), None).expect("unresolved backend");
+    // IPv6: [fd99::1]:80 → [fd01:1::2]:8080 (backend id 4).
+    let vip6 = SocketAddr::new(VIP6.into(), 80);
+    ctl.service_add(vip6, Proto::Tcp, &Default::default()).expect("ipv6 service");
+    ctl.backend_add(vip6, Some(Proto::Tcp), SocketAddr::new(BACKEND6.into(), 8080), None).expect("ipv6 backend");
+    // Full NAT with a four-port pool: VIP:84 → 10.1.1.2:8080 (backend id 5).
+    let full = xlb::policy::ServiceOptions {
+        mode: Some(xlb::policy::NatMode::Fullnat),
+        snat_ports: Some(xlb::policy::PortRange(*SNAT_PORTS.start(), *SNAT_PORTS.end())),
+        snat_source: Some(xlb::policy::SnatSource::Addr(SNAT.into())),
+        ..Default::default()
+    };
+    ctl.service_add(vip(84), Proto::Tcp, &full).expect("full-NAT service");
+    ctl.backend_add(vip(84), Some(Proto::Tcp), at(BACKEND, 8080), None).expect("full-NAT backend");
     Rig { ctl, ns, t0, t1 }
 }
 
@@ -110,16 +140,22 @@ impl Rig {
         n
     }
 
-    fn flow(&mut self, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> Option<lb_common::maps::FlowEntry> {
-        let key = FlowKey {
-            src_addr: u32::from_ne_bytes(src.0.octets()),
-            dst_addr: u32::from_ne_bytes(dst.0.octets()),
-            src_port: u16::from_ne_bytes(src.1.to_be_bytes()),
-            dst_port: u16::from_ne_bytes(dst.1.to_be_bytes()),
-            proto,
-            _pad: [0; 3],
-        };
+    fn flow<A: Into<IpAddr>>(&mut self, src: (A, u16), dst: (A, u16), proto: u8) -> Option<lb_common::maps::FlowEntry> {
+        let key = flows::key(SocketAddr::new(src.0.into(), src.1), SocketAddr::new(dst.0.into(), dst.1), proto);
         self.ctl.dataplane().flow_get(&key).expect("lookup")
+    }
+
+    /// Full-NAT ports held, as (balancer source, port, backend).
+    fn ports(&mut self) -> Vec<(IpAddr, u16, SocketAddr)> {
+        let reader = self.ctl.dataplane().table_reader().expect("reader");
+        let mut held = Vec::new();
+        reader
+            .for_each_port(&mut |k, _| {
+                let port = |p: u16| u16::from_be_bytes(p.to_ne_bytes());
+                held.push((lb_common::maps::addr_to_ip(&k.dst_addr), port(k.dst_port), SocketAddr::new(lb_common::maps::addr_to_ip(&k.src_addr), port(k.src_port))));
+            })
+            .expect("walk ports");
+        held
     }
 
     fn counter(&mut self, idx: u32) -> u64 {
@@ -129,7 +165,7 @@ impl Rig {
 
 /// What a frame looks like after DNAT towards the backend.
 fn to_backend(mut f: Frame, port: u16) -> Frame {
-    f.dst = BACKEND;
+    f.dst = if f.dst.is_ipv4() { BACKEND.into() } else { BACKEND6.into() };
     f.ttl -= 1;
     f.src_mac = T1_MAC;
     f.dst_mac = BACKEND_MAC;
@@ -150,13 +186,16 @@ fn syn_to_vip_is_rewritten_exactly_and_creates_both_entries() {
 
     let fwd = r.flow((CLIENT, 40000), (VIP, 80), 6).expect("forward entry");
     assert_eq!(fwd.direction, DIR_TO_BACKEND);
-    assert_eq!(fwd.nat_addr, u32::from_ne_bytes(BACKEND.octets()));
+    assert_eq!(fwd.nat_dst, addr_from_ip(BACKEND.into()));
+    assert_eq!(fwd.nat_src, addr_from_ip(CLIENT.into()), "DNAT keeps the client's address");
+    assert_eq!(fwd.nat_flags, NAT_DST);
     assert_eq!(fwd.tcp_state, tcp::STATE_SYN);
     assert_eq!(fwd.seq_next, 1001, "SYN takes one sequence number");
     let rev = r.flow((BACKEND, 8080), (CLIENT, 40000), 6).expect("reverse entry");
     assert_eq!(rev.direction, DIR_TO_CLIENT);
-    assert_eq!(rev.nat_addr, u32::from_ne_bytes(VIP.octets()));
-    assert_eq!(rev.nat_port, u16::from_ne_bytes(80u16.to_be_bytes()));
+    assert_eq!(rev.nat_src, addr_from_ip(VIP.into()));
+    assert_eq!(rev.nat_sport, flows::net_port(80));
+    assert_eq!(rev.nat_flags, NAT_SRC);
     assert_eq!(r.flow_count(), 2);
     assert_eq!(r.counter(stats::NEW_FLOWS), 1);
     assert_eq!(r.counter(stats::REDIRECT), 1);
@@ -172,7 +211,7 @@ fn replies_are_rewritten_to_the_vip_and_sequence_numbers_are_tracked() {
     let (verdict, out) = r.run(r.t1, &syn_ack.build());
     assert_eq!(verdict, XDP_REDIRECT);
     let mut want = syn_ack.clone();
-    want.src = VIP;
+    want.src = VIP.into();
     want.ttl -= 1;
     want.src_mac = T0_MAC;
     want.dst_mac = CLIENT_MAC;
@@ -242,7 +281,7 @@ fn vlan_tagged_flows_are_natted_and_left_to_the_kernel_to_forward() {
     let (verdict, out) = r.run(r.t0, &syn.build());
     assert_eq!(verdict, XDP_PASS);
     let mut want = syn.clone();
-    want.dst = BACKEND;
+    want.dst = BACKEND.into();
     if let L4::Tcp { dport, .. } = &mut want.l4 {
         *dport = 8080;
     }
@@ -330,7 +369,7 @@ fn a_backend_behind_the_ingress_nic_is_reached_with_xdp_tx() {
     let (verdict, out) = r.run(r.t0, &syn.build());
     assert_eq!(verdict, 3, "XDP_TX");
     let mut want = syn.clone();
-    want.dst = Ipv4Addr::new(10, 0, 0, 3);
+    want.dst = Ipv4Addr::new(10, 0, 0, 3).into();
     want.ttl -= 1;
     want.src_mac = T0_MAC;
     want.dst_mac = [2, 0, 0, 0, 0, 3];
@@ -349,7 +388,7 @@ fn an_unresolved_neighbour_hands_the_rewritten_packet_to_the_kernel() {
     assert_eq!(verdict, XDP_PASS);
     // Rewritten for the backend; TTL and MACs are the kernel's to set.
     let mut want = syn.clone();
-    want.dst = Ipv4Addr::new(10, 1, 1, 9);
+    want.dst = Ipv4Addr::new(10, 1, 1, 9).into();
     if let L4::Tcp { dport, .. } = &mut want.l4 {
         *dport = 80;
     }
@@ -365,12 +404,17 @@ fn expected_rst(seg: &Frame, ack: Option<u32>, seg_end: u32) -> Vec<u8> {
         L4::Tcp { sport, dport, .. } => (sport, dport),
         L4::Udp { .. } => unreachable!("tcp only"),
     };
-    let r = lb_common::rst::answering(seg.src.octets(), seg.dst.octets(), sport.to_be_bytes(), dport.to_be_bytes(), ack, seg_end);
+    let r = lb_common::rst::answering(addr_from_ip(seg.src), addr_from_ip(seg.dst), sport.to_be_bytes(), dport.to_be_bytes(), ack, seg_end);
     let mut out = Vec::new();
     out.extend_from_slice(&seg.src_mac);
     out.extend_from_slice(&seg.dst_mac);
-    out.extend_from_slice(&0x0800u16.to_be_bytes());
-    out.extend_from_slice(&lb_common::rst::build(&r));
+    if r.is_v6() {
+        out.extend_from_slice(&0x86ddu16.to_be_bytes());
+        out.extend_from_slice(&lb_common::rst::build_v6(&r));
+    } else {
+        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        out.extend_from_slice(&lb_common::rst::build_v4(&r));
+    }
     out
 }
 
@@ -385,12 +429,11 @@ fn establish(r: &mut Rig, port: u16) {
 
 fn set_backend_state(r: &mut Rig, state: u8) {
     let b = lb_common::maps::Backend {
-        addr: u32::from_ne_bytes(BACKEND.octets()),
-        port: u16::from_ne_bytes(8080u16.to_be_bytes()),
+        addr: addr_from_ip(BACKEND.into()),
+        port: flows::net_port(8080),
         state,
-        _pad: 0,
         weight: 1,
-        service_id: 0,
+        ..Default::default()
     };
     // The TCP backend was the first one added: id 0.
     r.ctl.dataplane().backend_set(0, b).expect("backend state");
@@ -478,8 +521,8 @@ fn udp_flows_of_a_gone_backend_are_rescheduled() {
     let dgram = Frame::udp((CLIENT, 5010), (VIP, 53), b"q1");
     assert_eq!(r.run(r.t0, &dgram.build()).0, XDP_REDIRECT);
     // Replace the only UDP backend (id 1) with another (added through the controller).
-    let svc = std::net::SocketAddrV4::new(VIP, 53);
-    r.ctl.backend_add(svc, Some(Proto::Udp), std::net::SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 3), 5353), None).expect("add");
+    let svc = SocketAddr::new(VIP.into(), 53);
+    r.ctl.backend_add(svc, Some(Proto::Udp), SocketAddr::new(Ipv4Addr::new(10, 1, 1, 3).into(), 5353), None).expect("add");
     r.ctl.dataplane().backend_set(1, lb_common::maps::Backend { state: lb_common::maps::BACKEND_REMOVED, ..Default::default() }).expect("gone");
     r.ns.ip(&["neigh", "add", "10.1.1.3", "lladdr", "02:00:00:00:01:03", "dev", "t1", "nud", "permanent"]).expect("neigh");
     let (verdict, out) = r.run(r.t0, &dgram.build());
@@ -492,7 +535,7 @@ fn udp_flows_of_a_gone_backend_are_rescheduled() {
 #[test]
 fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_remembers_it() {
     let mut r = rig();
-    let svc = std::net::SocketAddrV4::new(VIP, 80);
+    let svc = SocketAddr::new(VIP.into(), 80);
     let opts = xlb::policy::ServiceOptions { on_miss: Some(xlb::policy::MissPolicy::Rehash), ..Default::default() };
     r.ctl.service_set(svc, Some(Proto::Tcp), &opts).expect("set on_miss");
     let data = Frame::tcp((CLIENT, 40030), (VIP, 80), TCP_ACK, 42, 43);
@@ -507,9 +550,9 @@ fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_remembers_it() {
 #[test]
 fn maglev_moves_only_the_removed_backends_flows() {
     let mut r = rig();
-    let svc = std::net::SocketAddrV4::new(VIP, 90);
+    let svc = SocketAddr::new(VIP.into(), 90);
     r.ctl.service_add(svc, Proto::Tcp, &Default::default()).expect("maglev service (the default)");
-    let backends: Vec<std::net::SocketAddrV4> = (0..4).map(|i| std::net::SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 20 + i), 80)).collect();
+    let backends: Vec<SocketAddr> = (0..4).map(|i| SocketAddr::new(Ipv4Addr::new(10, 1, 1, 20 + i).into(), 80)).collect();
     for (i, b) in backends.iter().enumerate() {
         r.ns.ip(&["neigh", "add", &b.ip().to_string(), "lladdr", &format!("02:00:00:00:02:{i:02x}"), "dev", "t1", "nud", "permanent"]).expect("neigh");
         r.ctl.backend_add(svc, Some(Proto::Tcp), *b, None).expect("backend");
@@ -517,18 +560,18 @@ fn maglev_moves_only_the_removed_backends_flows() {
     // 10k flows from distinct client ports; each SYN creates an entry whose
     // backend we read back from the table.
     let flows: Vec<(Ipv4Addr, u16)> = (0..10_000u32).map(|i| (Ipv4Addr::new(10, 0, 0, 2 + (i / 50_000) as u8), 10_000 + i as u16)).collect();
-    let map_all = |r: &mut Rig| -> Vec<u32> {
+    let map_all = |r: &mut Rig| -> Vec<lb_common::maps::Addr> {
         flows
             .iter()
             .map(|&(ip, port)| {
                 let syn = Frame::tcp((ip, port), (VIP, 90), TCP_SYN, 1, 0);
                 assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
-                r.flow((ip, port), (VIP, 90), 6).expect("entry").nat_addr
+                r.flow((ip, port), (VIP, 90), 6).expect("entry").nat_dst
             })
             .collect()
     };
     let before = map_all(&mut r);
-    let removed = u32::from_ne_bytes(backends[1].ip().octets());
+    let removed = addr_from_ip(backends[1].ip());
     let share = before.iter().filter(|b| **b == removed).count();
     assert!((2000..3000).contains(&share), "backend 1 has {share} of 10k flows");
     r.ctl.backend_remove(svc, Some(Proto::Tcp), backends[1]).expect("remove");
@@ -538,7 +581,7 @@ fn maglev_moves_only_the_removed_backends_flows() {
     for (&(ip, port), b) in flows.iter().zip(&before) {
         match r.flow((ip, port), (VIP, 90), 6) {
             Some(e) => {
-                assert_eq!(e.nat_addr, *b, "a flow of a remaining backend moved in the table");
+                assert_eq!(e.nat_dst, *b, "a flow of a remaining backend moved in the table");
                 in_table += 1;
             }
             None => assert_eq!(*b, removed, "a flow of a remaining backend left the table"),

@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps::{names, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, RING_SLOTS},
+    maps::{names, Addr, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, RING_SLOTS},
     stats,
 };
 use thiserror::Error;
@@ -173,12 +173,14 @@ impl Dataplane {
             prepare_pin_dir(dir)?;
             restored = names::ALL.iter().any(|n| dir.join(n).exists());
             if restored {
-                check_layout(dir, entries, half_open_entries)?;
+                check_layout(dir, entries, half_open_entries, ports_capacity(opts.conn_capacity, half_open))?;
             }
         }
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNS, entries);
         loader.map_max_entries(names::HALF_OPEN, half_open_entries);
+        // A full-NAT port per flow, whichever table the flow is in.
+        loader.map_max_entries(names::PORTS, ports_capacity(opts.conn_capacity, half_open));
         let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => names::ALL.iter().map(|n| (*n, dir.join(n))).collect(),
             None => Vec::new(),
@@ -420,9 +422,9 @@ impl Dataplane {
     }
 
     /// Sets the role bits of an address; 0 removes it.
-    pub fn addr_set(&mut self, addr: u32, flags: u32) -> Result<()> {
+    pub fn addr_set(&mut self, addr: Addr, flags: u32) -> Result<()> {
         let map = self.map_mut(names::ADDRS)?;
-        let mut m: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err("opening", names::ADDRS))?;
+        let mut m: HashMap<_, Addr, u32> = HashMap::try_from(map).map_err(map_err("opening", names::ADDRS))?;
         if flags == 0 {
             ignore_not_found(m.remove(&addr)).map_err(map_err("removing from", names::ADDRS))
         } else {
@@ -524,7 +526,7 @@ impl Dataplane {
     /// hold the controller (the periodic expiry pass).
     pub fn table_reader(&self) -> Result<TableReader> {
         let mut fds = Vec::new();
-        for name in [names::CONNS, names::HALF_OPEN] {
+        for name in [names::CONNS, names::HALF_OPEN, names::PORTS] {
             let fd = batch::fd_of(self.map_data(name)?)
                 .try_clone_to_owned()
                 .map_err(|source| DataplaneError::Syscall { op: "duplicating the fd of", map: name, source })?;
@@ -559,8 +561,34 @@ impl Dataplane {
         self.entries_deleted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Deletes flow entries from whichever table holds them (batched).
-    /// Returns how many were deleted.
+    /// Whether a full-NAT port (keyed like its flow's backend → balancer
+    /// entry) still belongs to a flow. The half-open table is asked first:
+    /// a flow being promoted is inserted into the connection table before
+    /// it leaves the half-open one, so it is found in one or the other.
+    pub fn port_in_use(&self, key: &FlowKey) -> Result<bool> {
+        for name in [names::HALF_OPEN, names::CONNS] {
+            let map = self.map(name)?;
+            let m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", name))?;
+            match m.get(key, 0) {
+                Ok(_) => return Ok(true),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("reading", name)(e)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Gives full-NAT ports back (batched). Returns how many were held.
+    pub fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
+        let fd = batch::fd_of(self.map_data(names::PORTS)?);
+        let (released, _) = batch::delete(fd, keys).map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, source })?;
+        Ok(released)
+    }
+
+    /// Deletes flow entries from whichever table holds them (batched), and
+    /// gives back the full-NAT ports they held (a flow's port is keyed like
+    /// its backend → balancer entry, which is among `keys`; DNAT keys are
+    /// simply not found there). Returns how many entries were deleted.
     pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
         let fd = batch::fd_of(self.map_data(names::CONNS)?);
         let (mut deleted, missing) = batch::delete(fd, keys)
@@ -572,6 +600,7 @@ impl Dataplane {
                 .0;
         }
         self.entries_deleted.fetch_add(deleted as u64, std::sync::atomic::Ordering::Relaxed);
+        self.ports_release(keys)?;
         Ok(deleted)
     }
 
@@ -628,8 +657,23 @@ impl TableReader {
     pub fn for_each_flow(&self, f: &mut dyn FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
         use std::os::fd::AsFd;
         for (name, fd) in &self.fds {
+            if *name == names::PORTS {
+                continue;
+            }
             batch::for_each::<FlowKey, FlowEntry>(fd.as_fd(), 4096, |k, v| f(k, v))
                 .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for every full-NAT port held: (port key, allocation time).
+    pub fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, u64)) -> Result<()> {
+        use std::os::fd::AsFd;
+        for (name, fd) in &self.fds {
+            if *name == names::PORTS {
+                batch::for_each::<FlowKey, u64>(fd.as_fd(), 4096, |k, v| f(k, *v))
+                    .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+            }
         }
         Ok(())
     }
@@ -654,7 +698,7 @@ pub fn remove_pins(dir: &Path) {
 /// Compares the pinned maps with this build's map definitions (type, key
 /// and value sizes, capacity): a mismatch means the pins were made by an
 /// xlb with another layout, and reading them would corrupt state.
-fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32) -> Result<()> {
+fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32, ports_entries: u32) -> Result<()> {
     let mismatch = |detail: String| DataplaneError::LayoutMismatch { dir: dir.to_owned(), detail };
     let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| mismatch(format!("cannot parse this build's object: {e}")))?;
     for name in names::ALL {
@@ -670,6 +714,7 @@ fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32) -> Result
         let want_entries = match name {
             names::CONNS => conn_entries,
             names::HALF_OPEN => half_open_entries,
+            names::PORTS => ports_entries,
             _ => def.max_entries(),
         };
         let got = (info.key_size(), info.value_size(), info.max_entries());
@@ -707,6 +752,11 @@ pub fn unpin_link(dir: &Path, iface: &str) -> std::io::Result<()> {
         Ok(p) => p.unpin().map(drop),
         Err(_) => fs::remove_file(&path),
     }
+}
+
+/// Capacity of `XLB_PORTS`: one port per flow of both tables.
+fn ports_capacity(conn_capacity: u32, half_open_capacity: u32) -> u32 {
+    conn_capacity.saturating_add(half_open_capacity).max(1)
 }
 
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {

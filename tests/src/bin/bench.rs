@@ -10,17 +10,13 @@
 //! only route leads into a veth pair within it (nothing leaves the namespace).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use lb_common::{
-    maps::{FlowEntry, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT, PROTO_TCP},
-    tcp,
-};
 use testbed::{
-    Netns, in_netns,
+    flows, Netns, in_netns,
     netns::unique_prefix,
     packet::{Frame, TCP_ACK, TCP_SYN},
 };
@@ -102,29 +98,16 @@ fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Durati
     in_netns(&ns.name, || -> anyhow::Result<(Duration, Duration)> {
         let dp = Dataplane::load(LoadOptions { conn_capacity: flows * 2, half_open_capacity: None, pin_dir: None })?;
         let mut ctl = if send_rsts { Controller::new(dp).with_resets(RstSender::new().context("raw socket")?) } else { Controller::new(dp) };
-        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 80);
-        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 2), 8080);
+        let vip = SocketAddr::from(([10, 99, 0, 1], 80));
+        let backend = SocketAddr::from(([10, 1, 0, 2], 8080));
         ctl.service_add(vip, Proto::Tcp, &Default::default())?;
         let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
-        let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
-        let np = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
         for i in 0..flows {
             let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i / 50_000);
-            let cport = 10_000 + (i % 50_000) as u16;
-            let key = FlowKey { src_addr: ne(client), dst_addr: ne(*vip.ip()), src_port: np(cport), dst_port: np(80), proto: PROTO_TCP, _pad: [0; 3] };
-            let entry = |dir, nat_addr, nat_port, seq| FlowEntry {
-                nat_addr,
-                nat_port,
-                direction: dir,
-                tcp_state: tcp::STATE_ESTABLISHED,
-                backend_id: id,
-                service_id: 0,
-                seq_next: seq,
-                ..Default::default()
-            };
-            ctl.dataplane().flow_insert(key, entry(DIR_TO_BACKEND, ne(*backend.ip()), np(8080), i))?;
-            let rkey = FlowKey { src_addr: ne(*backend.ip()), dst_addr: ne(client), src_port: np(8080), dst_port: np(cport), proto: PROTO_TCP, _pad: [0; 3] };
-            ctl.dataplane().flow_insert(rkey, entry(DIR_TO_CLIENT, ne(*vip.ip()), np(80), i.wrapping_mul(7)))?;
+            let client = SocketAddr::new(client.into(), 10_000 + (i % 50_000) as u16);
+            for (k, e) in flows::dnat_pair(client, vip, backend, id, (i, i.wrapping_mul(7))) {
+                ctl.dataplane().flow_insert(k, e)?;
+            }
         }
         let start = Instant::now();
         ctl.backend_remove(vip, Some(Proto::Tcp), backend)?;
@@ -201,19 +184,15 @@ fn loaded(r: &Rig, capacity: u32, half_open: u32, established: u32) -> anyhow::R
         dp.add_redirect_target(r.t0)?;
         dp.add_redirect_target(r.ns.ifindex("t1")?)?;
         let mut ctl = Controller::new(dp);
-        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 80);
-        let backend = SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, 2), 8080);
+        let vip = SocketAddr::from(([10, 99, 0, 1], 80));
+        let backend = SocketAddr::from(([10, 1, 1, 2], 8080));
         ctl.service_add(vip, Proto::Tcp, &Default::default())?;
         let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
-        let ne = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
-        let np = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
         for i in 0..established {
             let (ip, port) = client(i);
-            let key = FlowKey { src_addr: ne(ip), dst_addr: ne(*vip.ip()), src_port: np(port), dst_port: np(80), proto: PROTO_TCP, _pad: [0; 3] };
-            let e = |dir, nat_addr, nat_port| FlowEntry { nat_addr, nat_port, direction: dir, tcp_state: tcp::STATE_ESTABLISHED, backend_id: id, seq_next: 1, ..Default::default() };
-            ctl.dataplane().flow_insert(key, e(DIR_TO_BACKEND, ne(*backend.ip()), np(8080)))?;
-            let rkey = FlowKey { src_addr: ne(*backend.ip()), dst_addr: ne(ip), src_port: np(8080), dst_port: np(port), proto: PROTO_TCP, _pad: [0; 3] };
-            ctl.dataplane().flow_insert(rkey, e(DIR_TO_CLIENT, ne(*vip.ip()), np(80)))?;
+            for (k, e) in flows::dnat_pair(SocketAddr::new(ip.into(), port), vip, backend, id, (1, 1)) {
+                ctl.dataplane().flow_insert(k, e)?;
+            }
         }
         Ok(ctl)
     })?

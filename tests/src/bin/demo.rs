@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(testbed::have_privileges(), "the demo needs root (network namespaces, XDP)");
     let started = Instant::now();
     println!("== building the topology: client ns → lb ns (xlb, native XDP) → 3 backend ns");
-    let topo = Topology::new(TopologyOptions { backends: 3 })?;
+    let topo = Topology::new(TopologyOptions { backends: 3, ..Default::default() })?;
     println!("   namespaces: {}, {}, {}", topo.client.name, topo.lb.name, topo.backends.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", "));
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[])?;
     println!("== xlb daemon running in {} on {} (socket {})", topo.lb.name, topo.lb_ifaces.join(", "), daemon.socket.display());

@@ -647,3 +647,193 @@ fn next_hops_are_cached_for_a_second_and_then_looked_up_again() {
     });
     assert!(changed.is_ok(), "the changed neighbour was never picked up");
 }
+
+// ---- IPv6 ----
+
+/// What an IPv6 frame looks like after DNAT towards the v6 backend.
+fn to_backend6(mut f: Frame) -> Frame {
+    f.dst = BACKEND6.into();
+    f.ttl -= 1;
+    f.src_mac = T1_MAC;
+    f.dst_mac = BACKEND_MAC;
+    if let L4::Tcp { dport, .. } | L4::Udp { dport, .. } = &mut f.l4 {
+        *dport = 8080;
+    }
+    f
+}
+
+#[test]
+fn ipv6_flows_are_rewritten_exactly_both_ways() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT6, 40100), (VIP6, 80), TCP_SYN, 1000, 0);
+    let (verdict, out) = r.run(r.t0, &syn.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend6(syn).build(), "rewritten IPv6 SYN differs");
+    assert!(checksums_valid(&out, 14));
+    let fwd = r.flow((CLIENT6, 40100), (VIP6, 80), 6).expect("forward entry");
+    assert_eq!((fwd.nat_dst, fwd.nat_flags), (addr_from_ip(BACKEND6.into()), NAT_DST));
+
+    let syn_ack = Frame::tcp((BACKEND6, 8080), (CLIENT6, 40100), TCP_SYN | TCP_ACK, 9000, 1001);
+    let (verdict, out) = r.run(r.t1, &syn_ack.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    let mut want = syn_ack.clone();
+    want.src = VIP6.into();
+    want.ttl -= 1;
+    want.src_mac = T0_MAC;
+    want.dst_mac = CLIENT_MAC;
+    if let L4::Tcp { sport, .. } = &mut want.l4 {
+        *sport = 80;
+    }
+    assert_eq!(out, want.build(), "rewritten IPv6 SYN-ACK differs");
+    assert!(checksums_valid(&out, 14));
+
+    // A Hop-by-Hop Options header is skipped, the packet NATed behind it.
+    let mut ack = Frame::tcp((CLIENT6, 40100), (VIP6, 80), TCP_ACK, 1001, 9001);
+    ack.ext = vec![(0, 8)];
+    let (verdict, out) = r.run(r.t0, &ack.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend6(ack).build());
+    assert_eq!(r.flow_count(), 2);
+    assert_eq!(r.counter(stats::NEW_FLOWS), 1);
+}
+
+#[test]
+fn an_ipv6_segment_without_state_is_answered_with_an_exact_ipv6_rst() {
+    let mut r = rig();
+    let mut data = Frame::tcp((CLIENT6, 40101), (VIP6, 80), TCP_ACK | TCP_PSH, 5000, 9000);
+    data.payload = b"orphan".to_vec();
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, expected_rst(&data, Some(9000), 5006));
+    assert!(checksums_valid(&out, 14));
+    assert_eq!(r.flow_count(), 0);
+}
+
+#[test]
+fn malformed_ipv6_gets_a_safe_verdict_and_creates_no_state() {
+    let mut r = rig();
+    let syn = || Frame::tcp((CLIENT6, 40102), (VIP6, 80), TCP_SYN, 1, 0);
+    let with_ext = |ext: Vec<(u8, usize)>| {
+        let mut f = syn();
+        f.ext = ext;
+        f.build()
+    };
+    let mut cases: Vec<(&str, Vec<u8>, u32, u32)> = vec![
+        // Longer chains than the program follows: passed untouched.
+        ("five destination-options headers", with_ext(vec![(60, 8); 5]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
+        ("a 264-byte options header", with_ext(vec![(60, 264)]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
+        ("routing header", with_ext(vec![(43, 8)]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
+        ("fragment header", with_ext(vec![(44, 8)]), XDP_PASS, stats::PASS_IPV6_FRAGMENT),
+        ("fragment after hop-by-hop", with_ext(vec![(0, 8), (44, 8)]), XDP_PASS, stats::PASS_IPV6_FRAGMENT),
+        ("icmpv6 (neighbour discovery)", {
+            let mut f = syn().build();
+            f[14 + 6] = 58;
+            f
+        }, XDP_PASS, stats::PASS_OTHER_PROTO),
+    ];
+    let mut f = syn().build();
+    f[14 + 4..14 + 6].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("payload length past the frame", f, XDP_DROP, stats::DROP_MALFORMED));
+    let mut f = syn().build();
+    f[14 + 4..14 + 6].copy_from_slice(&0u16.to_be_bytes());
+    cases.push(("payload length 0 (jumbogram)", f, XDP_DROP, stats::DROP_MALFORMED));
+    let mut f = with_ext(vec![(0, 8)]);
+    f[14 + 40 + 1] = 3; // the options header claims 32 bytes: past the payload
+    cases.push(("extension header past the payload", f, XDP_DROP, stats::DROP_MALFORMED));
+    let mut f = syn().build();
+    f[14 + 40 + 12] = 0x40; // doff 4
+    cases.push(("tcp doff 4", f, XDP_DROP, stats::DROP_MALFORMED));
+    for (what, frame, want, counter) in cases {
+        let before = r.counter(counter);
+        let (verdict, out) = r.run(r.t0, &frame);
+        assert_eq!(verdict, want, "{what}");
+        assert_eq!(out, frame, "{what}: the frame was modified");
+        assert_eq!(r.counter(counter), before + 1, "{what}: counter {counter} did not move");
+        assert_eq!(r.flow_count(), 0, "{what} created state");
+    }
+    // Truncated at every offset, with and without extension headers.
+    for (what, full) in [("syn", syn().build()), ("syn behind two options headers", with_ext(vec![(0, 8), (60, 16)]))] {
+        for len in 14..full.len() {
+            let (verdict, _) = r.run(r.t0, &full[..len]);
+            assert!(verdict == XDP_PASS || verdict == XDP_DROP, "{what} cut at {len}: verdict {verdict}");
+            assert_eq!(r.flow_count(), 0, "{what} cut at {len} created state");
+        }
+    }
+}
+
+// ---- full NAT ----
+
+#[test]
+fn full_nat_rewrites_both_ends_with_a_pool_port_and_back() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT, 40200), (VIP, 84), TCP_SYN, 1000, 0);
+    let (verdict, out) = r.run(r.t0, &syn.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert!(checksums_valid(&out, 14));
+    let fwd = r.flow((CLIENT, 40200), (VIP, 84), 6).expect("forward entry");
+    assert_eq!(fwd.nat_flags, NAT_SRC | NAT_DST | NAT_FULL);
+    let port = u16::from_be_bytes(fwd.nat_sport.to_ne_bytes());
+    assert!(SNAT_PORTS.contains(&port), "source port {port} is outside the pool");
+    let mut want = to_backend(syn.clone(), 8080);
+    want.src = SNAT.into();
+    if let L4::Tcp { sport, .. } = &mut want.l4 {
+        *sport = port;
+    }
+    assert_eq!(out, want.build(), "client → backend: both ends rewritten");
+    assert_eq!(r.ports(), vec![(IpAddr::from(SNAT), port, SocketAddr::new(BACKEND.into(), 8080))], "the port is held for the flow");
+
+    // The backend answers the balancer; the client gets it from the VIP.
+    let syn_ack = Frame::tcp((BACKEND, 8080), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 1001);
+    let (verdict, out) = r.run(r.t1, &syn_ack.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    let mut want = syn_ack.clone();
+    want.src = VIP.into();
+    want.dst = CLIENT.into();
+    want.ttl -= 1;
+    want.src_mac = T0_MAC;
+    want.dst_mac = CLIENT_MAC;
+    if let L4::Tcp { sport, dport, .. } = &mut want.l4 {
+        (*sport, *dport) = (84, 40200);
+    }
+    assert_eq!(out, want.build(), "backend → client: both ends rewritten back");
+    // An exact RST tears the flow down and gives the port back.
+    let rst = Frame::tcp((CLIENT, 40200), (VIP, 84), lb_common::tcp::FLAG_RST, 1001, 0);
+    assert_eq!(r.run(r.t0, &rst.build()).0, XDP_REDIRECT);
+    assert_eq!(r.flow_count(), 0);
+    assert!(r.ports().is_empty(), "the port outlived its flow");
+}
+
+#[test]
+fn full_nat_port_exhaustion_refuses_the_new_flow_and_leaves_the_others_alone() {
+    let mut r = rig();
+    let pool = SNAT_PORTS.count();
+    for i in 0..pool as u16 {
+        let syn = Frame::tcp((CLIENT, 40300 + i), (VIP, 84), TCP_SYN, 1, 0);
+        assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT, "flow {i} within the pool");
+    }
+    let held: std::collections::HashSet<u16> = r.ports().into_iter().map(|(_, p, _)| p).collect();
+    assert_eq!(held.len(), pool, "every flow holds its own port");
+    let before = r.flow_count();
+    // One more: refused with a RST (the default policy), counted, no state.
+    let extra = Frame::tcp((CLIENT, 40399), (VIP, 84), TCP_SYN, 77, 0);
+    let (verdict, out) = r.run(r.t0, &extra.build());
+    assert_eq!(verdict, 3, "XDP_TX: the client is refused at once");
+    assert_eq!(out, expected_rst(&extra, None, 78));
+    assert_eq!(r.counter(stats::REFUSED_NO_PORT), 1);
+    assert_eq!(r.flow_count(), before, "the refused flow created state or removed some");
+    assert_eq!(r.ctl.dataplane().backend_counters(5).expect("counters").no_port, 1, "counted on the backend");
+    // Existing flows still go to their own ports.
+    for i in 0..pool as u16 {
+        let ack = Frame::tcp((CLIENT, 40300 + i), (VIP, 84), TCP_ACK, 2, 1);
+        let (verdict, out) = r.run(r.t0, &ack.build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        let sport = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
+        let fwd = r.flow((CLIENT, 40300 + i), (VIP, 84), 6).expect("entry");
+        assert_eq!(sport, u16::from_be_bytes(fwd.nat_sport.to_ne_bytes()));
+    }
+    // Drop policy: dropped instead of reset.
+    let opts = xlb::policy::ServiceOptions { on_no_port: Some(xlb::policy::NoPortPolicy::Drop), ..Default::default() };
+    r.ctl.service_set(SocketAddr::new(VIP.into(), 84), Some(Proto::Tcp), &opts).expect("policy");
+    assert_eq!(r.run(r.t0, &extra.build()).0, XDP_DROP);
+    assert_eq!(r.counter(stats::REFUSED_NO_PORT), 2);
+}

@@ -188,10 +188,16 @@ impl Topology {
 
     /// A UDP name server on `port` in every backend namespace, named b0, b1...
     pub fn udp_servers(&self, port: u16) -> anyhow::Result<Vec<crate::UdpNameServer>> {
+        self.udp_servers_of(false, port)
+    }
+
+    /// UDP name servers on `port` of one family.
+    pub fn udp_servers_of(&self, v6: bool, port: u16) -> anyhow::Result<Vec<crate::UdpNameServer>> {
+        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
         self.backends
             .iter()
             .enumerate()
-            .map(|(i, b)| crate::UdpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::from(([0, 0, 0, 0], port))))
+            .map(|(i, b)| crate::UdpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::new(any, port)))
             .collect()
     }
 }

@@ -27,21 +27,21 @@ struct Bed {
 }
 
 fn bed(backends: usize, weights: &[u32]) -> Bed {
-    bed_with(backends, weights, &[])
+    bed_with(backends, weights, &[], false)
 }
 
-fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str]) -> Bed {
+fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str], v6: bool) -> Bed {
     require_root();
     let topo = Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
-    let servers = topo.tcp_servers(BACKEND_PORT).expect("servers");
-    let vip = topo.vip(80).to_string();
+    let servers = topo.tcp_servers_of(v6, BACKEND_PORT).expect("servers");
+    let vip = topo.vip_of(v6, 80).to_string();
     // Round robin: these tests check exact weighted shares.
     daemon.ok(&["service", "add", &vip, "--scheduler", "wrr"]).expect("service add");
     for i in 0..backends {
         let w = weights.get(i).copied().unwrap_or(1).to_string();
         daemon
-            .ok(&["backend", "add", &vip, &topo.backend(i, BACKEND_PORT).to_string(), "--weight", &w])
+            .ok(&["backend", "add", &vip, &topo.backend_of(v6, i, BACKEND_PORT).to_string(), "--weight", &w])
             .expect("backend add");
     }
     Bed { servers, daemon, topo }
@@ -49,9 +49,18 @@ fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str]) -> Bed {
 
 #[test]
 fn sequential_connections_follow_weights_and_replies_come_from_the_vip() {
+    sequential_connections(false);
+}
+
+#[test]
+fn ipv6_sequential_connections_follow_weights_and_replies_come_from_the_vip() {
+    sequential_connections(true);
+}
+
+fn sequential_connections(v6: bool) {
     let weights = [1, 1, 2];
-    let b = bed(3, &weights);
-    let vip = b.topo.vip_sock(80);
+    let b = bed_with(3, &weights, &[], v6);
+    let vip = b.topo.vip_of(v6, 80);
     let mut per_backend: HashMap<String, u32> = HashMap::new();
     for i in 0..300 {
         let mut c = LineClient::connect(&b.topo.client.name, vip).expect("connect to VIP");
@@ -70,11 +79,11 @@ fn sequential_connections_follow_weights_and_replies_come_from_the_vip() {
             "backend b{i} (weight {w}) served {got}, expected {want} ±10%: {per_backend:?}"
         );
     }
-    // DNAT keeps the client's address: backends see 10.0.0.2, not the lb.
+    // DNAT keeps the client's address: backends see the client, not the lb.
     for s in &b.servers {
         let peers = s.seen.peers.lock().expect("lock");
         assert!(!peers.is_empty(), "{} saw no connection", s.name);
-        assert!(peers.keys().all(|p| p.ip() == CLIENT_ADDR), "{} saw {peers:?}", s.name);
+        assert!(peers.keys().all(|p| p.ip() == Topology::client_addr(v6)), "{} saw {peers:?}", s.name);
     }
     let status = b.daemon.json(&["status"]).expect("status");
     let svc = &status["services"][0];
@@ -84,8 +93,17 @@ fn sequential_connections_follow_weights_and_replies_come_from_the_vip() {
 
 #[test]
 fn long_lived_connections_stay_on_their_backend_and_are_listed() {
-    let b = bed(3, &[1, 1, 1]);
-    let vip = b.topo.vip_sock(80);
+    long_lived_connections(false);
+}
+
+#[test]
+fn ipv6_long_lived_connections_stay_on_their_backend_and_are_listed() {
+    long_lived_connections(true);
+}
+
+fn long_lived_connections(v6: bool) {
+    let b = bed_with(3, &[1, 1, 1], &[], v6);
+    let vip = b.topo.vip_of(v6, 80);
     let ns = b.topo.client.name.clone();
     // 100 connections, each sending 20 messages over ~5 s.
     let mut clients: Vec<LineClient> = (0..100).map(|_| LineClient::connect(&ns, vip).expect("connect")).collect();
@@ -93,7 +111,7 @@ fn long_lived_connections_stay_on_their_backend_and_are_listed() {
     for c in clients.iter_mut() {
         first.push(c.ask("m0").expect("first answer"));
     }
-    let listed = b.daemon.json(&["flows", "--service", &b.topo.vip(80).to_string()]).expect("flows");
+    let listed = b.daemon.json(&["flows", "--service", &vip.to_string()]).expect("flows");
     let listed = listed.as_array().expect("flow array").clone();
     assert_eq!(listed.len(), 100, "flows listed: {listed:#?}");
     let mut by_port: HashMap<u16, String> = HashMap::new();
@@ -107,10 +125,10 @@ fn long_lived_connections_stay_on_their_backend_and_are_listed() {
         let port = c.stream().local_addr().expect("local").port();
         let backend = by_port.get(&port).unwrap_or_else(|| panic!("client port {port} not listed"));
         let idx: usize = name[1..].parse().expect("backend index");
-        assert_eq!(*backend, b.topo.backend(idx, BACKEND_PORT).to_string(), "flow table and answers disagree");
+        assert_eq!(*backend, b.topo.backend_of(v6, idx, BACKEND_PORT).to_string(), "flow table and answers disagree");
     }
     // One backend's flows only: who would be reset if it went now.
-    let b0 = b.topo.backend(0, BACKEND_PORT).to_string();
+    let b0 = b.topo.backend_of(v6, 0, BACKEND_PORT).to_string();
     let only = b.daemon.json(&["flows", "--backend", &b0]).expect("flows --backend");
     let only = only.as_array().expect("array");
     assert_eq!(only.len(), first.iter().filter(|n| *n == "b0").count());
@@ -128,18 +146,29 @@ fn long_lived_connections_stay_on_their_backend_and_are_listed() {
 
 #[test]
 fn udp_request_response_is_sticky_per_flow() {
+    udp_sticky(false);
+}
+
+#[test]
+fn ipv6_udp_request_response_is_sticky_per_flow() {
+    udp_sticky(true);
+}
+
+fn udp_sticky(v6: bool) {
     require_root();
     let topo = Topology::new(TopologyOptions { backends: 3, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
-    let _servers: Vec<UdpNameServer> = topo.udp_servers(5353).expect("udp servers");
-    let vip = topo.vip(53).to_string();
+    let _servers: Vec<UdpNameServer> = topo.udp_servers_of(v6, 5353).expect("udp servers");
+    let vip_sock = topo.vip_of(v6, 53);
+    let vip = vip_sock.to_string();
     daemon.ok(&["service", "add", &vip, "--proto", "udp", "--scheduler", "wrr"]).expect("service");
     for i in 0..3 {
-        daemon.ok(&["backend", "add", &vip, &topo.backend(i, 5353).to_string()]).expect("backend");
+        daemon.ok(&["backend", "add", &vip, &topo.backend_of(v6, i, 5353).to_string()]).expect("backend");
     }
     let mut used = std::collections::HashSet::new();
+    let any = if v6 { "[::]:0" } else { "0.0.0.0:0" };
     for flow in 0..12 {
-        let sock = in_netns(&topo.client.name, || UdpSocket::bind("0.0.0.0:0")).expect("ns").expect("bind");
+        let sock = in_netns(&topo.client.name, || UdpSocket::bind(any)).expect("ns").expect("bind");
         sock.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
         let mut first = None;
         for i in 0..10 {
@@ -147,10 +176,10 @@ fn udp_request_response_is_sticky_per_flow() {
             // UDP may lose a datagram: retry a bounded number of times.
             let mut answer = None;
             for _ in 0..3 {
-                sock.send_to(msg.as_bytes(), topo.vip_sock(53)).expect("send");
+                sock.send_to(msg.as_bytes(), vip_sock).expect("send");
                 let mut buf = [0u8; 256];
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    assert_eq!(from, topo.vip_sock(53), "reply not from the VIP");
+                    assert_eq!(from, vip_sock, "reply not from the VIP");
                     answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
                     break;
                 }
@@ -201,7 +230,7 @@ fn traffic_to_the_lb_host_itself_passes_untouched() {
 
 #[test]
 fn generic_xdp_mode_balances_the_same_way() {
-    let b = bed_with(2, &[1, 1], &["--xdp-mode", "generic"]);
+    let b = bed_with(2, &[1, 1], &["--xdp-mode", "generic"], false);
     let status = b.daemon.json(&["status"]).expect("status");
     assert!(
         status["interfaces"].as_array().expect("interfaces").iter().all(|i| i["mode"] == "generic"),

@@ -150,6 +150,9 @@ pub struct Traffic {
     pub new_flows: u64,
     /// RSTs the data plane sent on its own for flows whose backend was gone.
     pub reactive_resets: u64,
+    /// Full NAT: new flows refused because no source port was free.
+    #[serde(default)]
+    pub refused_no_port: u64,
 }
 
 impl From<lb_common::maps::TrafficCounters> for Traffic {
@@ -161,6 +164,7 @@ impl From<lb_common::maps::TrafficCounters> for Traffic {
             bytes_out: c.bytes_out,
             new_flows: c.new_flows,
             reactive_resets: c.reactive_resets,
+            refused_no_port: c.no_port,
         }
     }
 }

@@ -345,6 +345,18 @@ fn snat_source(settings: &ServiceSettings, backend: IpAddr) -> Result<IpAddr> {
     }
 }
 
+/// Full NAT needs the kernel to forward packets whose source is one of
+/// this host's addresses (what XDP hands it before a next hop is
+/// resolved); says how to allow it if it is off.
+fn warn_full_nat_prerequisites(sid: &ServiceId) {
+    if sid.addr.is_ipv4() && std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/accept_local").is_ok_and(|v| v.trim() == "0") {
+        tracing::warn!(
+            service = %sid,
+            "net.ipv4.conf.all.accept_local is 0: a full-NAT flow's first packets are lost until the backend's neighbour is resolved; set it to 1 (sysctl -w net.ipv4.conf.all.accept_local=1)"
+        );
+    }
+}
+
 /// Nanoseconds on the clock `bpf_ktime_get_coarse_ns` uses (CLOCK_MONOTONIC).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -554,6 +566,9 @@ impl Controller {
         self.used_service_ids.insert(id);
         self.services.insert(sid, svc);
         self.addr_ref(addr.ip(), 1, 0)?;
+        if self.services[&sid].settings.mode == NatMode::Fullnat {
+            warn_full_nat_prerequisites(&sid);
+        }
         tracing::info!(service = %sid, id, "service added");
         self.dirty = true;
         Ok(sid)
@@ -586,6 +601,9 @@ impl Controller {
         let entry = Self::service_entry(svc);
         self.dp.service_set(Self::service_key(&sid), entry)?;
         self.sync_backends(sid)?;
+        if settings.mode == NatMode::Fullnat {
+            warn_full_nat_prerequisites(&sid);
+        }
         tracing::info!(service = %sid, ?settings, "service settings changed");
         self.dirty = true;
         Ok((sid, settings))

@@ -88,6 +88,9 @@ impl Topology {
         let lb = &self.lb;
         lb.sysctl("net.ipv4.ip_forward", "1")?;
         lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // Full NAT: a rewritten packet XDP hands to the kernel (next hop not
+        // resolved yet) carries one of this host's addresses as its source.
+        lb.sysctl("net.ipv4.conf.all.accept_local", "1")?;
         lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
         lb.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
         // Client link. IPv6 addresses skip duplicate address detection:

@@ -14,21 +14,28 @@ struct Bed {
     servers: Vec<Option<TcpNameServer>>,
     daemon: Daemon,
     topo: Topology,
+    v6: bool,
 }
 
 /// `backends` namespaces with name servers; the service on VIP:80 gets the
 /// first `registered` of them.
 fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
+    bed_of(false, false, backends, registered, service_args, daemon_args)
+}
+
+/// As [`bed`], over IPv6 (`v6`), or with backends that have no route but
+/// their own link (`isolated`: full-NAT services).
+fn bed_of(v6: bool, isolated: bool, backends: usize, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends, isolated_backends: isolated }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
-    let servers = topo.tcp_servers(PORT).expect("servers").into_iter().map(Some).collect();
-    let vip = topo.vip(80).to_string();
+    let servers = topo.tcp_servers_of(v6, PORT).expect("servers").into_iter().map(Some).collect();
+    let vip = topo.vip_of(v6, 80).to_string();
     // Round robin: predictable shares per backend.
     let mut args = vec!["service", "add", vip.as_str(), "--scheduler", "wrr"];
     args.extend_from_slice(service_args);
     daemon.ok(&args).expect("service add");
-    let b = Bed { servers, daemon, topo };
+    let b = Bed { servers, daemon, topo, v6 };
     for i in 0..registered {
         b.add(i);
     }
@@ -37,16 +44,16 @@ fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &
 
 impl Bed {
     fn vip(&self) -> String {
-        self.topo.vip(80).to_string()
+        self.topo.vip_of(self.v6, 80).to_string()
     }
     fn backend(&self, i: usize) -> String {
-        self.topo.backend(i, PORT).to_string()
+        self.topo.backend_of(self.v6, i, PORT).to_string()
     }
     fn add(&self, i: usize) {
         self.daemon.ok(&["backend", "add", &self.vip(), &self.backend(i)]).expect("backend add");
     }
     fn connect(&self) -> LineClient {
-        LineClient::connect(&self.topo.client.name, self.topo.vip_sock(80)).expect("connect to the VIP")
+        LineClient::connect(&self.topo.client.name, self.topo.vip_of(self.v6, 80)).expect("connect to the VIP")
     }
     /// `n` idle clients, each having said hello; returns them with the
     /// backend that answered.
@@ -77,7 +84,23 @@ fn resets_within(outcomes: &[Outcome], limit: Duration) -> usize {
 
 #[test]
 fn red_black_deploy_resets_every_idle_client_at_once_and_loses_nothing_silently() {
-    let b = bed(4, 2, &[], &[]);
+    red_black(bed(4, 2, &[], &[]));
+}
+
+#[test]
+fn red_black_deploy_over_ipv6() {
+    red_black(bed_of(true, false, 4, 2, &[], &[]));
+}
+
+#[test]
+fn red_black_deploy_in_full_nat_mode() {
+    // Backends without a route back to clients: only full NAT reaches them.
+    red_black(bed_of(false, true, 4, 2, &["--mode", "fullnat"], &[]));
+}
+
+/// 200 idle clients on the two old backends; the new ones join, the old
+/// ones leave: every client is reset at once, nothing is lost silently.
+fn red_black(b: Bed) {
     let mut clients = b.idle_clients(200);
     let on_old = clients.iter().filter(|(_, w)| w == "b0" || w == "b1").count();
     assert_eq!(on_old, 200, "all clients start on the old backends");

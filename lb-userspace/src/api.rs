@@ -230,6 +230,10 @@ pub struct FlowInfo {
     pub service: SocketAddr,
     pub proto: Proto,
     pub backend: SocketAddr,
+    /// Full NAT: the balancer's address and port the backend sees this
+    /// flow from (how a backend-side connection maps back to its client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat: Option<SocketAddr>,
     /// syn, established, fin, closed (none for UDP).
     pub state: String,
     pub age_s: f64,

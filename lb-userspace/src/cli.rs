@@ -412,8 +412,12 @@ pub fn render_status(s: &Status) -> String {
         let st = &svc.settings;
         let _ = writeln!(
             o,
-            "{:<22} on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}, idle {}; expired {}",
+            "{:<22} mode {}, on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}, idle {}; expired {}",
             "",
+            match st.mode {
+                crate::policy::NatMode::Dnat => "dnat".to_string(),
+                crate::policy::NatMode::Fullnat => format!("fullnat (source {}, ports {})", st.snat_source, String::from(st.snat_ports)),
+            },
             st.on_remove,
             st.on_unhealthy,
             String::from(st.reset_spread),
@@ -434,13 +438,17 @@ pub fn render_status(s: &Status) -> String {
 pub fn render_flows(flows: &[FlowInfo]) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let _ = writeln!(o, "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8} {:>8}", "CLIENT", "SERVICE", "PROTO", "BACKEND", "STATE", "AGE_S", "IDLE_S");
+    // Full-NAT flows also show the balancer address the backend sees.
+    let snat = flows.iter().any(|f| f.snat.is_some());
+    let _ = write!(o, "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8} {:>8}", "CLIENT", "SERVICE", "PROTO", "BACKEND", "STATE", "AGE_S", "IDLE_S");
+    let _ = writeln!(o, "{}", if snat { "  SNAT" } else { "" });
     for f in flows {
-        let _ = writeln!(
+        let _ = write!(
             o,
             "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8.1} {:>8.1}",
             f.client, f.service, f.proto, f.backend, f.state, f.age_s, f.idle_s
         );
+        let _ = writeln!(o, "{}", f.snat.map(|a| format!("  {a}")).unwrap_or_default());
     }
     let _ = writeln!(o, "{} flows", flows.len());
     o

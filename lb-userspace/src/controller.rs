@@ -20,7 +20,7 @@ use std::{
 
 use lb_common::{
     maps::{
-        addr_from_ip, addr_to_ip, PORTS_GRACE_NS, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
+        addr_from_ip, addr_to_ip, PORTS_GRACE_NS, NAT_FULL, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
         BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
         end_reason, MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
     },
@@ -1440,6 +1440,7 @@ impl Controller {
                 service,
                 proto,
                 backend: SocketAddr::new(addr_to_ip(&v.nat_dst), port_from(v.nat_dport)),
+                snat: (v.nat_flags & NAT_FULL != 0).then(|| SocketAddr::new(addr_to_ip(&v.nat_src), port_from(v.nat_sport))),
                 state: state.into(),
                 age_s: secs(v.created_ns),
                 idle_s: secs(v.last_seen_ns),

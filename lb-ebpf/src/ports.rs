@@ -31,15 +31,7 @@ pub fn allocate(svc: &ServiceEntry, backend: &Backend, proto: u8, now: u64) -> O
     let mut off = unsafe { bpf_get_prandom_u32() } % n;
     for _ in 0..SNAT_PORT_PROBES {
         let port = ((lo + off) as u16).to_be();
-        let key = FlowKey {
-            src_addr: backend.addr,
-            dst_addr: backend.snat_addr,
-            src_port: backend.port,
-            dst_port: port,
-            proto,
-            _pad: [0; 3],
-        };
-        if PORTS.insert(&key, &now, BPF_NOEXIST as u64).is_ok() {
+        if PORTS.insert(&port_key(backend, proto, port), &now, BPF_NOEXIST as u64).is_ok() {
             return Some(port);
         }
         off += 1;
@@ -53,13 +45,12 @@ pub fn allocate(svc: &ServiceEntry, backend: &Backend, proto: u8, now: u64) -> O
 /// Gives back a port whose flow could not be created.
 #[inline(always)]
 pub fn release(backend: &Backend, proto: u8, port: u16) {
-    let key = FlowKey {
-        src_addr: backend.addr,
-        dst_addr: backend.snat_addr,
-        src_port: backend.port,
-        dst_port: port,
-        proto,
-        _pad: [0; 3],
-    };
-    let _ = PORTS.remove(&key);
+    let _ = PORTS.remove(&port_key(backend, proto, port));
+}
+
+/// The `XLB_PORTS` key of `port` towards `backend`: the backend →
+/// balancer tuple (also the key of the owning flow's reverse entry).
+#[inline(always)]
+fn port_key(backend: &Backend, proto: u8, port: u16) -> FlowKey {
+    FlowKey { src_addr: backend.addr, dst_addr: backend.snat_addr, src_port: backend.port, dst_port: port, proto, _pad: [0; 3] }
 }

@@ -158,6 +158,19 @@ impl Rig {
         held
     }
 
+    /// Each (what, frame, verdict, counter): the frame gets the verdict,
+    /// leaves unmodified, moves its counter by one and creates no state.
+    fn assert_untouched(&mut self, cases: &[(&str, Vec<u8>, u32, u32)]) {
+        for (what, frame, want, counter) in cases {
+            let before = self.counter(*counter);
+            let (verdict, out) = self.run(self.t0, frame);
+            assert_eq!(verdict, *want, "{what}");
+            assert_eq!(&out, frame, "{what}: the frame was modified");
+            assert_eq!(self.counter(*counter), before + 1, "{what}: counter {counter} did not move");
+            assert_eq!(self.flow_count(), 0, "{what} created state");
+        }
+    }
+
     fn counter(&mut self, idx: u32) -> u64 {
         self.ctl.dataplane().global_counters().expect("counters")[idx as usize]
     }
@@ -352,14 +365,7 @@ fn bad_headers_fragments_and_options_are_counted_and_never_natted() {
     f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&7u16.to_be_bytes());
     cases.push(("udp length below header", f, XDP_DROP, stats::DROP_MALFORMED));
 
-    for (what, frame, want, counter) in cases {
-        let before = r.counter(counter);
-        let (verdict, out) = r.run(r.t0, &frame);
-        assert_eq!(verdict, want, "{what}");
-        assert_eq!(out, frame, "{what}: the frame was modified");
-        assert_eq!(r.counter(counter), before + 1, "{what}: counter {counter} did not move");
-        assert_eq!(r.flow_count(), 0, "{what} created state");
-    }
+    r.assert_untouched(&cases);
 }
 
 #[test]
@@ -656,9 +662,8 @@ fn to_backend6(mut f: Frame) -> Frame {
     f.ttl -= 1;
     f.src_mac = T1_MAC;
     f.dst_mac = BACKEND_MAC;
-    if let L4::Tcp { dport, .. } | L4::Udp { dport, .. } = &mut f.l4 {
-        *dport = 8080;
-    }
+    let (L4::Tcp { dport, .. } | L4::Udp { dport, .. }) = &mut f.l4;
+    *dport = 8080;
     f
 }
 
@@ -743,14 +748,7 @@ fn malformed_ipv6_gets_a_safe_verdict_and_creates_no_state() {
     let mut f = syn().build();
     f[14 + 40 + 12] = 0x40; // doff 4
     cases.push(("tcp doff 4", f, XDP_DROP, stats::DROP_MALFORMED));
-    for (what, frame, want, counter) in cases {
-        let before = r.counter(counter);
-        let (verdict, out) = r.run(r.t0, &frame);
-        assert_eq!(verdict, want, "{what}");
-        assert_eq!(out, frame, "{what}: the frame was modified");
-        assert_eq!(r.counter(counter), before + 1, "{what}: counter {counter} did not move");
-        assert_eq!(r.flow_count(), 0, "{what} created state");
-    }
+    r.assert_untouched(&cases);
     // Truncated at every offset, with and without extension headers.
     for (what, full) in [("syn", syn().build()), ("syn behind two options headers", with_ext(vec![(0, 8), (60, 16)]))] {
         for len in 14..full.len() {

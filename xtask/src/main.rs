@@ -38,6 +38,8 @@ enum Cmd {
 /// Debian packages: LLVM 22 for bpf-linker; iproute2/ethtool/ping for the
 /// netns test bed.
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "ethtool", "iputils-ping", "util-linux", "procps", "tmux"];
+/// The peers and load tools of the end-to-end benchmarks (`bench` only).
+const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "haproxy", "nftables", "iperf3"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> ExitCode {
@@ -46,7 +48,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|()| test(&args)),
         Cmd::Demo => setup().and_then(|()| demo()),
-        Cmd::Bench => setup().and_then(|()| bench()),
+        Cmd::Bench => setup_with(BENCH_PACKAGES).and_then(|()| bench()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,9 +81,15 @@ fn is_root() -> bool {
 }
 
 fn setup() -> anyhow::Result<()> {
+    setup_with(&[])
+}
+
+/// As [`setup`], plus `extra` Debian packages.
+fn setup_with(extra: &[&str]) -> anyhow::Result<()> {
     // System packages.
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(extra)
         .copied()
         .filter(|p| {
             !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).is_some_and(|s| s.contains("install ok installed"))
@@ -194,6 +202,8 @@ fn bench() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks create network namespaces and load XDP programs: run them as root");
     }
-    run(cargo().args(["build", "--release", "--package", "xlb-tests", "--bin", "xlb-bench"]))?;
-    run(&mut Command::new(root().join("target/release/xlb-bench")))
+    run(cargo().args(["build", "--release", "--package", "lb-userspace", "--bin", "xlb", "--package", "xlb-tests", "--bin", "xlb-bench", "--bin", "xlb-bench-e2e"]))?;
+    let xlb = root().join("target/release/xlb");
+    run(Command::new(root().join("target/release/xlb-bench")).env("XLB_BIN", &xlb))?;
+    run(Command::new(root().join("target/release/xlb-bench-e2e")).env("XLB_BIN", &xlb))
 }

@@ -218,29 +218,42 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     let mut small = loaded(&r, 4096, 4096, 1_000)?;
     let acks_1k = frames(1_000, TCP_ACK, true, 0);
     let floor = time_prog(small.dataplane().pass_program()?, &r.ns.name, &acks_1k, r.t0, CALLS)?;
-    let mut case = |name: &str, ctl: &mut Controller, fr: &[Vec<u8>], calls: usize, katran: Option<f64>, goal: Option<f64>| -> anyhow::Result<()> {
-        let raw = time_prog(ctl.dataplane().program()?, &r.ns.name, fr, r.t0, calls)?;
-        let net = raw - floor;
-        let goal_txt = match goal {
-            Some(g) => format!("goal ≤ {g:.0}: {}", if net <= g { "met" } else { "NOT met" }),
-            None => String::new(),
-        };
-        println!("  {name:<44} raw {raw:>6.0}  net {net:>6.0}  katran net {:>5}  {goal_txt}", katran.map_or("-".into(), |k| format!("{k:.0}")));
-        rows.push(serde_json::json!({ "case": name, "raw_ns": raw, "net_ns": net, "katran_net_ns": katran, "goal_ns": goal }));
-        Ok(())
-    };
-    println!("  {:<44} raw {floor:>6.0}  (floor)", "pass-only program");
-    {
-        // The same program timed in-kernel over 1M repeats (no per-call
-        // harness): what the floor costs beyond the program itself.
+    // The same pass-only program timed in-kernel over 1M repeats (no
+    // per-call harness). katran-notes.md measured it at 5 ns on the day
+    // Katran was measured; the ratio says how much slower this machine is
+    // now, and Katran's figures are scaled by it ("katran scaled"): an
+    // estimate, not a same-run measurement (Katran's sources are not
+    // obtainable from this machine's registries, so it cannot be built here).
+    const KATRAN_DAY_PASS_NS: f64 = 5.0;
+    let pass_1m = {
         use aya::programs::{TestRun as _, TestRunOptions};
         let f = &acks_1k[0];
         let md: [u32; 6] = [0, f.len() as u32, 0, r.t0, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let prog = small.dataplane().pass_program()?;
-        let d = in_netns(&r.ns.name, || prog.test_run(TestRunOptions { data_in: Some(f), ctx_in: Some(&ctx), repeat: 1_000_000, ..TestRunOptions::default() }))??;
-        println!("  {:<44} {:>6} ns per run with repeat=1M (the per-call harness costs the rest)", "pass-only program", d.duration.as_nanos());
-    }
+        in_netns(&r.ns.name, || prog.test_run(TestRunOptions { data_in: Some(f), ctx_in: Some(&ctx), repeat: 1_000_000, ..TestRunOptions::default() }))??
+            .duration
+            .as_nanos() as f64
+    };
+    let scale = (pass_1m / KATRAN_DAY_PASS_NS).max(1.0);
+    println!("  {:<44} raw {floor:>6.0}  (floor)", "pass-only program");
+    println!("  {:<44} {pass_1m:>6.0} ns per run with repeat=1M: this machine runs {scale:.1}x slower than when Katran was measured", "pass-only program");
+    let mut case = |name: &str, ctl: &mut Controller, fr: &[Vec<u8>], calls: usize, katran: Option<f64>, goal: Option<f64>| -> anyhow::Result<()> {
+        let raw = time_prog(ctl.dataplane().program()?, &r.ns.name, fr, r.t0, calls)?;
+        let net = raw - floor;
+        // The goals are Katran's figures; met when no slower than Katran
+        // scaled to this machine's speed today.
+        let goal_txt = match goal {
+            Some(g) => {
+                let scaled = g * scale;
+                format!("goal ≤ {g:.0} x {scale:.1} = {scaled:.0}: {} ({:.2}x)", if net <= scaled { "met" } else { "NOT met" }, net / scaled)
+            }
+            None => String::new(),
+        };
+        println!("  {name:<44} raw {raw:>6.0}  net {net:>6.0}  katran net {:>5}  {goal_txt}", katran.map_or("-".into(), |k| format!("{k:.0}")));
+        rows.push(serde_json::json!({ "case": name, "raw_ns": raw, "net_ns": net, "katran_net_ns": katran, "katran_scaled_ns": katran.map(|k| k * scale), "goal_ns": goal }));
+        Ok(())
+    };
     case("not for a VIP (pass)", &mut small, &frames(1_000, TCP_SYN, false, 0), CALLS, Some(28.0), Some(25.0))?;
     case("established flow, 1 hot flow", &mut small, &acks_1k[..1], CALLS, Some(70.0), Some(70.0))?;
     case("established flows, 1k in the table", &mut small, &acks_1k, CALLS, None, None)?;
@@ -248,17 +261,23 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     let mut big = loaded(&r, 1 << 20, 1 << 16, 1 << 20)?;
     let acks_1m = frames(1 << 20, TCP_ACK, true, 0);
     case("established flows, 1M in the table", &mut big, &acks_1m, CALLS, Some(228.0), Some(230.0))?;
-    // New flows: fresh 5-tuples each call, into a half-open table kept full
-    // (every insert evicts): the SYN-flood case.
+    // New flows: fresh 5-tuples each call, into a half-open table with
+    // room (Katran's a′), then kept full (every insert evicts: a″, the
+    // SYN-flood case).
+    drop(big);
+    let mut roomy = loaded(&r, 1 << 20, 1 << 20, 0)?;
     let syns = frames(CALLS as u32, TCP_SYN, true, 1 << 20);
-    case("SYN, new 5-tuple, half-open table full", &mut big, &syns, CALLS, Some(330.0), Some(330.0))?;
+    case("SYN, new 5-tuple, table not full", &mut roomy, &syns, CALLS, Some(330.0), Some(330.0))?;
+    drop(roomy);
+    let mut big = loaded(&r, 1 << 20, 1 << 16, 1 << 16)?;
+    case("SYN, new 5-tuple, half-open table full", &mut big, &syns, CALLS, Some(557.0), Some(557.0))?;
     let mem_conns = big.dataplane().map_memory("XLB_CONNS").unwrap_or(0);
     let mem_half = big.dataplane().map_memory("XLB_HALF_OPEN").unwrap_or(0);
     println!(
-        "\nmemory: connection table for 1M flows (2M entries of 16 + 56 bytes): {:.1} MiB ({:.0} bytes per flow); half-open table (64k flows): {:.1} MiB",
+        "\nmemory: connection table for 1M flows (2M entries of 40 + 88 bytes): {:.1} MiB ({:.0} bytes per flow); half-open table (64k flows): {:.1} MiB",
         mem_conns as f64 / 1048576.0,
         mem_conns as f64 / (1 << 20) as f64,
         mem_half as f64 / 1048576.0
     );
-    Ok(serde_json::json!({ "floor_ns": floor, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
+    Ok(serde_json::json!({ "floor_ns": floor, "pass_repeat_1m_ns": pass_1m, "machine_slowdown_vs_katran_day": scale, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
 }

@@ -64,22 +64,24 @@ pub enum Request {
         service: SocketAddr,
         proto: Option<Proto>,
     },
+    /// `backend`: `IP:PORT`, or `NAME:PORT` (resolved now and again on
+    /// its record's TTL).
     BackendAdd {
         service: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddr,
+        backend: crate::dns::BackendSpec,
         weight: Option<u32>,
     },
     BackendRemove {
         service: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddr,
+        backend: crate::dns::BackendSpec,
     },
     /// Changes a registered backend's weight.
     BackendSet {
         service: SocketAddr,
         proto: Option<Proto>,
-        backend: SocketAddr,
+        backend: crate::dns::BackendSpec,
         weight: u32,
     },
     /// The whole configuration, in the form `apply` takes.
@@ -202,6 +204,22 @@ pub struct ServiceStatus {
     pub resets: crate::controller::ResetCounts,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
+    /// Backends given by DNS name.
+    #[serde(default)]
+    pub named_backends: Vec<NamedStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedStatus {
+    /// `NAME:PORT`.
+    pub backend: String,
+    pub weight: u32,
+    /// The addresses it registered (listed under `backends` too).
+    pub addresses: Vec<SocketAddr>,
+    /// TTL of the last answer, and seconds until the next lookup.
+    pub ttl_s: f64,
+    pub next_lookup_s: f64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

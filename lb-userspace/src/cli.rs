@@ -4,6 +4,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
+use crate::dns::BackendSpec;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
@@ -128,6 +130,15 @@ pub struct DaemonArgs {
     /// Connection table capacity, in flows.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONN_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub conn_capacity: u32,
+    /// DNS server for backends given by name, IP or IP:PORT (repeatable; default: /etc/resolv.conf).
+    #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
+    pub dns_servers: Vec<SocketAddr>,
+    /// Shortest time a DNS answer is trusted (a record's TTL below it is raised to it).
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub dns_min_ttl: crate::policy::Dur,
+    /// Longest time a DNS answer is trusted (also: how long a failing DNS server keeps the last answer).
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub dns_max_ttl: crate::policy::Dur,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,8 +178,9 @@ pub enum BackendCmd {
     Add {
         #[arg(value_name = "VIP:PORT")]
         service: SocketAddr,
-        #[arg(value_name = "IP:PORT")]
-        backend: SocketAddr,
+        /// IP:PORT, or NAME:PORT: resolved now and again on its record's TTL.
+        #[arg(value_name = "BACKEND")]
+        backend: BackendSpec,
         /// Relative share of new flows (1-10000).
         #[arg(long, default_value_t = 1)]
         weight: u32,
@@ -180,8 +192,8 @@ pub enum BackendCmd {
     Set {
         #[arg(value_name = "VIP:PORT")]
         service: SocketAddr,
-        #[arg(value_name = "IP:PORT")]
-        backend: SocketAddr,
+        #[arg(value_name = "BACKEND")]
+        backend: BackendSpec,
         #[arg(long)]
         weight: u32,
         #[arg(long)]
@@ -191,11 +203,17 @@ pub enum BackendCmd {
     Remove {
         #[arg(value_name = "VIP:PORT")]
         service: SocketAddr,
-        #[arg(value_name = "IP:PORT")]
-        backend: SocketAddr,
+        #[arg(value_name = "BACKEND")]
+        backend: BackendSpec,
         #[arg(long)]
         proto: Option<Proto>,
     },
+}
+
+fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("invalid DNS server {s:?}: expected IP or IP:PORT"))
 }
 
 /// Runs a client verb (everything but `daemon`).
@@ -216,18 +234,18 @@ pub fn run_client(cli: &Cli) -> ExitCode {
         Command::Backend(BackendCmd::Add { service, backend, weight, proto }) => Request::BackendAdd {
             service: *service,
             proto: *proto,
-            backend: *backend,
+            backend: backend.clone(),
             weight: Some(*weight),
         },
         Command::Backend(BackendCmd::Remove { service, backend, proto }) => Request::BackendRemove {
             service: *service,
             proto: *proto,
-            backend: *backend,
+            backend: backend.clone(),
         },
         Command::Backend(BackendCmd::Set { service, backend, weight, proto }) => Request::BackendSet {
             service: *service,
             proto: *proto,
-            backend: *backend,
+            backend: backend.clone(),
             weight: *weight,
         },
         Command::Status => Request::Status,
@@ -408,6 +426,20 @@ pub fn render_status(s: &Status) -> String {
             if let Some(e) = &b.last_health_error {
                 let _ = writeln!(o, "{:<45} last health check: {e}", "");
             }
+        }
+        for n in &svc.named_backends {
+            let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(
+                o,
+                "{:<22} {} (weight {}) → {} [ttl {:.0}s, next lookup in {:.0}s{}]",
+                "",
+                n.backend,
+                n.weight,
+                if addrs.is_empty() { "no address".into() } else { addrs.join(" ") },
+                n.ttl_s,
+                n.next_lookup_s,
+                n.last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
+            );
         }
         let st = &svc.settings;
         let _ = writeln!(

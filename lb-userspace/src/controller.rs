@@ -12,7 +12,7 @@
 //! deregistered backend's id is freed once none of its flows is active.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -32,6 +32,7 @@ use thiserror::Error;
 use crate::{
     api::{BackendStatus, ErrorCode, FlowInfo, Proto, ServiceStatus, Status, TableStatus, Traffic},
     dataplane::{Dataplane, DataplaneError},
+    dns::{HostPort, Resolution, TtlLimits},
     health::Tracker,
     policy::{FlowPolicy, HealthCheck, MissPolicy, NatMode, NoPortPolicy, Scheduler, ServiceOptions, ServiceSettings, SnatSource},
     resetter::{Flow, RstSender},
@@ -144,6 +145,15 @@ pub struct SavedService {
     pub settings: ServiceSettings,
     pub resets: ResetCounts,
     pub backends: Vec<SavedBackend>,
+    #[serde(default)]
+    pub named: Vec<SavedNamed>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedNamed {
+    pub name: HostPort,
+    pub weight: u32,
+    pub addrs: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -165,6 +175,9 @@ enum Step {
     Reweight(ServiceId, SocketAddr, u32),
     RemoveBackend(ServiceId, SocketAddr),
     RemoveService(ServiceId),
+    AddNamed(ServiceId, HostPort, u32),
+    ReweightNamed(ServiceId, HostPort, u32),
+    RemoveNamed(ServiceId, HostPort),
 }
 
 /// A mass reset to pace over `spread` (zero-spread resets run inline).
@@ -259,6 +272,29 @@ struct Service {
     /// resets in progress).
     leaving: Vec<BackendSlot>,
     resets: ResetCounts,
+    /// Backends given by DNS name, and the addresses each one registered.
+    named: BTreeMap<HostPort, NamedBackend>,
+}
+
+impl Service {
+    /// Whether `addr` was registered by one of the service's names.
+    fn owned_by_name(&self, addr: SocketAddr) -> bool {
+        self.named.iter().any(|(name, n)| name.port == addr.port() && n.addrs.contains(&addr.ip()))
+    }
+}
+
+/// A backend given by DNS name: its current addresses are ordinary
+/// backends (registered on the service's port... the name's port).
+struct NamedBackend {
+    weight: u32,
+    /// Addresses this name registered (not those registered by hand or by
+    /// another name that happen to be the same).
+    addrs: BTreeSet<IpAddr>,
+    next_resolve: Instant,
+    /// The last answer that said something (addresses or no such name).
+    last_answer: Instant,
+    ttl: Duration,
+    last_error: Option<String>,
 }
 
 pub struct Controller {
@@ -284,6 +320,9 @@ pub struct Controller {
     flow_log: Option<crate::flowlog::FlowLog>,
     /// Flows reset per backend id, by cause (since the id was handed out).
     backend_resets: HashMap<u32, ResetCounts>,
+    /// Resolves backends given by name (none: names are refused).
+    resolver: Option<Arc<crate::dns::Resolver>>,
+    dns_ttl: TtlLimits,
 }
 
 
@@ -434,7 +473,23 @@ impl Controller {
             dirty: false,
             flow_log: None,
             backend_resets: HashMap::new(),
+            resolver: None,
+            dns_ttl: TtlLimits::default(),
         }
+    }
+
+    /// Enables backends given by DNS name.
+    pub fn with_dns(mut self, resolver: crate::dns::Resolver, ttl: TtlLimits) -> Self {
+        self.resolver = Some(Arc::new(resolver));
+        self.dns_ttl = ttl;
+        self
+    }
+
+    /// The DNS client, for lookups made without holding the controller.
+    pub fn resolver(&self) -> Result<Arc<crate::dns::Resolver>> {
+        self.resolver
+            .clone()
+            .ok_or_else(|| ControllerError::BadRequest("backends by DNS name need the daemon's resolver (this controller has none)".into()))
     }
 
     /// Enables proactive resets through `sender`.
@@ -560,7 +615,15 @@ impl Controller {
         let id = (0..MAX_SERVICES)
             .find(|i| !self.used_service_ids.contains(i))
             .ok_or_else(|| ControllerError::Capacity(format!("cannot add {sid}: all {MAX_SERVICES} service slots are in use")))?;
-        let svc = Service { id, ring: Vec::new(), settings, backends: BTreeMap::new(), leaving: Vec::new(), resets: ResetCounts::default() };
+        let svc = Service {
+            id,
+            ring: Vec::new(),
+            settings,
+            backends: BTreeMap::new(),
+            leaving: Vec::new(),
+            resets: ResetCounts::default(),
+            named: BTreeMap::new(),
+        };
         self.dp.reset_traffic(Some(id), None)?;
         self.dp.service_set(Self::service_key(&sid), Self::service_entry(&svc))?;
         self.used_service_ids.insert(id);
@@ -810,11 +873,194 @@ impl Controller {
         Ok((sid, old))
     }
 
+    // ---- backends given by DNS name ----
+
+    /// Registers a backend by name with the answer of its first lookup
+    /// (made by the caller without holding the controller). The name must
+    /// resolve to at least one address of the service's family.
+    pub fn named_add(&mut self, addr: SocketAddr, proto: Option<Proto>, name: &HostPort, weight: Option<u32>, answer: Resolution) -> Result<(ServiceId, Vec<SocketAddr>)> {
+        let weight = weight.unwrap_or(1);
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
+        }
+        let sid = self.resolve(addr, proto)?;
+        if self.svc(&sid)?.named.contains_key(name) {
+            return Err(ControllerError::Conflict(format!("backend {name} is already registered on {sid}")));
+        }
+        let addrs = match &answer {
+            Resolution::Addrs { addrs, .. } => Self::same_family(&sid, addrs),
+            Resolution::NoSuchName => BTreeSet::new(),
+            Resolution::Failed(e) => return Err(ControllerError::BadRequest(format!("resolving {}: {e} (try again, or check --dns-server)", name.host))),
+        };
+        if addrs.is_empty() {
+            let family = if sid.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            return Err(ControllerError::BadRequest(format!("{} has no {family} address (the service is {family})", name.host)));
+        }
+        let now = Instant::now();
+        let named = NamedBackend {
+            weight,
+            addrs: BTreeSet::new(),
+            next_resolve: self.dns_ttl.next(now, &answer),
+            last_answer: now,
+            ttl: match &answer {
+                Resolution::Addrs { ttl, .. } => *ttl,
+                _ => Duration::ZERO,
+            },
+            last_error: None,
+        };
+        if let Some(svc) = self.services.get_mut(&sid) {
+            svc.named.insert(name.clone(), named);
+        }
+        self.named_sync(sid, name, addrs)?;
+        let registered = self.svc(&sid)?.named.get(name).map(|n| n.addrs.iter().map(|a| SocketAddr::new(*a, name.port)).collect()).unwrap_or_default();
+        tracing::info!(service = %sid, backend = %name, addresses = ?registered, "backend added by name");
+        self.dirty = true;
+        Ok((sid, registered))
+    }
+
+    /// Registers a backend by name without an answer yet: the daemon's
+    /// upkeep looks it up at once (configuration files, `apply`).
+    pub fn named_register(&mut self, sid: ServiceId, name: HostPort, weight: u32) -> Result<()> {
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
+        }
+        if self.resolver.is_none() {
+            return Err(ControllerError::BadRequest(format!("backend {name}: backends by DNS name need the daemon's resolver")));
+        }
+        let now = Instant::now();
+        let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
+        svc.named.entry(name).or_insert(NamedBackend {
+            weight,
+            addrs: BTreeSet::new(),
+            next_resolve: now,
+            last_answer: now,
+            ttl: Duration::ZERO,
+            last_error: None,
+        });
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Deregisters a backend given by name: each of its addresses leaves
+    /// under the service's `on_remove` policy. Returns the policy and the
+    /// active flows they had.
+    pub fn named_remove(&mut self, addr: SocketAddr, proto: Option<Proto>, name: &HostPort) -> Result<(ServiceId, FlowPolicy, usize)> {
+        let sid = self.resolve(addr, proto)?;
+        let Some(named) = self.services.get_mut(&sid).and_then(|s| s.named.remove(name)) else {
+            return Err(ControllerError::NotFound(format!("backend {name} is not registered on {sid}")));
+        };
+        let mut flows = 0;
+        for a in named.addrs {
+            if let Ok((_, _, n)) = self.backend_remove(sid.addr, Some(sid.proto), SocketAddr::new(a, name.port)) {
+                flows += n;
+            }
+        }
+        let policy = self.svc(&sid)?.settings.on_remove;
+        tracing::info!(service = %sid, backend = %name, "backend by name removed");
+        self.dirty = true;
+        Ok((sid, policy, flows))
+    }
+
+    /// Changes the weight of a backend given by name (all its addresses).
+    pub fn named_set(&mut self, addr: SocketAddr, proto: Option<Proto>, name: &HostPort, weight: u32) -> Result<(ServiceId, u32)> {
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
+        }
+        let sid = self.resolve(addr, proto)?;
+        let Some(named) = self.services.get_mut(&sid).and_then(|s| s.named.get_mut(name)) else {
+            return Err(ControllerError::NotFound(format!("backend {name} is not registered on {sid}")));
+        };
+        let old = std::mem::replace(&mut named.weight, weight);
+        let addrs: Vec<IpAddr> = named.addrs.iter().copied().collect();
+        for a in addrs {
+            self.backend_set(sid.addr, Some(sid.proto), SocketAddr::new(a, name.port), weight)?;
+        }
+        self.dirty = true;
+        Ok((sid, old))
+    }
+
+    fn same_family(sid: &ServiceId, addrs: &[IpAddr]) -> BTreeSet<IpAddr> {
+        addrs.iter().copied().filter(|a| a.is_ipv4() == sid.addr.is_ipv4()).collect()
+    }
+
+    /// Names due for a lookup.
+    pub fn dns_due(&self, now: Instant) -> Vec<(ServiceId, HostPort)> {
+        self.services
+            .iter()
+            .flat_map(|(sid, s)| s.named.iter().filter(|(_, n)| n.next_resolve <= now).map(move |(name, _)| (*sid, name.clone())))
+            .collect()
+    }
+
+    /// Applies a lookup's answer: new addresses join, vanished ones leave
+    /// under the service's `on_remove` policy. A failed lookup keeps the
+    /// last answer until `max` TTL after it, then drops it.
+    pub fn dns_apply(&mut self, sid: ServiceId, name: &HostPort, answer: Resolution, now: Instant) -> Result<()> {
+        let ttl = self.dns_ttl;
+        let Some(named) = self.services.get_mut(&sid).and_then(|s| s.named.get_mut(name)) else { return Ok(()) };
+        named.next_resolve = ttl.next(now, &answer);
+        let want = match &answer {
+            Resolution::Addrs { addrs, ttl: t } => {
+                named.last_answer = now;
+                named.ttl = *t;
+                named.last_error = None;
+                Self::same_family(&sid, addrs)
+            }
+            Resolution::NoSuchName => {
+                named.last_answer = now;
+                named.last_error = Some("no such name, or no address of the service's family".into());
+                BTreeSet::new()
+            }
+            Resolution::Failed(e) => {
+                named.last_error = Some(e.clone());
+                if now.saturating_duration_since(named.last_answer) < ttl.max {
+                    tracing::warn!(service = %sid, backend = %name, error = %e, "resolving failed: keeping the last answer");
+                    return Ok(());
+                }
+                tracing::warn!(service = %sid, backend = %name, error = %e, "resolving has failed for longer than --dns-max-ttl: its addresses leave");
+                BTreeSet::new()
+            }
+        };
+        self.named_sync(sid, name, want)
+    }
+
+    /// Makes the addresses registered for `name` equal `want`.
+    fn named_sync(&mut self, sid: ServiceId, name: &HostPort, want: BTreeSet<IpAddr>) -> Result<()> {
+        let Some((have, weight)) = self.svc(&sid)?.named.get(name).map(|n| (n.addrs.clone(), n.weight)) else { return Ok(()) };
+        for a in want.difference(&have) {
+            let backend = SocketAddr::new(*a, name.port);
+            if self.svc(&sid)?.backends.contains_key(&backend) {
+                tracing::info!(service = %sid, %backend, name = %name, "address already registered otherwise: not taken over by the name");
+                continue;
+            }
+            match self.backend_add(sid.addr, Some(sid.proto), backend, Some(weight)) {
+                Ok(_) => {
+                    if let Some(n) = self.services.get_mut(&sid).and_then(|s| s.named.get_mut(name)) {
+                        n.addrs.insert(*a);
+                    }
+                    tracing::info!(service = %sid, %backend, name = %name, "address of a named backend joins");
+                }
+                Err(e) => tracing::warn!(service = %sid, %backend, name = %name, error = %e, "adding a resolved address failed"),
+            }
+        }
+        for a in have.difference(&want) {
+            let backend = SocketAddr::new(*a, name.port);
+            if let Some(n) = self.services.get_mut(&sid).and_then(|s| s.named.get_mut(name)) {
+                n.addrs.remove(a);
+            }
+            match self.backend_remove(sid.addr, Some(sid.proto), backend) {
+                Ok((_, policy, flows)) => tracing::info!(service = %sid, %backend, name = %name, %policy, flows, "address of a named backend leaves"),
+                Err(e) => tracing::warn!(service = %sid, %backend, name = %name, error = %e, "removing a vanished address failed"),
+            }
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
     // ---- declarative configuration ----
 
     /// The whole configuration (registered backends only).
     pub fn export(&self) -> crate::declarative::Desired {
-        use crate::declarative::{DesiredBackend, DesiredService};
+        use crate::declarative::{DesiredBackend, DesiredNamed, DesiredService};
         crate::declarative::Desired {
             services: self
                 .services
@@ -823,7 +1069,13 @@ impl Controller {
                     service: sid.addr,
                     proto: sid.proto,
                     settings: svc.settings.clone(),
-                    backends: svc.backends.values().map(|b| DesiredBackend { backend: b.addr, weight: b.weight }).collect(),
+                    backends: svc
+                        .backends
+                        .values()
+                        .filter(|b| !svc.owned_by_name(b.addr))
+                        .map(|b| DesiredBackend { backend: b.addr, weight: b.weight })
+                        .collect(),
+                    named_backends: svc.named.iter().map(|(name, n)| DesiredNamed { backend: name.clone(), weight: n.weight }).collect(),
                 })
                 .collect(),
         }
@@ -871,6 +1123,10 @@ impl Controller {
                         changes.push(format!("add backend {} to {sid} (weight {})", b.backend, b.weight));
                         steps.push(Step::AddBackend(sid, b.backend, b.weight));
                     }
+                    for n in &s.named_backends {
+                        changes.push(format!("add backend {} to {sid} (weight {}, resolved by the daemon)", n.backend, n.weight));
+                        steps.push(Step::AddNamed(sid, n.backend.clone(), n.weight));
+                    }
                 }
                 Some(cur) => {
                     if cur.settings != s.settings {
@@ -890,8 +1146,27 @@ impl Controller {
                             Some(_) => {}
                         }
                     }
+                    for n in &s.named_backends {
+                        match cur.named.get(&n.backend) {
+                            None => {
+                                changes.push(format!("add backend {} to {sid} (weight {}, resolved by the daemon)", n.backend, n.weight));
+                                steps.push(Step::AddNamed(sid, n.backend.clone(), n.weight));
+                            }
+                            Some(c) if c.weight != n.weight => {
+                                changes.push(format!("reweight backend {} on {sid}: {} -> {}", n.backend, c.weight, n.weight));
+                                steps.push(Step::ReweightNamed(sid, n.backend.clone(), n.weight));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    for name in cur.named.keys() {
+                        if !s.named_backends.iter().any(|n| n.backend == *name) {
+                            changes.push(format!("remove backend {name} from {sid} (policy {})", s.settings.on_remove));
+                            steps.push(Step::RemoveNamed(sid, name.clone()));
+                        }
+                    }
                     for addr in cur.backends.keys() {
-                        if !s.backends.iter().any(|b| b.backend == *addr) {
+                        if !s.backends.iter().any(|b| b.backend == *addr) && !cur.owned_by_name(*addr) {
                             changes.push(format!("remove backend {addr} from {sid} (policy {})", s.settings.on_remove));
                             steps.push(Step::RemoveBackend(sid, *addr));
                         }
@@ -926,6 +1201,13 @@ impl Controller {
                 }
                 Step::RemoveService(sid) => {
                     self.service_remove(sid.addr, Some(sid.proto))?;
+                }
+                Step::AddNamed(sid, name, w) => self.named_register(sid, name, w)?,
+                Step::ReweightNamed(sid, name, w) => {
+                    self.named_set(sid.addr, Some(sid.proto), &name, w)?;
+                }
+                Step::RemoveNamed(sid, name) => {
+                    self.named_remove(sid.addr, Some(sid.proto), &name)?;
                 }
             }
         }
@@ -1273,6 +1555,11 @@ impl Controller {
                     settings: svc.settings.clone(),
                     resets: svc.resets,
                     backends: svc.backends.values().chain(svc.leaving.iter()).map(save).collect(),
+                    named: svc
+                        .named
+                        .iter()
+                        .map(|(name, n)| SavedNamed { name: name.clone(), weight: n.weight, addrs: n.addrs.iter().copied().collect() })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -1302,6 +1589,22 @@ impl Controller {
                 backends: BTreeMap::new(),
                 leaving: Vec::new(),
                 resets: s.resets,
+                // Asked again at once: the state file is no DNS cache.
+                named: s
+                    .named
+                    .iter()
+                    .map(|n| {
+                        let nb = NamedBackend {
+                            weight: n.weight,
+                            addrs: n.addrs.iter().copied().collect(),
+                            next_resolve: now,
+                            last_answer: now,
+                            ttl: Duration::ZERO,
+                            last_error: None,
+                        };
+                        (n.name.clone(), nb)
+                    })
+                    .collect(),
             };
             for b in &s.backends {
                 if b.id >= MAX_BACKENDS || !self.used_backend_ids.insert(b.id) {
@@ -1402,6 +1705,18 @@ impl Controller {
                 resets: svc.resets,
                 traffic: Traffic::from(self.dp.service_counters(svc.id)?),
                 backends,
+                named_backends: svc
+                    .named
+                    .iter()
+                    .map(|(name, n)| crate::api::NamedStatus {
+                        backend: name.to_string(),
+                        weight: n.weight,
+                        addresses: n.addrs.iter().map(|a| SocketAddr::new(*a, name.port)).collect(),
+                        ttl_s: n.ttl.as_secs_f64(),
+                        next_lookup_s: n.next_resolve.saturating_duration_since(now).as_secs_f64(),
+                        last_error: n.last_error.clone(),
+                    })
+                    .collect(),
             });
         }
         Ok(Status {

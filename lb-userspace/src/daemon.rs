@@ -68,6 +68,19 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let ctl = Arc::new(Mutex::new(ctl));
     let serving = tokio::spawn(server::serve(listener, ctl.clone(), args.state_file.clone()));
     let upkeep = tokio::spawn(upkeep(ctl.clone(), args.state_file.clone()));
+    // Its own task: a slow or dead DNS server must not hold up expiry and
+    // health checks.
+    let dns = tokio::spawn({
+        let ctl = ctl.clone();
+        async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                resolve_due_names(&ctl).await;
+            }
+        }
+    });
     let events = {
         let rb = ctl.lock().await.dataplane().take_flow_events().context("opening the flow event ring buffer")?;
         tokio::spawn(flow_events(rb, ctl.clone()))
@@ -87,6 +100,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     }
     serving.abort();
     upkeep.abort();
+    dns.abort();
     events.abort();
     if let Some(m) = metrics {
         m.abort();
@@ -133,6 +147,14 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
     };
     let sender = crate::resetter::RstSender::new().context("opening the raw socket for proactive resets (needs CAP_NET_RAW)")?;
     let mut ctl = Controller::new(dp).with_resets(sender);
+    let ttl = crate::dns::TtlLimits { min: args.dns_min_ttl.0, max: args.dns_max_ttl.0 };
+    if ttl.min > ttl.max || ttl.min.is_zero() {
+        anyhow::bail!("--dns-min-ttl must be positive and at most --dns-max-ttl");
+    }
+    match crate::dns::Resolver::new(&args.dns_servers) {
+        Ok(r) => ctl = ctl.with_dns(r, ttl),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "no DNS resolver: backends given by name are refused"),
+    }
     if args.test_disable_proactive_reset {
         tracing::warn!("proactive resets disabled (test switch): flows of gone backends are reset on their next packet only");
         ctl.set_proactive_reset(false);
@@ -256,6 +278,49 @@ async fn upkeep(ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
             checkers.entry(id).or_insert_with(|| (t.clone(), tokio::spawn(check_loop(ctl.clone(), t))));
         }
     }
+}
+
+/// Looks up every backend name whose answer ran out (concurrently, without
+/// holding the controller) and applies the answers.
+async fn resolve_due_names(ctl: &Arc<Mutex<Controller>>) {
+    let (due, resolver) = {
+        let c = ctl.lock().await;
+        (c.dns_due(std::time::Instant::now()), c.resolver())
+    };
+    let Ok(resolver) = resolver else { return };
+    if due.is_empty() {
+        return;
+    }
+    let lookups = due.into_iter().map(|(sid, name)| {
+        let r = resolver.clone();
+        async move {
+            let answer = r.resolve(&name.host).await;
+            (sid, name, answer)
+        }
+    });
+    let answers = futures_join_all(lookups).await;
+    let mut c = ctl.lock().await;
+    for (sid, name, answer) in answers {
+        if let Err(e) = c.dns_apply(sid, &name, answer, std::time::Instant::now()) {
+            tracing::warn!(service = %sid, backend = %name, error = %e, "applying a DNS answer failed");
+        }
+    }
+    server::spawn_pending_resets(&mut c, ctl);
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// Probes one backend on a fixed cadence (a slow probe does not stretch the

@@ -24,6 +24,33 @@ pub struct DesiredService {
     pub settings: ServiceSettings,
     #[serde(default)]
     pub backends: Vec<DesiredBackend>,
+    /// Backends given by DNS name (their current addresses are not listed
+    /// under `backends`: they follow the name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_backends: Vec<DesiredNamed>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredNamed {
+    /// `NAME:PORT`.
+    #[serde(with = "host_port")]
+    pub backend: crate::dns::HostPort,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+/// `HostPort` as its `NAME:PORT` string.
+mod host_port {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &crate::dns::HostPort, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(h)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<crate::dns::HostPort, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod flowlog;
 pub mod declarative;
+pub mod dns;
 pub mod health;
 pub mod metrics;
 pub mod policy;

@@ -13,7 +13,27 @@ use tokio::{
 use crate::{
     api::{ErrorCode, Request, Response, MAX_REQUEST_BYTES},
     controller::{Controller, ControllerError, ServiceId},
+    dns::BackendSpec,
 };
+
+/// Executes one request; a backend given by name is looked up first,
+/// without holding the controller (a slow DNS server must not stall the
+/// API or the health checks).
+pub async fn handle_async(ctl: &Arc<Mutex<Controller>>, req: Request) -> Response {
+    let Request::BackendAdd { service, proto, backend: BackendSpec::Name(name), weight } = req else {
+        return handle(&mut *ctl.lock().await, req);
+    };
+    let resolver = match ctl.lock().await.resolver() {
+        Ok(r) => r,
+        Err(e) => return Response::err(e.code(), e.to_string()),
+    };
+    let answer = resolver.resolve(&name.host).await;
+    let mut c = ctl.lock().await;
+    match c.named_add(service, proto, &name, weight, answer) {
+        Ok((sid, addrs)) => Response::ok(json!({ "service": sid.addr, "proto": sid.proto, "backend": name.to_string(), "addresses": addrs })),
+        Err(e) => Response::err(e.code(), e.to_string()),
+    }
+}
 
 /// Executes one request against the controller.
 pub fn handle(ctl: &mut Controller, req: Request) -> Response {
@@ -35,16 +55,26 @@ fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, Con
             json!({ "service": sid.addr, "proto": sid.proto, "settings": settings })
         }
         Request::ServiceRemove { service, proto } => svc_json(ctl.service_remove(service, proto)?),
-        Request::BackendAdd { service, proto, backend, weight } => {
+        Request::BackendAdd { service, proto, backend: BackendSpec::Addr(backend), weight } => {
             let (sid, id) = ctl.backend_add(service, proto, backend, weight)?;
             json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "id": id })
         }
+        // Resolved before the controller is taken (see `resolve_first`).
+        Request::BackendAdd { backend: BackendSpec::Name(name), .. } => {
+            return Err(ControllerError::BadRequest(format!("backend {name} was not resolved (internal)")));
+        }
         Request::BackendRemove { service, proto, backend } => {
-            let (sid, policy, flows) = ctl.backend_remove(service, proto, backend)?;
+            let (sid, policy, flows) = match &backend {
+                BackendSpec::Addr(a) => ctl.backend_remove(service, proto, *a)?,
+                BackendSpec::Name(n) => ctl.named_remove(service, proto, n)?,
+            };
             json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "policy": policy, "active_flows": flows })
         }
         Request::BackendSet { service, proto, backend, weight } => {
-            let (sid, old) = ctl.backend_set(service, proto, backend, weight)?;
+            let (sid, old) = match &backend {
+                BackendSpec::Addr(a) => ctl.backend_set(service, proto, *a, weight)?,
+                BackendSpec::Name(n) => ctl.named_set(service, proto, n, weight)?,
+            };
             json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "old_weight": old, "weight": weight })
         }
         Request::Export => serde_json::to_value(ctl.export()).unwrap_or_default(),
@@ -138,8 +168,8 @@ async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>, state_file:
             Ok(_) => match parse_request(&line) {
                 Ok(req) => {
                     tracing::debug!(?req, "request");
+                    let resp = handle_async(&ctl, req).await;
                     let mut guard = ctl.lock().await;
-                    let resp = handle(&mut guard, req);
                     spawn_pending_resets(&mut guard, &ctl);
                     // Saved before answering: a change the client saw
                     // acknowledged survives a restart.

@@ -48,7 +48,9 @@ pub struct ServiceConfig {
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    pub addr: SocketAddr,
+    /// `IP:PORT`, or `NAME:PORT` (resolved by the daemon, and again on the
+    /// record's TTL).
+    pub addr: crate::dns::BackendSpec,
     pub weight: Option<u32>,
 }
 
@@ -72,9 +74,14 @@ impl Config {
             ctl.service_add(s.vip, s.proto, &s.settings)
                 .with_context(|| format!("config: service[{i}] {}/{}", s.vip, s.proto))?;
             for (j, b) in s.backends.iter().enumerate() {
-                ctl.backend_add(s.vip, Some(s.proto), b.addr, b.weight).with_context(|| {
-                    format!("config: service[{i}] {}/{}: backend[{j}] {}", s.vip, s.proto, b.addr)
-                })?;
+                let res = match &b.addr {
+                    crate::dns::BackendSpec::Addr(a) => ctl.backend_add(s.vip, Some(s.proto), *a, b.weight).map(drop),
+                    crate::dns::BackendSpec::Name(n) => {
+                        let sid = crate::controller::ServiceId { addr: s.vip, proto: s.proto };
+                        ctl.named_register(sid, n.clone(), b.weight.unwrap_or(1))
+                    }
+                };
+                res.with_context(|| format!("config: service[{i}] {}/{}: backend[{j}] {}", s.vip, s.proto, b.addr))?;
             }
         }
         Ok(())

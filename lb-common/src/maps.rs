@@ -282,6 +282,29 @@ impl FlowKey {
 
 /// Map form of a flow entry's rewritten tuple (see `FlowEntry`).
 impl FlowEntry {
+    /// Makes `self` the backend → client entry of the flow whose client →
+    /// VIP entry is `fwd` (keyed `key`): its packets leave as VIP → client.
+    /// Used by the data plane (new flows) and the controller (state sync).
+    #[inline(always)]
+    pub fn fill_reverse_of(&mut self, key: &FlowKey, fwd: &FlowEntry, now: u64) {
+        self.nat_src = key.dst_addr;
+        self.nat_dst = key.src_addr;
+        self.nat_sport = key.dst_port;
+        self.nat_dport = key.src_port;
+        self.direction = DIR_TO_CLIENT;
+        self.tcp_state = 0;
+        self.nat_flags = if fwd.nat_flags & NAT_FULL != 0 { NAT_SRC | NAT_DST | NAT_FULL } else { NAT_SRC };
+        self._pad0 = 0;
+        self.backend_id = fwd.backend_id;
+        self.service_id = fwd.service_id;
+        self.seq_next = 0;
+        self._pad = 0;
+        self.created_ns = now;
+        self.last_seen_ns = now;
+        self.packets = 0;
+        self.bytes = 0;
+    }
+
     /// Key of the other direction's entry: the reverse of the tuple this
     /// entry's packets leave with.
     #[inline(always)]

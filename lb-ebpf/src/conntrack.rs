@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     maps::{
-        Backend, FlowEnd, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND, DIR_TO_CLIENT,
+        Backend, FlowEnd, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND,
         LAST_SEEN_GRANULARITY_NS, NAT_DST, NAT_FULL, NAT_SRC, PROTO_TCP,
     },
     tcp,
@@ -56,7 +56,7 @@ pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
             let Some(pair) = SCRATCH.get_ptr_mut(0) else { return };
             // SAFETY: this CPU's scratch slot, unused by the established path.
             let r = unsafe { &mut (*pair)[1] };
-            fill_reverse(r, key, fwd, fwd.created_ns);
+            r.fill_reverse_of(key, fwd, fwd.created_ns);
             r
         }
     };
@@ -64,28 +64,6 @@ pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
         let _ = HALF_OPEN.remove(&rkey);
         let _ = HALF_OPEN.remove(key);
     }
-}
-
-/// Fills `rev` as the backend → client entry of the flow whose client →
-/// VIP entry is `fwd` (keyed `key`): its packets leave as VIP → client.
-#[inline(always)]
-fn fill_reverse(rev: &mut FlowEntry, key: &FlowKey, fwd: &FlowEntry, now: u64) {
-    rev.nat_src = key.dst_addr;
-    rev.nat_dst = key.src_addr;
-    rev.nat_sport = key.dst_port;
-    rev.nat_dport = key.src_port;
-    rev.direction = DIR_TO_CLIENT;
-    rev.tcp_state = tcp::STATE_NONE;
-    rev.nat_flags = if fwd.nat_flags & NAT_FULL != 0 { NAT_SRC | NAT_DST | NAT_FULL } else { NAT_SRC };
-    rev._pad0 = 0;
-    rev.backend_id = fwd.backend_id;
-    rev.service_id = fwd.service_id;
-    rev.seq_next = 0;
-    rev._pad = 0;
-    rev.created_ns = now;
-    rev.last_seen_ns = now;
-    rev.packets = 0;
-    rev.bytes = 0;
 }
 
 /// Creates both entries of a new flow to `backend`; `snat_port` (network
@@ -133,7 +111,7 @@ pub fn create(
     forward.last_seen_ns = now;
     forward.packets = 1;
     forward.bytes = pkt.ip_len as u64;
-    fill_reverse(reverse, key, forward, now);
+    reverse.fill_reverse_of(key, forward, now);
     let reverse_key = forward.peer_key(key.proto);
     // TCP flows wait in the half-open table until their handshake
     // completes; UDP flows go straight to the connection table.

@@ -93,6 +93,12 @@ pub enum Request {
         dry_run: bool,
     },
     Status,
+    /// The node's role in an active/standby pair (keepalived's notify
+    /// hook): `master` sends its flow state to the peer, `backup` installs
+    /// what the peer sends.
+    Role {
+        role: crate::sync::Role,
+    },
     Flows {
         service: Option<SocketAddr>,
         proto: Option<Proto>,
@@ -240,6 +246,9 @@ pub struct Status {
     /// Data-plane counters by reason (see docs/architecture.md).
     pub counters: BTreeMap<String, u64>,
     pub services: Vec<ServiceStatus>,
+    /// State sync with an active/standby peer, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

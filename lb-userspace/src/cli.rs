@@ -70,6 +70,15 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_STATE_FILE, value_name = "FILE")]
         state_file: PathBuf,
     },
+    /// Set this node's role in an active/standby pair (keepalived's notify
+    /// hook): master sends its flow state to the peer, backup installs it.
+    Role {
+        #[arg(value_enum)]
+        role: crate::sync::Role,
+    },
+    /// Exit 0 when the daemon answers and its program is attached (for
+    /// keepalived's track script), 1 otherwise.
+    Health,
     /// List the flows in the connection table.
     Flows {
         /// Only this service's flows.
@@ -130,6 +139,18 @@ pub struct DaemonArgs {
     /// Connection table capacity, in flows.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONN_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub conn_capacity: u32,
+    /// State sync: where this node receives its peer's flow state (IP:PORT).
+    #[arg(long, value_name = "ADDR", requires_all = ["sync_peer", "sync_key_file"])]
+    pub sync_listen: Option<SocketAddr>,
+    /// State sync: the peer's --sync-listen address; datagrams from any other source are refused.
+    #[arg(long, value_name = "ADDR", requires_all = ["sync_listen", "sync_key_file"])]
+    pub sync_peer: Option<SocketAddr>,
+    /// State sync: file holding the shared key (HMAC-SHA256; at least 16 bytes).
+    #[arg(long, value_name = "FILE", requires_all = ["sync_listen", "sync_peer"])]
+    pub sync_key_file: Option<PathBuf>,
+    /// State sync: role at start (keepalived's notify hook changes it with `xlb role`).
+    #[arg(long, value_enum, default_value = "backup")]
+    pub role: crate::sync::Role,
     /// DNS server for backends given by name, IP or IP:PORT (repeatable; default: /etc/resolv.conf).
     #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
     pub dns_servers: Vec<SocketAddr>,
@@ -248,7 +269,8 @@ pub fn run_client(cli: &Cli) -> ExitCode {
             backend: backend.clone(),
             weight: *weight,
         },
-        Command::Status => Request::Status,
+        Command::Status | Command::Health => Request::Status,
+        Command::Role { role } => Request::Role { role: *role },
         Command::Export => Request::Export,
         Command::Apply { file, dry_run } => {
             let text = match std::fs::read_to_string(file) {
@@ -329,7 +351,24 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
     }
     let data = resp.data.clone().unwrap_or_default();
     let f = |k: &str| data[k].as_str().unwrap_or("?").to_owned();
+    if matches!(cli.command, Command::Health) {
+        return match serde_json::from_value::<Status>(data) {
+            Ok(s) if !s.interfaces.is_empty() => {
+                println!("healthy: attached to {}", s.interfaces.iter().map(|a| a.iface.as_str()).collect::<Vec<_>>().join(", "));
+                ExitCode::SUCCESS
+            }
+            Ok(_) => {
+                eprintln!("xlb: unhealthy: the program is attached to no interface");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+            Err(e) => {
+                eprintln!("xlb: unhealthy: unexpected status: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        };
+    }
     match req {
+        Request::Role { .. } => println!("role {} (was {})", f("role"), f("previous")),
         Request::Status => match serde_json::from_value::<Status>(data) {
             Ok(s) => print!("{}", render_status(&s)),
             Err(e) => eprintln!("xlb: unexpected status from the daemon: {e}"),
@@ -460,6 +499,13 @@ pub fn render_status(s: &Status) -> String {
             svc.resets.drain_deadline,
             svc.resets.idle,
             svc.resets.expired
+        );
+    }
+    if let Some(y) = &s.sync {
+        let _ = writeln!(
+            o,
+            "\nsync: role {} peer {}; sent {} datagrams ({} records), received {} (refused {}, ignored as master {}), applied {} records ({} unknown), gaps {}, lag {:.1} ms",
+            y.role, y.peer, y.sent_datagrams, y.sent_records, y.received_datagrams, y.refused_datagrams, y.ignored_as_master, y.applied_records, y.unknown_records, y.sequence_gaps, y.lag_s * 1e3
         );
     }
     let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();

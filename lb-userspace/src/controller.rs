@@ -323,6 +323,14 @@ pub struct Controller {
     /// Resolves backends given by name (none: names are refused).
     resolver: Option<Arc<crate::dns::Resolver>>,
     dns_ttl: TtlLimits,
+    /// State sync with an active/standby peer: role, figures, and where
+    /// this node's flow changes go when it is master.
+    sync: Option<SyncState>,
+}
+
+struct SyncState {
+    status: crate::sync::SyncStatus,
+    out: tokio::sync::mpsc::UnboundedSender<crate::sync::Record>,
 }
 
 
@@ -475,7 +483,111 @@ impl Controller {
             backend_resets: HashMap::new(),
             resolver: None,
             dns_ttl: TtlLimits::default(),
+            sync: None,
         }
+    }
+
+    /// Enables state sync: as master, flow changes go to `out`.
+    pub fn with_sync(mut self, role: crate::sync::Role, peer: SocketAddr, out: tokio::sync::mpsc::UnboundedSender<crate::sync::Record>) -> Self {
+        let status = crate::sync::SyncStatus { role, peer: peer.to_string(), ..Default::default() };
+        self.sync = Some(SyncState { status, out });
+        self
+    }
+
+    pub fn set_role(&mut self, role: crate::sync::Role) -> Result<crate::sync::Role> {
+        let Some(s) = self.sync.as_mut() else {
+            return Err(ControllerError::BadRequest("this daemon has no sync peer (start it with --sync-listen, --sync-peer, --sync-key-file)".into()));
+        };
+        let old = std::mem::replace(&mut s.status.role, role);
+        if old != role {
+            tracing::warn!(%old, new = %role, "role changed");
+        }
+        Ok(old)
+    }
+
+    /// The sync role, if syncing.
+    pub fn role(&self) -> Option<crate::sync::Role> {
+        self.sync.as_ref().map(|s| s.status.role)
+    }
+
+    /// Sync figures the daemon's tasks update.
+    pub fn sync_status_mut(&mut self) -> Option<&mut crate::sync::SyncStatus> {
+        self.sync.as_mut().map(|s| &mut s.status)
+    }
+
+    /// As master, queues a flow change for the peer.
+    fn sync_send(&mut self, kind: crate::sync::Kind, idle: Duration, flow: &lb_common::maps::FlowEnd) {
+        if let Some(s) = &self.sync {
+            if s.status.role == crate::sync::Role::Master {
+                let _ = s.out.send(crate::sync::Record { kind, idle, flow: *flow });
+            }
+        }
+    }
+
+    /// As master, queues a refresh of live flows (walked off the lock).
+    pub fn sync_refresh(&mut self, records: Vec<crate::sync::Record>) {
+        for r in records {
+            self.sync_send(r.kind, r.idle, &r.flow);
+        }
+    }
+
+    /// As backup, installs or removes flows the peer sent. Ids are
+    /// translated through addresses: a flow of a service or backend this
+    /// node does not have is skipped (counted).
+    pub fn sync_install(&mut self, records: &[crate::sync::Record]) -> Result<()> {
+        let now = monotonic_ns();
+        let mut ends = Vec::new();
+        let (mut applied, mut unknown) = (0u64, 0u64);
+        for r in records {
+            let f = &r.flow;
+            let key = f.key;
+            let rkey = f.to_backend.peer_key(key.proto);
+            if r.kind == crate::sync::Kind::End {
+                ends.extend([key, rkey]);
+                applied += 1;
+                continue;
+            }
+            let Some(proto) = Proto::from_number(key.proto) else {
+                unknown += 1;
+                continue;
+            };
+            let sid = ServiceId { addr: SocketAddr::new(addr_to_ip(&key.dst_addr), port_from(key.dst_port)), proto };
+            let backend = SocketAddr::new(addr_to_ip(&f.to_backend.nat_dst), port_from(f.to_backend.nat_dport));
+            let ids = self.services.get(&sid).and_then(|svc| {
+                let slot = svc.backends.get(&backend).or_else(|| svc.leaving.iter().find(|b| b.addr == backend))?;
+                Some((svc.id, slot.id))
+            });
+            let Some((service_id, backend_id)) = ids else {
+                unknown += 1;
+                continue;
+            };
+            let last = now.saturating_sub(r.idle.as_nanos() as u64);
+            let mut fwd = FlowEntry { backend_id, service_id, created_ns: last, last_seen_ns: last, ..f.to_backend };
+            fwd.direction = DIR_TO_BACKEND;
+            let mut rev = f.to_client;
+            if rev.direction == DIR_TO_BACKEND || rev == FlowEntry::default() {
+                rev.fill_reverse_of(&key, &fwd, last);
+            }
+            rev.backend_id = backend_id;
+            rev.service_id = service_id;
+            rev.created_ns = last;
+            rev.last_seen_ns = last;
+            // Reverse first, as the data plane does.
+            self.dp.flow_insert(rkey, rev)?;
+            self.dp.flow_insert(key, fwd)?;
+            if fwd.nat_flags & NAT_FULL != 0 {
+                self.dp.port_hold(rkey, now)?;
+            }
+            applied += 1;
+        }
+        if !ends.is_empty() {
+            self.dp.flows_delete(&ends)?;
+        }
+        if let Some(s) = self.sync.as_mut() {
+            s.status.applied_records += applied;
+            s.status.unknown_records += unknown;
+        }
+        Ok(())
     }
 
     /// Enables backends given by DNS name.
@@ -504,17 +616,23 @@ impl Controller {
         self
     }
 
-    /// Logs a flow the data plane removed (from its ring buffer).
+    /// Logs a flow the data plane created or removed (from its ring
+    /// buffer), and sends it to the sync peer.
     pub fn log_flow_end(&mut self, ev: &lb_common::maps::FlowEnd) {
         if let Some(l) = self.flow_log.as_mut() {
             l.record(ev);
         }
+        let kind = if ev.reason == end_reason::NEW { crate::sync::Kind::Live } else { crate::sync::Kind::End };
+        self.sync_send(kind, Duration::ZERO, ev);
     }
 
     fn log_flows(&mut self, flows: &[Flow], reason: u32) {
-        let Some(l) = self.flow_log.as_mut() else { return };
         for f in flows {
-            l.record(&lb_common::maps::FlowEnd { key: f.key, reason, _pad: 0, to_backend: f.fwd, to_client: f.rev.unwrap_or_default() });
+            let ev = lb_common::maps::FlowEnd { key: f.key, reason, _pad: 0, to_backend: f.fwd, to_client: f.rev.unwrap_or_default() };
+            if let Some(l) = self.flow_log.as_mut() {
+                l.record(&ev);
+            }
+            self.sync_send(crate::sync::Kind::End, Duration::ZERO, &ev);
         }
     }
 
@@ -1720,6 +1838,7 @@ impl Controller {
             });
         }
         Ok(Status {
+            sync: self.sync.as_ref().map(|s| s.status.clone()),
             interfaces: self.dp.attachments(),
             table: {
                 TableStatus {
@@ -1863,6 +1982,33 @@ pub fn plan_expiry(
         }
     }
     Ok(ExpiryPlan { settings, backend_ids, active, by_service, orphans, stale_ports })
+}
+
+/// Every live flow of the tables as sync records (for a refresh), walked
+/// through `walk` (which may use its own map handles).
+pub fn live_flows(walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>) -> Result<Vec<crate::sync::Record>> {
+    let now = monotonic_ns();
+    let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
+    let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
+    walk(&mut |k: &FlowKey, v: &FlowEntry| {
+        if v.direction == DIR_TO_BACKEND {
+            forward.push((*k, *v));
+        } else {
+            reverse.insert(*k, *v);
+        }
+    })?;
+    Ok(forward
+        .into_iter()
+        .map(|(key, fwd)| {
+            let rev = reverse.get(&fwd.peer_key(key.proto)).copied();
+            let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
+            crate::sync::Record {
+                kind: crate::sync::Kind::Live,
+                idle: Duration::from_nanos(now.saturating_sub(last)),
+                flow: lb_common::maps::FlowEnd { key, reason: end_reason::NEW, _pad: 0, to_backend: fwd, to_client: rev.unwrap_or_default() },
+            }
+        })
+        .collect())
 }
 
 /// Paces a spread reset: flow `i` of `n` is reset at `i/n` of the window.

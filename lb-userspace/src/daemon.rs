@@ -41,17 +41,32 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         None => None,
     };
 
+    let sync = match sync_config(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
     let result = start(&args, &config).await;
+    let (sync_tx, sync_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctl = match result {
         Ok(mut c) => {
-            // New-flow records are a data-plane switch (off unless asked).
-            let on = u32::from(args.flow_log_new);
+            // New-flow records are a data-plane switch (off unless asked):
+            // flow logs with --flow-log-new, and state sync, need them.
+            let on = u32::from(args.flow_log_new || sync.is_some());
             match c.dataplane().setting_set(lb_common::maps::SETTING_LOG_NEW_FLOWS, on) {
                 Err(e) => Err(anyhow::Error::from(e).context("setting the new-flow log switch")),
-                Ok(()) => Ok(match flow_log {
-                    Some(l) => c.with_flow_log(l),
-                    None => c,
-                }),
+                Ok(()) => {
+                    let c = match flow_log {
+                        Some(l) => c.with_flow_log(l.with_new_flows(args.flow_log_new)),
+                        None => c,
+                    };
+                    Ok(match &sync {
+                        Some((cfg, _)) => c.with_sync(args.role, cfg.peer, sync_tx),
+                        None => c,
+                    })
+                }
             }
         }
         Err(e) => Err(e),
@@ -70,6 +85,18 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let upkeep = tokio::spawn(upkeep(ctl.clone(), args.state_file.clone()));
     // Its own task: a slow or dead DNS server must not hold up expiry and
     // health checks.
+    let sync_tasks: Vec<tokio::task::JoinHandle<()>> = match sync {
+        Some((cfg, sock)) => {
+            tracing::info!(listen = %cfg.listen, peer = %cfg.peer, role = %args.role, "state sync on");
+            let sock = Arc::new(sock);
+            vec![
+                tokio::spawn(sync_send(sync_rx, sock.clone(), cfg.clone(), ctl.clone())),
+                tokio::spawn(sync_receive(sock, cfg, ctl.clone())),
+                tokio::spawn(sync_refresh(ctl.clone())),
+            ]
+        }
+        None => Vec::new(),
+    };
     let dns = tokio::spawn({
         let ctl = ctl.clone();
         async move {
@@ -101,6 +128,9 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     serving.abort();
     upkeep.abort();
     dns.abort();
+    for t in sync_tasks {
+        t.abort();
+    }
     events.abort();
     if let Some(m) = metrics {
         m.abort();
@@ -376,6 +406,143 @@ async fn flow_events(rb: aya::maps::RingBuf<aya::maps::MapData>, ctl: Arc<Mutex<
             for ev in &events {
                 c.log_flow_end(ev);
             }
+        }
+    }
+}
+
+/// The state-sync settings and the bound socket, checked before anything
+/// is loaded.
+fn sync_config(args: &DaemonArgs) -> anyhow::Result<Option<(crate::sync::SyncConfig, tokio::net::UdpSocket)>> {
+    let (Some(listen), Some(peer), Some(key_file)) = (args.sync_listen, args.sync_peer, &args.sync_key_file) else { return Ok(None) };
+    let key = std::fs::read(key_file).with_context(|| format!("reading the sync key file {}", key_file.display()))?;
+    let key: Vec<u8> = key.trim_ascii().to_vec();
+    if key.len() < 16 {
+        anyhow::bail!("the sync key in {} is {} bytes: use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64`)", key_file.display(), key.len());
+    }
+    let std_sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding the sync socket {listen}"))?;
+    std_sock.set_nonblocking(true).context("sync socket")?;
+    let sock = tokio::net::UdpSocket::from_std(std_sock).context("sync socket")?;
+    Ok(Some((crate::sync::SyncConfig { listen, peer, key }, sock)))
+}
+
+/// Sends queued flow changes to the peer, batched (a datagram per
+/// `PER_DATAGRAM` records, or whatever is queued after 10 ms).
+async fn sync_send(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::sync::Record>,
+    sock: Arc<tokio::net::UdpSocket>,
+    cfg: crate::sync::SyncConfig,
+    ctl: Arc<Mutex<Controller>>,
+) {
+    let mut seq = 0u64;
+    let mut batch = Vec::with_capacity(crate::sync::PER_DATAGRAM);
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(10);
+        let (mut datagrams, mut records) = (0u64, 0u64);
+        loop {
+            while batch.len() < crate::sync::PER_DATAGRAM {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if batch.len() < crate::sync::PER_DATAGRAM && tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(r)) => {
+                        batch.push(r);
+                        continue;
+                    }
+                    Ok(None) | Err(_) => {}
+                }
+            }
+            seq += 1;
+            let d = crate::sync::encode(&cfg.key, seq, &batch);
+            if let Err(e) = sock.send_to(&d, cfg.peer).await {
+                tracing::debug!(error = %e, "sending a sync datagram failed (the next refresh heals it)");
+            }
+            datagrams += 1;
+            records += batch.len() as u64;
+            batch.clear();
+            if rx.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        if let Some(s) = ctl.lock().await.sync_status_mut() {
+            s.sent_datagrams += datagrams;
+            s.sent_records += records;
+        }
+    }
+}
+
+/// Receives the peer's flow changes; installs them while this node is
+/// backup.
+async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::sync::SyncConfig, ctl: Arc<Mutex<Controller>>) {
+    let mut receiver = crate::sync::Receiver::default();
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "receiving sync datagrams failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let decoded = if from.ip() != cfg.peer.ip() { Err("not from the configured peer") } else { crate::sync::decode(&cfg.key, &buf[..n]) };
+        let mut c = ctl.lock().await;
+        let d = match decoded {
+            Ok(d) => d,
+            Err(why) => {
+                tracing::debug!(%from, why, "sync datagram refused");
+                if let Some(s) = c.sync_status_mut() {
+                    s.refused_datagrams += 1;
+                }
+                continue;
+            }
+        };
+        if c.role() == Some(crate::sync::Role::Master) {
+            if let Some(s) = c.sync_status_mut() {
+                s.ignored_as_master += 1;
+            }
+            continue;
+        }
+        let records = receiver.admit(&d, std::time::Instant::now());
+        if let Err(e) = c.sync_install(&records) {
+            tracing::warn!(error = %e, "installing synced flows failed");
+        }
+        if let Some(s) = c.sync_status_mut() {
+            s.received_datagrams = receiver.datagrams;
+            s.sequence_gaps = receiver.gaps;
+            s.stale_ignored = receiver.stale_ignored;
+            s.lag_s = receiver.last_lag.as_secs_f64();
+        }
+    }
+}
+
+/// As master, sends the whole table every `REFRESH` (walked without the
+/// controller): heals lost datagrams and keeps the peer's copies alive.
+async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
+    let reader = match ctl.lock().await.dataplane().table_reader() {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::error!(error = %e, "no table handle for sync refreshes: lost sync datagrams will not be healed");
+            return;
+        }
+    };
+    let mut every = tokio::time::interval(crate::sync::REFRESH);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if ctl.lock().await.role() != Some(crate::sync::Role::Master) {
+            continue;
+        }
+        let reader = reader.clone();
+        let walked = tokio::task::spawn_blocking(move || crate::controller::live_flows(|f| reader.for_each_flow(f))).await;
+        match walked {
+            Ok(Ok(records)) => ctl.lock().await.sync_refresh(records),
+            Ok(Err(e)) => tracing::warn!(error = %e, "walking the table for a sync refresh failed"),
+            Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
         }
     }
 }

@@ -24,6 +24,9 @@ use crate::api::Proto;
 pub struct FlowLog {
     out: Box<dyn Write + Send>,
     sample: u32,
+    /// Log new-flow records (`--flow-log-new`); the data plane may emit them
+    /// for state sync alone.
+    new_flows: bool,
     /// Records written and records lost to write errors.
     pub written: u64,
     pub write_errors: u64,
@@ -83,16 +86,22 @@ impl FlowLog {
     }
 
     pub fn to_writer(out: Box<dyn Write + Send>, sample: u32) -> FlowLog {
-        FlowLog { out, sample: sample.max(1), written: 0, write_errors: 0 }
+        FlowLog { out, sample: sample.max(1), new_flows: true, written: 0, write_errors: 0 }
     }
 
     fn sampled(&self, k: &FlowKey) -> bool {
         self.sample == 1 || lb_common::sched_hash::flow_hash(&k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto).is_multiple_of(self.sample)
     }
 
+    /// Whether new-flow records are logged (default: yes).
+    pub fn with_new_flows(mut self, on: bool) -> FlowLog {
+        self.new_flows = on;
+        self
+    }
+
     /// Logs one finished flow.
     pub fn record(&mut self, ev: &FlowEnd) {
-        if !self.sampled(&ev.key) {
+        if (ev.reason == end_reason::NEW && !self.new_flows) || !self.sampled(&ev.key) {
             return;
         }
         let Some(proto) = Proto::from_number(ev.key.proto) else { return };

@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod policy;
 pub mod resetter;
 pub mod server;
+pub mod sync;
 pub mod top;

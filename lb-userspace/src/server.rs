@@ -83,6 +83,10 @@ fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, Con
             json!({ "dry_run": dry_run, "changes": changes })
         }
         Request::Status => serde_json::to_value(ctl.status()?).unwrap_or_default(),
+        Request::Role { role } => {
+            let old = ctl.set_role(role)?;
+            json!({ "role": role, "previous": old })
+        }
         Request::Flows { service, proto, backend } => {
             let filter = match service {
                 Some(s) => Some(ctl.resolve(s, proto)?),

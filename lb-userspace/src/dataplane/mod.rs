@@ -578,6 +578,13 @@ impl Dataplane {
         Ok(false)
     }
 
+    /// Marks a full-NAT port as held (a flow installed by state sync).
+    pub fn port_hold(&mut self, key: FlowKey, now_ns: u64) -> Result<()> {
+        let map = self.map_mut(names::PORTS)?;
+        let mut m: HashMap<_, FlowKey, u64> = HashMap::try_from(map).map_err(map_err("opening", names::PORTS))?;
+        m.insert(key, now_ns, 0).map_err(map_err("inserting into", names::PORTS))
+    }
+
     /// Gives full-NAT ports back (batched). Returns how many were held.
     pub fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
         let fd = batch::fd_of(self.map_data(names::PORTS)?);

@@ -161,6 +161,7 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
     })
         .context("loading the XDP program")?;
     let restored = dp.restored();
+    host_prerequisites();
     let saved: Option<SavedState> = if restored {
         let text = std::fs::read_to_string(&args.state_file).with_context(|| {
             format!(
@@ -543,6 +544,22 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
             Ok(Ok(records)) => ctl.lock().await.sync_refresh(records),
             Ok(Err(e)) => tracing::warn!(error = %e, "walking the table for a sync refresh failed"),
             Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
+        }
+    }
+}
+
+/// Warns about host settings the data plane relies on: packets XDP cannot
+/// finish (an unresolved neighbour) go to the kernel, which must forward
+/// them — including replies whose source is the VIP, a local address (a
+/// standby that just took over has not resolved its clients yet).
+fn host_prerequisites() {
+    let read = |p: &str| std::fs::read_to_string(p).map(|v| v.trim().to_owned()).unwrap_or_default();
+    for (path, fix) in [
+        ("/proc/sys/net/ipv4/ip_forward", "sysctl -w net.ipv4.ip_forward=1"),
+        ("/proc/sys/net/ipv4/conf/all/accept_local", "sysctl -w net.ipv4.conf.all.accept_local=1"),
+    ] {
+        if read(path) == "0" {
+            tracing::warn!(setting = path, fix, "packets the data plane hands to the kernel will be dropped until this is set");
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod daemon;
 pub mod flows;
+pub mod ha;
 pub mod netns;
 pub mod packet;
 pub mod servers;

@@ -174,6 +174,8 @@ pub const SVC_F_FULLNAT: u8 = 2;
 /// Full-NAT: a new flow that finds no free source port is dropped (default:
 /// a TCP SYN is answered with a RST; UDP is always dropped).
 pub const SVC_F_NO_PORT_DROP: u8 = 4;
+/// Direct server return (IPIP): see `NAT_ENCAP`.
+pub const SVC_F_DSR: u8 = 8;
 
 /// `FlowEntry::nat_flags`: which half of the tuple the entry rewrites.
 pub const NAT_SRC: u8 = 1;
@@ -181,6 +183,10 @@ pub const NAT_DST: u8 = 2;
 /// The flow owns a full-NAT source port (an `XLB_PORTS` entry keyed by the
 /// backend → balancer key) that goes when the flow goes.
 pub const NAT_FULL: u8 = 4;
+/// Direct server return: the packet is not rewritten but encapsulated
+/// (IPIP) towards `nat_dst` from `nat_src`; the backend answers the client
+/// itself, so the flow has no reverse entry.
+pub const NAT_ENCAP: u8 = 8;
 
 /// Full-NAT source ports tried for a new flow before it is refused (all of
 /// them when the pool is smaller).

@@ -94,4 +94,7 @@ stats! {
     /// and was refused (a TCP SYN answered with a RST, or dropped by policy;
     /// UDP dropped). Existing flows are untouched.
     REFUSED_NO_PORT = 31, "refused_no_port";
+    /// DSR: a packet that cannot be encapsulated (IPv6, 802.1Q, no
+    /// headroom): passed unchanged.
+    PASS_NO_ENCAP = 32, "pass_no_encap";
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     maps::{
         Backend, FlowEnd, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND,
-        LAST_SEEN_GRANULARITY_NS, NAT_DST, NAT_FULL, NAT_SRC, PROTO_TCP,
+        LAST_SEEN_GRANULARITY_NS, NAT_DST, NAT_ENCAP, NAT_FULL, NAT_SRC, PROTO_TCP, SVC_F_DSR,
     },
     tcp,
 };
@@ -44,6 +44,13 @@ pub fn lookup(key: &FlowKey) -> Option<(*mut FlowEntry, Table)> {
 /// `fwd` is the client → VIP entry, already updated for this packet.
 #[inline(always)]
 pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
+    if fwd.nat_flags & NAT_ENCAP != 0 {
+        // Direct server return: one entry, no reverse direction.
+        if CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
+            let _ = HALF_OPEN.remove(key);
+        }
+        return;
+    }
     let rkey = fwd.peer_key(key.proto);
     // Inserted straight from the half-open table's value (no copy on the
     // stack), before it is removed there.
@@ -86,11 +93,18 @@ pub fn create(
     let pair = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot; nothing else uses it during this packet.
     let [forward, reverse] = unsafe { &mut *pair };
+    let dsr = svc.flags & SVC_F_DSR != 0;
     match snat_port {
         Some(p) => {
             forward.nat_src = backend.snat_addr;
             forward.nat_sport = p;
             forward.nat_flags = NAT_SRC | NAT_DST | NAT_FULL;
+        }
+        // The outer header's source: the balancer's address.
+        None if dsr => {
+            forward.nat_src = backend.snat_addr;
+            forward.nat_sport = key.src_port;
+            forward.nat_flags = NAT_ENCAP;
         }
         None => {
             forward.nat_src = key.src_addr;
@@ -116,6 +130,13 @@ pub fn create(
     // TCP flows wait in the half-open table until their handshake
     // completes; UDP flows go straight to the connection table.
     let table = if is_tcp { &HALF_OPEN } else { &CONNS };
+    if dsr {
+        // The backend answers the client directly: no reverse entry.
+        if table.insert(key, &*forward, BPF_ANY as u64).is_err() {
+            return None;
+        }
+        return Some(forward);
+    }
     table.insert(&reverse_key, &*reverse, BPF_ANY as u64).ok()?;
     if table.insert(key, &*forward, BPF_ANY as u64).is_err() {
         let _ = table.remove(&reverse_key);

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod conntrack;
+mod encap;
 mod forward;
 mod maps;
 mod nat;
@@ -21,7 +22,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::{
         backend_is_gone, end_reason, FlowEntry, SETTING_LOG_NEW_FLOWS, ServiceKey, ADDR_VIP, BACKEND_DOWN, DIR_TO_BACKEND, PROTO_TCP,
-        SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
+        NAT_ENCAP, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
     },
     stats as stat,
     tcp,
@@ -59,6 +60,13 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// On DSR backends (`xlb backend-setup`): strips the IPIP header the
+/// balancer added, so the client's packet reaches the local stack as sent.
+#[xdp]
+pub fn xlb_decap(ctx: XdpContext) -> u32 {
+    encap::decap(&ctx)
 }
 
 /// `existing_flow`'s "no usable entry".
@@ -131,7 +139,13 @@ fn existing_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Option<Ver
 
 #[inline(always)]
 fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool, now: u64) -> Verdict {
-    nat::rewrite(ctx, pkt, e);
+    if e.nat_flags & NAT_ENCAP != 0 {
+        if !encap::ipip(ctx, pkt, e) {
+            return Verdict::pass(stat::PASS_NO_ENCAP);
+        }
+    } else {
+        nat::rewrite(ctx, pkt, e);
+    }
     stats::count_traffic(e.service_id, e.backend_id, e.direction == DIR_TO_BACKEND, pkt.ip_len as u64, new_flow);
     forward::forward(ctx, pkt, e, now)
 }

@@ -76,6 +76,25 @@ pub enum Command {
         #[arg(value_enum)]
         role: crate::sync::Role,
     },
+    /// Prepare this host as a DSR backend (`--mode dsr` services): attach
+    /// the IPIP decapsulation program to IFACE (pinned: it stays), put the
+    /// VIPs on lo and keep the host from answering ARP for them.
+    BackendSetup {
+        /// The interface the balancers' encapsulated packets arrive on.
+        #[arg(long)]
+        iface: String,
+        /// A VIP this backend serves (repeatable).
+        #[arg(long = "vip", value_name = "ADDR", required_unless_present = "remove")]
+        vips: Vec<std::net::Ipv4Addr>,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: AttachMode,
+        /// bpffs directory for the pinned link.
+        #[arg(long, default_value = "/sys/fs/bpf/xlb-decap", value_name = "DIR")]
+        pin_dir: PathBuf,
+        /// Undo: detach the program and take the given VIPs off lo.
+        #[arg(long)]
+        remove: bool,
+    },
     /// Exit 0 when the daemon answers and its program is attached (for
     /// keepalived's track script), 1 otherwise.
     Health,
@@ -139,6 +158,18 @@ pub struct DaemonArgs {
     /// Connection table capacity, in flows.
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_CONN_CAPACITY, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub conn_capacity: u32,
+    /// BGP through BIRD: the file (included by bird.conf) where the daemon
+    /// writes a static protocol `xlb_vips` (`xlb_vips6`) with the VIPs, only
+    /// while its data plane is attached; export it to your BGP peers.
+    #[arg(long, value_name = "FILE", requires = "bird_socket")]
+    pub bird_include: Option<PathBuf>,
+    /// BIRD's control socket (`birdc -s`), to make it re-read the include.
+    #[arg(long, value_name = "PATH", requires = "bird_include")]
+    pub bird_socket: Option<PathBuf>,
+    /// On shutdown, after withdrawing the VIPs, keep forwarding this long
+    /// while routers converge (flows still arriving are not reset).
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub withdraw_grace: crate::policy::Dur,
     /// State sync: where this node receives its peer's flow state (IP:PORT).
     #[arg(long, value_name = "ADDR", requires_all = ["sync_peer", "sync_key_file"])]
     pub sync_listen: Option<SocketAddr>,
@@ -241,7 +272,7 @@ fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
 pub fn run_client(cli: &Cli) -> ExitCode {
     let req = match &cli.command {
         // Not API verbs: main dispatches them before calling this.
-        Command::Daemon(_) | Command::Detach { .. } | Command::Top => {
+        Command::Daemon(_) | Command::Detach { .. } | Command::Top | Command::BackendSetup { .. } => {
             eprintln!("xlb: internal error: this command is not a control API request");
             return ExitCode::from(EXIT_USAGE);
         }
@@ -305,6 +336,49 @@ pub fn run_client(cli: &Cli) -> ExitCode {
 }
 
 /// `xlb detach`: refuses while a daemon serves the socket.
+/// `xlb backend-setup`: see the command's help.
+pub fn run_backend_setup(iface: &str, vips: &[std::net::Ipv4Addr], mode: AttachMode, pin_dir: &std::path::Path, remove: bool) -> ExitCode {
+    let ip = |args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("running ip: {e} (is iproute2 installed?)"))?;
+        if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())) }
+    };
+    let link = pin_dir.join(format!("link_{iface}"));
+    let result = (|| -> Result<String, String> {
+        if remove {
+            if link.exists() {
+                crate::dataplane::unpin_link(pin_dir, iface).map_err(|e| format!("detaching {}: {e}", link.display()))?;
+            }
+            for v in vips {
+                let _ = ip(&["addr", "del", &format!("{v}/32"), "dev", "lo"]);
+            }
+            return Ok(format!("decapsulation detached from {iface}; {} VIP(s) taken off lo", vips.len()));
+        }
+        for v in vips {
+            ip(&["addr", "replace", &format!("{v}/32"), "dev", "lo"])?;
+        }
+        // The VIPs live on lo: never answer ARP for them on the network
+        // (the balancers own them there), nor announce them as sources.
+        for (key, value) in [("all/arp_ignore", "1"), ("all/arp_announce", "2")] {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{key}"), value).map_err(|e| format!("setting net.ipv4.conf.{key}: {e}"))?;
+        }
+        if link.exists() {
+            crate::dataplane::unpin_link(pin_dir, iface).map_err(|e| format!("replacing {}: {e}", link.display()))?;
+        }
+        let mode = crate::dataplane::attach_decap_pinned(iface, mode, &link).map_err(|e| e.to_string())?;
+        Ok(format!("decapsulating IPIP on {iface} ({mode} XDP, link pinned at {}); VIPs on lo: {}", link.display(), vips.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")))
+    })();
+    match result {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xlb: backend-setup: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
 pub fn run_detach(cli: &Cli, pin_dir: &std::path::Path, state_file: &std::path::Path) -> ExitCode {
     if std::os::unix::net::UnixStream::connect(&cli.socket).is_ok() {
         eprintln!("xlb: a daemon is serving {}: stop it first (or run it with --detach-on-exit)", cli.socket.display());
@@ -488,6 +562,7 @@ pub fn render_status(s: &Status) -> String {
             match st.mode {
                 crate::policy::NatMode::Dnat => "dnat".to_string(),
                 crate::policy::NatMode::Fullnat => format!("fullnat (source {}, ports {})", st.snat_source, String::from(st.snat_ports)),
+                crate::policy::NatMode::Dsr => format!("dsr (IPIP from {})", st.snat_source),
             },
             st.on_remove,
             st.on_unhealthy,

@@ -22,7 +22,7 @@ use lb_common::{
     maps::{
         addr_from_ip, addr_to_ip, PORTS_GRACE_NS, NAT_FULL, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, ADDR_BACKEND, ADDR_VIP, BACKEND_DOWN,
         BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, DIR_TO_BACKEND, MAX_BACKENDS,
-        end_reason, MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
+        end_reason, MAX_SERVICES, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
     },
     sched, stats, tcp,
 };
@@ -362,7 +362,8 @@ fn check_unicast(what: &str, a: SocketAddr) -> Result<()> {
 /// table (a connected UDP socket's local address: nothing is sent).
 /// Unspecified for DNAT services, which do not use it.
 fn snat_source(settings: &ServiceSettings, backend: IpAddr) -> Result<IpAddr> {
-    if settings.mode != NatMode::Fullnat {
+    // Full NAT rewrites to it; DSR uses it as the outer header's source.
+    if settings.mode == NatMode::Dnat {
         return Ok(match backend {
             IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
@@ -390,6 +391,26 @@ fn snat_source(settings: &ServiceSettings, backend: IpAddr) -> Result<IpAddr> {
             "cannot choose a full-NAT source address towards backend {backend}: {e} (add a route to it, or set --snat-source)"
         ))),
     }
+}
+
+/// Direct server return carries IPv4 packets in IPIP, untouched: the
+/// backend answers from the VIP's own port.
+fn check_dsr(sid: &ServiceId, settings: &ServiceSettings, backends: impl Iterator<Item = SocketAddr>) -> Result<()> {
+    if settings.mode != NatMode::Dsr {
+        return Ok(());
+    }
+    if !sid.addr.is_ipv4() {
+        return Err(ControllerError::BadRequest(format!("{sid}: DSR mode is IPv4 only (IPIP); use dnat or fullnat for IPv6")));
+    }
+    for b in backends {
+        if b.port() != sid.addr.port() {
+            return Err(ControllerError::BadRequest(format!(
+                "{sid}: backend {b}: in DSR mode the backend answers from the VIP itself, so its port must be {}",
+                sid.addr.port()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Full NAT needs the kernel to forward packets whose source is one of
@@ -503,6 +524,15 @@ impl Controller {
             tracing::warn!(%old, new = %role, "role changed");
         }
         Ok(old)
+    }
+
+    /// The VIPs to announce: every service's address while the program is
+    /// attached somewhere, none otherwise.
+    pub fn announced_vips(&self) -> Vec<IpAddr> {
+        if self.dp.attachments().is_empty() {
+            return Vec::new();
+        }
+        self.services.keys().map(|s| s.addr.ip()).collect()
     }
 
     /// The sync role, if syncing.
@@ -696,7 +726,8 @@ impl Controller {
             },
             flags: if svc.settings.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 }
                 | if svc.settings.mode == NatMode::Fullnat { SVC_F_FULLNAT } else { 0 }
-                | if svc.settings.on_no_port == NoPortPolicy::Drop { SVC_F_NO_PORT_DROP } else { 0 },
+                | if svc.settings.on_no_port == NoPortPolicy::Drop { SVC_F_NO_PORT_DROP } else { 0 }
+                | if svc.settings.mode == NatMode::Dsr { SVC_F_DSR } else { 0 },
             _pad: 0,
             syn_timeout_s: svc.settings.timeouts.syn.0.as_secs() as u32,
             established_timeout_s: svc.settings.timeouts.established.0.as_secs() as u32,
@@ -730,6 +761,7 @@ impl Controller {
             return Err(ControllerError::Conflict(format!("service {sid} already exists")));
         }
         let settings = ServiceSettings::default().patched(options).map_err(ControllerError::BadRequest)?;
+        check_dsr(&sid, &settings, std::iter::empty())?;
         let id = (0..MAX_SERVICES)
             .find(|i| !self.used_service_ids.contains(i))
             .ok_or_else(|| ControllerError::Capacity(format!("cannot add {sid}: all {MAX_SERVICES} service slots are in use")))?;
@@ -762,6 +794,7 @@ impl Controller {
         // Full-NAT source addresses first: a backend without one refuses
         // the change before anything moves.
         let svc = self.svc(&sid)?;
+        check_dsr(&sid, &settings, svc.backends.keys().copied())?;
         let snat: Vec<IpAddr> = svc
             .backends
             .values()
@@ -835,6 +868,7 @@ impl Controller {
             )));
         }
         let svc = self.svc(&sid)?;
+        check_dsr(&sid, &svc.settings, std::iter::once(backend))?;
         if svc.backends.contains_key(&backend) {
             return Err(ControllerError::Conflict(format!("backend {backend} is already registered on {sid}")));
         }
@@ -1424,7 +1458,9 @@ impl Controller {
             keys.push(f.reverse_key);
             if f.is_tcp() && TableView::is_active(f) {
                 rsts.push(f.client_rst());
-                rsts.push(f.backend_rst());
+                if !f.is_dsr() {
+                    rsts.push(f.backend_rst());
+                }
                 reset += 1;
                 self.backend_resets.entry(f.fwd.backend_id).or_default().add(cause, 1);
             }

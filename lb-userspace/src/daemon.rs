@@ -97,6 +97,23 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         }
         None => Vec::new(),
     };
+    let announcer = match (&args.bird_include, &args.bird_socket) {
+        (Some(i), Some(s)) => Some(Arc::new(std::sync::Mutex::new(crate::bgp::Announcer::new(i.clone(), s.clone())))),
+        _ => None,
+    };
+    let bgp = announcer.clone().map(|a| {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let vips = ctl.lock().await.announced_vips();
+                let a = a.clone();
+                let _ = tokio::task::spawn_blocking(move || a.lock().map(|mut a| a.set(&vips)).unwrap_or(false)).await;
+            }
+        })
+    });
     let dns = tokio::spawn({
         let ctl = ctl.clone();
         async move {
@@ -124,6 +141,15 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    if let (Some(t), Some(a)) = (bgp, announcer) {
+        t.abort();
+        // Withdraw first, keep forwarding while routers converge, then go.
+        let withdrawn = tokio::task::spawn_blocking(move || a.lock().map(|mut a| a.set(&[])).unwrap_or(false)).await.unwrap_or(false);
+        if withdrawn {
+            tracing::info!(grace = ?args.withdraw_grace.0, "VIPs withdrawn from BGP: forwarding on while routers converge");
+            tokio::time::sleep(args.withdraw_grace.0).await;
+        }
     }
     serving.abort();
     upkeep.abort();

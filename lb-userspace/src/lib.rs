@@ -1,6 +1,7 @@
 //! xlb's controller: data-plane access, the service model, the control API,
 //! and the CLI that drives it.
 pub mod api;
+pub mod bgp;
 pub mod cli;
 pub mod client;
 pub mod config;

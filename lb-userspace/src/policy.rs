@@ -112,6 +112,10 @@ pub enum NatMode {
     /// Full NAT: backends see one of the balancer's addresses and a port
     /// from the service's pool; replies come back without any routing.
     Fullnat,
+    /// Direct server return: packets reach the backends IPIP-encapsulated,
+    /// untouched; backends hold the VIP and answer clients directly
+    /// (`xlb backend-setup`). IPv4; backend port = VIP port.
+    Dsr,
 }
 
 impl fmt::Display for NatMode {
@@ -119,6 +123,7 @@ impl fmt::Display for NatMode {
         f.write_str(match self {
             NatMode::Dnat => "dnat",
             NatMode::Fullnat => "fullnat",
+            NatMode::Dsr => "dsr",
         })
     }
 }
@@ -513,7 +518,7 @@ pub struct ServiceOptions {
     #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<Dur>,
-    /// dnat (default: backends route replies through the balancer) or fullnat.
+    /// dnat (default: backends route replies through the balancer), fullnat, or dsr (IPIP, backends answer clients directly).
     #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<NatMode>,

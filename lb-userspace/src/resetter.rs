@@ -183,6 +183,12 @@ impl Flow {
         }
     }
 
+    /// A direct-server-return flow: the backend's socket is reached only
+    /// through the tunnel, so no RST can be sent to it from here.
+    pub fn is_dsr(&self) -> bool {
+        self.fwd.nat_flags & lb_common::maps::NAT_ENCAP != 0
+    }
+
     pub fn is_tcp(&self) -> bool {
         self.key.proto == lb_common::maps::PROTO_TCP
     }

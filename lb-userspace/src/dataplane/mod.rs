@@ -33,6 +33,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const PROGRAM: &str = "xlb";
 /// Name of the pass-only program (for veth peers in test topologies).
 pub const PASS_PROGRAM: &str = "xlb_pass";
+/// Name of the DSR backends' decapsulation program.
+pub const DECAP_PROGRAM: &str = "xlb_decap";
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -741,6 +743,50 @@ fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32, ports_ent
         }
     }
     Ok(())
+}
+
+/// Attaches the DSR decapsulation program to `iface` and pins its link at
+/// `link_pin`, so it stays after this process exits (`xlb backend-setup`).
+/// Returns the XDP mode obtained.
+pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Result<&'static str> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(DataplaneError::EmptyObject);
+    }
+    let idx = ifindex(iface)?;
+    let mut loader = EbpfLoader::new();
+    // The program uses no map: the balancer's tables are made minimal.
+    for name in [names::CONNS, names::HALF_OPEN, names::PORTS] {
+        loader.map_max_entries(name, 2);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(DECAP_PROGRAM)
+        .ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { op: "finding", prog: DECAP_PROGRAM, source })?;
+    prog.load().map_err(|source| DataplaneError::Program { op: "verifying and loading", prog: DECAP_PROGRAM, source })?;
+    let tries: &[(XdpMode, &'static str)] = match mode {
+        AttachMode::Native => &[(XdpMode::Driver, "native")],
+        AttachMode::Generic => &[(XdpMode::Skb, "generic")],
+        AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+    };
+    let mut last = None;
+    for (m, name) in tries {
+        match prog.attach_to_if_index(idx, *m) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(|source| DataplaneError::Program { op: "taking the link of", prog: DECAP_PROGRAM, source })?;
+                let fd = FdLink::try_from(link).map_err(|e| DataplaneError::Relink { path: link_pin.to_owned(), source: Box::new(e) })?;
+                if let Some(dir) = link_pin.parent() {
+                    prepare_pin_dir(dir)?;
+                }
+                fd.pin(link_pin).map_err(|source| DataplaneError::PinLink { iface: iface.to_owned(), path: link_pin.to_owned(), source })?;
+                return Ok(name);
+            }
+            Err(source) => last = Some((name, source)),
+        }
+    }
+    let (mode, source) = last.ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?;
+    Err(DataplaneError::Attach { iface: iface.to_owned(), mode, source })
 }
 
 /// Interfaces with a pinned link in `dir` (from a previous run).

@@ -97,4 +97,7 @@ stats! {
     /// DSR: a packet that cannot be encapsulated (IPv6, 802.1Q, no
     /// headroom): passed unchanged.
     PASS_NO_ENCAP = 32, "pass_no_encap";
+    /// Flow entries created (two per NAT flow, one per DSR flow): the
+    /// controller's eviction count starts from it.
+    ENTRIES_CREATED = 33, "entries_created";
 }

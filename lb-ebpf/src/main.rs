@@ -226,6 +226,7 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
         return Verdict::drop(stat::DROP_TABLE_FULL);
     };
     stats::count(stat::NEW_FLOWS);
+    stats::count_n(stat::ENTRIES_CREATED, if entry.nat_flags & NAT_ENCAP != 0 { 1 } else { 2 });
     schedule::count_active(backend_id);
     if maps::SETTINGS.get(SETTING_LOG_NEW_FLOWS).is_some_and(|v| *v != 0) {
         conntrack::report(&pkt.key, entry, None, end_reason::NEW, 0, false);

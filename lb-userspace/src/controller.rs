@@ -326,6 +326,9 @@ pub struct Controller {
     /// State sync with an active/standby peer: role, figures, and where
     /// this node's flow changes go when it is master.
     sync: Option<SyncState>,
+    /// Resolve a new backend's neighbour at once (the daemon only: a
+    /// controller in tests may run where a datagram would leave the host).
+    warm_neighbours: bool,
 }
 
 struct SyncState {
@@ -505,7 +508,17 @@ impl Controller {
             resolver: None,
             dns_ttl: TtlLimits::default(),
             sync: None,
+            warm_neighbours: false,
         }
+    }
+
+    /// Makes the kernel resolve each new backend's next hop when it is
+    /// added (one empty datagram to its discard port), so the data plane's
+    /// first packets to it find the neighbour instead of taking the slow
+    /// path through the kernel.
+    pub fn with_neighbour_warming(mut self) -> Self {
+        self.warm_neighbours = true;
+        self
     }
 
     /// Enables state sync: as master, flow changes go to `out`.
@@ -892,6 +905,13 @@ impl Controller {
         }
         self.addr_ref(backend.ip(), 0, 1)?;
         self.rebuild_ring(sid)?;
+        if self.warm_neighbours {
+            let any: SocketAddr = if backend.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+            let sent = std::net::UdpSocket::bind(any).and_then(|s| s.send_to(&[], SocketAddr::new(backend.ip(), 9)));
+            if let Err(e) = sent {
+                tracing::debug!(%backend, error = %e, "warming the backend's neighbour entry failed");
+            }
+        }
         tracing::info!(service = %sid, %backend, id, weight, "backend added");
         self.dirty = true;
         Ok((sid, id))
@@ -1820,7 +1840,7 @@ impl Controller {
         // was loaded; a restart loses the controller's share of removals.
         // (Counted in the same walk as the flows above.)
         let (entries, half_open) = view.entries;
-        let created = counters.get("new_flows").copied().unwrap_or(0) * 2;
+        let created = counters.get("entries_created").copied().unwrap_or(0);
         let removed = counters.get("entries_removed").copied().unwrap_or(0) + self.dp.entries_deleted() + entries + half_open;
         counters.insert("table_evictions".into(), created.saturating_sub(removed));
         let now = Instant::now();

@@ -203,7 +203,7 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
         None
     };
     let sender = crate::resetter::RstSender::new().context("opening the raw socket for proactive resets (needs CAP_NET_RAW)")?;
-    let mut ctl = Controller::new(dp).with_resets(sender);
+    let mut ctl = Controller::new(dp).with_resets(sender).with_neighbour_warming();
     let ttl = crate::dns::TtlLimits { min: args.dns_min_ttl.0, max: args.dns_max_ttl.0 };
     if ttl.min > ttl.max || ttl.min.is_zero() {
         anyhow::bail!("--dns-min-ttl must be positive and at most --dns-max-ttl");

@@ -7,6 +7,7 @@
 //! deadline, never a bare sleep.
 
 pub mod daemon;
+pub mod ecmp;
 pub mod flows;
 pub mod ha;
 pub mod netns;

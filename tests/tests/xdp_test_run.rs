@@ -108,6 +108,14 @@ fn rig() -> Rig {
     };
     ctl.service_add(vip(84), Proto::Tcp, &full).expect("full-NAT service");
     ctl.backend_add(vip(84), Some(Proto::Tcp), at(BACKEND, 8080), None).expect("full-NAT backend");
+    // DSR: VIP:85 → 10.1.1.2:85 in IPIP from 10.1.1.1 (backend id 6).
+    let dsr = xlb::policy::ServiceOptions {
+        mode: Some(xlb::policy::NatMode::Dsr),
+        snat_source: Some(xlb::policy::SnatSource::Addr(SNAT.into())),
+        ..Default::default()
+    };
+    ctl.service_add(vip(85), Proto::Tcp, &dsr).expect("DSR service");
+    ctl.backend_add(vip(85), Some(Proto::Tcp), at(BACKEND, 85), None).expect("DSR backend");
     Rig { ctl, ns, t0, t1 }
 }
 
@@ -143,6 +151,20 @@ impl Rig {
     fn flow<A: Into<IpAddr>>(&mut self, src: (A, u16), dst: (A, u16), proto: u8) -> Option<lb_common::maps::FlowEntry> {
         let key = flows::key(SocketAddr::new(src.0.into(), src.1), SocketAddr::new(dst.0.into(), dst.1), proto);
         self.ctl.dataplane().flow_get(&key).expect("lookup")
+    }
+
+    /// Runs the DSR backends' decapsulation program once on `frame`.
+    fn run_decap(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let ns = self.ns.name.clone();
+        let prog = self.ctl.dataplane().decap_program().expect("decap program");
+        let res = in_netns(&ns, || {
+            prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+        })
+        .expect("netns")
+        .expect("test_run");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
     }
 
     /// Full-NAT ports held, as (balancer source, port, backend).
@@ -834,4 +856,57 @@ fn full_nat_port_exhaustion_refuses_the_new_flow_and_leaves_the_others_alone() {
     r.ctl.service_set(SocketAddr::new(VIP.into(), 84), Some(Proto::Tcp), &opts).expect("policy");
     assert_eq!(r.run(r.t0, &extra.build()).0, XDP_DROP);
     assert_eq!(r.counter(stats::REFUSED_NO_PORT), 2);
+}
+
+// ---- direct server return ----
+
+#[test]
+fn dsr_encapsulates_the_untouched_packet_and_the_backend_side_strips_it() {
+    let mut r = rig();
+    let mut syn = Frame::tcp((CLIENT, 40500), (VIP, 85), TCP_SYN, 1000, 0);
+    syn.payload = b"dsr".to_vec();
+    let input = syn.build();
+    let (verdict, out) = r.run(r.t0, &input);
+    assert_eq!(verdict, XDP_REDIRECT);
+    // Expected: new MACs, an outer IPv4 header (TTL 64 - 1 hop, DF, IPIP)
+    // from the balancer to the backend, then the client's packet as sent.
+    let inner = &input[14..];
+    let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 63, 4, 0, 0];
+    outer[2..4].copy_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
+    outer.extend_from_slice(&SNAT.octets());
+    outer.extend_from_slice(&BACKEND.octets());
+    let c = lb_common::csum::checksum(&outer);
+    outer[10..12].copy_from_slice(&c.to_ne_bytes());
+    let mut want = Vec::new();
+    want.extend_from_slice(&BACKEND_MAC);
+    want.extend_from_slice(&T1_MAC);
+    want.extend_from_slice(&0x0800u16.to_be_bytes());
+    want.extend_from_slice(&outer);
+    want.extend_from_slice(inner);
+    assert_eq!(out, want, "encapsulated frame differs");
+    let fwd = r.flow((CLIENT, 40500), (VIP, 85), 6).expect("forward entry");
+    assert_eq!(fwd.nat_flags, lb_common::maps::NAT_ENCAP);
+    assert_eq!(r.flow_count(), 1, "DSR keeps one entry: replies do not come back through the balancer");
+    // The backend side: the outer header goes, the client's packet stays.
+    let (verdict, back) = r.run_decap(&out);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(&back[14..], inner, "decapsulated packet differs from what the client sent");
+    assert_eq!(&back[..12], &out[..12], "MACs kept");
+    // Anything else passes the decapsulation program untouched.
+    let plain = Frame::tcp((CLIENT, 40501), (BACKEND, 85), TCP_SYN, 1, 0).build();
+    assert_eq!(r.run_decap(&plain), (XDP_PASS, plain.clone()));
+    // The client's handshake completes: one entry, moved to the table.
+    let ack = Frame::tcp((CLIENT, 40500), (VIP, 85), TCP_ACK, 1004, 77);
+    assert_eq!(r.run(r.t0, &ack.build()).0, XDP_REDIRECT);
+    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (1, 0));
+}
+
+#[test]
+fn dsr_is_refused_where_it_cannot_work() {
+    let mut r = rig();
+    let dsr = xlb::policy::ServiceOptions { mode: Some(xlb::policy::NatMode::Dsr), ..Default::default() };
+    let e = r.ctl.service_add(SocketAddr::new(VIP6.into(), 86), Proto::Tcp, &dsr).expect_err("IPv6 DSR");
+    assert!(e.to_string().contains("IPv4 only"), "{e}");
+    let e = r.ctl.backend_add(SocketAddr::new(VIP.into(), 85), Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8085), None).expect_err("port mismatch");
+    assert!(e.to_string().contains("port must be 85"), "{e}");
 }

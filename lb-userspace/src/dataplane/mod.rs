@@ -193,7 +193,7 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let loaded = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load).and_then(|mut ebpf| {
-            for prog in [PROGRAM, PASS_PROGRAM] {
+            for prog in [PROGRAM, PASS_PROGRAM, DECAP_PROGRAM] {
                 let p: &mut Xdp = ebpf
                     .program_mut(prog)
                     .ok_or(DataplaneError::MissingProgram(prog))?
@@ -274,6 +274,11 @@ impl Dataplane {
     /// The pass-only program (benchmark calibration).
     pub fn pass_program(&mut self) -> Result<&mut Xdp> {
         self.xdp(PASS_PROGRAM)
+    }
+
+    /// The DSR backends' decapsulation program (fixtures).
+    pub fn decap_program(&mut self) -> Result<&mut Xdp> {
+        self.xdp(DECAP_PROGRAM)
     }
 
     /// Kernel memory charged to a map (`memlock` in its fdinfo), in bytes.

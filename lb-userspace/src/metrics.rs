@@ -137,6 +137,38 @@ pub fn render(s: &Status) -> String {
         let name = format!("xlb_dataplane_{k}_total");
         family(&name, "counter", &format!("Data-plane counter {k} (see docs/architecture.md)."), vec![(String::new(), v as f64)]);
     }
+    if let Some(y) = &s.sync {
+        family("xlb_sync_lag_seconds", "gauge", "State sync: send-to-apply delay of the last datagram from the peer (wall clocks).", vec![(String::new(), y.lag_s)]);
+        family(
+            "xlb_sync_role",
+            "gauge",
+            "State sync: 1 for this node's role.",
+            ["master", "backup"].iter().map(|r| (format!("role=\"{r}\""), if y.role.to_string() == *r { 1.0 } else { 0.0 })).collect(),
+        );
+        family(
+            "xlb_sync_datagrams_total",
+            "counter",
+            "State sync datagrams, by what happened to them.",
+            vec![
+                ("event=\"sent\"".into(), y.sent_datagrams as f64),
+                ("event=\"received\"".into(), y.received_datagrams as f64),
+                ("event=\"refused\"".into(), y.refused_datagrams as f64),
+                ("event=\"ignored_as_master\"".into(), y.ignored_as_master as f64),
+            ],
+        );
+        family(
+            "xlb_sync_records_total",
+            "counter",
+            "State sync flow records, by what happened to them.",
+            vec![
+                ("event=\"sent\"".into(), y.sent_records as f64),
+                ("event=\"applied\"".into(), y.applied_records as f64),
+                ("event=\"unknown_service_or_backend\"".into(), y.unknown_records as f64),
+                ("event=\"stale\"".into(), y.stale_ignored as f64),
+            ],
+        );
+        family("xlb_sync_sequence_gaps_total", "counter", "State sync datagrams the peer sent that never arrived (healed by its refreshes).", vec![(String::new(), y.sequence_gaps as f64)]);
+    }
     family(
         "xlb_table_entries",
         "gauge",

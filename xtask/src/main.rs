@@ -37,7 +37,7 @@ enum Cmd {
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2/ethtool/ping for the
 /// netns test bed.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "ethtool", "iputils-ping", "util-linux", "procps", "tmux", "dnsmasq-base"];
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "ethtool", "iputils-ping", "util-linux", "procps", "tmux", "dnsmasq-base", "keepalived", "bird2"];
 /// The peers and load tools of the end-to-end benchmarks (`bench` only).
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "haproxy", "nftables", "iperf3"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

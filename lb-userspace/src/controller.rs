@@ -1959,15 +1959,11 @@ pub struct ExpiryPlan {
     stale_ports: Vec<FlowKey>,
 }
 
-/// Walks the tables (through `walk`, which may use its own map handles so
-/// the controller stays free meanwhile) and decides what expires.
-pub fn plan_expiry(
-    walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>,
-    walk_ports: impl FnOnce(&mut dyn FnMut(&FlowKey, u64)) -> std::result::Result<(), DataplaneError>,
-    input: ExpiryInput,
-) -> Result<ExpiryPlan> {
-    let ExpiryInput { settings, backend_ids } = input;
-    let now = monotonic_ns();
+/// Both tables walked through `walk`: forward entries in order, reverse
+/// entries by key.
+type Directions = (Vec<(FlowKey, FlowEntry)>, HashMap<FlowKey, FlowEntry>);
+
+fn split_directions(walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>) -> Result<Directions> {
     let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
     let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
     walk(&mut |k: &FlowKey, v: &FlowEntry| {
@@ -1977,6 +1973,19 @@ pub fn plan_expiry(
             reverse.insert(*k, *v);
         }
     })?;
+    Ok((forward, reverse))
+}
+
+/// Walks the tables (through `walk`, which may use its own map handles so
+/// the controller stays free meanwhile) and decides what expires.
+pub fn plan_expiry(
+    walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>,
+    walk_ports: impl FnOnce(&mut dyn FnMut(&FlowKey, u64)) -> std::result::Result<(), DataplaneError>,
+    input: ExpiryInput,
+) -> Result<ExpiryPlan> {
+    let ExpiryInput { settings, backend_ids } = input;
+    let now = monotonic_ns();
+    let (forward, mut reverse) = split_directions(walk)?;
     // Full-NAT ports whose flow is gone from both tables (evicted: nobody
     // saw it go) past the grace period of a flow being created; confirmed
     // one by one before they are given back (`expire_apply`).
@@ -2044,15 +2053,7 @@ pub fn plan_expiry(
 /// through `walk` (which may use its own map handles).
 pub fn live_flows(walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>) -> Result<Vec<crate::sync::Record>> {
     let now = monotonic_ns();
-    let mut forward: Vec<(FlowKey, FlowEntry)> = Vec::new();
-    let mut reverse: HashMap<FlowKey, FlowEntry> = HashMap::new();
-    walk(&mut |k: &FlowKey, v: &FlowEntry| {
-        if v.direction == DIR_TO_BACKEND {
-            forward.push((*k, *v));
-        } else {
-            reverse.insert(*k, *v);
-        }
-    })?;
+    let (forward, reverse) = split_directions(walk)?;
     Ok(forward
         .into_iter()
         .map(|(key, fwd)| {

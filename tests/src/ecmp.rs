@@ -11,15 +11,15 @@
 //!
 //! Backends answer clients directly through the router (DSR).
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-};
+use std::{net::Ipv4Addr, path::PathBuf, process::Command};
 
 use anyhow::Context as _;
 
-use crate::{Daemon, Netns, daemon::xlb_bin, netns::unique_prefix};
+use crate::{
+    Daemon, Netns,
+    daemon::xlb_bin,
+    netns::{Spawned, unique_prefix},
+};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 
@@ -31,27 +31,17 @@ pub fn lb_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 2, 0, 11 + i as u8)
 }
 
-/// A process killed (and reaped) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub struct LbNode {
     pub ns: Netns,
     pub daemon: Option<Daemon>,
-    _bird: Option<Proc>,
+    _bird: Option<Spawned>,
     pub bird_socket: PathBuf,
     pub include: PathBuf,
 }
 
 pub struct Fabric {
     pub lbs: Vec<LbNode>,
-    _router_bird: Option<Proc>,
+    _router_bird: Option<Spawned>,
     pub router_bird_socket: PathBuf,
     pub client: Netns,
     pub router: Netns,
@@ -70,18 +60,6 @@ impl Drop for Fabric {
         self._router_bird.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn spawn_in(ns: &Netns, prog: &str, args: &[&str]) -> anyhow::Result<Proc> {
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .arg(prog)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {prog} (installed by `cargo xtask setup`)"))?;
-    Ok(Proc(child))
 }
 
 impl Fabric {
@@ -183,7 +161,7 @@ impl Fabric {
             format!("router id 10.2.0.1;\nprotocol device {{ scan time 1; }}\nprotocol kernel {{\n  merge paths on;\n  ipv4 {{ import none; export all; }};\n}}\n{peers}"),
         )?;
         let sock = self.router_bird_socket.to_string_lossy().into_owned();
-        self._router_bird = Some(spawn_in(&self.router, "bird", &["-f", "-c", conf.to_str().context("path")?, "-s", &sock, "-P", &format!("{sock}.pid")])?);
+        self._router_bird = Some(self.router.spawn("bird", &["-f", "-c", conf.to_str().context("path")?, "-s", &sock, "-P", &format!("{sock}.pid")])?);
         Ok(())
     }
 
@@ -201,7 +179,7 @@ impl Fabric {
             ),
         )?;
         let sock = lb.bird_socket.to_string_lossy().into_owned();
-        let p = spawn_in(&lb.ns, "bird", &["-f", "-c", conf.to_str().context("path")?, "-s", &sock, "-P", &format!("{sock}.pid")])?;
+        let p = lb.ns.spawn("bird", &["-f", "-c", conf.to_str().context("path")?, "-s", &sock, "-P", &format!("{sock}.pid")])?;
         self.lbs[i]._bird = Some(p);
         Ok(())
     }

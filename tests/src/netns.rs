@@ -22,6 +22,16 @@ pub struct Netns {
     pub name: String,
 }
 
+/// A process started in a namespace; killed and reaped on drop.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Netns> {
         run("ip", &["netns", "add", name])?;
@@ -32,6 +42,20 @@ impl Netns {
 
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
+    }
+
+    /// Starts a program inside the namespace (as `exec` does), output
+    /// discarded; it is killed when the handle is dropped.
+    pub fn spawn(&self, prog: &str, args: &[&str]) -> anyhow::Result<Spawned> {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.path()))
+            .arg(prog)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {prog} (installed by `cargo xtask setup`)"))?;
+        Ok(Spawned(child))
     }
 
     /// `ip -n NAME args...`

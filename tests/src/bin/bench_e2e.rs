@@ -24,7 +24,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -33,7 +33,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use testbed::{Daemon, Netns, Topology, TopologyOptions, in_netns, topology::backend_addr, wait_for};
+use testbed::{Daemon, Netns, Topology, TopologyOptions, in_netns, netns::Spawned as Proc, topology::backend_addr, wait_for};
 
 const ROUNDS: usize = 3;
 const HTTP_PORT: u16 = 8080;
@@ -75,26 +75,8 @@ struct Sample {
     split_max_min: Option<f64>,
 }
 
-/// A process started in a namespace, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_in(ns: &Netns, prog: &str, args: &[&str]) -> anyhow::Result<Proc> {
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .arg(prog)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {prog} (installed by `cargo xtask bench`'s setup)"))?;
-    Ok(Proc(child))
+    ns.spawn(prog, args)
 }
 
 fn output_in(ns: &Netns, prog: &str, args: &[&str]) -> anyhow::Result<String> {

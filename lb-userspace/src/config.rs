@@ -70,6 +70,17 @@ impl Config {
 
     /// Applies every entry; the first failure names the entry.
     pub fn apply(&self, ctl: &mut Controller) -> anyhow::Result<()> {
+        let mut res = Ok(());
+        // One ring build per service, not one per backend.
+        let built = ctl.batch(|ctl| {
+            res = self.apply_all(ctl);
+            Ok(())
+        });
+        res?;
+        built.context("config: building the scheduling rings")
+    }
+
+    fn apply_all(&self, ctl: &mut Controller) -> anyhow::Result<()> {
         for (i, s) in self.services.iter().enumerate() {
             ctl.service_add(s.vip, s.proto, &s.settings)
                 .with_context(|| format!("config: service[{i}] {}/{}", s.vip, s.proto))?;

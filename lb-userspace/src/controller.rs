@@ -329,6 +329,10 @@ pub struct Controller {
     /// Resolve a new backend's neighbour at once (the daemon only: a
     /// controller in tests may run where a datagram would leave the host).
     warm_neighbours: bool,
+    /// While a batch of changes runs (`apply`, a config file): the services
+    /// whose rings are rebuilt once at its end instead of after every
+    /// backend (a Maglev table is 65,537 slots).
+    ring_batch: Option<HashSet<ServiceId>>,
 }
 
 struct SyncState {
@@ -509,7 +513,24 @@ impl Controller {
             dns_ttl: TtlLimits::default(),
             sync: None,
             warm_neighbours: false,
+            ring_batch: None,
         }
+    }
+
+    /// Runs `f` with ring rebuilds deferred to its end (one per service
+    /// touched, also when `f` fails half-way). Backends it takes out are
+    /// already marked in the data plane, which never schedules them.
+    pub fn batch<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.ring_batch.is_some() {
+            return f(self);
+        }
+        self.ring_batch = Some(HashSet::new());
+        let res = f(self);
+        let touched = self.ring_batch.take().unwrap_or_default();
+        for sid in touched {
+            self.rebuild_ring(sid)?;
+        }
+        res
     }
 
     /// Makes the kernel resolve each new backend's next hop when it is
@@ -992,6 +1013,10 @@ impl Controller {
     }
 
     fn rebuild_ring(&mut self, sid: ServiceId) -> Result<()> {
+        if let Some(batch) = self.ring_batch.as_mut() {
+            batch.insert(sid);
+            return Ok(());
+        }
         let Some(svc) = self.services.get(&sid) else { return Ok(()) };
         let now = Instant::now();
         let ramp = svc.settings.slow_start.0;
@@ -1083,7 +1108,7 @@ impl Controller {
         if let Some(svc) = self.services.get_mut(&sid) {
             svc.named.insert(name.clone(), named);
         }
-        self.named_sync(sid, name, addrs)?;
+        self.batch(|c| c.named_sync(sid, name, addrs))?;
         let registered = self.svc(&sid)?.named.get(name).map(|n| n.addrs.iter().map(|a| SocketAddr::new(*a, name.port)).collect()).unwrap_or_default();
         tracing::info!(service = %sid, backend = %name, addresses = ?registered, "backend added by name");
         self.dirty = true;
@@ -1192,7 +1217,7 @@ impl Controller {
                 BTreeSet::new()
             }
         };
-        self.named_sync(sid, name, want)
+        self.batch(|c| c.named_sync(sid, name, want))
     }
 
     /// Makes the addresses registered for `name` equal `want`.
@@ -1355,6 +1380,11 @@ impl Controller {
         if dry_run {
             return Ok(changes);
         }
+        self.batch(|c| c.apply_steps(steps))?;
+        Ok(changes)
+    }
+
+    fn apply_steps(&mut self, steps: Vec<Step>) -> Result<()> {
         for step in steps {
             match step {
                 Step::AddService(sid, settings) => {
@@ -1383,7 +1413,7 @@ impl Controller {
                 }
             }
         }
-        Ok(changes)
+        Ok(())
     }
 
     /// Replaces a service's settings whole (validated by the caller).

@@ -259,6 +259,16 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     case("established flows, 1k in the table", &mut small, &acks_1k, CALLS, None, None)?;
     drop(small);
     let mut big = loaded(&r, 1 << 20, 1 << 16, 1 << 20)?;
+    // Controller: a whole walk of the 1M-flow table (2M entries), as the
+    // expiry pass, `status` and the sync refresh do.
+    let walk = {
+        let start = Instant::now();
+        let mut n = 0u64;
+        big.dataplane().for_each_flow(|_, _| n += 1)?;
+        anyhow::ensure!(n == 2 << 20, "walked {n} entries, expected {}", 2 << 20);
+        start.elapsed()
+    };
+    println!("  {:<44} {:>6.0} ms (2M entries, batched lookups)", "controller: walk a 1M-flow table", ms(walk));
     let acks_1m = frames(1 << 20, TCP_ACK, true, 0);
     case("established flows, 1M in the table", &mut big, &acks_1m, CALLS, Some(228.0), Some(230.0))?;
     // New flows: fresh 5-tuples each call, into a half-open table with
@@ -279,5 +289,42 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
         mem_conns as f64 / (1 << 20) as f64,
         mem_half as f64 / 1048576.0
     );
-    Ok(serde_json::json!({ "floor_ns": floor, "pass_repeat_1m_ns": pass_1m, "machine_slowdown_vs_katran_day": scale, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
+    let program = program_size(&mut big)?;
+    println!("  program: {}", program);
+    let apply_1000 = apply_backends(&r, 1000)?;
+    println!("  {:<44} {:>6.0} ms", "controller: apply 1,000 backends (one file)", ms(apply_1000));
+    Ok(serde_json::json!({ "walk_1m_flows_ms": ms(walk), "apply_1000_backends_ms": ms(apply_1000), "program": program, "floor_ns": floor, "pass_repeat_1m_ns": pass_1m, "machine_slowdown_vs_katran_day": scale, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
+}
+
+/// Translated and JIT sizes and the verifier's processed instruction count
+/// of the balancing program (its fdinfo).
+fn program_size(ctl: &mut Controller) -> anyhow::Result<String> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let prog = ctl.dataplane().program()?;
+    let info = prog.info()?;
+    let fd = prog.fd()?.as_fd().as_raw_fd();
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+    let verified = fdinfo.lines().find_map(|l| l.strip_prefix("verified_insns:")).map(|v| v.trim().to_owned()).unwrap_or_else(|| "?".into());
+    let xlated = info.size_translated().unwrap_or(0);
+    Ok(format!("{} BPF instructions ({} bytes translated), {} bytes JIT, verifier processed {} instructions", xlated / 8, xlated, info.size_jitted(), verified))
+}
+
+/// Time for `xlb apply` of one service with `n` backends (validation,
+/// ids, one Maglev table build, map writes).
+fn apply_backends(r: &Rig, n: u32) -> anyhow::Result<Duration> {
+    in_netns(&r.ns.name, || -> anyhow::Result<Duration> {
+        let dp = Dataplane::load(LoadOptions { conn_capacity: 1024, half_open_capacity: Some(1024), pin_dir: None })?;
+        let mut ctl = Controller::new(dp);
+        let backends = (0..n)
+            .map(|i| serde_json::json!({ "backend": format!("10.3.{}.{}:8080", i / 250, 1 + i % 250), "weight": 1 }))
+            .collect::<Vec<_>>();
+        let desired: xlb::declarative::Desired = serde_json::from_value(serde_json::json!({
+            "services": [{ "service": "10.99.0.2:80", "proto": "tcp", "backends": backends }]
+        }))?;
+        let start = Instant::now();
+        let changes = ctl.apply(&desired, false)?;
+        let took = start.elapsed();
+        anyhow::ensure!(changes.len() == n as usize + 1, "{} changes", changes.len());
+        Ok(took)
+    })?
 }

@@ -910,3 +910,16 @@ fn dsr_is_refused_where_it_cannot_work() {
     let e = r.ctl.backend_add(SocketAddr::new(VIP.into(), 85), Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8085), None).expect_err("port mismatch");
     assert!(e.to_string().contains("port must be 85"), "{e}");
 }
+
+#[test]
+fn the_verifier_accepts_the_program_with_headroom() {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut r = rig();
+    let prog = r.ctl.dataplane().program().expect("program");
+    let fd = prog.fd().expect("fd").as_fd().as_raw_fd();
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+    let verified: u64 = fdinfo.lines().find_map(|l| l.strip_prefix("verified_insns:")).and_then(|v| v.trim().parse().ok()).expect("verified_insns");
+    eprintln!("verifier processed {verified} instructions");
+    // The kernel refuses programs past 1,000,000; keep a margin for change.
+    assert!(verified < 900_000, "the verifier processed {verified} instructions: close to the 1M limit");
+}

@@ -557,13 +557,16 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
             return;
         }
     };
-    let mut every = tokio::time::interval(crate::sync::REFRESH);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Every REFRESH, or less often when the table is big: a refresh never
+    // takes more than a fifth of the node's time (a 1M-flow table takes
+    // about a second to walk here).
+    let mut wait = crate::sync::REFRESH;
     loop {
-        every.tick().await;
+        tokio::time::sleep(wait).await;
         if ctl.lock().await.role() != Some(crate::sync::Role::Master) {
             continue;
         }
+        let started = std::time::Instant::now();
         let reader = reader.clone();
         let walked = tokio::task::spawn_blocking(move || crate::controller::live_flows(|f| reader.for_each_flow(f))).await;
         match walked {
@@ -571,6 +574,7 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
             Ok(Err(e)) => tracing::warn!(error = %e, "walking the table for a sync refresh failed"),
             Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
         }
+        wait = crate::sync::REFRESH.max(started.elapsed() * 5);
     }
 }
 

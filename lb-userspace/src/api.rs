@@ -193,8 +193,18 @@ pub struct BackendStatus {
     pub resets: crate::controller::ResetCounts,
     /// Seconds until a draining backend's remaining flows are reset.
     pub drain_remaining_s: Option<f64>,
+    /// Full NAT: source ports this backend's flows hold, of the pool's
+    /// size (watch it before `refused_no_port` starts to count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_ports: Option<PortUse>,
     pub active_flows: u64,
     pub traffic: Traffic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortUse {
+    pub in_use: u64,
+    pub pool: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

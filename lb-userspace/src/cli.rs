@@ -536,6 +536,9 @@ pub fn render_status(s: &Status) -> String {
             if let Some(r) = b.drain_remaining_s {
                 let _ = writeln!(o, "{:<45} draining: {} flows left, reset in {:.1}s", "", b.active_flows, r);
             }
+            if let Some(p) = &b.snat_ports {
+                let _ = writeln!(o, "{:<45} full-NAT source ports in use: {} of {}", "", p.in_use, p.pool);
+            }
             if let Some(e) = &b.last_health_error {
                 let _ = writeln!(o, "{:<45} last health check: {e}", "");
             }

@@ -1874,6 +1874,7 @@ impl Controller {
         let removed = counters.get("entries_removed").copied().unwrap_or(0) + self.dp.entries_deleted() + entries + half_open;
         counters.insert("table_evictions".into(), created.saturating_sub(removed));
         let now = Instant::now();
+        let ports = if self.services.values().any(|s| s.settings.mode == NatMode::Fullnat) { self.dp.ports_in_use()? } else { HashMap::new() };
         let mut services = Vec::new();
         for (sid, svc) in &self.services {
             let mut backends = Vec::new();
@@ -1895,6 +1896,10 @@ impl Controller {
                         .as_ref()
                         .and_then(|d| d.deadline)
                         .map(|d| d.saturating_duration_since(now).as_secs_f64()),
+                    snat_ports: (svc.settings.mode == NatMode::Fullnat).then(|| crate::api::PortUse {
+                        in_use: ports.get(&(addr_from_ip(slot.addr.ip()), be_port(slot.addr.port()))).copied().unwrap_or(0),
+                        pool: svc.settings.snat_ports.len() as u64,
+                    }),
                     active_flows: active,
                     traffic: self.dp.backend_counters(slot.id)?.into(),
                 });

@@ -85,6 +85,8 @@ pub fn render(s: &Status) -> String {
     let mut svc_packets = Vec::new();
     let mut svc_bytes = Vec::new();
     let mut no_port = Vec::new();
+    let mut ports_in_use = Vec::new();
+    let mut ports_pool = Vec::new();
     for svc in &s.services {
         let sl = svc_labels(svc);
         for (dir, p, b) in [("in", svc.traffic.packets_in, svc.traffic.bytes_in), ("out", svc.traffic.packets_out, svc.traffic.bytes_out)] {
@@ -106,6 +108,10 @@ pub fn render(s: &Status) -> String {
             }
             active.push((bl.clone(), b.active_flows as f64));
             no_port.push((bl.clone(), b.traffic.refused_no_port as f64));
+            if let Some(p) = b.snat_ports {
+                ports_in_use.push((bl.clone(), p.in_use as f64));
+                ports_pool.push((bl.clone(), p.pool as f64));
+            }
             weight.push((bl.clone(), b.weight as f64));
             for st in ["up", "down", "draining", "removed"] {
                 state.push((format!("{bl},state=\"{st}\""), if b.state == st { 1.0 } else { 0.0 }));
@@ -122,6 +128,8 @@ pub fn render(s: &Status) -> String {
     family("xlb_service_bytes_total", "counter", "IP bytes of a service, client to backend (in) and back (out).", svc_bytes);
     family("xlb_resets_total", "counter", "Flows reset, by cause (reactive: by the data plane on a packet of a gone backend's flow).", resets);
     family("xlb_backend_resets_total", "counter", "A backend's flows reset, by cause.", backend_resets);
+    family("xlb_backend_snat_ports_in_use", "gauge", "Full NAT: source ports held by a backend's flows.", ports_in_use);
+    family("xlb_backend_snat_ports_pool", "gauge", "Full NAT: size of a backend's source port pool.", ports_pool);
     family("xlb_backend_refused_no_port_total", "counter", "Full NAT: new flows to a backend refused because its source port pool was exhausted.", no_port);
     let mut reasons = Vec::new();
     let mut other = Vec::new();

@@ -103,7 +103,9 @@ impl Topology {
         self.client.ip(&["addr", "add", &format!("{CLIENT_ADDR6}/64"), "dev", "c0", "nodad"])?;
         self.client.ip(&["link", "set", "c0", "up"])?;
         self.client.ip(&["route", "add", "default", "via", &LB_CLIENT_SIDE.to_string()])?;
-        self.client.ip(&["-6", "route", "add", "default", "via", &LB_CLIENT_SIDE6.to_string()])?;
+        // `onlink`: the gateway's connected route may not be installed yet
+        // right after the link comes up (IPv6 adds it asynchronously).
+        self.client.ip(&["-6", "route", "add", "default", "via", &LB_CLIENT_SIDE6.to_string(), "dev", "c0", "onlink"])?;
         self.lb_ifaces.push("l0".into());
         // One link per backend.
         for (i, b) in self.backends.iter().enumerate() {
@@ -118,7 +120,7 @@ impl Topology {
             b.ip(&["link", "set", "b0", "up"])?;
             if !isolated_backends {
                 b.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-                b.ip(&["-6", "route", "add", "default", "via", &gw6.to_string()])?;
+                b.ip(&["-6", "route", "add", "default", "via", &gw6.to_string(), "dev", "b0", "onlink"])?;
             }
             self.lb_ifaces.push(l);
         }

@@ -105,6 +105,7 @@ fn an_exhausted_port_pool_refuses_the_next_flow_and_leaves_the_others_alone() {
     let status = daemon.json(&["status"]).expect("status");
     assert!(status["counters"]["refused_no_port"].as_u64().unwrap_or(0) >= 1, "{status:#}");
     assert!(status["services"][0]["backends"][0]["traffic"]["refused_no_port"].as_u64().unwrap_or(0) >= 1, "{status:#}");
+    assert_eq!(status["services"][0]["backends"][0]["snat_ports"], serde_json::json!({ "in_use": 4, "pool": 4 }), "{status:#}");
     // The four flows go on, each on its own port.
     for (i, c) in open.iter_mut().enumerate() {
         assert_eq!(c.ask(&format!("still there {i}")).expect("existing flow untouched"), "b0");

@@ -585,6 +585,16 @@ impl Dataplane {
         Ok(false)
     }
 
+    /// Full-NAT ports held per backend (address and port as the maps hold
+    /// them), counted in one batched walk.
+    pub fn ports_in_use(&self) -> Result<StdHashMap<(Addr, u16), u64>> {
+        let fd = batch::fd_of(self.map_data(names::PORTS)?);
+        let mut n: StdHashMap<(Addr, u16), u64> = StdHashMap::new();
+        batch::for_each::<FlowKey, u64>(fd, 4096, |k, _| *n.entry((k.src_addr, k.src_port)).or_default() += 1)
+            .map_err(|source| DataplaneError::Syscall { op: "walking", map: names::PORTS, source })?;
+        Ok(n)
+    }
+
     /// Marks a full-NAT port as held (a flow installed by state sync).
     pub fn port_hold(&mut self, key: FlowKey, now_ns: u64) -> Result<()> {
         let map = self.map_mut(names::PORTS)?;

@@ -21,7 +21,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::Context as _;
-use xlb::dataplane::{Dataplane, LoadOptions};
+use xlb::dataplane::Dataplane;
 
 use crate::netns::{Netns, in_netns, unique_prefix};
 
@@ -136,7 +136,7 @@ impl Topology {
         let mut peers: Vec<(&Netns, &str)> = vec![(&self.client, "c0")];
         peers.extend(self.backends.iter().map(|b| (b, "b0")));
         for (ns, iface) in peers {
-            let mut dp = Dataplane::load(LoadOptions { conn_capacity: 1, half_open_capacity: Some(1), pin_dir: None })?;
+            let mut dp = Dataplane::load_pass_only()?;
             in_netns(&ns.name, || -> anyhow::Result<()> {
                 let idx = xlb::dataplane::ifindex(iface)?;
                 dp.attach_pass(idx)?;

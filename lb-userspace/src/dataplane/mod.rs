@@ -199,7 +199,7 @@ impl Dataplane {
                     .ok_or(DataplaneError::MissingProgram(prog))?
                     .try_into()
                     .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
-                p.load().map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
+                load_retrying(p).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
             }
             Ok(ebpf)
         });
@@ -234,6 +234,38 @@ impl Dataplane {
             conn_capacity: opts.conn_capacity,
             half_open_capacity: half_open,
             restored,
+            persist: false,
+            entries_deleted: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Only the pass program, with minimal maps: for the peer ends of veth
+    /// pairs in test and demo topologies (see `attach_pass`).
+    pub fn load_pass_only() -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DataplaneError::EmptyObject);
+        }
+        let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
+        let p: &mut Xdp = ebpf
+            .program_mut(PASS_PROGRAM)
+            .ok_or(DataplaneError::MissingProgram(PASS_PROGRAM))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { op: "finding", prog: PASS_PROGRAM, source })?;
+        load_retrying(p).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog: PASS_PROGRAM, source })?;
+        let mut maps = StdHashMap::new();
+        for name in names::ALL {
+            let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+            maps.insert(name, map);
+        }
+        Ok(Dataplane {
+            ebpf,
+            maps,
+            attachments: Vec::new(),
+            pin_dir: None,
+            nr_cpus: 1,
+            conn_capacity: 0,
+            half_open_capacity: 0,
+            restored: false,
             persist: false,
             entries_deleted: std::sync::atomic::AtomicU64::new(0),
         })
@@ -760,6 +792,35 @@ fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32, ports_ent
     Ok(())
 }
 
+/// A loader that makes every map of the object as small as the kernel
+/// allows: for programs that use none (pass, decapsulation), so loading
+/// them costs no memory worth mentioning (the ring alone is 16 MiB).
+fn minimal_loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    for name in names::ALL {
+        loader.map_max_entries(name, if name == names::FLOW_EVENTS { 4096 } else { 1 });
+    }
+    loader
+}
+
+/// Loads a program, trying again when the kernel answers EAGAIN: it does
+/// so under memory pressure (verifier allocations), transiently — libbpf
+/// retries the same way.
+fn load_retrying(p: &mut Xdp) -> std::result::Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match p.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS => {
+                tracing::debug!(attempt, "loading the program: EAGAIN from the kernel, trying again");
+                std::thread::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Attaches the DSR decapsulation program to `iface` and pins its link at
 /// `link_pin`, so it stays after this process exits (`xlb backend-setup`).
 /// Returns the XDP mode obtained.
@@ -768,18 +829,13 @@ pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Re
         return Err(DataplaneError::EmptyObject);
     }
     let idx = ifindex(iface)?;
-    let mut loader = EbpfLoader::new();
-    // The program uses no map: the balancer's tables are made minimal.
-    for name in [names::CONNS, names::HALF_OPEN, names::PORTS] {
-        loader.map_max_entries(name, 2);
-    }
-    let mut ebpf = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
+    let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
     let prog: &mut Xdp = ebpf
         .program_mut(DECAP_PROGRAM)
         .ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?
         .try_into()
         .map_err(|source| DataplaneError::Program { op: "finding", prog: DECAP_PROGRAM, source })?;
-    prog.load().map_err(|source| DataplaneError::Program { op: "verifying and loading", prog: DECAP_PROGRAM, source })?;
+    load_retrying(prog).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog: DECAP_PROGRAM, source })?;
     let tries: &[(XdpMode, &'static str)] = match mode {
         AttachMode::Native => &[(XdpMode::Driver, "native")],
         AttachMode::Generic => &[(XdpMode::Skb, "generic")],

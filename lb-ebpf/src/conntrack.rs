@@ -125,18 +125,16 @@ pub fn create(
     forward.last_seen_ns = now;
     forward.packets = 1;
     forward.bytes = pkt.ip_len as u64;
-    reverse.fill_reverse_of(key, forward, now);
-    let reverse_key = forward.peer_key(key.proto);
     // TCP flows wait in the half-open table until their handshake
     // completes; UDP flows go straight to the connection table.
     let table = if is_tcp { &HALF_OPEN } else { &CONNS };
     if dsr {
         // The backend answers the client directly: no reverse entry.
-        if table.insert(key, &*forward, BPF_ANY as u64).is_err() {
-            return None;
-        }
+        table.insert(key, &*forward, BPF_ANY as u64).ok()?;
         return Some(forward);
     }
+    reverse.fill_reverse_of(key, forward, now);
+    let reverse_key = forward.peer_key(key.proto);
     table.insert(&reverse_key, &*reverse, BPF_ANY as u64).ok()?;
     if table.insert(key, &*forward, BPF_ANY as u64).is_err() {
         let _ = table.remove(&reverse_key);

@@ -21,7 +21,7 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::{
-        backend_is_gone, end_reason, FlowEntry, SETTING_LOG_NEW_FLOWS, ServiceKey, ADDR_VIP, BACKEND_DOWN, DIR_TO_BACKEND, PROTO_TCP,
+        backend_is_gone, end_reason, FlowEntry, SETTING_LOG_NEW_FLOWS, ServiceKey, ADDR_VIP, BACKEND_DOWN, BACKEND_UNUSED, DIR_TO_BACKEND, PROTO_TCP,
         NAT_ENCAP, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
     },
     stats as stat,
@@ -94,14 +94,9 @@ fn existing_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Option<Ver
         // SAFETY: map value pointer from the kernel.
         let e = unsafe { &*entry };
         let to_backend = e.direction == DIR_TO_BACKEND;
-        let (gone, reason) = match maps::BACKENDS.get(e.backend_id) {
-            Some(b) => (
-                backend_is_gone(b.state),
-                if b.state == BACKEND_DOWN { end_reason::UNHEALTHY } else { end_reason::REMOVED },
-            ),
-            None => (true, end_reason::REMOVED),
-        };
-        if gone {
+        let state = maps::BACKENDS.get(e.backend_id).map_or(BACKEND_UNUSED, |b| b.state);
+        if backend_is_gone(state) {
+            let reason = if state == BACKEND_DOWN { end_reason::UNHEALTHY } else { end_reason::REMOVED };
             let (service_id, backend_id) = (e.service_id, e.backend_id);
             conntrack::remove(&pkt.key, e, table, reason, 0);
             if is_tcp {

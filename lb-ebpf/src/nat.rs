@@ -6,7 +6,7 @@
 
 use lb_common::{
     csum,
-    maps::{addr_bytes, FlowEntry, NAT_DST, NAT_SRC, PROTO_TCP},
+    maps::{addr_bytes, Addr, FlowEntry, NAT_DST, NAT_SRC, PROTO_TCP},
 };
 
 use aya_ebpf::programs::XdpContext;
@@ -25,25 +25,22 @@ use crate::parse::{l4_hdr, ptr_at, Packet};
 fn l4_check(pkt: &Packet, e: &FlowEntry, check: u16, sport: &mut [u8; 2], dport: &mut [u8; 2]) -> u16 {
     let mut c = check;
     if e.nat_flags & NAT_SRC != 0 {
-        c = if pkt.v6 {
-            csum::update_addr16(c, &pkt.key.src_addr, &e.nat_src)
-        } else {
-            csum::update_addr(c, pkt.key.src_addr[3].to_ne_bytes(), e.nat_src[3].to_ne_bytes())
-        };
-        let new = e.nat_sport.to_ne_bytes();
-        c = csum::update_port(c, *sport, new);
-        *sport = new;
+        c = rewrite_end(c, pkt.v6, &pkt.key.src_addr, &e.nat_src, sport, e.nat_sport);
     }
     if e.nat_flags & NAT_DST != 0 {
-        c = if pkt.v6 {
-            csum::update_addr16(c, &pkt.key.dst_addr, &e.nat_dst)
-        } else {
-            csum::update_addr(c, pkt.key.dst_addr[3].to_ne_bytes(), e.nat_dst[3].to_ne_bytes())
-        };
-        let new = e.nat_dport.to_ne_bytes();
-        c = csum::update_port(c, *dport, new);
-        *dport = new;
+        c = rewrite_end(c, pkt.v6, &pkt.key.dst_addr, &e.nat_dst, dport, e.nat_dport);
     }
+    c
+}
+
+/// One end of the tuple: the checksum updated for its address (`old` →
+/// `new`) and port, the port field rewritten.
+#[inline(always)]
+fn rewrite_end(check: u16, v6: bool, old: &Addr, new: &Addr, port_field: &mut [u8; 2], port: u16) -> u16 {
+    let c = if v6 { csum::update_addr16(check, old, new) } else { csum::update_addr(check, old[3].to_ne_bytes(), new[3].to_ne_bytes()) };
+    let port = port.to_ne_bytes();
+    let c = csum::update_port(c, *port_field, port);
+    *port_field = port;
     c
 }
 

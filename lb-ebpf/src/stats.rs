@@ -47,21 +47,19 @@ fn add(c: *mut TrafficCounters, to_backend: bool, bytes: u64, new_flow: bool) {
 /// Counts a reactive RST on the flow's service and backend.
 #[inline(always)]
 pub fn count_reactive_reset(service_id: u32, backend_id: u32) {
-    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)] {
-        if let Some(c) = c {
-            // SAFETY: per-CPU slot, only this CPU writes it while we run.
-            unsafe { (*c).reactive_resets += 1 };
-        }
-    }
+    count_event(service_id, backend_id, |c| c.reactive_resets += 1);
 }
 
 /// Counts a new flow refused for want of a full-NAT source port.
 #[inline(always)]
 pub fn count_no_port(service_id: u32, backend_id: u32) {
-    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)] {
-        if let Some(c) = c {
-            // SAFETY: per-CPU slot, only this CPU writes it while we run.
-            unsafe { (*c).no_port += 1 };
-        }
+    count_event(service_id, backend_id, |c| c.no_port += 1);
+}
+
+#[inline(always)]
+fn count_event(service_id: u32, backend_id: u32, bump: impl Fn(&mut TrafficCounters)) {
+    for c in [SERVICE_STATS.get_ptr_mut(service_id), BACKEND_STATS.get_ptr_mut(backend_id)].into_iter().flatten() {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        bump(unsafe { &mut *c });
     }
 }

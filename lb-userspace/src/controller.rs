@@ -276,6 +276,13 @@ struct Service {
     named: BTreeMap<HostPort, NamedBackend>,
 }
 
+impl NamedBackend {
+    /// A name to be looked up at once (holding `addrs` meanwhile).
+    fn due(weight: u32, addrs: BTreeSet<IpAddr>, now: Instant) -> NamedBackend {
+        NamedBackend { weight, addrs, next_resolve: now, last_answer: now, ttl: Duration::ZERO, last_error: None }
+    }
+}
+
 impl Service {
     /// Whether `addr` was registered by one of the service's names.
     fn owned_by_name(&self, addr: SocketAddr) -> bool {
@@ -347,6 +354,13 @@ fn be_port(p: u16) -> u16 {
 
 fn port_from(p: u16) -> u16 {
     u16::from_be_bytes(p.to_ne_bytes())
+}
+
+fn check_weight(weight: u32) -> Result<()> {
+    if weight == 0 || weight > MAX_WEIGHT {
+        return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
+    }
+    Ok(())
 }
 
 fn check_unicast(what: &str, a: SocketAddr) -> Result<()> {
@@ -892,9 +906,7 @@ impl Controller {
     ) -> Result<(ServiceId, u32)> {
         check_unicast("backend", backend)?;
         let weight = weight.unwrap_or(1);
-        if weight == 0 || weight > MAX_WEIGHT {
-            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
-        }
+        check_weight(weight)?;
         let sid = self.resolve(addr, proto)?;
         if sid.addr.is_ipv4() != backend.is_ipv4() {
             return Err(ControllerError::BadRequest(format!(
@@ -1050,9 +1062,7 @@ impl Controller {
 
     /// Changes a backend's weight at run time.
     pub fn backend_set(&mut self, addr: SocketAddr, proto: Option<Proto>, backend: SocketAddr, weight: u32) -> Result<(ServiceId, u32)> {
-        if weight == 0 || weight > MAX_WEIGHT {
-            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
-        }
+        check_weight(weight)?;
         let sid = self.resolve(addr, proto)?;
         let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
         let service_id = svc.id;
@@ -1077,9 +1087,7 @@ impl Controller {
     /// resolve to at least one address of the service's family.
     pub fn named_add(&mut self, addr: SocketAddr, proto: Option<Proto>, name: &HostPort, weight: Option<u32>, answer: Resolution) -> Result<(ServiceId, Vec<SocketAddr>)> {
         let weight = weight.unwrap_or(1);
-        if weight == 0 || weight > MAX_WEIGHT {
-            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
-        }
+        check_weight(weight)?;
         let sid = self.resolve(addr, proto)?;
         if self.svc(&sid)?.named.contains_key(name) {
             return Err(ControllerError::Conflict(format!("backend {name} is already registered on {sid}")));
@@ -1094,17 +1102,11 @@ impl Controller {
             return Err(ControllerError::BadRequest(format!("{} has no {family} address (the service is {family})", name.host)));
         }
         let now = Instant::now();
-        let named = NamedBackend {
-            weight,
-            addrs: BTreeSet::new(),
-            next_resolve: self.dns_ttl.next(now, &answer),
-            last_answer: now,
-            ttl: match &answer {
-                Resolution::Addrs { ttl, .. } => *ttl,
-                _ => Duration::ZERO,
-            },
-            last_error: None,
-        };
+        let mut named = NamedBackend::due(weight, BTreeSet::new(), now);
+        named.next_resolve = self.dns_ttl.next(now, &answer);
+        if let Resolution::Addrs { ttl, .. } = &answer {
+            named.ttl = *ttl;
+        }
         if let Some(svc) = self.services.get_mut(&sid) {
             svc.named.insert(name.clone(), named);
         }
@@ -1118,22 +1120,13 @@ impl Controller {
     /// Registers a backend by name without an answer yet: the daemon's
     /// upkeep looks it up at once (configuration files, `apply`).
     pub fn named_register(&mut self, sid: ServiceId, name: HostPort, weight: u32) -> Result<()> {
-        if weight == 0 || weight > MAX_WEIGHT {
-            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
-        }
+        check_weight(weight)?;
         if self.resolver.is_none() {
             return Err(ControllerError::BadRequest(format!("backend {name}: backends by DNS name need the daemon's resolver")));
         }
         let now = Instant::now();
         let Some(svc) = self.services.get_mut(&sid) else { return Err(ControllerError::NotFound(format!("service {sid} does not exist"))) };
-        svc.named.entry(name).or_insert(NamedBackend {
-            weight,
-            addrs: BTreeSet::new(),
-            next_resolve: now,
-            last_answer: now,
-            ttl: Duration::ZERO,
-            last_error: None,
-        });
+        svc.named.entry(name).or_insert(NamedBackend::due(weight, BTreeSet::new(), now));
         self.dirty = true;
         Ok(())
     }
@@ -1160,9 +1153,7 @@ impl Controller {
 
     /// Changes the weight of a backend given by name (all its addresses).
     pub fn named_set(&mut self, addr: SocketAddr, proto: Option<Proto>, name: &HostPort, weight: u32) -> Result<(ServiceId, u32)> {
-        if weight == 0 || weight > MAX_WEIGHT {
-            return Err(ControllerError::BadRequest(format!("weight {weight} is out of range 1-{MAX_WEIGHT}")));
-        }
+        check_weight(weight)?;
         let sid = self.resolve(addr, proto)?;
         let Some(named) = self.services.get_mut(&sid).and_then(|s| s.named.get_mut(name)) else {
             return Err(ControllerError::NotFound(format!("backend {name} is not registered on {sid}")));
@@ -1797,17 +1788,7 @@ impl Controller {
                 named: s
                     .named
                     .iter()
-                    .map(|n| {
-                        let nb = NamedBackend {
-                            weight: n.weight,
-                            addrs: n.addrs.iter().copied().collect(),
-                            next_resolve: now,
-                            last_answer: now,
-                            ttl: Duration::ZERO,
-                            last_error: None,
-                        };
-                        (n.name.clone(), nb)
-                    })
+                    .map(|n| (n.name.clone(), NamedBackend::due(n.weight, n.addrs.iter().copied().collect(), now)))
                     .collect(),
             };
             for b in &s.backends {

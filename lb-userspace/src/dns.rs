@@ -82,18 +82,7 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-impl TryFrom<String> for BackendSpec {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<BackendSpec> for String {
-    fn from(b: BackendSpec) -> String {
-        b.to_string()
-    }
-}
+crate::policy::text_serde!(BackendSpec);
 
 impl From<SocketAddr> for BackendSpec {
     fn from(a: SocketAddr) -> Self {

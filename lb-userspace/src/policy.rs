@@ -7,6 +7,28 @@ use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+/// Serde through the text form (`FromStr` / `Display`): settings files,
+/// API requests and `export` all spell these values as the CLI does.
+macro_rules! text_serde {
+    ($($t:ty),* $(,)?) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.to_string()
+            }
+        }
+    )*};
+}
+pub(crate) use text_serde;
+
+text_serde!(FlowPolicy, SnatSource, PortRange, Dur, Probe, StatusRange);
+
 /// What happens to a backend's established flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -41,19 +63,6 @@ impl fmt::Display for FlowPolicy {
             FlowPolicy::Keep => f.write_str("keep"),
             FlowPolicy::Drain(d) => write!(f, "drain:{}", humantime::format_duration(*d)),
         }
-    }
-}
-
-impl TryFrom<String> for FlowPolicy {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<FlowPolicy> for String {
-    fn from(p: FlowPolicy) -> String {
-        p.to_string()
     }
 }
 
@@ -170,19 +179,6 @@ impl fmt::Display for SnatSource {
     }
 }
 
-impl TryFrom<String> for SnatSource {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<SnatSource> for String {
-    fn from(p: SnatSource) -> String {
-        p.to_string()
-    }
-}
-
 /// An inclusive port range, "1024-32767".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -200,6 +196,12 @@ impl PortRange {
     }
 }
 
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
 impl FromStr for PortRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -213,41 +215,21 @@ impl FromStr for PortRange {
     }
 }
 
-impl TryFrom<String> for PortRange {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<PortRange> for String {
-    fn from(r: PortRange) -> String {
-        format!("{}-{}", r.0, r.1)
-    }
-}
-
 /// A duration given as text ("500ms", "2s", "1m 30s").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Dur(pub Duration);
 
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         parse_duration(s).map(Dur)
-    }
-}
-
-impl TryFrom<String> for Dur {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<Dur> for String {
-    fn from(d: Dur) -> String {
-        humantime::format_duration(d.0).to_string()
     }
 }
 
@@ -287,23 +269,16 @@ impl fmt::Display for Probe {
     }
 }
 
-impl TryFrom<String> for Probe {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<Probe> for String {
-    fn from(p: Probe) -> String {
-        p.to_string()
-    }
-}
-
 /// An inclusive range of HTTP status codes, "200-399" or "204".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct StatusRange(pub u16, pub u16);
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == self.1 { write!(f, "{}", self.0) } else { write!(f, "{}-{}", self.0, self.1) }
+    }
+}
 
 impl FromStr for StatusRange {
     type Err = String;
@@ -320,19 +295,6 @@ impl FromStr for StatusRange {
             return Err(err());
         }
         Ok(StatusRange(lo, hi))
-    }
-}
-
-impl TryFrom<String> for StatusRange {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<StatusRange> for String {
-    fn from(r: StatusRange) -> String {
-        if r.0 == r.1 { r.0.to_string() } else { format!("{}-{}", r.0, r.1) }
     }
 }
 

@@ -61,6 +61,11 @@ pub fn backend_addr6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd01, (i + 1) as u16, 0, 0, 0, 0, 0, 2)
 }
 
+/// The any-address of a family, to listen on.
+fn unspecified(v6: bool) -> IpAddr {
+    if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() }
+}
+
 /// The lb's address on backend `i`'s link.
 pub fn lb_backend_side(i: usize, v6: bool) -> IpAddr {
     if v6 {
@@ -178,7 +183,7 @@ impl Topology {
     /// TCP name servers listening on `port` of one family only (so the
     /// addresses they record are that family's, not IPv4-mapped).
     pub fn tcp_servers_of(&self, v6: bool, port: u16) -> anyhow::Result<Vec<crate::TcpNameServer>> {
-        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let any = unspecified(v6);
         self.backends
             .iter()
             .enumerate()
@@ -198,7 +203,7 @@ impl Topology {
 
     /// UDP name servers on `port` of one family.
     pub fn udp_servers_of(&self, v6: bool, port: u16) -> anyhow::Result<Vec<crate::UdpNameServer>> {
-        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let any = unspecified(v6);
         self.backends
             .iter()
             .enumerate()

@@ -194,12 +194,7 @@ impl Dataplane {
         }
         let loaded = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load).and_then(|mut ebpf| {
             for prog in [PROGRAM, PASS_PROGRAM, DECAP_PROGRAM] {
-                let p: &mut Xdp = ebpf
-                    .program_mut(prog)
-                    .ok_or(DataplaneError::MissingProgram(prog))?
-                    .try_into()
-                    .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
-                load_retrying(p).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
+                load_program(&mut ebpf, prog)?;
             }
             Ok(ebpf)
         });
@@ -215,11 +210,7 @@ impl Dataplane {
                 return Err(e);
             }
         };
-        let mut maps = StdHashMap::new();
-        for name in names::ALL {
-            let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
-            maps.insert(name, map);
-        }
+        let maps = take_maps(&mut ebpf)?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Syscall {
             op: "counting CPUs",
             map: names::STATS,
@@ -246,17 +237,8 @@ impl Dataplane {
             return Err(DataplaneError::EmptyObject);
         }
         let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
-        let p: &mut Xdp = ebpf
-            .program_mut(PASS_PROGRAM)
-            .ok_or(DataplaneError::MissingProgram(PASS_PROGRAM))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { op: "finding", prog: PASS_PROGRAM, source })?;
-        load_retrying(p).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog: PASS_PROGRAM, source })?;
-        let mut maps = StdHashMap::new();
-        for name in names::ALL {
-            let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
-            maps.insert(name, map);
-        }
+        load_program(&mut ebpf, PASS_PROGRAM)?;
+        let maps = take_maps(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
             maps,
@@ -803,6 +785,22 @@ fn minimal_loader() -> EbpfLoader<'static> {
     loader
 }
 
+/// Finds, verifies and loads one XDP program of the object.
+fn load_program<'a>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut Xdp> {
+    let p: &mut Xdp = ebpf
+        .program_mut(prog)
+        .ok_or(DataplaneError::MissingProgram(prog))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
+    load_retrying(p).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
+    Ok(p)
+}
+
+/// Takes every map the controller uses out of the loaded object.
+fn take_maps(ebpf: &mut Ebpf) -> Result<StdHashMap<&'static str, Map>> {
+    names::ALL.iter().map(|&name| ebpf.take_map(name).map(|m| (name, m)).ok_or(DataplaneError::MissingMap(name))).collect()
+}
+
 /// Loads a program, trying again when the kernel answers EAGAIN: it does
 /// so under memory pressure (verifier allocations), transiently — libbpf
 /// retries the same way.
@@ -830,12 +828,7 @@ pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Re
     }
     let idx = ifindex(iface)?;
     let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(DECAP_PROGRAM)
-        .ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?
-        .try_into()
-        .map_err(|source| DataplaneError::Program { op: "finding", prog: DECAP_PROGRAM, source })?;
-    load_retrying(prog).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog: DECAP_PROGRAM, source })?;
+    let prog = load_program(&mut ebpf, DECAP_PROGRAM)?;
     let tries: &[(XdpMode, &'static str)] = match mode {
         AttachMode::Native => &[(XdpMode::Driver, "native")],
         AttachMode::Generic => &[(XdpMode::Skb, "generic")],

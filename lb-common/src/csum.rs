@@ -70,6 +70,66 @@ pub const fn udp_fixup(old_check: u16, new_check: u16) -> u16 {
     }
 }
 
+/// The folded pseudo-header sum of a TCP/UDP segment over IPv4 (addresses
+/// as packet words, `l4_len` in bytes). A sender that leaves the checksum
+/// to the NIC (CHECKSUM_PARTIAL: TX offload, the default on veth, tap and
+/// every virtual NIC) stores exactly this value, uncomplemented, in the
+/// checksum field; the NIC (or the kernel) adds the segment's sum later.
+#[inline(always)]
+pub const fn pseudo_fold_v4(src: u32, dst: u32, proto: u8, l4_len: u32) -> u16 {
+    let sum = (src & 0xffff) + (src >> 16) + (dst & 0xffff) + (dst >> 16)
+        + u16::from_ne_bytes([0, proto]) as u32
+        + u16::from_ne_bytes((l4_len as u16).to_be_bytes()) as u32;
+    fold(sum)
+}
+
+/// As [`pseudo_fold_v4`] for IPv6 (RFC 8200 §8.1: 32-bit length, next
+/// header in the last byte); addresses as four packet words each.
+#[inline(always)]
+pub const fn pseudo_fold_v6(src: &[u32; 4], dst: &[u32; 4], proto: u8, l4_len: u32) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 4 {
+        sum += (src[i] & 0xffff) + (src[i] >> 16) + (dst[i] & 0xffff) + (dst[i] >> 16);
+        i += 1;
+    }
+    let len = l4_len.to_be_bytes();
+    sum += u16::from_ne_bytes([len[0], len[1]]) as u32 + u16::from_ne_bytes([len[2], len[3]]) as u32;
+    sum += u16::from_ne_bytes([0, proto]) as u32;
+    fold(sum)
+}
+
+/// A partial checksum (the pseudo-header seed, uncomplemented) after one
+/// 16-bit word of the pseudo-header changed: `seed - old + new`. The RFC
+/// 1624 update of a full checksum applied to a seed moves it the wrong
+/// way (it subtracts what it should add).
+#[inline(always)]
+pub const fn seed_update_u16(seed: u16, old: u16, new: u16) -> u16 {
+    !update_u16(!seed, old, new)
+}
+
+/// As [`seed_update_u16`] for an IPv4 address (packet bytes).
+#[inline(always)]
+pub const fn seed_update_addr(seed: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    !update_addr(!seed, old, new)
+}
+
+/// As [`seed_update_u16`] for an IPv6 address (four packet words).
+#[inline(always)]
+pub const fn seed_update_addr16(seed: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    !update_addr16(!seed, old, new)
+}
+
+/// The full checksum of a segment whose checksum field holds a partial
+/// seed, from the one's complement sum of the whole segment as it is
+/// (seed included): what the NIC or `skb_checksum_help` would have written.
+/// UDP: a zero result is sent as all ones (RFC 768).
+#[inline(always)]
+pub const fn complete(segment_sum: u32, udp: bool) -> u16 {
+    let c = !fold(segment_sum);
+    if udp && c == 0 { 0xffff } else { c }
+}
+
 /// One's complement sum of `data` (odd length padded with a zero byte), added
 /// to `initial`. Not used on the XDP hot path (unbounded loop); used by the
 /// controller to build packets and by tests to verify rewritten ones.
@@ -214,6 +274,78 @@ mod tests {
         assert_eq!(udp_fixup(0, 0x1234), 0);
         assert_eq!(udp_fixup(0x1111, 0), 0xffff);
         assert_eq!(udp_fixup(0x1111, 0x2222), 0x2222);
+    }
+
+    /// A segment as a CHECKSUM_PARTIAL sender leaves it: the field holds
+    /// the pseudo-header seed.
+    fn partial_segment_v4(src: [u8; 4], dst: [u8; 4], seg: &mut [u8], field: usize) {
+        seg[field..field + 2].fill(0);
+        let s = pseudo_fold_v4(u32::from_ne_bytes(src), u32::from_ne_bytes(dst), 6, seg.len() as u32);
+        seg[field..field + 2].copy_from_slice(&s.to_ne_bytes());
+    }
+
+    #[test]
+    fn pseudo_fold_is_what_a_partial_sender_stores_and_completing_gives_the_full_checksum() {
+        let (src, dst) = ([10, 0, 0, 2], [10, 99, 0, 1]);
+        let mut seg = [0u8; 31];
+        seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        seg[2..4].copy_from_slice(&80u16.to_be_bytes());
+        seg[12] = 0x50;
+        seg[20..31].copy_from_slice(b"hello world");
+        let full = l4_checksum_v4(src, dst, 6, &{
+            let mut z = seg;
+            z[16..18].fill(0);
+            z
+        });
+        partial_segment_v4(src, dst, &mut seg, 16);
+        assert_eq!(complete(sum_bytes(&seg, 0), false), full);
+    }
+
+    #[test]
+    fn seed_updates_follow_address_changes_so_completion_matches_a_recompute() {
+        let addrs: [[u8; 4]; 5] = [[10, 0, 0, 1], [255, 255, 255, 255], [0, 0, 0, 1], [192, 168, 0, 199], [172, 16, 254, 1]];
+        for old in addrs {
+            for new in addrs {
+                let dst = [10, 1, 1, 2];
+                let mut seg = [0u8; 24];
+                seg[12] = 0x50;
+                seg[20..24].copy_from_slice(b"ping");
+                partial_segment_v4(old, dst, &mut seg, 16);
+                let seed = u16::from_ne_bytes([seg[16], seg[17]]);
+                let moved = seed_update_addr(seed, old, new);
+                let mut want = seg;
+                partial_segment_v4(new, dst, &mut want, 16);
+                assert_eq!(moved.to_ne_bytes(), [want[16], want[17]], "{old:?} -> {new:?}");
+                // A port is not in the pseudo-header: the seed stays.
+                seg[16..18].copy_from_slice(&moved.to_ne_bytes());
+                seg[0..2].copy_from_slice(&1234u16.to_be_bytes());
+                let mut z = seg;
+                z[16..18].fill(0);
+                assert_eq!(complete(sum_bytes(&seg, 0), false), l4_checksum_v4(new, dst, 6, &z));
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_pseudo_fold_matches_the_pseudo_header_sum() {
+        let src = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let dst = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0xab, 0xcd, 0, 0, 0, 1];
+        let mut pseudo = [0u8; 40];
+        pseudo[0..16].copy_from_slice(&src);
+        pseudo[16..32].copy_from_slice(&dst);
+        pseudo[32..36].copy_from_slice(&1234u32.to_be_bytes());
+        pseudo[39] = 17;
+        let a = crate::maps::addr_from_bytes(src);
+        let b = crate::maps::addr_from_bytes(dst);
+        assert_eq!(pseudo_fold_v6(&a, &b, 17, 1234), fold(sum_bytes(&pseudo, 0)));
+        let moved = seed_update_addr16(pseudo_fold_v6(&a, &b, 17, 1234), &b, &a);
+        assert_eq!(moved, pseudo_fold_v6(&a, &a, 17, 1234));
+    }
+
+    #[test]
+    fn completed_udp_zero_is_sent_as_all_ones() {
+        assert_eq!(complete(0xffff, true), 0xffff);
+        assert_eq!(complete(0xffff, false), 0);
     }
 
     #[test]

@@ -31,8 +31,9 @@ pub mod names {
     pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
     pub const SETTINGS: &str = "XLB_SETTINGS";
     pub const PORTS: &str = "XLB_PORTS";
+    pub const IFACES: &str = "XLB_IFACES";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -49,6 +50,7 @@ pub mod names {
         FLOW_EVENTS,
         SETTINGS,
         PORTS,
+        IFACES,
     ];
 }
 
@@ -128,6 +130,34 @@ pub const MAX_IFACES: u32 = 64;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+
+/// `XLB_IFACES` value bits: what the data plane must know about an
+/// interface it is attached to (keyed by ifindex, written by the
+/// controller at attach time).
+///
+/// The interface can deliver frames whose L4 checksum is only the
+/// pseudo-header seed (CHECKSUM_PARTIAL: sent by a local stack through a
+/// veth, tap or other virtual device with TX checksum offload, the
+/// default). Frames from a physical NIC always carry full checksums, so
+/// a full checksum that happens to equal the seed (1 in 65,536) is never
+/// mistaken for one there.
+pub const IFACE_VIRTUAL: u32 = 1;
+/// Attached in generic (skb) mode: the skb, and with it the kernel's
+/// knowledge that a checksum is still partial, survives every verdict;
+/// in native mode it survives only XDP_PASS.
+pub const IFACE_GENERIC: u32 = 2;
+
+/// `Packet::csum` in the data plane: what the L4 checksum field holds.
+/// A full checksum (updated incrementally, RFC 1624).
+pub const CSUM_FULL: u8 = 0;
+/// A partial seed the kernel will complete for this frame whatever its
+/// verdict (generic mode): kept a seed, moved with the addresses.
+pub const CSUM_SEED_KEPT: u8 = 1;
+/// A partial seed that nobody completes once the frame leaves by XDP_TX or
+/// XDP_REDIRECT (native mode): completed over the segment before it goes;
+/// kept a seed when the frame is passed to the kernel (whose skb still says
+/// partial).
+pub const CSUM_SEED_COMPLETE_ON_TX: u8 = 2;
 
 /// `XLB_ADDRS` value bits: what an address is to the data plane. The first
 /// lookup of every IPv4 packet, so traffic that is none of xlb's business

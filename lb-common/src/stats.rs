@@ -100,4 +100,11 @@ stats! {
     /// Flow entries created (two per NAT flow, one per DSR flow): the
     /// controller's eviction count starts from it.
     ENTRIES_CREATED = 33, "entries_created";
+    /// Frames whose L4 checksum was a partial seed (sent by a local stack
+    /// with TX checksum offload through a virtual interface): NATed with
+    /// the seed kept consistent, and completed before XDP_TX/redirect.
+    CSUM_PARTIAL = 34, "csum_partial";
+    /// A partial-checksum frame too long to complete in XDP: passed to the
+    /// kernel, which completes it (already rewritten).
+    PASS_CSUM_TOO_LONG = 35, "pass_csum_too_long";
 }

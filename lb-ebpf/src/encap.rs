@@ -4,28 +4,38 @@
 //! (LVS-DR/Katran style). Only client → VIP packets pass the balancer.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{csum, maps::FlowEntry};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use lb_common::{
+    csum,
+    maps::{FlowEntry, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, PROTO_TCP},
+    stats,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::{ptr_at, Packet};
+use crate::parse::{l4_hdr, ptr_at, Packet};
 
 const IPPROTO_IPIP: u8 = 4;
+/// Bytes the outer header adds in front of the client's packet.
+pub const OUTER_LEN: usize = Ipv4Hdr::LEN;
 const ETH_P_IP: u16 = 0x0800;
 
 /// Prepends the outer header; false when the packet cannot be
 /// encapsulated (IPv6, or no headroom), and then it is left unchanged.
+/// `leaving`: it will leave as an XDP frame; a partial checksum of the
+/// client's segment is then completed (nobody else will, and the backend
+/// checks it after decapsulation).
 #[inline(always)]
-pub fn ipip(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> bool {
+pub fn ipip(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, leaving: bool) -> Result<(), u32> {
     if pkt.v6 || pkt.vlan {
-        return false;
+        return Err(stats::PASS_NO_ENCAP);
     }
+    let form = if leaving { inner_checksum_form(ctx, pkt) } else { CSUM_FULL };
     // SAFETY: plain helper call; every packet pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
-        return false;
+        return Err(stats::PASS_NO_ENCAP);
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return false };
-    let Some(outer) = ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, EthHdr::LEN) else { return false };
-    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN + Ipv4Hdr::LEN) else { return false };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Err(stats::PASS_NO_ENCAP) };
+    let Some(outer) = ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, EthHdr::LEN) else { return Err(stats::PASS_NO_ENCAP) };
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN + Ipv4Hdr::LEN) else { return Err(stats::PASS_NO_ENCAP) };
     // SAFETY: all three bounds-checked above; the MACs are set by forward.
     unsafe {
         (*eth).ether_type = ETH_P_IP.to_be();
@@ -50,7 +60,23 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> bool {
         let c = !csum::fold(sum);
         o[10..12].copy_from_slice(&c.to_ne_bytes());
     }
-    true
+    if form == CSUM_SEED_COMPLETE_ON_TX && !crate::csum::complete(ctx, pkt, OUTER_LEN) {
+        return Err(stats::PASS_CSUM_TOO_LONG);
+    }
+    Ok(())
+}
+
+/// The checksum form of the client's segment (see `nat::checksum_form`).
+#[inline(always)]
+fn inner_checksum_form(ctx: &XdpContext, pkt: &Packet) -> u8 {
+    let check = if pkt.key.proto == PROTO_TCP {
+        // SAFETY: bounds-checked by l4_hdr.
+        l4_hdr::<TcpHdr>(ctx, pkt).map(|t| unsafe { (*t).check })
+    } else {
+        // SAFETY: bounds-checked by l4_hdr.
+        l4_hdr::<UdpHdr>(ctx, pkt).map(|u| unsafe { (*u).check })
+    };
+    check.map_or(CSUM_FULL, |c| crate::nat::checksum_form(ctx, pkt, u16::from_ne_bytes(c)))
 }
 
 /// The backend side (`xlb_decap`, attached by `xlb backend-setup`): an

@@ -1,7 +1,11 @@
-//! Sending a rewritten packet on: the next hop (from a one-second cache of
-//! FIB lookups), then XDP_TX (same interface) or a devmap redirect. Whatever XDP cannot finish (an
-//! unresolved neighbour, an interface xlb does not manage, TTL expiry) goes
-//! to the kernel, already rewritten, so the kernel completes it.
+//! Sending a packet on, in two steps so the verdict is known before the
+//! packet is touched: [`route`] finds the next hop of the packet's
+//! outgoing tuple (from a one-second cache of FIB lookups) and decides
+//! XDP_TX, a devmap redirect, or a pass to the kernel; [`send`] then
+//! finishes a packet already rewritten (TTL, MACs). Whatever XDP cannot
+//! finish (an unresolved neighbour, an interface xlb does not manage, TTL
+//! expiry, a VLAN tag) goes to the kernel, already rewritten, so the kernel
+//! completes it.
 
 use core::mem;
 
@@ -28,50 +32,64 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Forwards a packet already rewritten to leave with `e`'s tuple.
+/// Where a packet that XDP forwards itself goes.
+pub struct Route {
+    pub hop: NextHop,
+    /// Out of the interface it came in on (XDP_TX).
+    pub same_iface: bool,
+}
+
+/// The route of a packet that will leave with `e`'s tuple, or the pass
+/// verdict when XDP cannot forward it. Reads the packet, never writes it.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, now: u64) -> Verdict {
+pub fn route(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, now: u64) -> Result<Route, Verdict> {
     if pkt.vlan {
         // The egress may be another VLAN or none: the kernel's VLAN devices
         // know which tag (if any) the rewritten packet needs.
-        return Verdict::pass(stats::PASS_VLAN);
+        return Err(Verdict::pass(stats::PASS_VLAN));
     }
     let dst = &e.nat_dst;
     let hop = match NEXT_HOP.get_ptr(dst) {
         // SAFETY: map value pointer from the kernel.
         Some(h) if unsafe { (*h).expires_ns } > now => unsafe { *h },
-        _ => match fib(ctx, pkt, e) {
-            Ok(h) => {
-                let h = NextHop { expires_ns: now + NEXT_HOP_TTL_NS, ..h };
-                let _ = NEXT_HOP.insert(dst, &h, 0);
-                h
-            }
-            Err(v) => return v,
-        },
+        _ => {
+            let h = fib(ctx, pkt, e)?;
+            let h = NextHop { expires_ns: now + NEXT_HOP_TTL_NS, ..h };
+            let _ = NEXT_HOP.insert(dst, &h, 0);
+            h
+        }
     };
-    let ingress = ctx.ingress_ifindex() as u32;
-    let same_iface = hop.ifindex == ingress;
-    // Check the redirect target before touching the packet: once the MACs
-    // are rewritten the kernel would no longer accept it.
+    let same_iface = hop.ifindex == ctx.ingress_ifindex() as u32;
+    // The redirect target is checked before the packet is touched: once
+    // the MACs are rewritten the kernel would no longer accept it.
     if !same_iface && DEVMAP.get(hop.ifindex).is_none() {
-        return Verdict::pass(stats::PASS_NOT_MANAGED_IFACE);
+        return Err(Verdict::pass(stats::PASS_NOT_MANAGED_IFACE));
     }
-    if !nat::decrement_ttl(ctx, pkt) {
-        return Verdict::pass(stats::PASS_TTL);
+    if !nat::ttl_allows_forwarding(ctx, pkt) {
+        // The kernel sends the ICMP time exceeded.
+        return Err(Verdict::pass(stats::PASS_TTL));
     }
+    Ok(Route { hop, same_iface })
+}
+
+/// Finishes a packet already rewritten for `r`: TTL, MACs, XDP_TX or the
+/// redirect.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, pkt: &Packet, r: &Route) -> Verdict {
+    nat::decrement_ttl(ctx, pkt);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Verdict::drop(stats::DROP_MALFORMED) };
     // SAFETY: bounds-checked just above.
     unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
+        (*eth).dst_addr = r.hop.dmac;
+        (*eth).src_addr = r.hop.smac;
     }
-    if same_iface {
+    if r.same_iface {
         return Verdict { action: xdp_action::XDP_TX, stat: stats::TX };
     }
     // The entry was present a moment ago; should it vanish in between, the
     // helper returns the low bits of the flags: drop.
     let action = DEVMAP
-        .redirect(hop.ifindex, xdp_action::XDP_DROP as u64)
+        .redirect(r.hop.ifindex, xdp_action::XDP_DROP as u64)
         .unwrap_or(xdp_action::XDP_DROP);
     Verdict { action, stat: stats::REDIRECT }
 }

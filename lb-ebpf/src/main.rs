@@ -8,6 +8,7 @@
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod encap;
 mod forward;
 mod maps;
@@ -132,17 +133,27 @@ fn existing_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Option<Ver
     None
 }
 
+/// Rewrites (or encapsulates) a packet of flow `e` and sends it on. The
+/// route comes first, so the rewrite knows whether the packet leaves as an
+/// XDP frame or goes to the kernel (a partial checksum is completed only in
+/// the first case: see `nat::checksum_form`).
 #[inline(always)]
 fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool, now: u64) -> Verdict {
-    if e.nat_flags & NAT_ENCAP != 0 {
-        if !encap::ipip(ctx, pkt, e) {
-            return Verdict::pass(stat::PASS_NO_ENCAP);
-        }
-    } else {
-        nat::rewrite(ctx, pkt, e);
-    }
     stats::count_traffic(e.service_id, e.backend_id, e.direction == DIR_TO_BACKEND, pkt.ip_len as u64, new_flow);
-    forward::forward(ctx, pkt, e, now)
+    let route = forward::route(ctx, pkt, e, now);
+    let leaving = route.is_ok();
+    if e.nat_flags & NAT_ENCAP != 0 {
+        if let Err(stat) = encap::ipip(ctx, pkt, e, leaving) {
+            return Verdict::pass(stat);
+        }
+    } else if !nat::rewrite(ctx, pkt, e, leaving) {
+        return Verdict::pass(stat::PASS_CSUM_TOO_LONG);
+    }
+    match route {
+        Ok(r) => forward::send(ctx, pkt, &r),
+        // Passed already rewritten: the kernel forwards it.
+        Err(v) => v,
+    }
 }
 
 /// A RST for a live flow is forwarded either way; it tears the flow down

@@ -89,6 +89,11 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 #[map(name = "XLB_DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 
+/// Interfaces the program is attached to: ifindex → `IFACE_*` bits
+/// (checksum handling). Controller-written at attach time.
+#[map(name = "XLB_IFACES")]
+pub static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_IFACES, 0);
+
 /// Full-NAT source ports in use: backend → balancer key of the owning flow
 /// → allocation time. Not LRU (see `lb_common::maps::PORTS_GRACE_NS`).
 /// Capacity set at load time (connection + half-open capacity).

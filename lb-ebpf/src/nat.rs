@@ -6,64 +6,104 @@
 
 use lb_common::{
     csum,
-    maps::{addr_bytes, Addr, FlowEntry, NAT_DST, NAT_SRC, PROTO_TCP},
+    maps::{addr_bytes, Addr, FlowEntry, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, PROTO_TCP},
 };
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     udp::UdpHdr,
 };
 
-use crate::parse::{l4_hdr, ptr_at, Packet};
+use crate::{
+    maps::IFACES,
+    parse::{l4_hdr, ptr_at, Packet},
+};
 
 /// The L4 checksum after rewriting the addresses and ports `e` changes
 /// (the checksum covers the addresses through the pseudo-header), with the
-/// port fields rewritten on the way.
+/// port fields rewritten on the way. A partial seed (`full` false) follows
+/// the addresses only: the ports are summed when it is completed.
 #[inline(always)]
-fn l4_check(pkt: &Packet, e: &FlowEntry, check: u16, sport: &mut [u8; 2], dport: &mut [u8; 2]) -> u16 {
-    let mut c = check;
+fn l4_check(pkt: &Packet, e: &FlowEntry, full: bool, check: u16, sport: &mut [u8; 2], dport: &mut [u8; 2]) -> u16 {
+    // The seed is a checksum's complement: the same update, on its complement.
+    let mut c = if full { check } else { !check };
     if e.nat_flags & NAT_SRC != 0 {
-        c = rewrite_end(c, pkt.v6, &pkt.key.src_addr, &e.nat_src, sport, e.nat_sport);
+        c = rewrite_end(c, full, pkt.v6, &pkt.key.src_addr, &e.nat_src, sport, e.nat_sport);
     }
     if e.nat_flags & NAT_DST != 0 {
-        c = rewrite_end(c, pkt.v6, &pkt.key.dst_addr, &e.nat_dst, dport, e.nat_dport);
+        c = rewrite_end(c, full, pkt.v6, &pkt.key.dst_addr, &e.nat_dst, dport, e.nat_dport);
     }
-    c
+    if full { c } else { !c }
 }
 
 /// One end of the tuple: the checksum updated for its address (`old` →
-/// `new`) and port, the port field rewritten.
+/// `new`) and, for a full checksum, its port; the port field rewritten.
 #[inline(always)]
-fn rewrite_end(check: u16, v6: bool, old: &Addr, new: &Addr, port_field: &mut [u8; 2], port: u16) -> u16 {
-    let c = if v6 { csum::update_addr16(check, old, new) } else { csum::update_addr(check, old[3].to_ne_bytes(), new[3].to_ne_bytes()) };
+fn rewrite_end(check: u16, full: bool, v6: bool, old: &Addr, new: &Addr, port_field: &mut [u8; 2], port: u16) -> u16 {
+    let mut c = if v6 { csum::update_addr16(check, old, new) } else { csum::update_addr(check, old[3].to_ne_bytes(), new[3].to_ne_bytes()) };
     let port = port.to_ne_bytes();
-    let c = csum::update_port(c, *port_field, port);
+    if full {
+        c = csum::update_port(c, *port_field, port);
+    }
     *port_field = port;
     c
 }
 
-/// Rewrites the packet to leave with the entry's tuple.
+/// Rewrites the packet to leave with the entry's tuple. `leaving`: it will
+/// leave as an XDP frame (XDP_TX, redirect), else it is passed to the
+/// kernel. A partial checksum (see [`checksum_form`]) is kept a seed for
+/// the new addresses, and completed when the frame leaves as an XDP frame
+/// from a native-mode attachment. False when that completion was impossible
+/// (the frame must then be passed: the kernel completes it).
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) {
+pub fn rewrite(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, leaving: bool) -> bool {
+    // The completion runs here, not inside the global function: the
+    // deepest call chain must stay within the 512-byte stack.
+    xlb_rewrite(ctx.ctx, pkt, e, leaving as u64) == 0 || crate::csum::complete(ctx, pkt, 0)
+}
+
+/// [`rewrite`] as a global BPF function (exported by the linker, see
+/// build.rs): the verifier checks it once for all callers and all the
+/// verdicts decided before it, instead of once per caller path. Returns 1
+/// when the checksum must now be completed (a seed, leaving as an XDP
+/// frame from a native-mode attachment), else 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xlb_rewrite(ctx: *mut xdp_md, pkt: *const Packet, e: *const FlowEntry, leaving: u64) -> u64 {
+    let ctx = &XdpContext::new(ctx);
+    // Global function arguments may be null as far as the verifier knows.
+    // SAFETY: valid pointers from the callers (`rewrite`), or null.
+    let (Some(pkt), Some(e)) = (unsafe { pkt.as_ref() }, unsafe { e.as_ref() }) else { return 0 };
+    let form = rewrite_inline(ctx, pkt, e);
+    (leaving != 0 && form == CSUM_SEED_COMPLETE_ON_TX) as u64
+}
+
+/// The rewrite; returns the checksum form found (`CSUM_*`).
+#[inline(always)]
+fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> u8 {
     let src = e.nat_flags & NAT_SRC != 0;
     let dst = e.nat_flags & NAT_DST != 0;
+    let form;
     if pkt.key.proto == PROTO_TCP {
-        let Some(tcp) = l4_hdr::<TcpHdr>(ctx, pkt) else { return };
+        let Some(tcp) = l4_hdr::<TcpHdr>(ctx, pkt) else { return CSUM_FULL };
         // SAFETY: bounds-checked just above.
         let tcp = unsafe { &mut *tcp };
-        tcp.check = l4_check(pkt, e, u16::from_ne_bytes(tcp.check), &mut tcp.source, &mut tcp.dest).to_ne_bytes();
+        let old = u16::from_ne_bytes(tcp.check);
+        form = checksum_form(ctx, pkt, old);
+        tcp.check = l4_check(pkt, e, form == CSUM_FULL, old, &mut tcp.source, &mut tcp.dest).to_ne_bytes();
     } else {
-        let Some(udp) = l4_hdr::<UdpHdr>(ctx, pkt) else { return };
+        let Some(udp) = l4_hdr::<UdpHdr>(ctx, pkt) else { return CSUM_FULL };
         // SAFETY: bounds-checked just above.
         let udp = unsafe { &mut *udp };
         let old = u16::from_ne_bytes(udp.check);
-        let c = l4_check(pkt, e, old, &mut udp.src, &mut udp.dst);
-        udp.check = csum::udp_fixup(old, c).to_ne_bytes();
+        form = checksum_form(ctx, pkt, old);
+        let c = l4_check(pkt, e, form == CSUM_FULL, old, &mut udp.src, &mut udp.dst);
+        udp.check = if form == CSUM_FULL { csum::udp_fixup(old, c) } else { c }.to_ne_bytes();
     }
     if pkt.v6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else { return };
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else { return form };
         // SAFETY: bounds-checked just above.
         let ip = unsafe { &mut *ip };
         if src {
@@ -73,7 +113,7 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) {
             ip.dst_addr = addr_bytes(&e.nat_dst);
         }
     } else {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return };
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return form };
         // SAFETY: bounds-checked just above.
         let ip = unsafe { &mut *ip };
         let mut c = u16::from_ne_bytes(ip.check);
@@ -89,32 +129,71 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) {
         }
         ip.check = c.to_ne_bytes();
     }
+    form
+}
+
+/// Whether the L4 checksum field `check` holds a full checksum or only the
+/// pseudo-header seed that a sender with TX checksum offload leaves for the
+/// NIC (`lb_common::maps::CSUM_*`). A few adds per packet; the interface
+/// lookup happens only when the field equals the seed (every such frame
+/// from a virtual interface, 1 in 65,536 others). Decided here, at the
+/// rewrite, so no path before it depends on the answer.
+#[inline(always)]
+pub fn checksum_form(ctx: &XdpContext, pkt: &Packet, check: u16) -> u8 {
+    if check == 0 {
+        // IPv4 UDP without a checksum (never a seed: a seed is the fold of
+        // a non-zero sum).
+        return CSUM_FULL;
+    }
+    let seed = if pkt.v6 {
+        csum::pseudo_fold_v6(&pkt.key.src_addr, &pkt.key.dst_addr, pkt.key.proto, pkt.l4_len)
+    } else {
+        csum::pseudo_fold_v4(pkt.key.src_addr[3], pkt.key.dst_addr[3], pkt.key.proto, pkt.l4_len)
+    };
+    if check != seed {
+        return CSUM_FULL;
+    }
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: read-only use of a value the controller writes whole.
+    match unsafe { IFACES.get(&ifindex) } {
+        Some(f) if f & IFACE_VIRTUAL != 0 => {
+            crate::stats::count(lb_common::stats::CSUM_PARTIAL);
+            if f & IFACE_GENERIC != 0 { CSUM_SEED_KEPT } else { CSUM_SEED_COMPLETE_ON_TX }
+        }
+        _ => CSUM_FULL,
+    }
+}
+
+/// Whether the TTL (IPv4) or hop limit (IPv6) lets the packet be
+/// forwarded: at 1 it would reach zero here, and the kernel must send the
+/// ICMP error.
+#[inline(always)]
+pub fn ttl_allows_forwarding(ctx: &XdpContext, pkt: &Packet) -> bool {
+    if pkt.v6 {
+        // SAFETY: bounds-checked by ptr_at.
+        return ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off).is_some_and(|ip| unsafe { (*ip).hop_limit } > 1);
+    }
+    // SAFETY: bounds-checked by ptr_at.
+    ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off).is_some_and(|ip| unsafe { (*ip).ttl } > 1)
 }
 
 /// Decrements the TTL (IPv4, updating the header checksum) or the hop
-/// limit (IPv6). Returns false when the packet must not be forwarded (it
-/// would reach zero): the kernel sends the ICMP error.
+/// limit (IPv6) of the header at `pkt.l3_off` (checked by
+/// [`ttl_allows_forwarding`] before).
 #[inline(always)]
-pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) -> bool {
+pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) {
     if pkt.v6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else { return false };
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else { return };
         // SAFETY: bounds-checked just above.
         let ip = unsafe { &mut *ip };
-        if ip.hop_limit <= 1 {
-            return false;
-        }
-        ip.hop_limit -= 1;
-        return true;
+        ip.hop_limit = ip.hop_limit.saturating_sub(1);
+        return;
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return false };
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return };
     // SAFETY: bounds-checked just above.
     let ip = unsafe { &mut *ip };
-    if ip.ttl <= 1 {
-        return false;
-    }
     let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    ip.ttl -= 1;
+    ip.ttl = ip.ttl.saturating_sub(1);
     let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
     ip.check = csum::update_u16(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
-    true
 }

@@ -86,8 +86,10 @@ impl Verdict {
 /// A parsed TCP/UDP packet (IPv4 or IPv6) that concerns xlb. Offsets, no
 /// pointers: LLVM may spill a packet pointer as two 32-bit halves (it
 /// knows the high half is zero), which the verifier refuses; users
-/// re-derive pointers with [`ptr_at`].
+/// re-derive pointers with [`ptr_at`]. `repr(C)`: global BPF functions
+/// take it by pointer (its BTF describes the layout).
 #[derive(Default)]
+#[repr(C)]
 pub struct Packet {
     /// Offset of the IP header.
     pub l3_off: usize,
@@ -113,6 +115,8 @@ pub struct Packet {
     pub ip_len: u32,
     /// The frame carries an 802.1Q/802.1ad tag.
     pub vlan: bool,
+    /// L4 header and payload length in bytes.
+    pub l4_len: u32,
 }
 
 /// Largest header offset the program reads at. Offsets travel between BPF
@@ -125,7 +129,13 @@ pub const MAX_IPV6_EXT_BYTES: usize = 256;
 
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    if offset > MAX_HDR_OFFSET {
+    ptr_at_upto::<T, MAX_HDR_OFFSET>(ctx, offset)
+}
+
+/// As [`ptr_at`], for offsets up to `MAX` (payload walks).
+#[inline(always)]
+pub fn ptr_at_upto<T, const MAX: usize>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    if offset > MAX {
         return None;
     }
     // Fresh loads of data/data_end every time: LLVM would otherwise reuse
@@ -222,6 +232,7 @@ fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, r
         payload_len: 0,
         ip_len: ip_len as u32,
         vlan: l3 != EthHdr::LEN,
+        l4_len: 0,
     }
 }
 
@@ -326,6 +337,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Verdict> {
     let l4 = pkt.l4_off;
+    pkt.l4_len = l4_len as u32;
     if pkt.key.proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
         // SAFETY: bounds checked by ptr_at.

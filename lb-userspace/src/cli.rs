@@ -182,6 +182,16 @@ pub struct DaemonArgs {
     /// State sync: role at start (keepalived's notify hook changes it with `xlb role`).
     #[arg(long, value_enum, default_value = "backup")]
     pub role: crate::sync::Role,
+    /// Leave the host's settings alone (the daemon otherwise sets, per
+    /// managed interface, what the data plane needs: forwarding,
+    /// accept_local, loose rp_filter; see docs/operations.md). Without
+    /// --force, refuses to start while one of them is missing.
+    #[arg(long)]
+    pub no_host_setup: bool,
+    /// With --no-host-setup: start even though host settings are missing
+    /// (packets the data plane passes to the kernel will be dropped).
+    #[arg(long, requires = "no_host_setup")]
+    pub force: bool,
     /// DNS server for backends given by name, IP or IP:PORT (repeatable; default: /etc/resolv.conf).
     #[arg(long = "dns-server", value_name = "ADDR", value_parser = parse_dns_server)]
     pub dns_servers: Vec<SocketAddr>,
@@ -392,6 +402,11 @@ pub fn run_detach(cli: &Cli, pin_dir: &std::path::Path, state_file: &std::path::
         }
     }
     crate::dataplane::remove_pins(pin_dir);
+    // The host settings the daemon changed go back as they were.
+    let saved: Option<crate::controller::SavedState> = std::fs::read_to_string(state_file).ok().and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(state) = &saved {
+        crate::host::undo(&crate::host::Sysctl::default(), &state.host_changes);
+    }
     let had_state = std::fs::remove_file(state_file).is_ok();
     if pin_dir.exists() {
         eprintln!("xlb: {} still exists: remove what else is in it by hand", pin_dir.display());

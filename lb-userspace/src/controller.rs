@@ -131,6 +131,10 @@ pub struct SavedState {
     pub version: u32,
     pub interfaces: Vec<crate::dataplane::Attachment>,
     pub services: Vec<SavedService>,
+    /// Host settings the daemon changed, with the values they replaced
+    /// (undone by `--detach-on-exit` and `xlb detach`).
+    #[serde(default)]
+    pub host_changes: Vec<crate::host::Change>,
 }
 
 impl SavedState {
@@ -340,6 +344,8 @@ pub struct Controller {
     /// whose rings are rebuilt once at its end instead of after every
     /// backend (a Maglev table is 65,537 slots).
     ring_batch: Option<HashSet<ServiceId>>,
+    /// Host settings the daemon changed (saved with the model).
+    host_changes: Vec<crate::host::Change>,
 }
 
 struct SyncState {
@@ -434,18 +440,6 @@ fn check_dsr(sid: &ServiceId, settings: &ServiceSettings, backends: impl Iterato
     Ok(())
 }
 
-/// Full NAT needs the kernel to forward packets whose source is one of
-/// this host's addresses (what XDP hands it before a next hop is
-/// resolved); says how to allow it if it is off.
-fn warn_full_nat_prerequisites(sid: &ServiceId) {
-    if sid.addr.is_ipv4() && std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/accept_local").is_ok_and(|v| v.trim() == "0") {
-        tracing::warn!(
-            service = %sid,
-            "net.ipv4.conf.all.accept_local is 0: a full-NAT flow's first packets are lost until the backend's neighbour is resolved; set it to 1 (sysctl -w net.ipv4.conf.all.accept_local=1)"
-        );
-    }
-}
-
 /// Nanoseconds on the clock `bpf_ktime_get_coarse_ns` uses (CLOCK_MONOTONIC).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -528,7 +522,21 @@ impl Controller {
             sync: None,
             warm_neighbours: false,
             ring_batch: None,
+            host_changes: Vec::new(),
         }
+    }
+
+    /// Records host settings the daemon changed.
+    pub fn record_host_changes(&mut self, changes: Vec<crate::host::Change>) {
+        if !changes.is_empty() {
+            crate::host::merge(&mut self.host_changes, changes);
+            self.dirty = true;
+        }
+    }
+
+    /// Host settings the daemon changed (to undo on detach).
+    pub fn host_changes(&self) -> &[crate::host::Change] {
+        &self.host_changes
     }
 
     /// Runs `f` with ring rebuilds deferred to its end (one per service
@@ -827,9 +835,6 @@ impl Controller {
         self.used_service_ids.insert(id);
         self.services.insert(sid, svc);
         self.addr_ref(addr.ip(), 1, 0)?;
-        if self.services[&sid].settings.mode == NatMode::Fullnat {
-            warn_full_nat_prerequisites(&sid);
-        }
         tracing::info!(service = %sid, id, "service added");
         self.dirty = true;
         Ok(sid)
@@ -863,9 +868,6 @@ impl Controller {
         let entry = Self::service_entry(svc);
         self.dp.service_set(Self::service_key(&sid), entry)?;
         self.sync_backends(sid)?;
-        if settings.mode == NatMode::Fullnat {
-            warn_full_nat_prerequisites(&sid);
-        }
         tracing::info!(service = %sid, ?settings, "service settings changed");
         self.dirty = true;
         Ok((sid, settings))
@@ -1757,6 +1759,7 @@ impl Controller {
                         .collect(),
                 })
                 .collect(),
+            host_changes: self.host_changes.clone(),
         }
     }
 
@@ -1772,6 +1775,7 @@ impl Controller {
             )));
         }
         let now = Instant::now();
+        crate::host::merge(&mut self.host_changes, state.host_changes.clone());
         for s in &state.services {
             let sid = ServiceId { addr: s.service, proto: s.proto };
             if s.id >= MAX_SERVICES || !self.used_service_ids.insert(s.id) || self.services.contains_key(&sid) {

@@ -166,6 +166,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     if args.detach_on_exit {
         ctl.dataplane().detach_all();
         ctl.dataplane().unpin();
+        crate::host::undo(&crate::host::Sysctl::default(), ctl.host_changes());
         let _ = std::fs::remove_file(&args.state_file);
         tracing::info!("detached, pins and state removed, bye");
     } else {
@@ -187,7 +188,6 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
     })
         .context("loading the XDP program")?;
     let restored = dp.restored();
-    host_prerequisites();
     let saved: Option<SavedState> = if restored {
         let text = std::fs::read_to_string(&args.state_file).with_context(|| {
             format!(
@@ -211,6 +211,41 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
     match crate::dns::Resolver::new(&args.dns_servers) {
         Ok(r) => ctl = ctl.with_dns(r, ttl),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "no DNS resolver: backends given by name are refused"),
+    }
+    // What the data plane needs from the host, before the first packet.
+    let sys = crate::host::Sysctl::default();
+    if args.no_host_setup {
+        let missing = crate::host::missing(&sys, &args.ifaces);
+        if !missing.is_empty() {
+            let list: Vec<String> = missing.iter().map(|m| format!("  {m}")).collect();
+            if !args.force {
+                if !restored {
+                    ctl.dataplane().unpin();
+                } else {
+                    ctl.dataplane().set_persist(true);
+                }
+                anyhow::bail!(
+                    "--no-host-setup: the data plane needs host settings that are missing:\n{}\nset them (sysctl -w KEY=VALUE), drop --no-host-setup to let the daemon set them, or add --force to start anyway",
+                    list.join("\n")
+                );
+            }
+            for m in &missing {
+                tracing::warn!(setting = m.key, have = m.have, want = m.want, why = m.why, "--force: starting without a host setting the data plane needs");
+            }
+        }
+    } else {
+        let changes = crate::host::apply(&sys, &args.ifaces).map_err(anyhow::Error::msg);
+        match changes {
+            Ok(c) => ctl.record_host_changes(c),
+            Err(e) => {
+                if !restored {
+                    ctl.dataplane().unpin();
+                } else {
+                    ctl.dataplane().set_persist(true);
+                }
+                return Err(e.context("setting up the host for the data plane"));
+            }
+        }
     }
     if args.test_disable_proactive_reset {
         tracing::warn!("proactive resets disabled (test switch): flows of gone backends are reset on their next packet only");
@@ -575,21 +610,5 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
             Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
         }
         wait = crate::sync::REFRESH.max(started.elapsed() * 5);
-    }
-}
-
-/// Warns about host settings the data plane relies on: packets XDP cannot
-/// finish (an unresolved neighbour) go to the kernel, which must forward
-/// them — including replies whose source is the VIP, a local address (a
-/// standby that just took over has not resolved its clients yet).
-fn host_prerequisites() {
-    let read = |p: &str| std::fs::read_to_string(p).map(|v| v.trim().to_owned()).unwrap_or_default();
-    for (path, fix) in [
-        ("/proc/sys/net/ipv4/ip_forward", "sysctl -w net.ipv4.ip_forward=1"),
-        ("/proc/sys/net/ipv4/conf/all/accept_local", "sysctl -w net.ipv4.conf.all.accept_local=1"),
-    ] {
-        if read(path) == "0" {
-            tracing::warn!(setting = path, fix, "packets the data plane hands to the kernel will be dropped until this is set");
-        }
     }
 }

@@ -12,6 +12,7 @@ pub mod flowlog;
 pub mod declarative;
 pub mod dns;
 pub mod health;
+pub mod host;
 pub mod metrics;
 pub mod policy;
 pub mod resetter;

@@ -167,9 +167,17 @@ impl Daemon {
             .context("spawning xlb daemon")
     }
 
-    /// `xlb detach` for this daemon's pins and state.
+    /// `xlb detach` for this daemon's pins and state, run in the daemon's
+    /// namespace (it puts back the host settings the daemon changed there).
     pub fn detach(&self) -> anyhow::Result<Output> {
-        self.cli(&["detach", "--pin-dir", &self.pin_dir.display().to_string(), "--state-file", &self.state_file.display().to_string()])
+        Command::new("nsenter")
+            .arg(&self.args[0])
+            .arg(xlb_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["detach", "--pin-dir", &self.pin_dir.display().to_string(), "--state-file", &self.state_file.display().to_string()])
+            .output()
+            .context("running xlb detach")
     }
 
     pub fn log_text(&self) -> String {

@@ -89,7 +89,7 @@ impl Fabric {
         f.client.ip(&["addr", "add", "10.0.0.2/24", "dev", "c0"])?;
         f.client.ip(&["link", "set", "c0", "up"])?;
         f.client.ip(&["route", "add", "default", "via", "10.0.0.1"])?;
-        f.client.exec("ethtool", &["-K", "c0", "tx", "off"])?;
+        // The router is a router (not the balancer: the daemon sets up its own host).
         f.router.sysctl("net.ipv4.ip_forward", "1")?;
         // Flows spread over the multipath route by their 5-tuple.
         f.router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
@@ -98,18 +98,12 @@ impl Fabric {
             let b = Netns::new(&format!("{prefix}-b{i}"))?;
             f.plug(&b, "s0", &format!("pb{i}"), &format!("{}/24", backend_addr(i)))?;
             b.ip(&["route", "add", "default", "via", "10.2.0.1"])?;
-            b.exec("ethtool", &["-K", "s0", "tx", "off"])?;
             f.backends.push(b);
         }
         for i in 0..2 {
             let ns = Netns::new(&format!("{prefix}-lb{i}"))?;
             f.plug(&ns, "xf", &format!("pl{i}"), &format!("{}/24", lb_addr(i)))?;
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            ns.sysctl("net.ipv4.ip_forward", "1")?;
-            // An encapsulated packet XDP hands to the kernel (backend not
-            // resolved yet) has this node's address as its source.
-            ns.sysctl("net.ipv4.conf.all.accept_local", "1")?;
-            ns.exec("ethtool", &["-K", "xf", "tx", "off"])?;
             let include = f.dir.join(format!("lb{i}-vips.conf"));
             std::fs::write(&include, xlb::bgp::include_text(&[]))?;
             f.lbs.push(LbNode { ns, daemon: None, _bird: None, bird_socket: f.dir.join(format!("lb{i}.ctl")), include });
@@ -211,7 +205,7 @@ impl Fabric {
             out.push_str(&format!("lb{i} counters: {nonzero:?}\n"));
             let nstat = lb.ns.exec("nstat", &["-az"]).unwrap_or_default();
             let interesting: Vec<&str> = nstat.lines().filter(|l| !l.contains(" 0 ") && !l.contains("Ip6") && !l.contains("Octets")).collect();
-            out.push_str(&format!("lb{i} neigh: {}\nlb{i} nstat: {interesting:?}\nlb{i} sysctl: {}\n", lb.ns.ip(&["neigh"]).unwrap_or_default(), lb.ns.exec("sysctl", &["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.xf.rp_filter", "net.ipv4.conf.all.accept_local", "net.ipv4.conf.xf.accept_local"]).unwrap_or_default()));
+            out.push_str(&format!("lb{i} neigh: {}\nlb{i} nstat: {interesting:?}\n", lb.ns.ip(&["neigh"]).unwrap_or_default()));
             out.push_str(&format!(
                 "lb{i} include:\n{}\nlb{i} protocols:\n{}\nlb{i} routes:\n{}\nlb{i} daemon log tail:\n{}\n",
                 std::fs::read_to_string(&lb.include).unwrap_or_default(),

@@ -86,23 +86,13 @@ impl Pair {
             let b = &pair.backends[i];
             pair.plug(b, "s0", &format!("ps{i}"), "brb", &format!("{}/24", backend_addr(i)))?;
             b.ip(&["route", "add", "default", "via", "10.1.0.1"])?;
-            b.exec("ethtool", &["-K", "s0", "tx", "off"])?;
         }
-        pair.client.exec("ethtool", &["-K", "c0", "tx", "off"])?;
         for (n, name) in ["a", "b"].iter().enumerate() {
             let ns = Netns::new(&format!("{prefix}-lb{name}"))?;
             let (cs, bs) = (Ipv4Addr::new(10, 0, 0, 11 + n as u8), Ipv4Addr::new(10, 1, 0, 11 + n as u8));
             pair.plug(&ns, "xc", &format!("p{name}c"), "brc", &format!("{cs}/24"))?;
             pair.plug(&ns, "xb", &format!("p{name}b"), "brb", &format!("{bs}/24"))?;
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
-            ns.sysctl("net.ipv4.ip_forward", "1")?;
-            // A reply XDP hands to the kernel (the new master has not
-            // resolved the client yet) carries the VIP, a local address, as
-            // its source.
-            ns.sysctl("net.ipv4.conf.all.accept_local", "1")?;
-            for iface in ["xc", "xb"] {
-                ns.exec("ethtool", &["-K", iface, "tx", "off"])?;
-            }
             let dir = std::env::temp_dir().join(format!("{prefix}-ha-{name}"));
             std::fs::create_dir_all(&dir)?;
             pair.nodes.push(Node { ns, daemon: None, keepalived: None, client_side: cs, backend_side: bs, dir });

@@ -29,6 +29,9 @@ pub struct Frame {
     pub ext: Vec<(u8, usize)>,
     pub l4: L4,
     pub payload: Vec<u8>,
+    /// The L4 checksum field holds only the pseudo-header seed, as a
+    /// sender with TX checksum offload (CHECKSUM_PARTIAL) leaves it.
+    pub partial_csum: bool,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -49,7 +52,15 @@ impl Frame {
             ext: Vec::new(),
             l4,
             payload: payload.to_vec(),
+            partial_csum: false,
         }
+    }
+
+    /// This frame as a local stack with TX checksum offload sends it: the
+    /// L4 checksum field holds the pseudo-header seed.
+    pub fn partial(mut self) -> Frame {
+        self.partial_csum = true;
+        self
     }
 
     pub fn tcp<A: Into<IpAddr>>(src: (A, u16), dst: (A, u16), flags: u8, seq: u32, ack: u32) -> Frame {
@@ -106,7 +117,11 @@ impl Frame {
                 let opt_len = (doff as usize).saturating_sub(5) * 4;
                 l4.extend(std::iter::repeat_n(1u8, opt_len));
                 l4.extend_from_slice(&self.payload);
-                let c = !csum::fold(csum::sum_bytes(&l4, self.pseudo_sum(proto, l4.len())));
+                let c = if self.partial_csum {
+                    csum::fold(self.pseudo_sum(proto, l4.len()))
+                } else {
+                    !csum::fold(csum::sum_bytes(&l4, self.pseudo_sum(proto, l4.len())))
+                };
                 l4[16..18].copy_from_slice(&c.to_ne_bytes());
             }
             L4::Udp { sport, dport, no_csum } => {
@@ -117,7 +132,10 @@ impl Frame {
                 l4.extend_from_slice(&len.to_be_bytes());
                 l4.extend_from_slice(&[0, 0]);
                 l4.extend_from_slice(&self.payload);
-                if !no_csum {
+                if self.partial_csum {
+                    let c = csum::fold(self.pseudo_sum(proto, l4.len()));
+                    l4[6..8].copy_from_slice(&c.to_ne_bytes());
+                } else if !no_csum {
                     let mut c = !csum::fold(csum::sum_bytes(&l4, self.pseudo_sum(proto, l4.len())));
                     if c == 0 {
                         c = 0xffff;

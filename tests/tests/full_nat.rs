@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use testbed::{Daemon, LineClient, Topology, TopologyOptions, topology::lb_backend_side, wait_for};
+use testbed::{Daemon, LineClient, Topology, TopologyOptions, wait_for};
 
 const PORT: u16 = 8080;
 
@@ -19,7 +19,7 @@ fn require_root() {
 
 fn isolated(backends: usize) -> Topology {
     require_root();
-    Topology::new(TopologyOptions { backends, isolated_backends: true }).expect("topology")
+    Topology::new(TopologyOptions { backends, isolated_backends: true, ..Default::default() }).expect("topology")
 }
 
 /// `n` sequential connections through the VIP of a full-NAT service on
@@ -51,7 +51,7 @@ fn serve_through_full_nat(v6: bool, n: usize) {
     assert!(per_backend.values().all(|&k| k.abs_diff(n / 3) <= 2), "round robin over three: {per_backend:?}");
     for (i, s) in servers.iter().enumerate() {
         let peers = s.seen.peers.lock().expect("lock");
-        let lb: IpAddr = lb_backend_side(i, v6);
+        let lb: IpAddr = topo.lb_backend_side(i, v6);
         assert!(!peers.is_empty(), "{} saw nobody", s.name);
         for p in peers.keys() {
             assert_eq!(p.ip(), lb, "{} saw {p}: not the balancer's address on its link", s.name);

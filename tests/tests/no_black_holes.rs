@@ -27,7 +27,7 @@ fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &
 /// their own link (`isolated`: full-NAT services).
 fn bed_of(v6: bool, isolated: bool, backends: usize, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends, isolated_backends: isolated }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends, isolated_backends: isolated, ..Default::default() }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
     let servers = topo.tcp_servers_of(v6, PORT).expect("servers").into_iter().map(Some).collect();
     let vip = topo.vip_of(v6, 80).to_string();

@@ -15,7 +15,7 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
-    maps::{addr_from_ip, DIR_TO_BACKEND, DIR_TO_CLIENT, NAT_DST, NAT_FULL, NAT_SRC},
+    maps::{addr_from_ip, DIR_TO_BACKEND, DIR_TO_CLIENT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_FULL, NAT_SRC},
     stats, tcp,
 };
 use testbed::{
@@ -73,8 +73,11 @@ fn rig() -> Rig {
     ip(&["addr", "add", "fd99::1/128", "dev", "lo"]);
     ip(&["neigh", "add", "fd00::2", "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"]);
     ip(&["neigh", "add", "fd01:1::2", "lladdr", "02:00:00:00:01:02", "dev", "t1", "nud", "permanent"]);
-    ns.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1").expect("forwarding");
+    // What the daemon would set up on these interfaces (FIB lookups need
+    // forwarding on the input interface).
+    in_netns(&ns.name, || xlb::host::apply(&xlb::host::Sysctl::default(), &["t0".into(), "t1".into()]))
+        .expect("netns")
+        .expect("host setup");
     let t0 = ns.ifindex("t0").expect("t0");
     let t1 = ns.ifindex("t1").expect("t1");
     let mut dp = Dataplane::load(LoadOptions { conn_capacity: 32768, half_open_capacity: Some(32768), pin_dir: None }).expect("load");
@@ -909,6 +912,193 @@ fn dsr_is_refused_where_it_cannot_work() {
     assert!(e.to_string().contains("IPv4 only"), "{e}");
     let e = r.ctl.backend_add(SocketAddr::new(VIP.into(), 85), Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8085), None).expect_err("port mismatch");
     assert!(e.to_string().contains("port must be 85"), "{e}");
+}
+
+// ---- partial checksums (senders with TX checksum offload) ----
+//
+// A local stack sending through a veth, tap or other virtual NIC with TX
+// checksum offload on (the default) leaves only the pseudo-header seed in
+// the L4 checksum field. Inputs below carry that seed; every expected
+// output is built by the test's own packet builder with the checksums it
+// computes from scratch, so an exact byte match proves them.
+
+/// Payload lengths that reach every part of the in-XDP completion: none,
+/// odd, a word pair short of a 512-byte chunk, one chunk, several.
+const PARTIAL_PAYLOADS: [usize; 6] = [0, 1, 3, 471, 472, 1400];
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// What a backend's (or anyone's) frame looks like after source NAT back
+/// to the VIP, sent to the client.
+fn to_client(mut f: Frame, vip: IpAddr, port: u16) -> Frame {
+    f.src = vip;
+    f.ttl -= 1;
+    f.src_mac = T0_MAC;
+    f.dst_mac = CLIENT_MAC;
+    let (L4::Tcp { sport, .. } | L4::Udp { sport, .. }) = &mut f.l4;
+    *sport = port;
+    f
+}
+
+#[test]
+fn partial_checksums_are_completed_when_the_frame_leaves_by_redirect() {
+    let mut r = rig();
+    let mut partial_frames = 0;
+    for (i, n) in PARTIAL_PAYLOADS.iter().enumerate() {
+        let port = 41000 + i as u16;
+        // TCP over IPv4, both ways.
+        let mut syn = Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN, 1000, 0);
+        syn.payload = payload(*n);
+        let (verdict, out) = r.run(r.t0, &syn.clone().partial().build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, to_backend(syn, 8080).build(), "TCP to the backend, {n}-byte payload");
+        let mut syn_ack = Frame::tcp((BACKEND, 8080), (CLIENT, port), TCP_SYN | TCP_ACK, 5000, 1001 + *n as u32);
+        syn_ack.payload = payload(*n);
+        let (verdict, out) = r.run(r.t1, &syn_ack.clone().partial().build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, to_client(syn_ack, VIP.into(), 80).build(), "TCP to the client, {n}-byte payload");
+        // UDP over IPv4.
+        let dgram = Frame::udp((CLIENT, port), (VIP, 53), &payload(*n));
+        let (verdict, out) = r.run(r.t0, &dgram.clone().partial().build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, to_backend(dgram, 5353).build(), "UDP, {n}-byte payload");
+        // TCP over IPv6, both ways.
+        let mut syn6 = Frame::tcp((CLIENT6, port), (VIP6, 80), TCP_SYN, 1000, 0);
+        syn6.payload = payload(*n);
+        let (verdict, out) = r.run(r.t0, &syn6.clone().partial().build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, to_backend6(syn6).build(), "IPv6 TCP to the backend, {n}-byte payload");
+        let mut reply6 = Frame::tcp((BACKEND6, 8080), (CLIENT6, port), TCP_SYN | TCP_ACK, 7000, 1001 + *n as u32);
+        reply6.payload = payload(*n);
+        let (verdict, out) = r.run(r.t1, &reply6.clone().partial().build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, to_client(reply6, VIP6.into(), 80).build(), "IPv6 TCP to the client, {n}-byte payload");
+        partial_frames += 5;
+    }
+    assert_eq!(r.counter(stats::CSUM_PARTIAL), partial_frames, "every partial frame is recognised");
+    // A full checksum is left to the incremental update (and not counted).
+    let full = Frame::tcp((CLIENT, 41999), (VIP, 80), TCP_SYN, 1, 0);
+    let (_, out) = r.run(r.t0, &full.build());
+    assert_eq!(out, to_backend(full, 8080).build());
+    assert_eq!(r.counter(stats::CSUM_PARTIAL), partial_frames);
+}
+
+#[test]
+fn partial_checksums_are_completed_in_full_nat_and_inside_dsr_encapsulation() {
+    let mut r = rig();
+    // Full NAT: both ends rewritten, the seed moved with both addresses.
+    let mut syn = Frame::tcp((CLIENT, 41100), (VIP, 84), TCP_SYN, 1000, 0);
+    syn.payload = payload(1400);
+    let (verdict, out) = r.run(r.t0, &syn.clone().partial().build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    let fwd = r.flow((CLIENT, 41100), (VIP, 84), 6).expect("forward entry");
+    let port = u16::from_be_bytes(fwd.nat_sport.to_ne_bytes());
+    let mut want = to_backend(syn, 8080);
+    want.src = SNAT.into();
+    if let L4::Tcp { sport, .. } = &mut want.l4 {
+        *sport = port;
+    }
+    assert_eq!(out, want.build(), "full NAT towards the backend");
+    let mut reply = Frame::tcp((BACKEND, 8080), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 2401);
+    reply.payload = payload(3);
+    let (verdict, out) = r.run(r.t1, &reply.clone().partial().build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    let mut want = to_client(reply, VIP.into(), 84);
+    want.dst = CLIENT.into();
+    if let L4::Tcp { dport, .. } = &mut want.l4 {
+        *dport = 41100;
+    }
+    assert_eq!(out, want.build(), "full NAT back to the client");
+
+    // DSR: the client's segment is not rewritten, but it reaches the
+    // backend as an XDP frame: its checksum must be whole inside the tunnel.
+    let mut syn = Frame::tcp((CLIENT, 41101), (VIP, 85), TCP_SYN, 1000, 0);
+    syn.payload = payload(999);
+    let (verdict, out) = r.run(r.t0, &syn.clone().partial().build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(&out[14 + 20..], &syn.build()[14..], "the inner packet is the client's, with its checksum completed");
+    assert!(checksums_valid(&out, 14 + 20), "inner checksums");
+    assert_eq!(r.counter(stats::CSUM_PARTIAL), 3);
+}
+
+#[test]
+fn partial_checksums_stay_seeds_where_the_kernel_completes_them() {
+    let mut r = rig();
+    // Passed to the kernel (the backend's neighbour is unresolved): the
+    // skb still says "partial", so the field must stay a seed, moved to
+    // the new addresses, ports untouched.
+    let mut syn = Frame::tcp((CLIENT, 41200), (VIP, 83), TCP_SYN, 1, 0);
+    syn.payload = payload(101);
+    let (verdict, out) = r.run(r.t0, &syn.clone().partial().build());
+    assert_eq!(verdict, XDP_PASS);
+    let mut want = syn.clone();
+    want.dst = Ipv4Addr::new(10, 1, 1, 9).into();
+    if let L4::Tcp { dport, .. } = &mut want.l4 {
+        *dport = 80;
+    }
+    assert_eq!(out, want.clone().partial().build(), "passed: a seed for the rewritten addresses");
+    assert_eq!(r.counter(stats::PASS_NO_NEIGH), 1);
+
+    // Generic (skb) mode: the skb survives even a redirect, and whoever
+    // sends it on completes the checksum: it stays a seed.
+    r.ctl.dataplane().iface_flags_set(r.t0, IFACE_VIRTUAL | IFACE_GENERIC).expect("flags");
+    r.ctl.dataplane().iface_flags_set(r.t1, IFACE_VIRTUAL | IFACE_GENERIC).expect("flags");
+    let mut syn = Frame::tcp((CLIENT, 41201), (VIP, 80), TCP_SYN, 1, 0);
+    syn.payload = payload(7);
+    let (verdict, out) = r.run(r.t0, &syn.clone().partial().build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend(syn, 8080).partial().build(), "generic mode: the seed of the rewritten addresses");
+    let dgram = Frame::udp((CLIENT6, 41201), (VIP6, 80), b"not a service");
+    assert_eq!(r.run(r.t0, &dgram.clone().partial().build()), (XDP_PASS, dgram.partial().build()), "not ours: untouched");
+    let reply = Frame::tcp((BACKEND6, 8080), (CLIENT6, 41202), TCP_ACK, 1, 1);
+    let (verdict, _) = r.run(r.t1, &reply.partial().build());
+    assert_ne!(verdict, XDP_DROP);
+}
+
+/// `f` with a two-byte payload chosen so its full TCP checksum equals the
+/// pseudo-header seed (1 in 65,536 frames do): the field then reads the
+/// same as a partial one.
+fn colliding(mut f: Frame) -> Frame {
+    let field = f.l3_offset() + 20 + 16;
+    // The seed depends on the length, not on the payload's bytes.
+    f.payload = vec![0, 0];
+    let seed = f.clone().partial().build()[field..field + 2].to_vec();
+    for v in 0..=u16::MAX {
+        f.payload = v.to_be_bytes().to_vec();
+        if f.build()[field..field + 2] == seed[..] {
+            return f;
+        }
+    }
+    panic!("no payload makes the checksum collide with the seed");
+}
+
+#[test]
+fn a_full_checksum_that_equals_the_seed_is_only_taken_for_one_on_virtual_interfaces() {
+    let mut r = rig();
+    // A physical NIC never delivers seeds: a colliding full checksum is
+    // updated as the full checksum it is, also when passed to the kernel.
+    r.ctl.dataplane().iface_flags_set(r.t0, 0).expect("flags");
+    let syn = colliding(Frame::tcp((CLIENT, 41300), (VIP, 83), TCP_SYN, 1, 0));
+    let (verdict, out) = r.run(r.t0, &syn.build());
+    assert_eq!(verdict, XDP_PASS);
+    let mut want = syn.clone();
+    want.dst = Ipv4Addr::new(10, 1, 1, 9).into();
+    if let L4::Tcp { dport, .. } = &mut want.l4 {
+        *dport = 80;
+    }
+    assert_eq!(out, want.build(), "physical NIC: a full checksum, updated");
+    assert_eq!(r.counter(stats::CSUM_PARTIAL), 0);
+    // On a virtual interface the same kind of frame is taken for a seed;
+    // leaving by redirect it is completed, which gives the same, correct,
+    // checksum.
+    r.ctl.dataplane().iface_flags_set(r.t0, IFACE_VIRTUAL).expect("flags");
+    let syn = colliding(Frame::tcp((CLIENT, 41301), (VIP, 80), TCP_SYN, 1, 0));
+    let (verdict, out) = r.run(r.t0, &syn.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend(syn, 8080).build(), "virtual NIC: completed, still correct");
+    assert_eq!(r.counter(stats::CSUM_PARTIAL), 1);
 }
 
 #[test]

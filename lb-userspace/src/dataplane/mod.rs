@@ -3,6 +3,7 @@
 //! about services as the operator sees them (that is `controller`).
 
 pub mod batch;
+pub mod iface;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -21,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps::{names, Addr, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, RING_SLOTS},
+    maps::{names, Addr, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, IFACE_GENERIC, IFACE_VIRTUAL, RING_SLOTS},
     stats,
 };
 use thiserror::Error;
@@ -40,79 +41,87 @@ pub const DECAP_PROGRAM: &str = "xlb_decap";
 pub enum DataplaneError {
     #[error("the XDP object is empty: this xlb was built with XLB_SKIP_EBPF; rebuild it with the BPF toolchain (`cargo xtask setup`)")]
     EmptyObject,
-    #[error("loading the XDP object: {0}")]
-    Load(#[source] aya::EbpfError),
+    #[error("loading the XDP object: {}", chain(.0))]
+    Load(aya::EbpfError),
     #[error("the XDP object has no map {0} (object and controller out of sync)")]
     MissingMap(&'static str),
     #[error("the XDP object has no program {0}")]
     MissingProgram(&'static str),
-    #[error("{op} on map {map}: {source}")]
+    #[error("{op} on map {map}: {}", chain(.cause))]
     Map {
         op: &'static str,
         map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
+        cause: aya::maps::MapError,
     },
-    #[error("{op} on map {map}: {source}")]
+    #[error("{op} on map {map}: {}", chain(.cause))]
     Syscall {
         op: &'static str,
         map: &'static str,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("{op} program {prog}: {source}")]
+    #[error("{op} program {prog}: {}", chain(.cause))]
     Program {
         op: &'static str,
         prog: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        cause: aya::programs::ProgramError,
     },
-    #[error("attaching XDP to {iface} in {mode} mode: {source} (is the interface up? try --xdp-mode generic)")]
+    #[error("attaching XDP to {iface} in {mode} mode: {} (is the interface up? try --xdp-mode generic)", chain(.cause))]
     Attach {
         iface: String,
         mode: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        cause: aya::programs::ProgramError,
     },
-    #[error("registering ifindex {ifindex} as a redirect target: {source}")]
+    #[error("registering ifindex {ifindex} as a redirect target: {}", chain(.cause))]
     Devmap {
         ifindex: u32,
-        #[source]
-        source: aya::maps::xdp::XdpMapError,
+        cause: aya::maps::xdp::XdpMapError,
     },
     #[error("interface {0} does not exist")]
     NoSuchInterface(String),
-    #[error("pinning map {map} at {path}: {source} (is bpffs mounted at /sys/fs/bpf? `cargo xtask setup` mounts it)")]
+    #[error("pinning map {map} at {path}: {} (is bpffs mounted at /sys/fs/bpf? `cargo xtask setup` mounts it)", chain(.cause))]
     Pin {
         map: &'static str,
         path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
+        cause: aya::pin::PinError,
     },
     #[error("the pinned data plane in {dir} has another layout than this xlb: {detail}. Its flows cannot be kept: stop here, or remove it with `xlb detach --pin-dir {dir}` and start again (existing connections will be reset)")]
     LayoutMismatch { dir: PathBuf, detail: String },
-    #[error("pinning the XDP link of {iface} at {path}: {source}")]
+    #[error("pinning the XDP link of {iface} at {path}: {}", chain(.cause))]
     PinLink {
         iface: String,
         path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
+        cause: aya::pin::PinError,
     },
-    #[error("taking over the pinned XDP link {path}: {source}")]
+    #[error("taking over the pinned XDP link {path}: {}", chain(.cause.as_ref()))]
     Relink {
         path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("preparing pin directory {path}: {source}")]
+    #[error("preparing pin directory {path}: {}", chain(.cause))]
     PinDir {
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// An error and its causes on one line ("a: b: c"), each once: the
+/// variants above carry their cause in their message, not as a `source`
+/// (which anyhow would print a second time).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
 
 /// Requested XDP attach mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -211,10 +220,10 @@ impl Dataplane {
             }
         };
         let maps = take_maps(&mut ebpf)?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Syscall {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, cause)| DataplaneError::Syscall {
             op: "counting CPUs",
             map: names::STATS,
-            source,
+            cause,
         })?;
         Ok(Dataplane {
             ebpf,
@@ -277,7 +286,7 @@ impl Dataplane {
             .program_mut(prog)
             .ok_or(DataplaneError::MissingProgram(prog))?
             .try_into()
-            .map_err(|source| DataplaneError::Program { op: "finding", prog, source })
+            .map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })
     }
 
     /// The balancing program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -317,22 +326,38 @@ impl Dataplane {
         let ifindex = ifindex(iface)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
         if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
-            let relink = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Relink { path: path.clone(), source };
-            let pinned = PinnedLink::from_pin(path).map_err(|e| relink(Box::new(e)))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| relink(Box::new(e)))?;
-            let id = self.xdp(PROGRAM)?.attach_to_link(link).map_err(|e| relink(Box::new(e)))?;
-            let mode = previous_mode.unwrap_or("unknown");
-            let att = Attachment { iface: iface.to_owned(), ifindex, mode: mode.to_owned() };
-            self.devmap_insert(ifindex)?;
-            self.attachments.push((att.clone(), id));
-            tracing::info!(iface, "took over the pinned XDP link: the new program replaced the old one in place");
-            return Ok(att);
+            match self.take_over_link(path) {
+                Ok(id) => {
+                    let mode = previous_mode.unwrap_or("unknown");
+                    let att = Attachment { iface: iface.to_owned(), ifindex, mode: mode.to_owned() };
+                    self.devmap_insert(ifindex)?;
+                    self.iface_register(iface, ifindex, mode == "generic")?;
+                    self.attachments.push((att.clone(), id));
+                    tracing::info!(iface, "took over the pinned XDP link: the new program replaced the old one in place");
+                    return Ok(att);
+                }
+                Err(e) => {
+                    // Severed (its interface was deleted, maybe re-created
+                    // since: containers, a driver reload): the kernel frees
+                    // it once unpinned; a fresh attachment takes its place.
+                    tracing::warn!(iface, pin = %path.display(), error = %e, "the pinned XDP link of a previous run is severed: replacing it with a fresh attachment (the maps and their flows are kept)");
+                    fs::remove_file(path).map_err(|cause| DataplaneError::PinDir { path: path.clone(), cause })?;
+                }
+            }
         }
+        let veth = iface::driver(iface).is_ok_and(|d| d.name == "veth");
         let try_modes: &[(XdpMode, &str)] = match mode {
             AttachMode::Native => &[(XdpMode::Driver, "native")],
             AttachMode::Generic => &[(XdpMode::Skb, "generic")],
+            // Native XDP on a veth delivers the frames it sends on only to a
+            // peer that runs NAPI (an XDP program or GRO), which this host
+            // may not control: generic mode always works there.
+            AttachMode::Auto if veth => &[(XdpMode::Skb, "generic")],
             AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
         };
+        if veth && mode == AttachMode::Auto {
+            tracing::info!(iface, "a veth: attaching in generic mode (--xdp-mode native needs an XDP program or GRO on its peer)");
+        }
         let mut last_err = None;
         for &(m, name) in try_modes {
             match self.xdp(PROGRAM)?.attach_to_if_index(ifindex, m) {
@@ -342,6 +367,7 @@ impl Dataplane {
                     }
                     let att = Attachment { iface: iface.to_owned(), ifindex, mode: name.to_owned() };
                     self.devmap_insert(ifindex)?;
+                    self.iface_register(iface, ifindex, m == XdpMode::Skb)?;
                     let id = match &link_pin {
                         Some(path) => self.pin_link(iface, link, path)?,
                         None => link,
@@ -349,38 +375,48 @@ impl Dataplane {
                     self.attachments.push((att.clone(), id));
                     return Ok(att);
                 }
-                Err(source) => last_err = Some((name, source)),
+                Err(cause) => last_err = Some((name, cause)),
             }
         }
-        let (mode, source) = last_err.expect("at least one mode was tried");
-        Err(DataplaneError::Attach { iface: iface.to_owned(), mode, source })
+        let (mode, cause) = last_err.expect("at least one mode was tried");
+        Err(DataplaneError::Attach { iface: iface.to_owned(), mode, cause })
+    }
+
+    /// Replaces the program of the XDP link pinned at `path` by this one, in
+    /// place (no packet meets the interface without a program). Fails when
+    /// the link is severed (its interface is gone).
+    fn take_over_link(&mut self, path: &Path) -> Result<XdpLinkId> {
+        let relink = |cause: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Relink { path: path.to_owned(), cause };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| relink(Box::new(e)))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| relink(Box::new(e)))?;
+        self.xdp(PROGRAM)?.attach_to_link(link).map_err(|e| relink(Box::new(e)))
     }
 
     /// Pins a fresh link and hands it back to the program.
     fn pin_link(&mut self, iface: &str, id: XdpLinkId, path: &Path) -> Result<XdpLinkId> {
         let prog = self.xdp(PROGRAM)?;
-        let link = prog.take_link(id).map_err(|source| DataplaneError::Program { op: "taking the link of", prog: PROGRAM, source })?;
+        let link = prog.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog: PROGRAM, cause })?;
         let fd_link = match FdLink::try_from(link) {
             Ok(l) => l,
             Err(e) => {
                 // Netlink attachments (old kernels) cannot be pinned.
-                return Err(DataplaneError::Relink { path: path.to_owned(), source: Box::new(e) });
+                return Err(DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) });
             }
         };
         let pinned = fd_link
             .pin(path)
-            .map_err(|source| DataplaneError::PinLink { iface: iface.to_owned(), path: path.to_owned(), source })?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Relink { path: path.to_owned(), source: Box::new(e) })?;
+            .map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: path.to_owned(), cause })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })?;
         self.xdp(PROGRAM)?
             .attach_to_link(link)
-            .map_err(|e| DataplaneError::Relink { path: path.to_owned(), source: Box::new(e) })
+            .map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })
     }
 
     /// Attaches the pass-only program (for veth peers in test topologies).
     pub fn attach_pass(&mut self, ifindex: u32) -> Result<()> {
         self.xdp(PASS_PROGRAM)?
             .attach_to_if_index(ifindex, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Attach { iface: format!("ifindex {ifindex}"), mode: "native", source })?;
+            .map_err(|cause| DataplaneError::Attach { iface: format!("ifindex {ifindex}"), mode: "native", cause })?;
         Ok(())
     }
 
@@ -396,7 +432,7 @@ impl Dataplane {
                 let _ = fs::remove_file(dir.join(format!("link_{}", att.iface)));
             }
             let res = self.xdp(PROGRAM).and_then(|p| {
-                p.detach(link).map_err(|source| DataplaneError::Program { op: "detaching", prog: PROGRAM, source })
+                p.detach(link).map_err(|cause| DataplaneError::Program { op: "detaching", prog: PROGRAM, cause })
             });
             match res {
                 Ok(()) => tracing::info!(iface = att.iface, "detached"),
@@ -498,7 +534,7 @@ impl Dataplane {
         let zeros = || PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus]);
         for (name, id) in [(names::SERVICE_STATS, service_id), (names::BACKEND_STATS, backend_id)] {
             let Some(id) = id else { continue };
-            let values = zeros().map_err(|source| DataplaneError::Syscall { op: "allocating", map: name, source })?;
+            let values = zeros().map_err(|cause| DataplaneError::Syscall { op: "allocating", map: name, cause })?;
             let map = self.map_mut(name)?;
             let mut m: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(map).map_err(map_err("opening", name))?;
             m.set(id, values, 0).map_err(map_err("zeroing", name))?;
@@ -509,12 +545,46 @@ impl Dataplane {
     fn devmap_insert(&mut self, ifindex: u32) -> Result<()> {
         let map = self.map_mut(names::DEVMAP)?;
         let mut m: DevMapHash<_> = DevMapHash::try_from(map).map_err(map_err("opening", names::DEVMAP))?;
-        m.insert(ifindex, ifindex, None, 0).map_err(|e| DataplaneError::Devmap { ifindex, source: e })
+        m.insert(ifindex, ifindex, None, 0).map_err(|e| DataplaneError::Devmap { ifindex, cause: e })
     }
 
-    /// Makes `ifindex` a redirect target without attaching to it (tests).
+    /// Makes `ifindex` a redirect target without attaching to it (tests),
+    /// registered as a virtual interface in native mode (the tests' veths).
     pub fn add_redirect_target(&mut self, ifindex: u32) -> Result<()> {
-        self.devmap_insert(ifindex)
+        self.devmap_insert(ifindex)?;
+        self.iface_flags_set(ifindex, IFACE_VIRTUAL)
+    }
+
+    /// Tells the data plane how to treat frames arriving on an interface it
+    /// is attached to (`IFACE_*`: whether they may carry partial checksums,
+    /// whether the skb survives the verdict).
+    fn iface_register(&mut self, iface: &str, ifindex: u32, generic: bool) -> Result<()> {
+        let virtual_ = match iface::driver(iface) {
+            Ok(d) => {
+                if d.name == "veth" && !generic {
+                    tracing::info!(
+                        iface,
+                        "native XDP on a veth: frames it sends on (XDP_TX, redirects) reach the other end only if that end runs an XDP program or has GRO on (ethtool -K PEER gro on); otherwise use --xdp-mode generic"
+                    );
+                }
+                d.is_virtual()
+            }
+            // Unknown: assume frames may be partial (the safe side: a seed
+            // is then recognised and completed).
+            Err(e) => {
+                tracing::debug!(iface, error = %e, "no driver information: treating it as a virtual interface");
+                true
+            }
+        };
+        let flags = if virtual_ { IFACE_VIRTUAL } else { 0 } | if generic { IFACE_GENERIC } else { 0 };
+        self.iface_flags_set(ifindex, flags)
+    }
+
+    /// Sets an interface's `IFACE_*` bits (fixtures test both modes).
+    pub fn iface_flags_set(&mut self, ifindex: u32, flags: u32) -> Result<()> {
+        let map = self.map_mut(names::IFACES)?;
+        let mut m: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err("opening", names::IFACES))?;
+        m.insert(ifindex, flags, 0).map_err(map_err("inserting into", names::IFACES))
     }
 
     // ---- connection table ----
@@ -531,7 +601,7 @@ impl Dataplane {
         for (half_open, name) in [(false, names::CONNS), (true, names::HALF_OPEN)] {
             let fd = batch::fd_of(self.map_data(name)?);
             batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(half_open, k, v))
-                .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+                .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
         }
         Ok(())
     }
@@ -550,7 +620,7 @@ impl Dataplane {
         for name in [names::CONNS, names::HALF_OPEN, names::PORTS] {
             let fd = batch::fd_of(self.map_data(name)?)
                 .try_clone_to_owned()
-                .map_err(|source| DataplaneError::Syscall { op: "duplicating the fd of", map: name, source })?;
+                .map_err(|cause| DataplaneError::Syscall { op: "duplicating the fd of", map: name, cause })?;
             fds.push((name, fd));
         }
         Ok(TableReader { fds })
@@ -605,7 +675,7 @@ impl Dataplane {
         let fd = batch::fd_of(self.map_data(names::PORTS)?);
         let mut n: StdHashMap<(Addr, u16), u64> = StdHashMap::new();
         batch::for_each::<FlowKey, u64>(fd, 4096, |k, _| *n.entry((k.src_addr, k.src_port)).or_default() += 1)
-            .map_err(|source| DataplaneError::Syscall { op: "walking", map: names::PORTS, source })?;
+            .map_err(|cause| DataplaneError::Syscall { op: "walking", map: names::PORTS, cause })?;
         Ok(n)
     }
 
@@ -619,7 +689,7 @@ impl Dataplane {
     /// Gives full-NAT ports back (batched). Returns how many were held.
     pub fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
         let fd = batch::fd_of(self.map_data(names::PORTS)?);
-        let (released, _) = batch::delete(fd, keys).map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, source })?;
+        let (released, _) = batch::delete(fd, keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, cause })?;
         Ok(released)
     }
 
@@ -630,11 +700,11 @@ impl Dataplane {
     pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
         let fd = batch::fd_of(self.map_data(names::CONNS)?);
         let (mut deleted, missing) = batch::delete(fd, keys)
-            .map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, source })?;
+            .map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, cause })?;
         if !missing.is_empty() {
             let fd = batch::fd_of(self.map_data(names::HALF_OPEN)?);
             deleted += batch::delete(fd, &missing)
-                .map_err(|source| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, source })?
+                .map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, cause })?
                 .0;
         }
         self.entries_deleted.fetch_add(deleted as u64, std::sync::atomic::Ordering::Relaxed);
@@ -699,7 +769,7 @@ impl TableReader {
                 continue;
             }
             batch::for_each::<FlowKey, FlowEntry>(fd.as_fd(), 4096, |k, v| f(k, v))
-                .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+                .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
         }
         Ok(())
     }
@@ -710,7 +780,7 @@ impl TableReader {
         for (name, fd) in &self.fds {
             if *name == names::PORTS {
                 batch::for_each::<FlowKey, u64>(fd.as_fd(), 4096, |k, v| f(k, *v))
-                    .map_err(|source| DataplaneError::Syscall { op: "walking", map: name, source })?;
+                    .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
             }
         }
         Ok(())
@@ -791,8 +861,8 @@ fn load_program<'a>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut Xd
         .program_mut(prog)
         .ok_or(DataplaneError::MissingProgram(prog))?
         .try_into()
-        .map_err(|source| DataplaneError::Program { op: "finding", prog, source })?;
-    load_retrying(p).map_err(|source| DataplaneError::Program { op: "verifying and loading", prog, source })?;
+        .map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })?;
+    load_retrying(p).map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
     Ok(p)
 }
 
@@ -838,19 +908,19 @@ pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Re
     for (m, name) in tries {
         match prog.attach_to_if_index(idx, *m) {
             Ok(id) => {
-                let link = prog.take_link(id).map_err(|source| DataplaneError::Program { op: "taking the link of", prog: DECAP_PROGRAM, source })?;
-                let fd = FdLink::try_from(link).map_err(|e| DataplaneError::Relink { path: link_pin.to_owned(), source: Box::new(e) })?;
+                let link = prog.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog: DECAP_PROGRAM, cause })?;
+                let fd = FdLink::try_from(link).map_err(|e| DataplaneError::Relink { path: link_pin.to_owned(), cause: Box::new(e) })?;
                 if let Some(dir) = link_pin.parent() {
                     prepare_pin_dir(dir)?;
                 }
-                fd.pin(link_pin).map_err(|source| DataplaneError::PinLink { iface: iface.to_owned(), path: link_pin.to_owned(), source })?;
+                fd.pin(link_pin).map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: link_pin.to_owned(), cause })?;
                 return Ok(name);
             }
-            Err(source) => last = Some((name, source)),
+            Err(cause) => last = Some((name, cause)),
         }
     }
-    let (mode, source) = last.ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?;
-    Err(DataplaneError::Attach { iface: iface.to_owned(), mode, source })
+    let (mode, cause) = last.ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?;
+    Err(DataplaneError::Attach { iface: iface.to_owned(), mode, cause })
 }
 
 /// Interfaces with a pinned link in `dir` (from a previous run).
@@ -877,7 +947,7 @@ fn ports_capacity(conn_capacity: u32, half_open_capacity: u32) -> u32 {
 }
 
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { op, map, source }
+    move |cause| DataplaneError::Map { op, map, cause }
 }
 
 fn ignore_not_found(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
@@ -899,7 +969,7 @@ pub fn ifindex(name: &str) -> Result<u32> {
 /// Creates the pin directory, mounting bpffs at /sys/fs/bpf first if the
 /// directory lives there and nothing is mounted.
 fn prepare_pin_dir(dir: &Path) -> Result<()> {
-    let pin_err = |source| DataplaneError::PinDir { path: dir.to_owned(), source };
+    let pin_err = |cause| DataplaneError::PinDir { path: dir.to_owned(), cause };
     let bpffs = Path::new("/sys/fs/bpf");
     if dir.starts_with(bpffs) && !is_bpffs(bpffs) {
         mount_bpffs(bpffs).map_err(pin_err)?;

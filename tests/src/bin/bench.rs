@@ -167,7 +167,8 @@ fn rig() -> anyhow::Result<Rig> {
     for i in 0..250u32 {
         ns.ip(&["neigh", "add", &format!("10.0.0.{}", i + 2), "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"])?;
     }
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
+    // What the daemon would set up on these interfaces.
+    in_netns(&ns.name, || xlb::host::apply(&xlb::host::Sysctl::default(), &["t0".into(), "t1".into()]))?.map_err(anyhow::Error::msg)?;
     let t0 = ns.ifindex("t0")?;
     Ok(Rig { ns, t0 })
 }

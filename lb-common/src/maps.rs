@@ -334,7 +334,7 @@ impl FlowEntry {
         self.backend_id = fwd.backend_id;
         self.service_id = fwd.service_id;
         self.seq_next = 0;
-        self._pad = 0;
+        self.hop = 0;
         self.created_ns = now;
         self.last_seen_ns = now;
         self.packets = 0;
@@ -395,7 +395,11 @@ pub struct FlowEntry {
     /// receiver expects (host byte order). A RST towards the receiver must
     /// carry exactly this number to be accepted (RFC 5961 §3).
     pub seq_next: u32,
-    pub _pad: u32,
+    /// Backend → client entries: the [`neighbour_hash`] of the next hop
+    /// towards the client (its gateway, or the client itself on-link), once
+    /// a FIB lookup found it; 0 before. Flows behind one gateway share its
+    /// `XLB_NEXT_HOP` slot through it. Written by the data plane.
+    pub hop: u32,
     /// `bpf_ktime_get_coarse_ns` at creation.
     pub created_ns: u64,
     /// `bpf_ktime_get_coarse_ns` at the last packet (refreshed at most every
@@ -471,24 +475,53 @@ pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
 /// How stale `FlowEntry::last_seen_ns` may get before a packet refreshes it.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 250_000_000;
 
-/// Value of `XLB_NEXT_HOP`: where a FIB lookup said packets to an address
-/// go, kept for `NEXT_HOP_TTL_NS` (a FIB lookup costs an order of magnitude
-/// more than the rest of the packet's work).
+/// A slot of `XLB_NEXT_HOP` (a per-CPU array of `NEXT_HOP_SLOTS`): where
+/// a FIB lookup said packets go, kept for `NEXT_HOP_TTL_NS` (a FIB lookup
+/// costs an order of magnitude more than the rest of a packet's work).
+///
+/// Slot `h % NEXT_HOP_SLOTS` holds the next hop whose key hash is `h`
+/// (`hop`, checked on every use). Towards a backend the key is the
+/// backend's address (few, each its own slot); towards a client it is the
+/// next hop's own address, the gateway for routed clients, so any number of
+/// clients behind a gateway share one slot (the flow remembers the hash in
+/// `FlowEntry::hop`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
+    /// The key's [`neighbour_hash`]; 0: empty slot.
+    pub hop: u32,
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// `bpf_ktime_get_coarse_ns` after which the entry is looked up again.
+    /// The route's MTU (0: unknown); larger packets go to the kernel.
+    pub mtu: u16,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_coarse_ns` after which the slot is looked up again.
     pub expires_ns: u64,
 }
 
 /// How long a cached next hop is trusted: route and neighbour changes reach
 /// the data plane within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
-/// Destinations whose next hop is cached (LRU).
-pub const NEXT_HOP_CACHE: u32 = 65536;
+/// Next-hop slots per CPU (a power of two).
+pub const NEXT_HOP_SLOTS: u32 = 65536;
+
+/// The key of a next hop in `XLB_NEXT_HOP`: a 32-bit mix of an address,
+/// never 0. For IPv4 the mix is a bijection (murmur3's finaliser), so two
+/// IPv4 addresses never share a hash: a slot can never hand one neighbour's
+/// MAC to another's traffic. IPv6 addresses are folded first (a collision
+/// needs two of them active at once with equal 32-bit mixes).
+#[inline(always)]
+pub const fn neighbour_hash(a: &Addr) -> u32 {
+    let x = if is_v4(a) { a[3] } else { a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24) ^ 0x5bd1_e995 };
+    let mut h = x;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    if h == 0 { 1 } else { h }
+}
 
 /// `XLB_PORTS`: full-NAT source ports in use, keyed by the backend →
 /// balancer key of the flow that owns them (which is also that flow's
@@ -536,7 +569,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 88);
 const _: () = assert!(core::mem::size_of::<FlowEnd>() == 224);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 56);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -551,4 +584,21 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for FlowEnd {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_neighbour_hashes_never_collide_and_are_never_zero() {
+        // A bijection on 32 bits (0 maps to 0, sent to 1: checked apart).
+        let mut seen = alloc::collections::BTreeSet::new();
+        for i in 0..200_000u32 {
+            let a = addr_v4(u32::from_be_bytes([10, 200, 0, 0]).wrapping_add(i).to_be());
+            assert!(seen.insert(neighbour_hash(&a)), "collision at {i}");
+        }
+        assert!(!seen.contains(&0));
+        assert_ne!(neighbour_hash(&addr_v4(0)), 0);
+    }
 }

@@ -107,4 +107,11 @@ stats! {
     /// A partial-checksum frame too long to complete in XDP: passed to the
     /// kernel, which completes it (already rewritten).
     PASS_CSUM_TOO_LONG = 35, "pass_csum_too_long";
+    /// Larger than the egress MTU after NAT or encapsulation (in generic
+    /// mode: a GSO frame of a sender with TSO): passed to the kernel
+    /// rewritten, which segments it (GSO) or answers it.
+    PASS_TOO_BIG = 36, "pass_too_big";
+    /// FIB lookups (next-hop cache misses: a slot empty, stale or taken by
+    /// another neighbour).
+    FIB_LOOKUPS = 37, "fib_lookups";
 }

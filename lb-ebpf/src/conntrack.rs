@@ -120,7 +120,7 @@ pub fn create(
     forward.backend_id = backend_id;
     forward.service_id = svc.id;
     forward.seq_next = if is_tcp { tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags) } else { 0 };
-    forward._pad = 0;
+    forward.hop = 0;
     forward.created_ns = now;
     forward.last_seen_ns = now;
     forward.packets = 1;

@@ -12,19 +12,20 @@ use core::mem;
 use network_types::eth::EthHdr;
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup,
+    bindings::xdp_md,
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{FlowEntry, NextHop, NEXT_HOP_TTL_NS},
+    maps::{addr_v4, neighbour_hash, Addr, FlowEntry, NextHop, DIR_TO_CLIENT, NAT_ENCAP, NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS},
     stats,
 };
 
 use crate::{
-    maps::{DEVMAP, NEXT_HOP},
+    maps::{DEVMAP, FIB_SCRATCH, NEXT_HOP},
     nat,
     parse::{ptr_at, Packet, Verdict},
 };
@@ -32,33 +33,72 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Where a packet that XDP forwards itself goes.
-pub struct Route {
-    pub hop: NextHop,
-    /// Out of the interface it came in on (XDP_TX).
-    pub same_iface: bool,
+/// The route of a packet that will leave with `e`'s tuple: the index of
+/// this CPU's `XLB_NEXT_HOP` slot holding its next hop, or the pass verdict
+/// when XDP cannot forward it. Reads the packet, never writes it.
+/// `hop_memo`: where the neighbour towards a client is remembered (the
+/// entry's `hop`), when `e` is the table's own copy.
+#[inline(always)]
+pub fn route(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: Option<*mut u32>, now: u64) -> Result<u32, Verdict> {
+    let memo = hop_memo.unwrap_or(core::ptr::null_mut());
+    match xlb_route(ctx.ctx, pkt, e, memo, now) {
+        slot if slot < NEXT_HOP_SLOTS as u64 => Ok(slot as u32),
+        v => Err(Verdict::from_bits(v)),
+    }
 }
 
-/// The route of a packet that will leave with `e`'s tuple, or the pass
-/// verdict when XDP cannot forward it. Reads the packet, never writes it.
+/// [`route`] as a global BPF function (exported by the linker, see
+/// build.rs): its own stack frame and one verification for every caller.
+/// The slot index, or a pass verdict (`Verdict::to_bits`, always larger).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xlb_route(ctx: *mut xdp_md, pkt: *const Packet, e: *const FlowEntry, memo: *mut u32, now: u64) -> u64 {
+    let ctx = &XdpContext::new(ctx);
+    // Global function arguments may be null as far as the verifier knows.
+    // SAFETY: valid pointers from `route`, or null.
+    let (Some(pkt), Some(e)) = (unsafe { pkt.as_ref() }, unsafe { e.as_ref() }) else {
+        return Verdict::pass(stats::PASS_NO_ROUTE).to_bits();
+    };
+    match route_inline(ctx, pkt, e, memo, now) {
+        Ok(slot) => slot as u64,
+        Err(v) => v.to_bits(),
+    }
+}
+
 #[inline(always)]
-pub fn route(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, now: u64) -> Result<Route, Verdict> {
+fn route_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: *mut u32, now: u64) -> Result<u32, Verdict> {
     if pkt.vlan {
         // The egress may be another VLAN or none: the kernel's VLAN devices
         // know which tag (if any) the rewritten packet needs.
         return Err(Verdict::pass(stats::PASS_VLAN));
     }
-    let dst = &e.nat_dst;
-    let hop = match NEXT_HOP.get_ptr(dst) {
-        // SAFETY: map value pointer from the kernel.
-        Some(h) if unsafe { (*h).expires_ns } > now => unsafe { *h },
-        _ => {
-            let h = fib(ctx, pkt, e)?;
-            let h = NextHop { expires_ns: now + NEXT_HOP_TTL_NS, ..h };
-            let _ = NEXT_HOP.insert(dst, &h, 0);
-            h
+    let encap = e.nat_flags & NAT_ENCAP != 0;
+    let out_len = pkt.ip_len + if encap { crate::encap::OUTER_LEN as u32 } else { 0 };
+    // Towards a backend: the slot of its address. Towards a client: the
+    // slot of its next hop once known (shared by everything behind one
+    // gateway), else of its address (right when it is on-link).
+    let to_client = e.direction == DIR_TO_CLIENT;
+    let key = if to_client && e.hop != 0 { e.hop } else { neighbour_hash(&e.nat_dst) };
+    let (slot, hop) = match cached(key, now) {
+        Some(h) => h,
+        None => {
+            let (h, neighbour) = fib(ctx, pkt, e, out_len)?;
+            let slot_key = if to_client { neighbour_hash(&neighbour) } else { key };
+            let slot = slot_key & (NEXT_HOP_SLOTS - 1);
+            let Some(p) = NEXT_HOP.get_ptr_mut(slot) else { return Err(Verdict::pass(stats::PASS_NO_ROUTE)) };
+            // SAFETY: this CPU's slot.
+            let p = unsafe { &mut *p };
+            *p = NextHop { hop: slot_key, expires_ns: now + NEXT_HOP_TTL_NS, ..h };
+            if to_client && slot_key != e.hop && !hop_memo.is_null() {
+                // SAFETY: the entry's own field, in the map.
+                unsafe { *hop_memo = slot_key };
+            }
+            (slot, &*p)
         }
     };
+    if hop.mtu != 0 && out_len > hop.mtu as u32 {
+        return Err(Verdict::pass(stats::PASS_TOO_BIG));
+    }
     let same_iface = hop.ifindex == ctx.ingress_ifindex() as u32;
     // The redirect target is checked before the packet is touched: once
     // the MACs are rewritten the kernel would no longer accept it.
@@ -69,39 +109,62 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, now: u64) -> Result<
         // The kernel sends the ICMP time exceeded.
         return Err(Verdict::pass(stats::PASS_TTL));
     }
-    Ok(Route { hop, same_iface })
+    Ok(slot)
 }
 
-/// Finishes a packet already rewritten for `r`: TTL, MACs, XDP_TX or the
+/// This CPU's slot for `key` and its next hop, if it holds `key`, fresh.
+#[inline(always)]
+fn cached(key: u32, now: u64) -> Option<(u32, &'static NextHop)> {
+    let slot = key & (NEXT_HOP_SLOTS - 1);
+    let p = NEXT_HOP.get_ptr(slot)?;
+    // SAFETY: this CPU's slot.
+    let h = unsafe { &*p };
+    (h.hop == key && h.expires_ns > now).then_some((slot, h))
+}
+
+/// Finishes a packet already rewritten to leave by next-hop slot `slot`
+/// (from [`route`], same packet, same CPU): TTL, MACs, XDP_TX or the
 /// redirect.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, r: &Route) -> Verdict {
+pub fn send(ctx: &XdpContext, pkt: &Packet, slot: u32) -> Verdict {
+    let Some(hop) = NEXT_HOP.get_ptr(slot) else { return Verdict::drop(stats::DROP_MALFORMED) };
+    // SAFETY: this CPU's slot, filled by `route` for this packet.
+    let hop = unsafe { &*hop };
     nat::decrement_ttl(ctx, pkt);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Verdict::drop(stats::DROP_MALFORMED) };
     // SAFETY: bounds-checked just above.
     unsafe {
-        (*eth).dst_addr = r.hop.dmac;
-        (*eth).src_addr = r.hop.smac;
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
     }
-    if r.same_iface {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Verdict { action: xdp_action::XDP_TX, stat: stats::TX };
     }
     // The entry was present a moment ago; should it vanish in between, the
     // helper returns the low bits of the flags: drop.
     let action = DEVMAP
-        .redirect(r.hop.ifindex, xdp_action::XDP_DROP as u64)
+        .redirect(hop.ifindex, xdp_action::XDP_DROP as u64)
         .unwrap_or(xdp_action::XDP_DROP);
     Verdict { action, stat: stats::REDIRECT }
 }
 
-/// The kernel's FIB lookup for the rewritten packet; what XDP cannot finish
-/// (unresolved neighbour, no route) is a counted pass to the kernel.
+/// The kernel's FIB lookup for the rewritten packet (`out_len` bytes of
+/// IP): the next hop and the neighbour's address (the gateway, or the
+/// destination on-link). What XDP cannot finish (unresolved neighbour, no
+/// route, too big) is a counted pass to the kernel.
 #[inline(always)]
-fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<NextHop, Verdict> {
-    // SAFETY: zeroed is a valid bit pattern for this plain C struct.
-    let mut p: FibParams = unsafe { mem::zeroed() };
+fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, out_len: u32) -> Result<(NextHop, Addr), Verdict> {
+    crate::stats::count(stats::FIB_LOOKUPS);
+    // In per-CPU scratch space: 64 bytes more on the stack would pass the
+    // 512-byte limit of the deepest call chain.
+    let Some(p) = FIB_SCRATCH.get_ptr_mut(0) else { return Err(Verdict::pass(stats::PASS_NO_ROUTE)) };
+    // SAFETY: this CPU's scratch slot; zeroed is a valid bit pattern.
+    let p = unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        &mut *p
+    };
     p.l4_protocol = pkt.key.proto;
-    p.__bindgen_anon_1.tot_len = pkt.ip_len as u16;
+    p.__bindgen_anon_1.tot_len = out_len as u16;
     // The tuple as it is after the rewrite.
     if pkt.v6 {
         p.family = AF_INET6;
@@ -116,11 +179,19 @@ fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> Result<NextHop, Verdict
     p.dport = e.nat_dport;
     p.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: helper call with a correctly sized, initialised struct.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, &mut p as *mut FibParams, mem::size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, p as *mut FibParams, mem::size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        Ok(NextHop { ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, expires_ns: 0 })
+        // The kernel put the neighbour's address where the destination was
+        // (and said AF_INET6 for an IPv4 route via an IPv6 gateway).
+        // SAFETY: plain reads of a union of integers.
+        let neighbour = unsafe { if p.family == AF_INET6 { p.__bindgen_anon_4.ipv6_dst } else { addr_v4(p.__bindgen_anon_4.ipv4_dst) } };
+        // SAFETY: as above.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+        Ok((NextHop { hop: 0, ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, mtu, _pad: [0; 2], expires_ns: 0 }, neighbour))
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         Err(Verdict::pass(stats::PASS_NO_NEIGH))
+    } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        Err(Verdict::pass(stats::PASS_TOO_BIG))
     } else {
         Err(Verdict::pass(stats::PASS_NO_ROUTE))
     }

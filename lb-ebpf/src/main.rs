@@ -127,7 +127,9 @@ fn existing_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Option<Ver
                 conntrack::promote(&pkt.key, e);
                 stats::count(stat::PROMOTED);
             }
-            return Some(nat_and_forward(ctx, pkt, e, false, now));
+            // SAFETY: the entry's own field, in the map.
+            let memo = unsafe { core::ptr::addr_of_mut!((*entry).hop) };
+            return Some(nat_and_forward(ctx, pkt, e, Some(memo), false, now));
         }
     }
     None
@@ -138,9 +140,9 @@ fn existing_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Option<Ver
 /// XDP frame or goes to the kernel (a partial checksum is completed only in
 /// the first case: see `nat::checksum_form`).
 #[inline(always)]
-fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool, now: u64) -> Verdict {
+fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: Option<*mut u32>, new_flow: bool, now: u64) -> Verdict {
     stats::count_traffic(e.service_id, e.backend_id, e.direction == DIR_TO_BACKEND, pkt.ip_len as u64, new_flow);
-    let route = forward::route(ctx, pkt, e, now);
+    let route = forward::route(ctx, pkt, e, hop_memo, now);
     let leaving = route.is_ok();
     if e.nat_flags & NAT_ENCAP != 0 {
         if let Err(stat) = encap::ipip(ctx, pkt, e, leaving) {
@@ -150,7 +152,7 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
         return Verdict::pass(stat::PASS_CSUM_TOO_LONG);
     }
     match route {
-        Ok(r) => forward::send(ctx, pkt, &r),
+        Ok(slot) => forward::send(ctx, pkt, slot),
         // Passed already rewritten: the kernel forwards it.
         Err(v) => v,
     }
@@ -164,7 +166,7 @@ fn nat_and_forward(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, new_flow: bool
 fn pass_rst(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, table: conntrack::Table, now: u64) -> Verdict {
     let exact = e.tcp_state != tcp::STATE_NONE && pkt.seq == e.seq_next;
     // Forwarded first: `e` may point into the table, and goes below.
-    let v = nat_and_forward(ctx, pkt, e, false, now);
+    let v = nat_and_forward(ctx, pkt, e, None, false, now);
     if exact {
         let reason = if e.direction == DIR_TO_BACKEND { end_reason::RST_CLIENT } else { end_reason::RST_BACKEND };
         conntrack::remove(&pkt.key, e, table, reason, pkt.ip_len as u64);
@@ -237,7 +239,7 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     if maps::SETTINGS.get(SETTING_LOG_NEW_FLOWS).is_some_and(|v| *v != 0) {
         conntrack::report(&pkt.key, entry, None, end_reason::NEW, 0, false);
     }
-    nat_and_forward(ctx, pkt, entry, true, now)
+    nat_and_forward(ctx, pkt, entry, None, true, now)
 }
 
 #[cfg(not(test))]

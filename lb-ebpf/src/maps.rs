@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Addr, Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_CACHE, FLOW_EVENTS_BYTES, SETTINGS_COUNT,
+        Addr, Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_SLOTS, FLOW_EVENTS_BYTES, SETTINGS_COUNT,
         DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
     },
     stats,
@@ -71,10 +71,10 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
 #[map(name = "XLB_BE_ACTIVE")]
 pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Next-hop cache: destination address (network order) → egress and MACs
-/// from the last FIB lookup, trusted for `NEXT_HOP_TTL_NS`.
+/// Next-hop cache (`lb_common::maps::NextHop`): per CPU (no locks, no
+/// torn slots), slots indexed by a neighbour hash.
 #[map(name = "XLB_NEXT_HOP")]
-pub static NEXT_HOP: LruHashMap<Addr, NextHop> = LruHashMap::with_max_entries(NEXT_HOP_CACHE, 0);
+pub static NEXT_HOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
 
 /// Flows the program removed (RST teardown, reactive resets), for the
 /// controller's flow logs.
@@ -100,6 +100,11 @@ pub static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_IFACES, 0);
 #[map(name = "XLB_PORTS")]
 pub static PORTS: HashMap<FlowKey, u64> =
     HashMap::with_max_entries(DEFAULT_CONN_CAPACITY + DEFAULT_HALF_OPEN_CAPACITY, 0);
+
+/// Per-CPU scratch space for the FIB lookup's parameters (the stack has no
+/// room for them on the deepest call chain). Not pinned.
+#[map(name = "XLB_FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch space where a new flow's two entries are built (they
 /// would not fit the 512-byte BPF stack beside the packet's state). Not

@@ -122,6 +122,17 @@ fn rig() -> Rig {
     Rig { ctl, ns, t0, t1 }
 }
 
+/// Pins the calling thread to CPU 0.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity
+    // act on this thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 impl Rig {
     /// Runs the program once on `frame` arriving on `ifindex`.
     fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -132,6 +143,9 @@ impl Rig {
         let ns = self.ns.name.clone();
         let prog = self.ctl.dataplane().program().expect("program");
         let res = in_netns(&ns, || {
+            // Always on CPU 0: per-CPU state (the next-hop cache, counters)
+            // then behaves as one cache for the fixtures.
+            pin_to_cpu0();
             prog.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
@@ -680,6 +694,67 @@ fn next_hops_are_cached_for_a_second_and_then_looked_up_again() {
 }
 
 // ---- IPv6 ----
+
+#[test]
+fn clients_behind_one_gateway_share_its_next_hop() {
+    let mut r = rig();
+    // Routed clients: 10.77.0.0/16 behind gateway 10.0.0.254.
+    r.ns.ip(&["neigh", "add", "10.0.0.254", "lladdr", "02:00:00:00:00:fe", "dev", "t0", "nud", "permanent"]).expect("neigh");
+    r.ns.ip(&["route", "add", "10.77.0.0/16", "via", "10.0.0.254"]).expect("route");
+    let clients: Vec<Ipv4Addr> = (1..=50).map(|i| Ipv4Addr::new(10, 77, i, 9)).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let syn = Frame::tcp((*c, 41400 + i as u16), (VIP, 80), TCP_SYN, 1, 0);
+        assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    }
+    // Each client's first reply learns its next hop: the gateway.
+    for (i, c) in clients.iter().enumerate() {
+        let reply = Frame::tcp((BACKEND, 8080), (*c, 41400 + i as u16), TCP_SYN | TCP_ACK, 9, 2);
+        let (verdict, out) = r.run(r.t1, &reply.build());
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 0xfe], "sent to the gateway");
+        let rev = r.flow((BACKEND, 8080), (*c, 41400 + i as u16), 6).expect("reverse entry");
+        assert_eq!(rev.hop, lb_common::maps::neighbour_hash(&addr_from_ip(Ipv4Addr::new(10, 0, 0, 254).into())), "the entry remembers the gateway");
+    }
+    // From then on every client's packets use the gateway's one slot: no
+    // FIB lookup, however many clients there are.
+    let lookups = r.counter(stats::FIB_LOOKUPS);
+    for _ in 0..3 {
+        for (i, c) in clients.iter().enumerate() {
+            let data = Frame::tcp((BACKEND, 8080), (*c, 41400 + i as u16), TCP_ACK, 10, 2);
+            assert_eq!(r.run(r.t1, &data.build()).0, XDP_REDIRECT);
+        }
+    }
+    assert_eq!(r.counter(stats::FIB_LOOKUPS), lookups, "replies to 50 clients behind one gateway looked the route up again");
+    // The gateway's MAC changes: every client follows within the slot's second.
+    r.ns.ip(&["neigh", "replace", "10.0.0.254", "lladdr", "02:00:00:00:00:fd", "dev", "t0", "nud", "permanent"]).expect("neigh");
+    testbed::wait_for("the gateway's new MAC", Duration::from_secs(3), || {
+        let data = Frame::tcp((BACKEND, 8080), (clients[7], 41407), TCP_ACK, 10, 2);
+        let (_, out) = r.run(r.t1, &data.build());
+        (out[0..6] == [2, 0, 0, 0, 0, 0xfd]).then_some(())
+    })
+    .expect("the slot was refreshed");
+    let data = Frame::tcp((BACKEND, 8080), (clients[31], 41431), TCP_ACK, 10, 2);
+    assert_eq!(&r.run(r.t1, &data.build()).1[0..6], &[2, 0, 0, 0, 0, 0xfd], "another client behind the same gateway follows at once");
+}
+
+#[test]
+fn a_packet_larger_than_the_egress_mtu_is_passed_to_the_kernel() {
+    let mut r = rig();
+    r.ns.ip(&["link", "set", "t1", "mtu", "1400"]).expect("mtu");
+    let mut small = Frame::tcp((CLIENT, 41500), (VIP, 80), TCP_SYN, 1, 0);
+    small.payload = payload(1360);
+    assert_eq!(r.run(r.t0, &small.build()).0, XDP_REDIRECT, "1400 bytes fit");
+    // Cached or not, a larger one goes to the kernel (a GSO frame in
+    // generic mode: the kernel segments it; else it answers with ICMP).
+    for _ in 0..2 {
+        let mut big = Frame::tcp((CLIENT, 41500), (VIP, 80), TCP_ACK, 1, 1);
+        big.payload = payload(1361);
+        let (verdict, out) = r.run(r.t0, &big.build());
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(&out[14 + 16..14 + 20], &BACKEND.octets(), "passed already rewritten");
+    }
+    assert_eq!(r.counter(stats::PASS_TOO_BIG), 2);
+}
 
 /// What an IPv6 frame looks like after DNAT towards the v6 backend.
 fn to_backend6(mut f: Frame) -> Frame {

@@ -31,6 +31,13 @@ const RUNS: usize = 3;
 
 fn main() -> anyhow::Result<()> {
     anyhow::ensure!(testbed::have_privileges(), "the benchmarks need root (netns, BPF)");
+    // `xlb-bench nexthop`: only the next-hop case (quick before/after).
+    if std::env::args().nth(1).as_deref() == Some("nexthop") {
+        let r = rig()?;
+        let v = next_hop_cost(&r, 200_000)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     let ns = Netns::new(&format!("{}-bench", unique_prefix()))?;
     // A veth pair inside the namespace: everything to 10/8 goes to a
     // gateway with a permanent neighbour entry, out of v0 into v1, where it
@@ -167,6 +174,9 @@ fn rig() -> anyhow::Result<Rig> {
     for i in 0..250u32 {
         ns.ip(&["neigh", "add", &format!("10.0.0.{}", i + 2), "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"])?;
     }
+    // Routed clients: everything in 10.200.0.0/14 behind one gateway.
+    ns.ip(&["neigh", "add", "10.0.0.254", "lladdr", "02:00:00:00:00:fe", "dev", "t0", "nud", "permanent"])?;
+    ns.ip(&["route", "add", "10.200.0.0/14", "via", "10.0.0.254"])?;
     // What the daemon would set up on these interfaces.
     in_netns(&ns.name, || xlb::host::apply(&xlb::host::Sysctl::default(), &["t0".into(), "t1".into()]))?.map_err(anyhow::Error::msg)?;
     let t0 = ns.ifindex("t0")?;
@@ -295,6 +305,47 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     let apply_1000 = apply_backends(&r, 1000)?;
     println!("  {:<44} {:>6.0} ms", "controller: apply 1,000 backends (one file)", ms(apply_1000));
     Ok(serde_json::json!({ "walk_1m_flows_ms": ms(walk), "apply_1000_backends_ms": ms(apply_1000), "program": program, "floor_ns": floor, "pass_repeat_1m_ns": pass_1m, "machine_slowdown_vs_katran_day": scale, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
+}
+
+/// Replies from the backend to `clients` distinct routed clients (one
+/// gateway), round robin: what the next-hop cache costs when there are
+/// more destinations than it holds. Returns the net ns per packet.
+fn next_hop_cost(r: &Rig, clients: u32) -> anyhow::Result<serde_json::Value> {
+    const CALLS: usize = 200_000;
+    let client = |i: u32| (Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i), 40000u16);
+    let mut ctl = in_netns(&r.ns.name, || -> anyhow::Result<Controller> {
+        let mut dp = Dataplane::load(LoadOptions { conn_capacity: clients + 1024, half_open_capacity: Some(4096), pin_dir: None })?;
+        dp.add_redirect_target(r.t0)?;
+        dp.add_redirect_target(r.ns.ifindex("t1")?)?;
+        let mut ctl = Controller::new(dp);
+        let vip = SocketAddr::from(([10, 99, 0, 1], 80));
+        let backend = SocketAddr::from(([10, 1, 1, 2], 8080));
+        ctl.service_add(vip, Proto::Tcp, &Default::default())?;
+        let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
+        for i in 0..clients {
+            let (ip, port) = client(i);
+            for (k, e) in flows::dnat_pair(SocketAddr::new(ip.into(), port), vip, backend, id, (1, 1)) {
+                ctl.dataplane().flow_insert(k, e)?;
+            }
+        }
+        Ok(ctl)
+    })??;
+    let t1 = r.ns.ifindex("t1")?;
+    let replies: Vec<Vec<u8>> = (0..clients).map(|i| Frame::tcp((Ipv4Addr::new(10, 1, 1, 2), 8080), client(i), TCP_ACK, 1, 1).build()).collect();
+    let floor = time_prog(ctl.dataplane().pass_program()?, &r.ns.name, &replies, t1, CALLS)?;
+    // Warm: every client seen once.
+    let _ = time_prog(ctl.dataplane().program()?, &r.ns.name, &replies, t1, clients as usize)?;
+    let raw = time_prog(ctl.dataplane().program()?, &r.ns.name, &replies, t1, CALLS)?;
+    let counters = ctl.dataplane().global_counters()?;
+    let lookups = counters[lb_common::stats::FIB_LOOKUPS as usize];
+    // The control: the same flows the other way (to one backend: one
+    // next hop whatever the cache's keying), so the difference is what the
+    // next hop towards many clients costs.
+    let acks: Vec<Vec<u8>> = (0..clients).map(|i| Frame::tcp(client(i), (Ipv4Addr::new(10, 99, 0, 1), 80), TCP_ACK, 1, 1).build()).collect();
+    let control = time_prog(ctl.dataplane().program()?, &r.ns.name, &acks, r.t0, CALLS)?;
+    println!("  {:<44} raw {raw:>6.0}  net {:>6.0}  ({lookups} FIB lookups in all)", format!("replies to {clients} routed clients"), raw - floor);
+    println!("  {:<44} raw {control:>6.0}  net {:>6.0}  (same flows, to one backend: the control)", "  their client -> VIP packets", control - floor);
+    Ok(serde_json::json!({ "case": format!("replies to {clients} distinct routed clients"), "raw_ns": raw, "net_ns": raw - floor, "control_net_ns": control - floor, "fib_lookups": lookups, "floor_ns": floor }))
 }
 
 /// Translated and JIT sizes and the verifier's processed instruction count

@@ -406,6 +406,7 @@ pub fn run_detach(cli: &Cli, pin_dir: &std::path::Path, state_file: &std::path::
     let saved: Option<crate::controller::SavedState> = std::fs::read_to_string(state_file).ok().and_then(|t| serde_json::from_str(&t).ok());
     if let Some(state) = &saved {
         crate::host::undo(&crate::host::Sysctl::default(), &state.host_changes);
+        crate::neighbours::forget_all(&state.managed_neighbours);
     }
     let had_state = std::fs::remove_file(state_file).is_ok();
     if pin_dir.exists() {

@@ -135,6 +135,9 @@ pub struct SavedState {
     /// (undone by `--detach-on-exit` and `xlb detach`).
     #[serde(default)]
     pub host_changes: Vec<crate::host::Change>,
+    /// Neighbour entries the daemon made managed (removed on detach).
+    #[serde(default)]
+    pub managed_neighbours: BTreeSet<crate::neighbours::Neighbour>,
 }
 
 impl SavedState {
@@ -346,6 +349,8 @@ pub struct Controller {
     ring_batch: Option<HashSet<ServiceId>>,
     /// Host settings the daemon changed (saved with the model).
     host_changes: Vec<crate::host::Change>,
+    /// Neighbour entries the daemon keeps resolved (saved with the model).
+    managed_neighbours: BTreeSet<crate::neighbours::Neighbour>,
 }
 
 struct SyncState {
@@ -523,7 +528,31 @@ impl Controller {
             warm_neighbours: false,
             ring_batch: None,
             host_changes: Vec::new(),
+            managed_neighbours: BTreeSet::new(),
         }
+    }
+
+    /// The neighbour entries the daemon keeps resolved.
+    pub fn managed_neighbours(&self) -> &BTreeSet<crate::neighbours::Neighbour> {
+        &self.managed_neighbours
+    }
+
+    /// Records the neighbour entries the daemon now keeps resolved.
+    pub fn set_managed_neighbours(&mut self, n: BTreeSet<crate::neighbours::Neighbour>) {
+        if n != self.managed_neighbours {
+            self.managed_neighbours = n;
+            self.dirty = true;
+        }
+    }
+
+    /// Every backend address, registered or leaving, and the interfaces
+    /// the program is attached to: what the next hops to keep resolved
+    /// depend on.
+    pub fn next_hop_inputs(&self) -> (Vec<IpAddr>, Vec<u32>) {
+        let mut ips: Vec<IpAddr> = self.services.values().flat_map(|s| s.backends.values().chain(s.leaving.iter()).map(|b| b.addr.ip())).collect();
+        ips.sort();
+        ips.dedup();
+        (ips, self.dp.attachments().iter().map(|a| a.ifindex).collect())
     }
 
     /// Records host settings the daemon changed.
@@ -1760,6 +1789,7 @@ impl Controller {
                 })
                 .collect(),
             host_changes: self.host_changes.clone(),
+            managed_neighbours: self.managed_neighbours.clone(),
         }
     }
 
@@ -1776,6 +1806,7 @@ impl Controller {
         }
         let now = Instant::now();
         crate::host::merge(&mut self.host_changes, state.host_changes.clone());
+        self.managed_neighbours.extend(state.managed_neighbours.iter().cloned());
         for s in &state.services {
             let sid = ServiceId { addr: s.service, proto: s.proto };
             if s.id >= MAX_SERVICES || !self.used_service_ids.insert(s.id) || self.services.contains_key(&sid) {

@@ -114,6 +114,8 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
             }
         })
     });
+    // Managed neighbours change the host too: not with --no-host-setup.
+    let next_hops = (!args.no_host_setup).then(|| tokio::spawn(keep_next_hops_resolved(ctl.clone())));
     let dns = tokio::spawn({
         let ctl = ctl.clone();
         async move {
@@ -153,6 +155,9 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     }
     serving.abort();
     upkeep.abort();
+    if let Some(t) = next_hops {
+        t.abort();
+    }
     dns.abort();
     for t in sync_tasks {
         t.abort();
@@ -167,6 +172,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         ctl.dataplane().detach_all();
         ctl.dataplane().unpin();
         crate::host::undo(&crate::host::Sysctl::default(), ctl.host_changes());
+        crate::neighbours::forget_all(ctl.managed_neighbours());
         let _ = std::fs::remove_file(&args.state_file);
         tracing::info!("detached, pins and state removed, bye");
     } else {
@@ -610,5 +616,44 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
             Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
         }
         wait = crate::sync::REFRESH.max(started.elapsed() * 5);
+    }
+}
+
+/// Keeps the next hops of the backends and of the routes' gateways
+/// resolved (`neighbours`): at once, when the backends or interfaces
+/// change, and every 10 s (routes change too). Off the async workers
+/// (netlink calls block).
+async fn keep_next_hops_resolved(ctl: Arc<Mutex<Controller>>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_inputs = None;
+    let mut last_full = std::time::Instant::now();
+    loop {
+        every.tick().await;
+        let (inputs, ours) = {
+            let c = ctl.lock().await;
+            (c.next_hop_inputs(), c.managed_neighbours().clone())
+        };
+        if last_inputs.as_ref() == Some(&inputs) && last_full.elapsed() < std::time::Duration::from_secs(10) {
+            continue;
+        }
+        last_full = std::time::Instant::now();
+        let (backends, ifindexes) = inputs.clone();
+        let done = tokio::task::spawn_blocking(move || -> std::io::Result<std::collections::BTreeSet<crate::neighbours::Neighbour>> {
+            let mut nl = crate::neighbours::Netlink::open()?;
+            let want = crate::neighbours::wanted(&mut nl, &backends, &ifindexes)?;
+            let mut ours = ours;
+            crate::neighbours::reconcile(&mut nl, &mut ours, &want);
+            Ok(ours)
+        })
+        .await;
+        match done {
+            Ok(Ok(ours)) => {
+                ctl.lock().await.set_managed_neighbours(ours);
+                last_inputs = Some(inputs);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading routes for the next hops to keep resolved failed (the kernel resolves them on demand)"),
+            Err(e) => tracing::warn!(error = %e, "the next-hop task panicked"),
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod dns;
 pub mod health;
 pub mod host;
 pub mod metrics;
+pub mod neighbours;
 pub mod policy;
 pub mod resetter;
 pub mod server;

@@ -218,6 +218,15 @@ impl Daemon {
         Ok(v["data"].clone())
     }
 
+    /// Kills the daemon with SIGKILL (a crash, the OOM killer): it cleans
+    /// nothing up.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else { bail!("already stopped") };
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let Some(child) = self.child.take() else { bail!("already stopped") };

@@ -17,7 +17,7 @@ pub mod topology;
 
 pub use daemon::Daemon;
 pub use netns::{in_netns, Netns};
-pub use servers::{HttpStatusServer, LineClient, Outcome, TcpNameServer, UdpNameServer, watch_idle};
+pub use servers::{BulkServer, HttpStatusServer, LineClient, Outcome, TcpNameServer, UdpNameServer, download, watch_idle};
 pub use topology::{Topology, TopologyOptions};
 
 use std::time::{Duration, Instant};

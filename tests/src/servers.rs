@@ -307,3 +307,80 @@ impl Drop for HttpStatusServer {
         }
     }
 }
+
+/// TCP bulk server: reads one line `N`, sends `N` bytes of [`bulk_byte`]
+/// and closes. Large transfers exercise what small exchanges never do:
+/// TSO/GSO, full-size segments, the path MTU.
+pub struct BulkServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Byte `i` of a bulk transfer.
+pub fn bulk_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+impl BulkServer {
+    pub fn start(ns: &str, bind: SocketAddr) -> anyhow::Result<BulkServer> {
+        let listener = in_netns(ns, || TcpListener::bind(bind))??;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        std::thread::spawn(move || {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                            let Ok(mut w) = stream.try_clone() else { return };
+                            let mut line = String::new();
+                            if BufReader::new(stream).read_line(&mut line).is_err() {
+                                return;
+                            }
+                            let n: usize = line.trim().parse().unwrap_or(0);
+                            let data: Vec<u8> = (0..n).map(bulk_byte).collect();
+                            let _ = w.write_all(&data);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(BulkServer { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for BulkServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Downloads `n` bytes from a [`BulkServer`] at `to`, from namespace `ns`,
+/// within `timeout`; checks every byte.
+pub fn download(ns: &str, to: SocketAddr, n: usize, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut s = in_netns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
+    s.write_all(format!("{n}\n").as_bytes())?;
+    let mut got = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 65536];
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        anyhow::ensure!(!left.is_zero(), "download from {to} stalled: {} of {n} bytes after {timeout:?}", got.len());
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => anyhow::bail!("download from {to} ended early: {} of {n} bytes", got.len()),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => anyhow::bail!("download from {to}: {e} after {} of {n} bytes", got.len()),
+        }
+    }
+    anyhow::ensure!(got.iter().enumerate().all(|(i, b)| *b == bulk_byte(i)), "download from {to}: corrupted data");
+    Ok(())
+}

@@ -159,21 +159,9 @@ impl Topology {
             self.lb_ifaces.push("l1".into());
         } else {
             // One link per backend.
-            for (i, b) in self.backends.iter().enumerate() {
-                let l = format!("l{}", i + 1);
-                let (gw, gw6) = (lb_backend_side(i, false), lb_backend_side(i, true));
-                lb.ip(&["link", "add", &l, "type", "veth", "peer", "name", "b0", "netns", &b.name])?;
-                lb.ip(&["addr", "add", &format!("{gw}/24"), "dev", &l])?;
-                lb.ip(&["addr", "add", &format!("{gw6}/64"), "dev", &l, "nodad"])?;
-                lb.ip(&["link", "set", &l, "up"])?;
-                b.ip(&["addr", "add", &format!("{}/24", backend_addr(i)), "dev", "b0"])?;
-                b.ip(&["addr", "add", &format!("{}/64", backend_addr6(i)), "dev", "b0", "nodad"])?;
-                b.ip(&["link", "set", "b0", "up"])?;
-                if !isolated_backends {
-                    b.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-                    b.ip(&["-6", "route", "add", "default", "via", &gw6.to_string(), "dev", "b0", "onlink"])?;
-                }
-                self.lb_ifaces.push(l);
+            for i in 0..self.backends.len() {
+                self.backend_link(i, isolated_backends)?;
+                self.lb_ifaces.push(format!("l{}", i + 1));
             }
         }
         // Pass programs on the far ends of the veths the balancer sends
@@ -192,6 +180,41 @@ impl Topology {
             })??;
             self._peers.push(dp);
         }
+        Ok(())
+    }
+
+    /// Backend `i`'s own link (routed topology): `l{i+1}` ↔ its `b0`.
+    fn backend_link(&self, i: usize, isolated: bool) -> anyhow::Result<()> {
+        let (lb, b) = (&self.lb, &self.backends[i]);
+        let l = format!("l{}", i + 1);
+        let (gw, gw6) = (lb_backend_side(i, false), lb_backend_side(i, true));
+        lb.ip(&["link", "add", &l, "type", "veth", "peer", "name", "b0", "netns", &b.name])?;
+        lb.ip(&["addr", "add", &format!("{gw}/24"), "dev", &l])?;
+        lb.ip(&["addr", "add", &format!("{gw6}/64"), "dev", &l, "nodad"])?;
+        lb.ip(&["link", "set", &l, "up"])?;
+        b.ip(&["addr", "add", &format!("{}/24", backend_addr(i)), "dev", "b0"])?;
+        b.ip(&["addr", "add", &format!("{}/64", backend_addr6(i)), "dev", "b0", "nodad"])?;
+        b.ip(&["link", "set", "b0", "up"])?;
+        if !isolated {
+            b.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+            b.ip(&["-6", "route", "add", "default", "via", &gw6.to_string(), "dev", "b0", "onlink"])?;
+        }
+        Ok(())
+    }
+
+    /// Deletes backend `i`'s link and makes it again (same names and
+    /// addresses, new interfaces): what a container restart or a driver
+    /// reload does to a balancer's interface.
+    pub fn recreate_backend_link(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.switched, "a switched topology has one backend link");
+        self.lb.ip(&["link", "del", &format!("l{}", i + 1)])?;
+        self.backend_link(i, false)?;
+        let mut dp = Dataplane::load_pass_only()?;
+        in_netns(&self.backends[i].name, || -> anyhow::Result<()> {
+            dp.attach_pass(xlb::dataplane::ifindex("b0")?)?;
+            Ok(())
+        })??;
+        self._peers.push(dp);
         Ok(())
     }
 

@@ -292,6 +292,9 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     drop(roomy);
     let mut big = loaded(&r, 1 << 20, 1 << 16, 1 << 16)?;
     case("SYN, new 5-tuple, half-open table full", &mut big, &syns, CALLS, Some(557.0), Some(557.0))?;
+    drop(big);
+    rows.push(next_hop_cost(&r, 200_000)?);
+    let mut big = loaded(&r, 1 << 20, 1 << 16, 1 << 16)?;
     let mem_conns = big.dataplane().map_memory("XLB_CONNS").unwrap_or(0);
     let mem_half = big.dataplane().map_memory("XLB_HALF_OPEN").unwrap_or(0);
     println!(

@@ -31,8 +31,13 @@ fn bed(backends: usize, weights: &[u32]) -> Bed {
 }
 
 fn bed_with(backends: usize, weights: &[u32], daemon_args: &[&str], v6: bool) -> Bed {
+    bed_on(TopologyOptions { backends, ..Default::default() }, weights, daemon_args, v6)
+}
+
+fn bed_on(opts: TopologyOptions, weights: &[u32], daemon_args: &[&str], v6: bool) -> Bed {
     require_root();
-    let topo = Topology::new(TopologyOptions { backends, ..Default::default() }).expect("topology");
+    let backends = opts.backends;
+    let topo = Topology::new(opts).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
     let servers = topo.tcp_servers_of(v6, BACKEND_PORT).expect("servers");
     let vip = topo.vip_of(v6, 80).to_string();
@@ -57,9 +62,19 @@ fn ipv6_sequential_connections_follow_weights_and_replies_come_from_the_vip() {
     sequential_connections(true);
 }
 
+#[test]
+fn sequential_connections_follow_weights_behind_a_switch() {
+    sequential_connections_on(TopologyOptions { backends: 3, switched: true, ..Default::default() }, false);
+    sequential_connections_on(TopologyOptions { backends: 3, switched: true, ..Default::default() }, true);
+}
+
 fn sequential_connections(v6: bool) {
+    sequential_connections_on(TopologyOptions { backends: 3, ..Default::default() }, v6);
+}
+
+fn sequential_connections_on(opts: TopologyOptions, v6: bool) {
     let weights = [1, 1, 2];
-    let b = bed_with(3, &weights, &[], v6);
+    let b = bed_on(opts, &weights, &[], v6);
     let vip = b.topo.vip_of(v6, 80);
     let mut per_backend: HashMap<String, u32> = HashMap::new();
     for i in 0..300 {

@@ -27,7 +27,10 @@ fn isolated(backends: usize) -> Topology {
 /// balancer's address on its link, from ports of the pool; flow logs name
 /// the real client.
 fn serve_through_full_nat(v6: bool, n: usize) {
-    let topo = isolated(3);
+    serve_through_full_nat_on(isolated(3), v6, n);
+}
+
+fn serve_through_full_nat_on(topo: Topology, v6: bool, n: usize) {
     let dir = std::env::temp_dir().join(format!("{}-flowlog", topo.prefix));
     std::fs::create_dir_all(&dir).expect("dir");
     let log = dir.join("flows.jsonl");
@@ -82,6 +85,14 @@ fn isolated_backends_serve_300_connections_through_full_nat() {
 #[test]
 fn isolated_backends_serve_through_full_nat_over_ipv6() {
     serve_through_full_nat(true, 60);
+}
+
+#[test]
+fn isolated_backends_behind_a_switch_serve_through_full_nat() {
+    require_root();
+    let switched = || Topology::new(TopologyOptions { backends: 3, isolated_backends: true, switched: true, ..Default::default() }).expect("topology");
+    serve_through_full_nat_on(switched(), false, 120);
+    serve_through_full_nat_on(switched(), true, 60);
 }
 
 #[test]

@@ -26,8 +26,12 @@ fn bed(backends: usize, registered: usize, service_args: &[&str], daemon_args: &
 /// As [`bed`], over IPv6 (`v6`), or with backends that have no route but
 /// their own link (`isolated`: full-NAT services).
 fn bed_of(v6: bool, isolated: bool, backends: usize, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
+    bed_on(v6, TopologyOptions { backends, isolated_backends: isolated, ..Default::default() }, registered, service_args, daemon_args)
+}
+
+fn bed_on(v6: bool, opts: TopologyOptions, registered: usize, service_args: &[&str], daemon_args: &[&str]) -> Bed {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends, isolated_backends: isolated, ..Default::default() }).expect("topology");
+    let topo = Topology::new(opts).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, daemon_args).expect("daemon");
     let servers = topo.tcp_servers_of(v6, PORT).expect("servers").into_iter().map(Some).collect();
     let vip = topo.vip_of(v6, 80).to_string();
@@ -96,6 +100,16 @@ fn red_black_deploy_over_ipv6() {
 fn red_black_deploy_in_full_nat_mode() {
     // Backends without a route back to clients: only full NAT reaches them.
     red_black(bed_of(false, true, 4, 2, &["--mode", "fullnat"], &[]));
+}
+
+#[test]
+fn red_black_deploy_behind_a_switch() {
+    red_black(bed_on(false, TopologyOptions { backends: 4, switched: true, ..Default::default() }, 2, &[], &[]));
+}
+
+#[test]
+fn red_black_deploy_in_full_nat_mode_behind_a_switch() {
+    red_black(bed_on(false, TopologyOptions { backends: 4, switched: true, isolated_backends: true, ..Default::default() }, 2, &["--mode", "fullnat"], &[]));
 }
 
 /// 200 idle clients on the two old backends; the new ones join, the old

@@ -82,7 +82,7 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-crate::policy::text_serde!(BackendSpec);
+crate::model::settings::text_serde!(BackendSpec);
 
 impl From<SocketAddr> for BackendSpec {
     fn from(a: SocketAddr) -> Self {

@@ -9,7 +9,7 @@ use tokio::{
     time::timeout,
 };
 
-use crate::policy::{HealthCheck, Probe};
+use crate::model::settings::{HealthCheck, Probe};
 
 /// Runs one probe; `Err` says why it failed.
 pub async fn probe(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {

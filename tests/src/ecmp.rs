@@ -105,7 +105,7 @@ impl Fabric {
             f.plug(&ns, "xf", &format!("pl{i}"), &format!("{}/24", lb_addr(i)))?;
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let include = f.dir.join(format!("lb{i}-vips.conf"));
-            std::fs::write(&include, xlb::bgp::include_text(&[]))?;
+            std::fs::write(&include, xlb::ha::bgp::include_text(&[]))?;
             f.lbs.push(LbNode { ns, daemon: None, _bird: None, bird_socket: f.dir.join(format!("lb{i}.ctl")), include });
         }
         Ok(f)

@@ -276,7 +276,7 @@ fn a_spoofed_rst_does_not_kill_a_live_flow_and_late_packets_create_no_state() {
             seq,
             ack: None,
         };
-        testbed::in_netns(&b.topo.client.name, || xlb::resetter::RstSender::new().and_then(|s| s.send(&r)))
+        testbed::in_netns(&b.topo.client.name, || xlb::resets::rst::RstSender::new().and_then(|s| s.send(&r)))
             .expect("ns")
             .expect("send spoofed RST");
     };

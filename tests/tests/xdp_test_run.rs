@@ -75,7 +75,7 @@ fn rig() -> Rig {
     ip(&["neigh", "add", "fd01:1::2", "lladdr", "02:00:00:00:01:02", "dev", "t1", "nud", "permanent"]);
     // What the daemon would set up on these interfaces (FIB lookups need
     // forwarding on the input interface).
-    in_netns(&ns.name, || xlb::host::apply(&xlb::host::Sysctl::default(), &["t0".into(), "t1".into()]))
+    in_netns(&ns.name, || xlb::host::sysctl::apply(&xlb::host::sysctl::Sysctl::default(), &["t0".into(), "t1".into()]))
         .expect("netns")
         .expect("host setup");
     let t0 = ns.ifindex("t0").expect("t0");
@@ -103,18 +103,18 @@ fn rig() -> Rig {
     ctl.service_add(vip6, Proto::Tcp, &Default::default()).expect("ipv6 service");
     ctl.backend_add(vip6, Some(Proto::Tcp), SocketAddr::new(BACKEND6.into(), 8080), None).expect("ipv6 backend");
     // Full NAT with a four-port pool: VIP:84 → 10.1.1.2:8080 (backend id 5).
-    let full = xlb::policy::ServiceOptions {
-        mode: Some(xlb::policy::NatMode::Fullnat),
-        snat_ports: Some(xlb::policy::PortRange(*SNAT_PORTS.start(), *SNAT_PORTS.end())),
-        snat_source: Some(xlb::policy::SnatSource::Addr(SNAT.into())),
+    let full = xlb::model::settings::ServiceOptions {
+        mode: Some(xlb::model::settings::NatMode::Fullnat),
+        snat_ports: Some(xlb::model::settings::PortRange(*SNAT_PORTS.start(), *SNAT_PORTS.end())),
+        snat_source: Some(xlb::model::settings::SnatSource::Addr(SNAT.into())),
         ..Default::default()
     };
     ctl.service_add(vip(84), Proto::Tcp, &full).expect("full-NAT service");
     ctl.backend_add(vip(84), Some(Proto::Tcp), at(BACKEND, 8080), None).expect("full-NAT backend");
     // DSR: VIP:85 → 10.1.1.2:85 in IPIP from 10.1.1.1 (backend id 6).
-    let dsr = xlb::policy::ServiceOptions {
-        mode: Some(xlb::policy::NatMode::Dsr),
-        snat_source: Some(xlb::policy::SnatSource::Addr(SNAT.into())),
+    let dsr = xlb::model::settings::ServiceOptions {
+        mode: Some(xlb::model::settings::NatMode::Dsr),
+        snat_source: Some(xlb::model::settings::SnatSource::Addr(SNAT.into())),
         ..Default::default()
     };
     ctl.service_add(vip(85), Proto::Tcp, &dsr).expect("DSR service");
@@ -581,7 +581,7 @@ fn udp_flows_of_a_gone_backend_are_rescheduled() {
 fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_remembers_it() {
     let mut r = rig();
     let svc = SocketAddr::new(VIP.into(), 80);
-    let opts = xlb::policy::ServiceOptions { on_miss: Some(xlb::policy::MissPolicy::Rehash), ..Default::default() };
+    let opts = xlb::model::settings::ServiceOptions { on_miss: Some(xlb::model::settings::MissPolicy::Rehash), ..Default::default() };
     r.ctl.service_set(svc, Some(Proto::Tcp), &opts).expect("set on_miss");
     let data = Frame::tcp((CLIENT, 40030), (VIP, 80), TCP_ACK, 42, 43);
     let (verdict, out) = r.run(r.t0, &data.build());
@@ -930,7 +930,7 @@ fn full_nat_port_exhaustion_refuses_the_new_flow_and_leaves_the_others_alone() {
         assert_eq!(sport, u16::from_be_bytes(fwd.nat_sport.to_ne_bytes()));
     }
     // Drop policy: dropped instead of reset.
-    let opts = xlb::policy::ServiceOptions { on_no_port: Some(xlb::policy::NoPortPolicy::Drop), ..Default::default() };
+    let opts = xlb::model::settings::ServiceOptions { on_no_port: Some(xlb::model::settings::NoPortPolicy::Drop), ..Default::default() };
     r.ctl.service_set(SocketAddr::new(VIP.into(), 84), Some(Proto::Tcp), &opts).expect("policy");
     assert_eq!(r.run(r.t0, &extra.build()).0, XDP_DROP);
     assert_eq!(r.counter(stats::REFUSED_NO_PORT), 2);
@@ -982,7 +982,7 @@ fn dsr_encapsulates_the_untouched_packet_and_the_backend_side_strips_it() {
 #[test]
 fn dsr_is_refused_where_it_cannot_work() {
     let mut r = rig();
-    let dsr = xlb::policy::ServiceOptions { mode: Some(xlb::policy::NatMode::Dsr), ..Default::default() };
+    let dsr = xlb::model::settings::ServiceOptions { mode: Some(xlb::model::settings::NatMode::Dsr), ..Default::default() };
     let e = r.ctl.service_add(SocketAddr::new(VIP6.into(), 86), Proto::Tcp, &dsr).expect_err("IPv6 DSR");
     assert!(e.to_string().contains("IPv4 only"), "{e}");
     let e = r.ctl.backend_add(SocketAddr::new(VIP.into(), 85), Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8085), None).expect_err("port mismatch");

@@ -24,7 +24,7 @@ use xlb::{
     api::Proto,
     controller::Controller,
     dataplane::{Dataplane, LoadOptions},
-    resetter::RstSender,
+    resets::rst::RstSender,
 };
 
 const RUNS: usize = 3;
@@ -178,7 +178,7 @@ fn rig() -> anyhow::Result<Rig> {
     ns.ip(&["neigh", "add", "10.0.0.254", "lladdr", "02:00:00:00:00:fe", "dev", "t0", "nud", "permanent"])?;
     ns.ip(&["route", "add", "10.200.0.0/14", "via", "10.0.0.254"])?;
     // What the daemon would set up on these interfaces.
-    in_netns(&ns.name, || xlb::host::apply(&xlb::host::Sysctl::default(), &["t0".into(), "t1".into()]))?.map_err(anyhow::Error::msg)?;
+    in_netns(&ns.name, || xlb::host::sysctl::apply(&xlb::host::sysctl::Sysctl::default(), &["t0".into(), "t1".into()]))?.map_err(anyhow::Error::msg)?;
     let t0 = ns.ifindex("t0")?;
     Ok(Rig { ns, t0 })
 }
@@ -373,7 +373,7 @@ fn apply_backends(r: &Rig, n: u32) -> anyhow::Result<Duration> {
         let backends = (0..n)
             .map(|i| serde_json::json!({ "backend": format!("10.3.{}.{}:8080", i / 250, 1 + i % 250), "weight": 1 }))
             .collect::<Vec<_>>();
-        let desired: xlb::declarative::Desired = serde_json::from_value(serde_json::json!({
+        let desired: xlb::api::desired::Desired = serde_json::from_value(serde_json::json!({
             "services": [{ "service": "10.99.0.2:80", "proto": "tcp", "backends": backends }]
         }))?;
         let start = Instant::now();

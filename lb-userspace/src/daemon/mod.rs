@@ -1,6 +1,11 @@
 //! `xlb daemon`: load, attach, apply the config, serve the API, and on
 //! SIGINT/SIGTERM detach and remove the pins and the socket.
 
+pub mod config;
+pub mod flowlog;
+pub mod metrics;
+pub mod server;
+
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -11,10 +16,9 @@ use tokio::{
 
 use crate::{
     cli::DaemonArgs,
-    config::Config,
+    daemon::config::Config,
     controller::{Controller, HealthTarget, SavedState},
     dataplane::{Dataplane, LoadOptions},
-    server,
 };
 
 pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result<()> {
@@ -24,14 +28,14 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         None => Config::default(),
     };
     let flow_log = match &args.flow_log {
-        Some(p) => Some(crate::flowlog::FlowLog::open(p, args.flow_log_sample)?),
+        Some(p) => Some(crate::daemon::flowlog::FlowLog::open(p, args.flow_log_sample)?),
         None => None,
     };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let listener = server::bind(&socket)?;
     let metrics_listener = match args.metrics_addr {
-        Some(a) => match crate::metrics::bind(a).await {
+        Some(a) => match crate::daemon::metrics::bind(a).await {
             Ok(l) => Some(l),
             Err(e) => {
                 let _ = std::fs::remove_file(&socket);
@@ -98,7 +102,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         None => Vec::new(),
     };
     let announcer = match (&args.bird_include, &args.bird_socket) {
-        (Some(i), Some(s)) => Some(Arc::new(std::sync::Mutex::new(crate::bgp::Announcer::new(i.clone(), s.clone())))),
+        (Some(i), Some(s)) => Some(Arc::new(std::sync::Mutex::new(crate::ha::bgp::Announcer::new(i.clone(), s.clone())))),
         _ => None,
     };
     let bgp = announcer.clone().map(|a| {
@@ -134,7 +138,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     let metrics = metrics_listener.map(|listener| {
         let ctl = ctl.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, ctl).await {
+            if let Err(e) = crate::daemon::metrics::serve(listener, ctl).await {
                 tracing::error!("{e:#}");
             }
         })
@@ -171,8 +175,8 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
     if args.detach_on_exit {
         ctl.dataplane().detach_all();
         ctl.dataplane().unpin();
-        crate::host::undo(&crate::host::Sysctl::default(), ctl.host_changes());
-        crate::neighbours::forget_all(ctl.managed_neighbours());
+        crate::host::sysctl::undo(&crate::host::sysctl::Sysctl::default(), ctl.host_changes());
+        crate::host::neighbours::forget_all(ctl.managed_neighbours());
         let _ = std::fs::remove_file(&args.state_file);
         tracing::info!("detached, pins and state removed, bye");
     } else {
@@ -208,7 +212,7 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
     } else {
         None
     };
-    let sender = crate::resetter::RstSender::new().context("opening the raw socket for proactive resets (needs CAP_NET_RAW)")?;
+    let sender = crate::resets::rst::RstSender::new().context("opening the raw socket for proactive resets (needs CAP_NET_RAW)")?;
     let mut ctl = Controller::new(dp).with_resets(sender).with_neighbour_warming();
     let ttl = crate::dns::TtlLimits { min: args.dns_min_ttl.0, max: args.dns_max_ttl.0 };
     if ttl.min > ttl.max || ttl.min.is_zero() {
@@ -219,9 +223,9 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "no DNS resolver: backends given by name are refused"),
     }
     // What the data plane needs from the host, before the first packet.
-    let sys = crate::host::Sysctl::default();
+    let sys = crate::host::sysctl::Sysctl::default();
     if args.no_host_setup {
-        let missing = crate::host::missing(&sys, &args.ifaces);
+        let missing = crate::host::sysctl::missing(&sys, &args.ifaces);
         if !missing.is_empty() {
             let list: Vec<String> = missing.iter().map(|m| format!("  {m}")).collect();
             if !args.force {
@@ -240,7 +244,7 @@ async fn start(args: &DaemonArgs, config: &Config) -> anyhow::Result<Controller>
             }
         }
     } else {
-        let changes = crate::host::apply(&sys, &args.ifaces).map_err(anyhow::Error::msg);
+        let changes = crate::host::sysctl::apply(&sys, &args.ifaces).map_err(anyhow::Error::msg);
         match changes {
             Ok(c) => ctl.record_host_changes(c),
             Err(e) => {
@@ -480,7 +484,7 @@ async fn flow_events(rb: aya::maps::RingBuf<aya::maps::MapData>, ctl: Arc<Mutex<
 
 /// The state-sync settings and the bound socket, checked before anything
 /// is loaded.
-fn sync_config(args: &DaemonArgs) -> anyhow::Result<Option<(crate::sync::SyncConfig, tokio::net::UdpSocket)>> {
+fn sync_config(args: &DaemonArgs) -> anyhow::Result<Option<(crate::ha::SyncConfig, tokio::net::UdpSocket)>> {
     let (Some(listen), Some(peer), Some(key_file)) = (args.sync_listen, args.sync_peer, &args.sync_key_file) else { return Ok(None) };
     let key = std::fs::read(key_file).with_context(|| format!("reading the sync key file {}", key_file.display()))?;
     let key: Vec<u8> = key.trim_ascii().to_vec();
@@ -490,32 +494,32 @@ fn sync_config(args: &DaemonArgs) -> anyhow::Result<Option<(crate::sync::SyncCon
     let std_sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding the sync socket {listen}"))?;
     std_sock.set_nonblocking(true).context("sync socket")?;
     let sock = tokio::net::UdpSocket::from_std(std_sock).context("sync socket")?;
-    Ok(Some((crate::sync::SyncConfig { listen, peer, key }, sock)))
+    Ok(Some((crate::ha::SyncConfig { listen, peer, key }, sock)))
 }
 
 /// Sends queued flow changes to the peer, batched (a datagram per
 /// `PER_DATAGRAM` records, or whatever is queued after 10 ms).
 async fn sync_send(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::sync::Record>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::ha::Record>,
     sock: Arc<tokio::net::UdpSocket>,
-    cfg: crate::sync::SyncConfig,
+    cfg: crate::ha::SyncConfig,
     ctl: Arc<Mutex<Controller>>,
 ) {
     let mut seq = 0u64;
-    let mut batch = Vec::with_capacity(crate::sync::PER_DATAGRAM);
+    let mut batch = Vec::with_capacity(crate::ha::PER_DATAGRAM);
     loop {
         let Some(first) = rx.recv().await else { return };
         batch.push(first);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(10);
         let (mut datagrams, mut records) = (0u64, 0u64);
         loop {
-            while batch.len() < crate::sync::PER_DATAGRAM {
+            while batch.len() < crate::ha::PER_DATAGRAM {
                 match rx.try_recv() {
                     Ok(r) => batch.push(r),
                     Err(_) => break,
                 }
             }
-            if batch.len() < crate::sync::PER_DATAGRAM && tokio::time::Instant::now() < deadline {
+            if batch.len() < crate::ha::PER_DATAGRAM && tokio::time::Instant::now() < deadline {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(r)) => {
                         batch.push(r);
@@ -525,7 +529,7 @@ async fn sync_send(
                 }
             }
             seq += 1;
-            let d = crate::sync::encode(&cfg.key, seq, &batch);
+            let d = crate::ha::encode(&cfg.key, seq, &batch);
             if let Err(e) = sock.send_to(&d, cfg.peer).await {
                 tracing::debug!(error = %e, "sending a sync datagram failed (the next refresh heals it)");
             }
@@ -545,8 +549,8 @@ async fn sync_send(
 
 /// Receives the peer's flow changes; installs them while this node is
 /// backup.
-async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::sync::SyncConfig, ctl: Arc<Mutex<Controller>>) {
-    let mut receiver = crate::sync::Receiver::default();
+async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::ha::SyncConfig, ctl: Arc<Mutex<Controller>>) {
+    let mut receiver = crate::ha::Receiver::default();
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
@@ -557,7 +561,7 @@ async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::sync::SyncCo
                 continue;
             }
         };
-        let decoded = if from.ip() != cfg.peer.ip() { Err("not from the configured peer") } else { crate::sync::decode(&cfg.key, &buf[..n]) };
+        let decoded = if from.ip() != cfg.peer.ip() { Err("not from the configured peer") } else { crate::ha::decode(&cfg.key, &buf[..n]) };
         let mut c = ctl.lock().await;
         let d = match decoded {
             Ok(d) => d,
@@ -569,7 +573,7 @@ async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::sync::SyncCo
                 continue;
             }
         };
-        if c.role() == Some(crate::sync::Role::Master) {
+        if c.role() == Some(crate::ha::Role::Master) {
             if let Some(s) = c.sync_status_mut() {
                 s.ignored_as_master += 1;
             }
@@ -601,10 +605,10 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
     // Every REFRESH, or less often when the table is big: a refresh never
     // takes more than a fifth of the node's time (a 1M-flow table takes
     // about a second to walk here).
-    let mut wait = crate::sync::REFRESH;
+    let mut wait = crate::ha::REFRESH;
     loop {
         tokio::time::sleep(wait).await;
-        if ctl.lock().await.role() != Some(crate::sync::Role::Master) {
+        if ctl.lock().await.role() != Some(crate::ha::Role::Master) {
             continue;
         }
         let started = std::time::Instant::now();
@@ -615,7 +619,7 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
             Ok(Err(e)) => tracing::warn!(error = %e, "walking the table for a sync refresh failed"),
             Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
         }
-        wait = crate::sync::REFRESH.max(started.elapsed() * 5);
+        wait = crate::ha::REFRESH.max(started.elapsed() * 5);
     }
 }
 
@@ -639,11 +643,11 @@ async fn keep_next_hops_resolved(ctl: Arc<Mutex<Controller>>) {
         }
         last_full = std::time::Instant::now();
         let (backends, ifindexes) = inputs.clone();
-        let done = tokio::task::spawn_blocking(move || -> std::io::Result<std::collections::BTreeSet<crate::neighbours::Neighbour>> {
-            let mut nl = crate::neighbours::Netlink::open()?;
-            let want = crate::neighbours::wanted(&mut nl, &backends, &ifindexes)?;
+        let done = tokio::task::spawn_blocking(move || -> std::io::Result<std::collections::BTreeSet<crate::host::neighbours::Neighbour>> {
+            let mut nl = crate::host::neighbours::Netlink::open()?;
+            let want = crate::host::neighbours::wanted(&mut nl, &backends, &ifindexes)?;
             let mut ours = ours;
-            crate::neighbours::reconcile(&mut nl, &mut ours, &want);
+            crate::host::neighbours::reconcile(&mut nl, &mut ours, &want);
             Ok(ours)
         })
         .await;

@@ -9,6 +9,8 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub mod desired;
+
 /// Longest request line the daemon reads; longer ones are rejected.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -51,13 +53,13 @@ pub enum Request {
         service: SocketAddr,
         proto: Proto,
         #[serde(default)]
-        options: crate::policy::ServiceOptions,
+        options: crate::model::settings::ServiceOptions,
     },
     /// Changes settings of an existing service; absent options keep their value.
     ServiceSet {
         service: SocketAddr,
         proto: Option<Proto>,
-        options: crate::policy::ServiceOptions,
+        options: crate::model::settings::ServiceOptions,
     },
     /// `proto` may be omitted when only one protocol is served on the VIP:port.
     ServiceRemove {
@@ -88,7 +90,7 @@ pub enum Request {
     Export,
     /// Makes the configuration match `config`; `dry_run` only lists changes.
     Apply {
-        config: crate::declarative::Desired,
+        config: crate::api::desired::Desired,
         #[serde(default)]
         dry_run: bool,
     },
@@ -97,7 +99,7 @@ pub enum Request {
     /// hook): `master` sends its flow state to the peer, `backup` installs
     /// what the peer sends.
     Role {
-        role: crate::sync::Role,
+        role: crate::ha::Role,
     },
     Flows {
         service: Option<SocketAddr>,
@@ -213,7 +215,7 @@ pub struct ServiceStatus {
     pub proto: Proto,
     pub id: u32,
     pub scheduler: String,
-    pub settings: crate::policy::ServiceSettings,
+    pub settings: crate::model::settings::ServiceSettings,
     pub active_flows: u64,
     /// Flows reset by the controller, by cause (the data plane's own resets
     /// are the `rst_*` counters).
@@ -258,7 +260,7 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// State sync with an active/standby peer, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sync: Option<crate::sync::SyncStatus>,
+    pub sync: Option<crate::ha::SyncStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -15,6 +15,8 @@
 //! resurrect a flow: an end is remembered (per key, with its sequence
 //! number) for `TOMBSTONE`, and older news of that key is ignored.
 
+pub mod bgp;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,

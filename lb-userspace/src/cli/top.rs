@@ -47,7 +47,7 @@ fn event_loop<B: ratatui::backend::Backend>(term: &mut ratatui::Terminal<B>, soc
     let mut prev: HashMap<(String, String), Prev> = HashMap::new();
     let mut last = Instant::now();
     loop {
-        let status = crate::client::call(socket, &Request::Status).and_then(|r| {
+        let status = crate::cli::client::call(socket, &Request::Status).and_then(|r| {
             r.data
                 .ok_or_else(|| anyhow::anyhow!(r.error.map(|e| e.message).unwrap_or_default()))
                 .and_then(|d| serde_json::from_value::<Status>(d).map_err(Into::into))

@@ -2,6 +2,9 @@
 //! into text or JSON. Exit codes: 0 success, 1 runtime failure (daemon
 //! unreachable, request refused), 2 bad usage.
 
+pub mod client;
+pub mod top;
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use crate::dns::BackendSpec;
@@ -10,9 +13,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     api::{ErrorCode, FlowInfo, Proto, Request, Response, Status},
-    client,
     dataplane::AttachMode,
-    policy::ServiceOptions,
+    model::settings::ServiceOptions,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
@@ -74,7 +76,7 @@ pub enum Command {
     /// hook): master sends its flow state to the peer, backup installs it.
     Role {
         #[arg(value_enum)]
-        role: crate::sync::Role,
+        role: crate::ha::Role,
     },
     /// Prepare this host as a DSR backend (`--mode dsr` services): attach
     /// the IPIP decapsulation program to IFACE (pinned: it stays), put the
@@ -169,7 +171,7 @@ pub struct DaemonArgs {
     /// On shutdown, after withdrawing the VIPs, keep forwarding this long
     /// while routers converge (flows still arriving are not reset).
     #[arg(long, default_value = "2s", value_name = "DURATION")]
-    pub withdraw_grace: crate::policy::Dur,
+    pub withdraw_grace: crate::model::settings::Dur,
     /// State sync: where this node receives its peer's flow state (IP:PORT).
     #[arg(long, value_name = "ADDR", requires_all = ["sync_peer", "sync_key_file"])]
     pub sync_listen: Option<SocketAddr>,
@@ -181,7 +183,7 @@ pub struct DaemonArgs {
     pub sync_key_file: Option<PathBuf>,
     /// State sync: role at start (keepalived's notify hook changes it with `xlb role`).
     #[arg(long, value_enum, default_value = "backup")]
-    pub role: crate::sync::Role,
+    pub role: crate::ha::Role,
     /// Leave the host's settings alone (the daemon otherwise sets, per
     /// managed interface, what the data plane needs: forwarding,
     /// accept_local, loose rp_filter; see docs/operations.md). Without
@@ -197,10 +199,10 @@ pub struct DaemonArgs {
     pub dns_servers: Vec<SocketAddr>,
     /// Shortest time a DNS answer is trusted (a record's TTL below it is raised to it).
     #[arg(long, default_value = "1s", value_name = "DURATION")]
-    pub dns_min_ttl: crate::policy::Dur,
+    pub dns_min_ttl: crate::model::settings::Dur,
     /// Longest time a DNS answer is trusted (also: how long a failing DNS server keeps the last answer).
     #[arg(long, default_value = "5m", value_name = "DURATION")]
-    pub dns_max_ttl: crate::policy::Dur,
+    pub dns_max_ttl: crate::model::settings::Dur,
 }
 
 #[derive(Debug, Subcommand)]
@@ -321,7 +323,7 @@ pub fn run_client(cli: &Cli) -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            match crate::declarative::Desired::parse(&text) {
+            match crate::api::desired::Desired::parse(&text) {
                 Ok(config) => Request::Apply { config, dry_run: *dry_run },
                 Err(e) => {
                     eprintln!("xlb: {}: {e}", file.display());
@@ -405,8 +407,8 @@ pub fn run_detach(cli: &Cli, pin_dir: &std::path::Path, state_file: &std::path::
     // The host settings the daemon changed go back as they were.
     let saved: Option<crate::controller::SavedState> = std::fs::read_to_string(state_file).ok().and_then(|t| serde_json::from_str(&t).ok());
     if let Some(state) = &saved {
-        crate::host::undo(&crate::host::Sysctl::default(), &state.host_changes);
-        crate::neighbours::forget_all(&state.managed_neighbours);
+        crate::host::sysctl::undo(&crate::host::sysctl::Sysctl::default(), &state.host_changes);
+        crate::host::neighbours::forget_all(&state.managed_neighbours);
     }
     let had_state = std::fs::remove_file(state_file).is_ok();
     if pin_dir.exists() {
@@ -579,9 +581,9 @@ pub fn render_status(s: &Status) -> String {
             "{:<22} mode {}, on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}, idle {}; expired {}",
             "",
             match st.mode {
-                crate::policy::NatMode::Dnat => "dnat".to_string(),
-                crate::policy::NatMode::Fullnat => format!("fullnat (source {}, ports {})", st.snat_source, String::from(st.snat_ports)),
-                crate::policy::NatMode::Dsr => format!("dsr (IPIP from {})", st.snat_source),
+                crate::model::settings::NatMode::Dnat => "dnat".to_string(),
+                crate::model::settings::NatMode::Fullnat => format!("fullnat (source {}, ports {})", st.snat_source, String::from(st.snat_ports)),
+                crate::model::settings::NatMode::Dsr => format!("dsr (IPIP from {})", st.snat_source),
             },
             st.on_remove,
             st.on_unhealthy,

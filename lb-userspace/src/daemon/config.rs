@@ -40,7 +40,7 @@ pub struct ServiceConfig {
     pub proto: Proto,
     /// Policies and health check (see `xlb service add --help`).
     #[serde(default)]
-    pub settings: crate::policy::ServiceOptions,
+    pub settings: crate::model::settings::ServiceOptions,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -143,10 +143,10 @@ mod example {
     /// The example shipped in packaging/ parses.
     #[test]
     fn the_packaged_example_config_is_valid() {
-        let text = include_str!("../../packaging/xlb.toml");
+        let text = include_str!("../../../packaging/xlb.toml");
         let c = super::Config::parse(text).expect("packaging/xlb.toml must parse");
         assert_eq!(c.services.len(), 2);
-        let s = crate::policy::ServiceSettings::default().patched(&c.services[0].settings).expect("valid settings");
+        let s = crate::model::settings::ServiceSettings::default().patched(&c.services[0].settings).expect("valid settings");
         assert_eq!(s.health.map(|h| h.fall), Some(3));
     }
 }

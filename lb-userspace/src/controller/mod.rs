@@ -34,8 +34,8 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     dns::{HostPort, Resolution, TtlLimits},
     health::Tracker,
-    policy::{FlowPolicy, HealthCheck, MissPolicy, NatMode, NoPortPolicy, Scheduler, ServiceOptions, ServiceSettings, SnatSource},
-    resetter::{Flow, RstSender},
+    model::settings::{FlowPolicy, HealthCheck, MissPolicy, NatMode, NoPortPolicy, Scheduler, ServiceOptions, ServiceSettings, SnatSource},
+    resets::rst::{Flow, RstSender},
 };
 
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -134,10 +134,10 @@ pub struct SavedState {
     /// Host settings the daemon changed, with the values they replaced
     /// (undone by `--detach-on-exit` and `xlb detach`).
     #[serde(default)]
-    pub host_changes: Vec<crate::host::Change>,
+    pub host_changes: Vec<crate::host::sysctl::Change>,
     /// Neighbour entries the daemon made managed (removed on detach).
     #[serde(default)]
-    pub managed_neighbours: BTreeSet<crate::neighbours::Neighbour>,
+    pub managed_neighbours: BTreeSet<crate::host::neighbours::Neighbour>,
 }
 
 impl SavedState {
@@ -331,7 +331,7 @@ pub struct Controller {
     last_rst_sent: Option<Instant>,
     /// The model changed since the last `take_dirty` (state to save).
     dirty: bool,
-    flow_log: Option<crate::flowlog::FlowLog>,
+    flow_log: Option<crate::daemon::flowlog::FlowLog>,
     /// Flows reset per backend id, by cause (since the id was handed out).
     backend_resets: HashMap<u32, ResetCounts>,
     /// Resolves backends given by name (none: names are refused).
@@ -348,14 +348,14 @@ pub struct Controller {
     /// backend (a Maglev table is 65,537 slots).
     ring_batch: Option<HashSet<ServiceId>>,
     /// Host settings the daemon changed (saved with the model).
-    host_changes: Vec<crate::host::Change>,
+    host_changes: Vec<crate::host::sysctl::Change>,
     /// Neighbour entries the daemon keeps resolved (saved with the model).
-    managed_neighbours: BTreeSet<crate::neighbours::Neighbour>,
+    managed_neighbours: BTreeSet<crate::host::neighbours::Neighbour>,
 }
 
 struct SyncState {
-    status: crate::sync::SyncStatus,
-    out: tokio::sync::mpsc::UnboundedSender<crate::sync::Record>,
+    status: crate::ha::SyncStatus,
+    out: tokio::sync::mpsc::UnboundedSender<crate::ha::Record>,
 }
 
 
@@ -533,12 +533,12 @@ impl Controller {
     }
 
     /// The neighbour entries the daemon keeps resolved.
-    pub fn managed_neighbours(&self) -> &BTreeSet<crate::neighbours::Neighbour> {
+    pub fn managed_neighbours(&self) -> &BTreeSet<crate::host::neighbours::Neighbour> {
         &self.managed_neighbours
     }
 
     /// Records the neighbour entries the daemon now keeps resolved.
-    pub fn set_managed_neighbours(&mut self, n: BTreeSet<crate::neighbours::Neighbour>) {
+    pub fn set_managed_neighbours(&mut self, n: BTreeSet<crate::host::neighbours::Neighbour>) {
         if n != self.managed_neighbours {
             self.managed_neighbours = n;
             self.dirty = true;
@@ -556,15 +556,15 @@ impl Controller {
     }
 
     /// Records host settings the daemon changed.
-    pub fn record_host_changes(&mut self, changes: Vec<crate::host::Change>) {
+    pub fn record_host_changes(&mut self, changes: Vec<crate::host::sysctl::Change>) {
         if !changes.is_empty() {
-            crate::host::merge(&mut self.host_changes, changes);
+            crate::host::sysctl::merge(&mut self.host_changes, changes);
             self.dirty = true;
         }
     }
 
     /// Host settings the daemon changed (to undo on detach).
-    pub fn host_changes(&self) -> &[crate::host::Change] {
+    pub fn host_changes(&self) -> &[crate::host::sysctl::Change] {
         &self.host_changes
     }
 
@@ -594,13 +594,13 @@ impl Controller {
     }
 
     /// Enables state sync: as master, flow changes go to `out`.
-    pub fn with_sync(mut self, role: crate::sync::Role, peer: SocketAddr, out: tokio::sync::mpsc::UnboundedSender<crate::sync::Record>) -> Self {
-        let status = crate::sync::SyncStatus { role, peer: peer.to_string(), ..Default::default() };
+    pub fn with_sync(mut self, role: crate::ha::Role, peer: SocketAddr, out: tokio::sync::mpsc::UnboundedSender<crate::ha::Record>) -> Self {
+        let status = crate::ha::SyncStatus { role, peer: peer.to_string(), ..Default::default() };
         self.sync = Some(SyncState { status, out });
         self
     }
 
-    pub fn set_role(&mut self, role: crate::sync::Role) -> Result<crate::sync::Role> {
+    pub fn set_role(&mut self, role: crate::ha::Role) -> Result<crate::ha::Role> {
         let Some(s) = self.sync.as_mut() else {
             return Err(ControllerError::BadRequest("this daemon has no sync peer (start it with --sync-listen, --sync-peer, --sync-key-file)".into()));
         };
@@ -621,26 +621,26 @@ impl Controller {
     }
 
     /// The sync role, if syncing.
-    pub fn role(&self) -> Option<crate::sync::Role> {
+    pub fn role(&self) -> Option<crate::ha::Role> {
         self.sync.as_ref().map(|s| s.status.role)
     }
 
     /// Sync figures the daemon's tasks update.
-    pub fn sync_status_mut(&mut self) -> Option<&mut crate::sync::SyncStatus> {
+    pub fn sync_status_mut(&mut self) -> Option<&mut crate::ha::SyncStatus> {
         self.sync.as_mut().map(|s| &mut s.status)
     }
 
     /// As master, queues a flow change for the peer.
-    fn sync_send(&mut self, kind: crate::sync::Kind, idle: Duration, flow: &lb_common::maps::FlowEnd) {
+    fn sync_send(&mut self, kind: crate::ha::Kind, idle: Duration, flow: &lb_common::maps::FlowEnd) {
         if let Some(s) = &self.sync {
-            if s.status.role == crate::sync::Role::Master {
-                let _ = s.out.send(crate::sync::Record { kind, idle, flow: *flow });
+            if s.status.role == crate::ha::Role::Master {
+                let _ = s.out.send(crate::ha::Record { kind, idle, flow: *flow });
             }
         }
     }
 
     /// As master, queues a refresh of live flows (walked off the lock).
-    pub fn sync_refresh(&mut self, records: Vec<crate::sync::Record>) {
+    pub fn sync_refresh(&mut self, records: Vec<crate::ha::Record>) {
         for r in records {
             self.sync_send(r.kind, r.idle, &r.flow);
         }
@@ -649,7 +649,7 @@ impl Controller {
     /// As backup, installs or removes flows the peer sent. Ids are
     /// translated through addresses: a flow of a service or backend this
     /// node does not have is skipped (counted).
-    pub fn sync_install(&mut self, records: &[crate::sync::Record]) -> Result<()> {
+    pub fn sync_install(&mut self, records: &[crate::ha::Record]) -> Result<()> {
         let now = monotonic_ns();
         let mut ends = Vec::new();
         let (mut applied, mut unknown) = (0u64, 0u64);
@@ -657,7 +657,7 @@ impl Controller {
             let f = &r.flow;
             let key = f.key;
             let rkey = f.to_backend.peer_key(key.proto);
-            if r.kind == crate::sync::Kind::End {
+            if r.kind == crate::ha::Kind::End {
                 ends.extend([key, rkey]);
                 applied += 1;
                 continue;
@@ -726,7 +726,7 @@ impl Controller {
     }
 
     /// Writes flow logs (records of finished flows) to `log`.
-    pub fn with_flow_log(mut self, log: crate::flowlog::FlowLog) -> Self {
+    pub fn with_flow_log(mut self, log: crate::daemon::flowlog::FlowLog) -> Self {
         self.flow_log = Some(log);
         self
     }
@@ -737,7 +737,7 @@ impl Controller {
         if let Some(l) = self.flow_log.as_mut() {
             l.record(ev);
         }
-        let kind = if ev.reason == end_reason::NEW { crate::sync::Kind::Live } else { crate::sync::Kind::End };
+        let kind = if ev.reason == end_reason::NEW { crate::ha::Kind::Live } else { crate::ha::Kind::End };
         self.sync_send(kind, Duration::ZERO, ev);
     }
 
@@ -747,7 +747,7 @@ impl Controller {
             if let Some(l) = self.flow_log.as_mut() {
                 l.record(&ev);
             }
-            self.sync_send(crate::sync::Kind::End, Duration::ZERO, &ev);
+            self.sync_send(crate::ha::Kind::End, Duration::ZERO, &ev);
         }
     }
 
@@ -1278,9 +1278,9 @@ impl Controller {
     // ---- declarative configuration ----
 
     /// The whole configuration (registered backends only).
-    pub fn export(&self) -> crate::declarative::Desired {
-        use crate::declarative::{DesiredBackend, DesiredNamed, DesiredService};
-        crate::declarative::Desired {
+    pub fn export(&self) -> crate::api::desired::Desired {
+        use crate::api::desired::{DesiredBackend, DesiredNamed, DesiredService};
+        crate::api::desired::Desired {
             services: self
                 .services
                 .iter()
@@ -1304,7 +1304,7 @@ impl Controller {
     /// first (nothing changes if any of it is wrong, and the error names the
     /// field), then adds, changes and removes what differs. Returns the
     /// changes, applied or (with `dry_run`) only listed.
-    pub fn apply(&mut self, want: &crate::declarative::Desired, dry_run: bool) -> Result<Vec<String>> {
+    pub fn apply(&mut self, want: &crate::api::desired::Desired, dry_run: bool) -> Result<Vec<String>> {
         let bad = |path: String, msg: String| ControllerError::BadRequest(format!("{path}: {msg}"));
         let mut seen = HashSet::new();
         if want.services.len() > MAX_SERVICES as usize {
@@ -1805,7 +1805,7 @@ impl Controller {
             )));
         }
         let now = Instant::now();
-        crate::host::merge(&mut self.host_changes, state.host_changes.clone());
+        crate::host::sysctl::merge(&mut self.host_changes, state.host_changes.clone());
         self.managed_neighbours.extend(state.managed_neighbours.iter().cloned());
         for s in &state.services {
             let sid = ServiceId { addr: s.service, proto: s.proto };
@@ -2102,7 +2102,7 @@ pub fn plan_expiry(
 
 /// Every live flow of the tables as sync records (for a refresh), walked
 /// through `walk` (which may use its own map handles).
-pub fn live_flows(walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>) -> Result<Vec<crate::sync::Record>> {
+pub fn live_flows(walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std::result::Result<(), DataplaneError>) -> Result<Vec<crate::ha::Record>> {
     let now = monotonic_ns();
     let (forward, reverse) = split_directions(walk)?;
     Ok(forward
@@ -2110,8 +2110,8 @@ pub fn live_flows(walk: impl FnOnce(&mut dyn FnMut(&FlowKey, &FlowEntry)) -> std
         .map(|(key, fwd)| {
             let rev = reverse.get(&fwd.peer_key(key.proto)).copied();
             let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
-            crate::sync::Record {
-                kind: crate::sync::Kind::Live,
+            crate::ha::Record {
+                kind: crate::ha::Kind::Live,
                 idle: Duration::from_nanos(now.saturating_sub(last)),
                 flow: lb_common::maps::FlowEnd { key, reason: end_reason::NEW, _pad: 0, to_backend: fwd, to_client: rev.unwrap_or_default() },
             }

@@ -1,0 +1,2 @@
+//! The service model: services, backends, settings and their lifecycle.
+pub mod settings;

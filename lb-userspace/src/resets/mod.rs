@@ -1,0 +1,2 @@
+//! Proactive resets.
+pub mod rst;

@@ -1,5 +1,5 @@
-//! Health probes (run from the balancer host to each backend) and the
-//! rise/fall bookkeeping that turns results into state changes.
+//! Health probes, run from the balancer host to each backend (the rise/fall
+//! bookkeeping is the model's: `model::Tracker`).
 
 use std::net::SocketAddr;
 
@@ -57,78 +57,9 @@ pub fn parse_status_line(buf: &[u8]) -> Option<u16> {
     code.parse().ok()
 }
 
-/// Consecutive results of one backend's probes.
-#[derive(Clone, Debug)]
-pub struct Tracker {
-    pub healthy: bool,
-    pub ok_streak: u32,
-    pub fail_streak: u32,
-    pub last_error: Option<String>,
-    pub checks: u64,
-}
-
-impl Default for Tracker {
-    /// Backends start healthy: a new backend takes traffic at once, and a
-    /// failing one is taken out after `fall` failures.
-    fn default() -> Self {
-        Tracker { healthy: true, ok_streak: 0, fail_streak: 0, last_error: None, checks: 0 }
-    }
-}
-
-impl Tracker {
-    /// Records one result; returns the new health when it changes.
-    pub fn record(&mut self, result: Result<(), String>, rise: u32, fall: u32) -> Option<bool> {
-        self.checks += 1;
-        match result {
-            Ok(()) => {
-                self.ok_streak += 1;
-                self.fail_streak = 0;
-                if !self.healthy && self.ok_streak >= rise {
-                    self.healthy = true;
-                    self.last_error = None;
-                    return Some(true);
-                }
-            }
-            Err(e) => {
-                self.fail_streak += 1;
-                self.ok_streak = 0;
-                self.last_error = Some(e);
-                if self.healthy && self.fail_streak >= fall {
-                    self.healthy = false;
-                    return Some(false);
-                }
-            }
-        }
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fall_takes_down_and_rise_brings_back() {
-        let mut t = Tracker::default();
-        assert_eq!(t.record(Err("x".into()), 2, 3), None);
-        assert_eq!(t.record(Err("x".into()), 2, 3), None);
-        assert_eq!(t.record(Err("x".into()), 2, 3), Some(false));
-        assert_eq!(t.record(Err("x".into()), 2, 3), None, "already down");
-        assert_eq!(t.record(Ok(()), 2, 3), None);
-        assert_eq!(t.record(Err("x".into()), 2, 3), None, "a failure resets the rise streak");
-        assert_eq!(t.record(Ok(()), 2, 3), None);
-        assert_eq!(t.record(Ok(()), 2, 3), Some(true));
-        assert!(t.healthy);
-    }
-
-    #[test]
-    fn a_success_between_failures_resets_the_fall_streak() {
-        let mut t = Tracker::default();
-        t.record(Err("x".into()), 1, 2);
-        t.record(Ok(()), 1, 2);
-        assert_eq!(t.record(Err("x".into()), 1, 2), None);
-        assert_eq!(t.record(Err("x".into()), 1, 2), Some(false));
-    }
 
     #[test]
     fn status_lines_parse() {

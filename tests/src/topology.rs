@@ -36,7 +36,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::Context as _;
-use xlb::dataplane::Dataplane;
+use xlb::dataplane::KernelDataPlane;
 
 use crate::netns::{Netns, in_netns, unique_prefix};
 
@@ -59,7 +59,7 @@ pub struct TopologyOptions {
 pub struct Topology {
     /// Holds the pass programs on the peer ends (dropping detaches them);
     /// first, so they go before the namespaces do.
-    _peers: Vec<Dataplane>,
+    _peers: Vec<KernelDataPlane>,
     pub prefix: String,
     pub client: Netns,
     pub lb: Netns,
@@ -172,7 +172,7 @@ impl Topology {
             None => peers.extend(self.backends.iter().map(|b| (b, "b0"))),
         }
         for (ns, iface) in peers {
-            let mut dp = Dataplane::load_pass_only()?;
+            let mut dp = KernelDataPlane::load_pass_only()?;
             in_netns(&ns.name, || -> anyhow::Result<()> {
                 let idx = xlb::dataplane::ifindex(iface)?;
                 dp.attach_pass(idx)?;
@@ -209,7 +209,7 @@ impl Topology {
         anyhow::ensure!(!self.switched, "a switched topology has one backend link");
         self.lb.ip(&["link", "del", &format!("l{}", i + 1)])?;
         self.backend_link(i, false)?;
-        let mut dp = Dataplane::load_pass_only()?;
+        let mut dp = KernelDataPlane::load_pass_only()?;
         in_netns(&self.backends[i].name, || -> anyhow::Result<()> {
             dp.attach_pass(xlb::dataplane::ifindex("b0")?)?;
             Ok(())

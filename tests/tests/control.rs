@@ -138,7 +138,7 @@ fn garbage_on_the_socket_gets_a_clear_error_and_the_daemon_keeps_serving() {
         (b"{\"op\":\"backend_add\",\"service\":\"10.99.0.1:80\",\"backend\":\"10.1.1.2:80\",\"weight\":-1}\n".to_vec(), "invalid"),
         (b"[1,2,3]\n".to_vec(), "invalid request"),
         (vec![0xff, 0xfe, b'\n'], "UTF-8"),
-        ([vec![b'x'; 70 * 1024], b"\n".to_vec()].concat(), "longer than"),
+        ([vec![b'x'; xlb::api::MAX_REQUEST_BYTES + 1024], b"\n".to_vec()].concat(), "longer than"),
     ];
     for (payload, needle) in cases {
         let v = ask(&payload);
@@ -194,7 +194,7 @@ fn the_config_file_is_applied_at_start_and_a_bad_one_leaves_nothing_behind() {
         (
             "dup.toml",
             "[[service]]\nvip = \"10.99.0.1:80\"\n[[service.backend]]\naddr = \"10.1.1.2:80\"\n[[service.backend]]\naddr = \"10.1.1.2:80\"\n",
-            "service[0] 10.99.0.1:80/tcp: backend[1] 10.1.1.2:80",
+            "services[0].backends[1].backend: 10.1.1.2:80 is listed twice",
         ),
     ];
     for (file, text, needle) in bad_cases {

@@ -26,7 +26,8 @@ use testbed::{
 use xlb::{
     api::Proto,
     controller::Controller,
-    dataplane::{Dataplane, LoadOptions},
+    dataplane::FlowTable as _,
+    dataplane::{KernelDataPlane, LoadOptions},
 };
 
 const XDP_DROP: u32 = 1;
@@ -80,7 +81,7 @@ fn rig() -> Rig {
         .expect("host setup");
     let t0 = ns.ifindex("t0").expect("t0");
     let t1 = ns.ifindex("t1").expect("t1");
-    let mut dp = Dataplane::load(LoadOptions { conn_capacity: 32768, half_open_capacity: Some(32768), pin_dir: None }).expect("load");
+    let mut dp = KernelDataPlane::load(LoadOptions { conn_capacity: 32768, half_open_capacity: Some(32768), pin_dir: None }).expect("load");
     dp.add_redirect_target(t0).expect("devmap t0");
     dp.add_redirect_target(t1).expect("devmap t1");
     let mut ctl = Controller::new(dp);
@@ -186,9 +187,9 @@ impl Rig {
 
     /// Full-NAT ports held, as (balancer source, port, backend).
     fn ports(&mut self) -> Vec<(IpAddr, u16, SocketAddr)> {
-        let reader = self.ctl.dataplane().table_reader().expect("reader");
         let mut held = Vec::new();
-        reader
+        self.ctl
+            .table()
             .for_each_port(&mut |k, _| {
                 let port = |p: u16| u16::from_be_bytes(p.to_ne_bytes());
                 held.push((lb_common::maps::addr_to_ip(&k.dst_addr), port(k.dst_port), SocketAddr::new(lb_common::maps::addr_to_ip(&k.src_addr), port(k.src_port))));
@@ -620,6 +621,11 @@ fn maglev_moves_only_the_removed_backends_flows() {
     let share = before.iter().filter(|b| **b == removed).count();
     assert!((2000..3000).contains(&share), "backend 1 has {share} of 10k flows");
     r.ctl.backend_remove(svc, Some(Proto::Tcp), backends[1]).expect("remove");
+    // What the daemon's reset worker does with the job (no RSTs: removal only).
+    let table = r.ctl.table();
+    for job in r.ctl.take_jobs() {
+        xlb::resets::run(&table, None, &job, &mut |_| {});
+    }
     // In the table: the removed backend's flows are gone, every other flow
     // is still on its backend.
     let mut in_table = 0;
@@ -637,7 +643,7 @@ fn maglev_moves_only_the_removed_backends_flows() {
     // hashed again: Maglev's minimal disruption keeps almost all of the
     // remaining backends' flows where they were.
     let keys: Vec<lb_common::maps::FlowKey> = { let mut k = Vec::new(); r.ctl.dataplane().for_each_flow(|key, _| k.push(*key)).expect("walk"); k };
-    r.ctl.dataplane().flows_delete(&keys).expect("clear");
+    r.ctl.table().remove_keys(&keys).expect("clear");
     let after = map_all(&mut r);
     let mut moved_others = 0;
     for (b, a) in before.iter().zip(&after) {

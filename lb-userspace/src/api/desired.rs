@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{api::Proto, model::settings::ServiceSettings};
+use crate::model::{settings::ServiceSettings, Proto};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +35,7 @@ pub struct DesiredService {
 pub struct DesiredNamed {
     /// `NAME:PORT`.
     #[serde(with = "host_port")]
-    pub backend: crate::dns::HostPort,
+    pub backend: crate::model::HostPort,
     #[serde(default = "one")]
     pub weight: u32,
 }
@@ -44,11 +44,11 @@ pub struct DesiredNamed {
 mod host_port {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(h: &crate::dns::HostPort, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(h: &crate::model::HostPort, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(h)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<crate::dns::HostPort, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<crate::model::HostPort, D::Error> {
         String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }

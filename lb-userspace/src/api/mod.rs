@@ -5,46 +5,19 @@
 //! Response: `{"ok":true,"data":...}` or
 //!           `{"ok":false,"error":{"code":"not_found","message":"..."}}`
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
 pub mod desired;
 
-/// Longest request line the daemon reads; longer ones are rejected.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line the daemon reads; longer ones are rejected. An
+/// `apply` of 10,000 backends (what `export` prints for them) is ~1 MiB;
+/// this leaves room for far more, and bounds what a client can make the
+/// daemon buffer.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub const fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => lb_common::maps::PROTO_TCP,
-            Proto::Udp => lb_common::maps::PROTO_UDP,
-        }
-    }
-    pub const fn from_number(n: u8) -> Option<Proto> {
-        match n {
-            lb_common::maps::PROTO_TCP => Some(Proto::Tcp),
-            lb_common::maps::PROTO_UDP => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
+pub use crate::model::Proto;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -71,19 +44,19 @@ pub enum Request {
     BackendAdd {
         service: SocketAddr,
         proto: Option<Proto>,
-        backend: crate::dns::BackendSpec,
+        backend: crate::model::BackendSpec,
         weight: Option<u32>,
     },
     BackendRemove {
         service: SocketAddr,
         proto: Option<Proto>,
-        backend: crate::dns::BackendSpec,
+        backend: crate::model::BackendSpec,
     },
     /// Changes a registered backend's weight.
     BackendSet {
         service: SocketAddr,
         proto: Option<Proto>,
-        backend: crate::dns::BackendSpec,
+        backend: crate::model::BackendSpec,
         weight: u32,
     },
     /// The whole configuration, in the form `apply` takes.
@@ -95,6 +68,11 @@ pub enum Request {
         dry_run: bool,
     },
     Status,
+    /// Liveness, for keepalived's track script and orchestrators: the
+    /// controller answers and the kernel runs the program on every managed
+    /// interface. Never walks the table: as fast at a million flows as at
+    /// none. Answered with a [`Liveness`].
+    Health,
     /// The node's role in an active/standby pair (keepalived's notify
     /// hook): `master` sends its flow state to the peer, `backup` installs
     /// what the peer sends.
@@ -192,7 +170,7 @@ pub struct BackendStatus {
     pub healthy: bool,
     pub last_health_error: Option<String>,
     /// Flows of this backend the controller reset, by cause.
-    pub resets: crate::controller::ResetCounts,
+    pub resets: crate::model::ResetCounts,
     /// Seconds until a draining backend's remaining flows are reset.
     pub drain_remaining_s: Option<f64>,
     /// Full NAT: source ports this backend's flows hold, of the pool's
@@ -219,7 +197,7 @@ pub struct ServiceStatus {
     pub active_flows: u64,
     /// Flows reset by the controller, by cause (the data plane's own resets
     /// are the `rst_*` counters).
-    pub resets: crate::controller::ResetCounts,
+    pub resets: crate::model::ResetCounts,
     pub traffic: Traffic,
     pub backends: Vec<BackendStatus>,
     /// Backends given by DNS name.
@@ -240,7 +218,7 @@ pub struct NamedStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TableStatus {
     /// Entries in the connection table (two per flow).
     pub entries: u64,
@@ -249,11 +227,15 @@ pub struct TableStatus {
     /// Entries of TCP flows still in their handshake (two per flow).
     pub half_open_entries: u64,
     pub half_open_capacity_flows: u64,
+    /// How old these table figures are: they come from the latest walk of
+    /// the table (reports never walk it themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_age_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    pub interfaces: Vec<crate::dataplane::Attachment>,
+    pub interfaces: Vec<crate::model::Attachment>,
     pub table: TableStatus,
     /// Data-plane counters by reason (see docs/architecture.md).
     pub counters: BTreeMap<String, u64>,
@@ -277,4 +259,27 @@ pub struct FlowInfo {
     pub state: String,
     pub age_s: f64,
     pub idle_s: f64,
+}
+
+/// The answer to [`Request::Health`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Liveness {
+    pub healthy: bool,
+    /// How long the controller took to answer.
+    pub controller_ms: f64,
+    /// What is wrong, one line each (empty when healthy).
+    pub problems: Vec<String>,
+    pub interfaces: Vec<LinkLiveness>,
+}
+
+/// One managed interface, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkLiveness {
+    pub iface: String,
+    pub ifindex: u32,
+    pub mode: String,
+    /// The kernel runs this daemon's program on it.
+    pub attached: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }

@@ -114,7 +114,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct DaemonArgs {
     /// Interface to attach to (repeat for several).
     #[arg(long = "iface", required = true, value_name = "IF")]
@@ -203,6 +203,11 @@ pub struct DaemonArgs {
     /// Longest time a DNS answer is trusted (also: how long a failing DNS server keeps the last answer).
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub dns_max_ttl: crate::model::settings::Dur,
+    /// Answers in a row that must say a name has no address (NXDOMAIN, no
+    /// records of the service's family, a failing server) before its last
+    /// addresses are removed: a DNS blip must not reset every flow.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub dns_misses: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,7 +317,8 @@ pub fn run_client(cli: &Cli) -> ExitCode {
             backend: backend.clone(),
             weight: *weight,
         },
-        Command::Status | Command::Health => Request::Status,
+        Command::Status => Request::Status,
+        Command::Health => Request::Health,
         Command::Role { role } => Request::Role { role: *role },
         Command::Export => Request::Export,
         Command::Apply { file, dry_run } => {
@@ -439,28 +445,31 @@ fn print_response(cli: &Cli, req: &Request, resp: &Response) -> ExitCode {
         return ExitCode::from(if err.code == ErrorCode::BadRequest { EXIT_USAGE } else { EXIT_RUNTIME });
     }
     if cli.json {
-        return ExitCode::SUCCESS;
+        // An unhealthy answer is still a failure for a track script.
+        let unhealthy = matches!(req, Request::Health) && resp.data.as_ref().is_some_and(|d| d["healthy"] != serde_json::Value::Bool(true));
+        return if unhealthy { ExitCode::from(EXIT_RUNTIME) } else { ExitCode::SUCCESS };
     }
     let data = resp.data.clone().unwrap_or_default();
     let f = |k: &str| data[k].as_str().unwrap_or("?").to_owned();
     if matches!(cli.command, Command::Health) {
-        return match serde_json::from_value::<Status>(data) {
-            Ok(s) if !s.interfaces.is_empty() => {
-                println!("healthy: attached to {}", s.interfaces.iter().map(|a| a.iface.as_str()).collect::<Vec<_>>().join(", "));
+        return match serde_json::from_value::<crate::api::Liveness>(data) {
+            Ok(l) if l.healthy => {
+                println!("healthy: attached to {} (controller answered in {:.1} ms)", l.interfaces.iter().map(|a| a.iface.as_str()).collect::<Vec<_>>().join(", "), l.controller_ms);
                 ExitCode::SUCCESS
             }
-            Ok(_) => {
-                eprintln!("xlb: unhealthy: the program is attached to no interface");
+            Ok(l) => {
+                eprintln!("xlb: unhealthy: {}", l.problems.join("; "));
                 ExitCode::from(EXIT_RUNTIME)
             }
             Err(e) => {
-                eprintln!("xlb: unhealthy: unexpected status: {e}");
+                eprintln!("xlb: unhealthy: unexpected answer: {e}");
                 ExitCode::from(EXIT_RUNTIME)
             }
         };
     }
     match req {
         Request::Role { .. } => println!("role {} (was {})", f("role"), f("previous")),
+        Request::Health => {}
         Request::Status => match serde_json::from_value::<Status>(data) {
             Ok(s) => print!("{}", render_status(&s)),
             Err(e) => eprintln!("xlb: unexpected status from the daemon: {e}"),

@@ -16,14 +16,18 @@
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently drop a setting). The
-//! entries go through the same controller operations as API requests.
+//! file becomes a whole desired configuration, checked and applied as
+//! `xlb apply` does.
 
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::{api::Proto, controller::Controller};
+use crate::{
+    api::desired::{Desired, DesiredBackend, DesiredNamed, DesiredService},
+    model::{settings::ServiceSettings, BackendSpec, Proto},
+};
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +54,7 @@ pub struct ServiceConfig {
 pub struct BackendConfig {
     /// `IP:PORT`, or `NAME:PORT` (resolved by the daemon, and again on the
     /// record's TTL).
-    pub addr: crate::dns::BackendSpec,
+    pub addr: BackendSpec,
     pub weight: Option<u32>,
 }
 
@@ -68,34 +72,23 @@ impl Config {
         Config::parse(&text).with_context(|| format!("config file {}", path.display()))
     }
 
-    /// Applies every entry; the first failure names the entry.
-    pub fn apply(&self, ctl: &mut Controller) -> anyhow::Result<()> {
-        let mut res = Ok(());
-        // One ring build per service, not one per backend.
-        let built = ctl.batch(|ctl| {
-            res = self.apply_all(ctl);
-            Ok(())
-        });
-        res?;
-        built.context("config: building the scheduling rings")
-    }
-
-    fn apply_all(&self, ctl: &mut Controller) -> anyhow::Result<()> {
+    /// The file as a whole desired configuration: the daemon applies it as
+    /// `xlb apply` does (every check before the first map write).
+    pub fn desired(&self) -> anyhow::Result<Desired> {
+        let mut services = Vec::with_capacity(self.services.len());
         for (i, s) in self.services.iter().enumerate() {
-            ctl.service_add(s.vip, s.proto, &s.settings)
-                .with_context(|| format!("config: service[{i}] {}/{}", s.vip, s.proto))?;
-            for (j, b) in s.backends.iter().enumerate() {
-                let res = match &b.addr {
-                    crate::dns::BackendSpec::Addr(a) => ctl.backend_add(s.vip, Some(s.proto), *a, b.weight).map(drop),
-                    crate::dns::BackendSpec::Name(n) => {
-                        let sid = crate::controller::ServiceId { addr: s.vip, proto: s.proto };
-                        ctl.named_register(sid, n.clone(), b.weight.unwrap_or(1))
-                    }
-                };
-                res.with_context(|| format!("config: service[{i}] {}/{}: backend[{j}] {}", s.vip, s.proto, b.addr))?;
+            let settings = ServiceSettings::default().patched(&s.settings).map_err(anyhow::Error::msg).with_context(|| format!("config: service[{i}] {}/{}: settings", s.vip, s.proto))?;
+            let (mut backends, mut named_backends) = (Vec::new(), Vec::new());
+            for b in &s.backends {
+                let weight = b.weight.unwrap_or(1);
+                match &b.addr {
+                    BackendSpec::Addr(a) => backends.push(DesiredBackend { backend: *a, weight }),
+                    BackendSpec::Name(n) => named_backends.push(DesiredNamed { backend: n.clone(), weight }),
+                }
             }
+            services.push(DesiredService { service: s.vip, proto: s.proto, settings, backends, named_backends });
         }
-        Ok(())
+        Ok(Desired { services })
     }
 }
 

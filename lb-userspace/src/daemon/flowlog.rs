@@ -12,7 +12,11 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::Path,
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -22,7 +26,9 @@ use serde::Serialize;
 use crate::api::Proto;
 
 pub struct FlowLog {
-    out: Box<dyn Write + Send>,
+    /// Buffered: flushed when no record came for a moment (one flush per
+    /// burst, not per line).
+    out: std::io::BufWriter<Box<dyn Write + Send>>,
     sample: u32,
     /// Log new-flow records (`--flow-log-new`); the data plane may emit them
     /// for state sync alone.
@@ -86,7 +92,7 @@ impl FlowLog {
     }
 
     pub fn to_writer(out: Box<dyn Write + Send>, sample: u32) -> FlowLog {
-        FlowLog { out, sample: sample.max(1), new_flows: true, written: 0, write_errors: 0 }
+        FlowLog { out: std::io::BufWriter::new(out), sample: sample.max(1), new_flows: true, written: 0, write_errors: 0 }
     }
 
     fn sampled(&self, k: &FlowKey) -> bool {
@@ -129,7 +135,7 @@ impl FlowLog {
             l.push('\n');
             l
         });
-        match line.map_err(std::io::Error::other).and_then(|l| self.out.write_all(l.as_bytes()).and_then(|()| self.out.flush())) {
+        match line.map_err(std::io::Error::other).and_then(|l| self.out.write_all(l.as_bytes())) {
             Ok(()) => self.written += 1,
             Err(e) => {
                 self.write_errors += 1;
@@ -139,6 +145,75 @@ impl FlowLog {
             }
         }
     }
+}
+
+impl FlowLog {
+    /// Writes what is buffered.
+    pub fn flush(&mut self) {
+        if let Err(e) = self.out.flush() {
+            self.write_errors += 1;
+            tracing::warn!(error = %e, "writing the flow log failed");
+        }
+    }
+}
+
+/// Records queued for the writer at most; past this they are dropped
+/// (counted as `flow_log_dropped_records`), never the controller's time.
+const QUEUE: usize = 65_536;
+
+/// Where records for the flow log go (cheap to clone).
+#[derive(Clone)]
+pub struct Sender {
+    tx: mpsc::SyncSender<FlowEnd>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Sender {
+    pub fn send(&self, ev: FlowEnd) {
+        if self.tx.try_send(ev).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writer's counters, for `status` and the metrics.
+pub struct Counters {
+    pub written: Arc<AtomicU64>,
+    pub write_errors: Arc<AtomicU64>,
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl Counters {
+    pub fn shared(&self) -> Vec<crate::controller::SharedCounter> {
+        vec![
+            ("flow_log_written".into(), self.written.clone()),
+            ("flow_log_write_errors".into(), self.write_errors.clone()),
+            ("flow_log_dropped_records".into(), self.dropped.clone()),
+        ]
+    }
+}
+
+/// Starts the writer thread: it writes records as they come and flushes
+/// when none came for 100 ms; it ends when every sender is dropped.
+pub fn start(mut log: FlowLog) -> std::io::Result<(Sender, Counters)> {
+    let (tx, rx) = mpsc::sync_channel::<FlowEnd>(QUEUE);
+    let counters = Counters { written: Arc::new(AtomicU64::new(0)), write_errors: Arc::new(AtomicU64::new(0)), dropped: Arc::new(AtomicU64::new(0)) };
+    let (written, errors) = (counters.written.clone(), counters.write_errors.clone());
+    std::thread::Builder::new().name("xlb-flowlog".into()).spawn(move || {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(ev) => log.record(&ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => log.flush(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    log.flush();
+                    return;
+                }
+            }
+            written.store(log.written, Ordering::Relaxed);
+            errors.store(log.write_errors, Ordering::Relaxed);
+        }
+    })?;
+    Ok((Sender { tx, dropped: counters.dropped.clone() }, counters))
 }
 
 #[cfg(test)]
@@ -183,6 +258,7 @@ mod tests {
         }
         let mut one = FlowLog::to_writer(Box::new(W(buf.clone())), 1);
         one.record(&ev(40000));
+        one.flush();
         let text = String::from_utf8(buf.lock().expect("lock").clone()).expect("utf8");
         let v: serde_json::Value = serde_json::from_str(text.trim_end()).expect("one JSON line");
         assert_eq!(v["client"], "10.0.0.2:40000");

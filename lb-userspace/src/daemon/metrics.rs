@@ -2,11 +2,10 @@
 //! per service and backend traffic, flows and state, resets by cause, the
 //! data plane's reason counters, and the connection table.
 
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{fmt::Write as _, net::SocketAddr};
 
-use tokio::sync::Mutex;
-
-use crate::{api::Status, controller::Controller};
+use super::actor::Handle;
+use crate::api::Status;
 
 /// Binds the metrics address (at start, so a bad address fails the daemon).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -15,7 +14,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 /// Serves `GET /metrics` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Mutex<Controller>>) -> anyhow::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, ctl: Handle) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let addr = listener.local_addr().context("metrics address")?;
     let app = axum::Router::new().route(
@@ -23,14 +22,19 @@ pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Mutex<Controller>
         axum::routing::get(move || {
             let ctl = ctl.clone();
             async move {
-                let status = ctl.lock().await.status();
+                let status = ctl.call(|c| c.status()).await;
                 match status {
-                    Ok(s) => (
+                    None => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        "the daemon is stopping\n".to_owned(),
+                    ),
+                    Some(Ok(s)) => (
                         axum::http::StatusCode::OK,
                         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
                         render(&s),
                     ),
-                    Err(e) => (
+                    Some(Err(e)) => (
                         axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                         [(axum::http::header::CONTENT_TYPE, "text/plain")],
                         format!("reading the data plane failed: {e}\n"),
@@ -49,7 +53,7 @@ fn esc(v: &str) -> String {
 }
 
 /// Resets by cause: the controller's, and the data plane's reactive ones.
-fn by_cause(r: &crate::controller::ResetCounts, t: &crate::api::Traffic) -> [(&'static str, u64); 5] {
+fn by_cause(r: &crate::model::ResetCounts, t: &crate::api::Traffic) -> [(&'static str, u64); 5] {
     [
         ("removed", r.removed),
         ("unhealthy", r.unhealthy),

@@ -1,53 +1,153 @@
 //! The daemon's side of the control API: a Unix socket (mode 0600) that
 //! takes one JSON request per line and answers one JSON response per line.
+//! Requests run on the controller's actor; what waits on something else (a
+//! DNS lookup, a walk of the table for `flows`, the kernel for `health`)
+//! waits here, not there.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::{Duration, Instant}};
 
 use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Mutex,
 };
 
+use super::actor::{Ctl, Handle};
 use crate::{
-    api::{ErrorCode, Request, Response, MAX_REQUEST_BYTES},
-    controller::{Controller, ControllerError, ServiceId},
-    dns::BackendSpec,
+    api::{ErrorCode, LinkLiveness, Liveness, Request, Response, MAX_REQUEST_BYTES},
+    controller::ControllerError,
+    dataplane::KernelTable,
+    dns::{BackendSpec, Resolver},
+    model::ServiceId,
 };
 
-/// Executes one request; a backend given by name is looked up first,
-/// without holding the controller (a slow DNS server must not stall the
-/// API or the health checks).
-pub async fn handle_async(ctl: &Arc<Mutex<Controller>>, req: Request) -> Response {
-    let Request::BackendAdd { service, proto, backend: BackendSpec::Name(name), weight } = req else {
-        return handle(&mut *ctl.lock().await, req);
-    };
-    let resolver = match ctl.lock().await.resolver() {
-        Ok(r) => r,
-        Err(e) => return Response::err(e.code(), e.to_string()),
-    };
-    let answer = resolver.resolve(&name.host).await;
-    let mut c = ctl.lock().await;
-    match c.named_add(service, proto, &name, weight, answer) {
-        Ok((sid, addrs)) => Response::ok(json!({ "service": sid.addr, "proto": sid.proto, "backend": name.to_string(), "addresses": addrs })),
+/// How long the liveness check waits for the controller before calling it
+/// unresponsive (keepalived runs its check every second).
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What requests need besides the controller.
+#[derive(Clone)]
+pub struct Context {
+    pub ctl: Handle,
+    pub resolver: Option<Arc<Resolver>>,
+    /// For `flows`: walked here, off the controller.
+    pub table: KernelTable,
+    /// The forwarding program's kernel id (what `health` looks for).
+    pub program_id: u32,
+}
+
+fn gone() -> Response {
+    Response::err(ErrorCode::Internal, "the controller is stopping")
+}
+
+fn answer(r: Result<serde_json::Value, ControllerError>) -> Response {
+    match r {
+        Ok(v) => Response::ok(v),
         Err(e) => Response::err(e.code(), e.to_string()),
     }
 }
 
-/// Executes one request against the controller.
-pub fn handle(ctl: &mut Controller, req: Request) -> Response {
-    match dispatch(ctl, req) {
-        Ok(v) => Response::ok(v),
-        Err(e) => Response::err(e.code(), e.to_string()),
+/// Executes one request.
+pub async fn handle(cx: &Context, req: Request) -> Response {
+    match req {
+        Request::Health => Response::ok(serde_json::to_value(liveness(cx).await).unwrap_or_default()),
+        Request::BackendAdd { service, proto, backend: BackendSpec::Name(name), weight } => {
+            let Some(resolver) = &cx.resolver else {
+                return Response::err(ErrorCode::BadRequest, format!("backend {name}: backends by DNS name need the daemon's resolver (none could be set up: see its log)"));
+            };
+            let answer_ = resolver.resolve(&name.host).await;
+            let r = cx
+                .ctl
+                .call(move |c| {
+                    c.named_add(service, proto, &name, weight, answer_)
+                        .map(|(sid, addrs)| json!({ "service": sid.addr, "proto": sid.proto, "backend": name.to_string(), "addresses": addrs }))
+                })
+                .await;
+            r.map_or_else(gone, answer)
+        }
+        Request::Flows { service, proto, backend } => {
+            let filter = match service {
+                Some(s) => match cx.ctl.call(move |c| c.resolve(s, proto)).await {
+                    None => return gone(),
+                    Some(Err(e)) => return Response::err(e.code(), e.to_string()),
+                    Some(Ok(sid)) => Some(sid),
+                },
+                None => None,
+            };
+            let table = cx.table.clone();
+            let walked = tokio::task::spawn_blocking(move || crate::controller::flows(&table, filter)).await;
+            match walked {
+                Ok(Ok(mut flows)) => {
+                    if let Some(b) = backend {
+                        flows.retain(|f| f.backend == b);
+                    }
+                    Response::ok(serde_json::to_value(flows).unwrap_or_default())
+                }
+                Ok(Err(e)) => Response::err(e.code(), e.to_string()),
+                Err(e) => Response::err(ErrorCode::Internal, format!("the table walk failed: {e}")),
+            }
+        }
+        req => cx.ctl.call(move |c| dispatch(c, req)).await.map_or_else(gone, answer),
     }
+}
+
+/// The liveness check: the controller answers within `LIVENESS_TIMEOUT`,
+/// and the kernel runs this daemon's program on every managed interface.
+/// Costs the same at a million flows as at none.
+pub async fn liveness(cx: &Context) -> Liveness {
+    let asked = Instant::now();
+    let attachments = cx.ctl.call_within(LIVENESS_TIMEOUT, |c| crate::dataplane::DataPlane::attachments(c.dataplane())).await;
+    let controller_ms = asked.elapsed().as_secs_f64() * 1e3;
+    let Some(attachments) = attachments else {
+        return Liveness {
+            healthy: false,
+            controller_ms,
+            problems: vec![format!("the controller did not answer within {} ms", LIVENESS_TIMEOUT.as_millis())],
+            interfaces: Vec::new(),
+        };
+    };
+    let program_id = cx.program_id;
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut nl = crate::host::neighbours::Netlink::open();
+        attachments
+            .into_iter()
+            .map(|a| {
+                let on_link = match nl.as_mut() {
+                    Ok(nl) => nl.xdp_program(a.ifindex).map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("opening a netlink socket: {e}")),
+                };
+                let problem = match on_link {
+                    Ok(x) if x.program_id == Some(program_id) => None,
+                    Ok(x) => Some(match x.program_id {
+                        None => "no XDP program on the interface".to_owned(),
+                        Some(other) => format!("another XDP program (id {other}) runs on the interface, not xlb's (id {program_id})"),
+                    }),
+                    Err(e) => Some(e),
+                };
+                LinkLiveness { iface: a.iface, ifindex: a.ifindex, mode: a.mode, attached: problem.is_none(), problem }
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let interfaces = match checked {
+        Ok(i) => i,
+        Err(e) => {
+            return Liveness { healthy: false, controller_ms, problems: vec![format!("checking the interfaces failed: {e}")], interfaces: Vec::new() };
+        }
+    };
+    let mut problems: Vec<String> = interfaces.iter().filter_map(|i| i.problem.as_ref().map(|p| format!("{}: {p}", i.iface))).collect();
+    if interfaces.is_empty() {
+        problems.push("the program is attached to no interface".into());
+    }
+    Liveness { healthy: problems.is_empty(), controller_ms, problems, interfaces }
 }
 
 fn svc_json(sid: ServiceId) -> serde_json::Value {
     json!({ "service": sid.addr, "proto": sid.proto })
 }
 
-fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, ControllerError> {
+/// Executes a request that needs nothing but the controller (on its actor).
+pub fn dispatch(ctl: &mut Ctl, req: Request) -> Result<serde_json::Value, ControllerError> {
     Ok(match req {
         Request::ServiceAdd { service, proto, options } => svc_json(ctl.service_add(service, proto, &options)?),
         Request::ServiceSet { service, proto, options } => {
@@ -58,10 +158,6 @@ fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, Con
         Request::BackendAdd { service, proto, backend: BackendSpec::Addr(backend), weight } => {
             let (sid, id) = ctl.backend_add(service, proto, backend, weight)?;
             json!({ "service": sid.addr, "proto": sid.proto, "backend": backend, "id": id })
-        }
-        // Resolved before the controller is taken (see `resolve_first`).
-        Request::BackendAdd { backend: BackendSpec::Name(name), .. } => {
-            return Err(ControllerError::BadRequest(format!("backend {name} was not resolved (internal)")));
         }
         Request::BackendRemove { service, proto, backend } => {
             let (sid, policy, flows) = match &backend {
@@ -87,16 +183,9 @@ fn dispatch(ctl: &mut Controller, req: Request) -> Result<serde_json::Value, Con
             let old = ctl.set_role(role)?;
             json!({ "role": role, "previous": old })
         }
-        Request::Flows { service, proto, backend } => {
-            let filter = match service {
-                Some(s) => Some(ctl.resolve(s, proto)?),
-                None => None,
-            };
-            let mut flows = ctl.flows(filter)?;
-            if let Some(b) = backend {
-                flows.retain(|f| f.backend == b);
-            }
-            serde_json::to_value(flows).unwrap_or_default()
+        // Answered off the controller (see `handle`).
+        Request::Health | Request::Flows { .. } | Request::BackendAdd { backend: BackendSpec::Name(_), .. } => {
+            return Err(ControllerError::Refused(crate::model::Refusal::BadRequest("this request is not answered by the controller (internal)".into())));
         }
     })
 }
@@ -136,27 +225,26 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves connections until the task is dropped.
-pub async fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>, state_file: std::path::PathBuf) {
+pub async fn serve(listener: UnixListener, cx: Context) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let ctl = ctl.clone();
-                let state_file = state_file.clone();
+                let cx = cx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, ctl, &state_file).await {
+                    if let Err(e) = connection(stream, &cx).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
                 });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a control connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>, state_file: &std::path::Path) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, cx: &Context) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     loop {
@@ -171,32 +259,20 @@ async fn connection(stream: UnixStream, ctl: Arc<Mutex<Controller>>, state_file:
             }
             Ok(_) => match parse_request(&line) {
                 Ok(req) => {
-                    tracing::debug!(?req, "request");
-                    let resp = handle_async(&ctl, req).await;
-                    let mut guard = ctl.lock().await;
-                    spawn_pending_resets(&mut guard, &ctl);
-                    // Saved before answering: a change the client saw
-                    // acknowledged survives a restart.
-                    if guard.take_dirty() {
-                        crate::daemon::save_state(state_file, &guard);
+                    if line.len() < 4096 {
+                        tracing::debug!(?req, "request");
                     }
-                    resp
+                    // A change is saved to the state file by the actor before
+                    // this answer: what the client saw acknowledged survives
+                    // a restart.
+                    handle(cx, req).await
                 }
                 Err(r) => r,
             },
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                Response::err(ErrorCode::BadRequest, "request is not valid UTF-8")
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Response::err(ErrorCode::BadRequest, "request is not valid UTF-8"),
             Err(e) => return Err(e),
         };
         write_response(&mut wr, &resp).await?;
-    }
-}
-
-/// Starts the pacing task of every spread reset the controller queued.
-pub fn spawn_pending_resets(ctl: &mut Controller, arc: &Arc<Mutex<Controller>>) {
-    for job in ctl.take_pending_resets() {
-        tokio::spawn(crate::controller::run_spread_reset(arc.clone(), job));
     }
 }
 

@@ -10,7 +10,10 @@ use std::{
 
 use aya::Pod;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// The `batch` member of `union bpf_attr`.
@@ -25,6 +28,71 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// The element-operation member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf_elem(cmd: libc::c_long, attr: &mut ElemAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size we pass.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut ElemAttr, mem::size_of::<ElemAttr>() as libc::c_uint) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The value of `key` in a hash map, if there is one.
+pub fn lookup<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut v = MaybeUninit::<V>::uninit();
+    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, key: key as *const K as u64, value: v.as_mut_ptr() as u64, ..Default::default() };
+    match bpf_elem(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        // SAFETY: the kernel wrote a whole V (Pod).
+        Ok(()) => Ok(Some(unsafe { v.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Inserts or replaces `key` (BPF_ANY).
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, key: key as *const K as u64, value: value as *const V as u64, ..Default::default() };
+    bpf_elem(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// Writes many (key, value) pairs in batches (`BPF_MAP_UPDATE_BATCH`;
+/// arrays and hashes). `keys` and `values` have the same length.
+pub fn update_many<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
+    if keys.len() != values.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "keys and values differ in number"));
+    }
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // The kernel says how many it wrote, also when it stops early.
+        done += attr.count as usize;
+        match res {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e) => return Err(e),
+        }
+        if attr.count == 0 && done < keys.len() {
+            return Err(io::Error::other("BPF_MAP_UPDATE_BATCH made no progress"));
+        }
+    }
+    Ok(())
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
@@ -127,4 +195,13 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<(usize, Vec<
 /// Borrowed fd of a map, for the functions above.
 pub fn fd_of(map: &aya::maps::MapData) -> BorrowedFd<'_> {
     map.fd().as_fd()
+}
+
+/// Borrowed fd of a map of any type.
+pub fn fd_of_any(map: &aya::maps::Map) -> Option<BorrowedFd<'_>> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::PerCpuHashMap(d) | Map::DevMapHash(d) => Some(d.fd().as_fd()),
+        _ => None,
+    }
 }

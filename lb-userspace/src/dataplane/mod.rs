@@ -1,997 +1,215 @@
-//! Access to the data plane: loading the XDP object, attaching it, pinning
-//! its maps, and typed reads and writes of every map. Nothing here knows
-//! about services as the operator sees them (that is `controller`).
+//! The data-plane layer: everything that touches the kernel's programs and
+//! maps (aya), behind two traits so the controller above it runs, and is
+//! tested, against an in-memory fake ([`fake`]) as well as the real thing
+//! ([`kernel`]).
+//!
+//! - [`DataPlane`]: the configuration maps the controller writes (services,
+//!   backends, rings, address roles, switches) and the counters it reads.
+//!   Owned by the controller.
+//! - [`FlowTable`]: the connection table: walks, removals that re-check
+//!   what they remove, synced installs, full-NAT ports. A cheap handle that
+//!   can be cloned onto other threads (the table walker, the reset worker),
+//!   so no table walk ever runs on the controller's own thread.
+//!
+//! The table is seen as [`Flow`]s (both directions of a flow joined), not
+//! as the kernel's entries: how a flow is stored is this layer's business.
 
 pub mod batch;
+pub mod fake;
 pub mod iface;
+pub mod kernel;
 
-use std::{
-    collections::HashMap as StdHashMap,
-    fs,
-    io,
-    path::{Path, PathBuf},
-};
-
-use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{
-        links::{FdLink, PinnedLink},
-        xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
-    },
-    Ebpf, EbpfLoader,
-};
 use lb_common::{
-    maps::{names, Addr, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, IFACE_GENERIC, IFACE_VIRTUAL, RING_SLOTS},
-    stats,
+    maps::{Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, Addr, DIR_TO_BACKEND, NAT_ENCAP, PROTO_TCP},
+    rst::Rst,
+    tcp,
 };
-use thiserror::Error;
 
-/// The compiled XDP object (built by build.rs from lb-ebpf).
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
+pub use kernel::{
+    attach_decap_pinned, chain, ifindex, pinned_links, remove_pins, unpin_link, AttachMode, Attachment, DataplaneError, KernelDataPlane, KernelTable,
+    LoadOptions, EBPF_OBJECT,
+};
 
-/// Name of the balancing program in the object.
-pub const PROGRAM: &str = "xlb";
-/// Name of the pass-only program (for veth peers in test topologies).
-pub const PASS_PROGRAM: &str = "xlb_pass";
-/// Name of the DSR backends' decapsulation program.
-pub const DECAP_PROGRAM: &str = "xlb_decap";
+pub type Result<T> = std::result::Result<T, DataplaneError>;
 
-#[derive(Debug, Error)]
-pub enum DataplaneError {
-    #[error("the XDP object is empty: this xlb was built with XLB_SKIP_EBPF; rebuild it with the BPF toolchain (`cargo xtask setup`)")]
-    EmptyObject,
-    #[error("loading the XDP object: {}", chain(.0))]
-    Load(aya::EbpfError),
-    #[error("the XDP object has no map {0} (object and controller out of sync)")]
-    MissingMap(&'static str),
-    #[error("the XDP object has no program {0}")]
-    MissingProgram(&'static str),
-    #[error("{op} on map {map}: {}", chain(.cause))]
-    Map {
-        op: &'static str,
-        map: &'static str,
-        cause: aya::maps::MapError,
-    },
-    #[error("{op} on map {map}: {}", chain(.cause))]
-    Syscall {
-        op: &'static str,
-        map: &'static str,
-        cause: io::Error,
-    },
-    #[error("{op} program {prog}: {}", chain(.cause))]
-    Program {
-        op: &'static str,
-        prog: &'static str,
-        cause: aya::programs::ProgramError,
-    },
-    #[error("attaching XDP to {iface} in {mode} mode: {} (is the interface up? try --xdp-mode generic)", chain(.cause))]
-    Attach {
-        iface: String,
-        mode: &'static str,
-        cause: aya::programs::ProgramError,
-    },
-    #[error("registering ifindex {ifindex} as a redirect target: {}", chain(.cause))]
-    Devmap {
-        ifindex: u32,
-        cause: aya::maps::xdp::XdpMapError,
-    },
-    #[error("interface {0} does not exist")]
-    NoSuchInterface(String),
-    #[error("pinning map {map} at {path}: {} (is bpffs mounted at /sys/fs/bpf? `cargo xtask setup` mounts it)", chain(.cause))]
-    Pin {
-        map: &'static str,
-        path: PathBuf,
-        cause: aya::pin::PinError,
-    },
-    #[error("the pinned data plane in {dir} has another layout than this xlb: {detail}. Its flows cannot be kept: stop here, or remove it with `xlb detach --pin-dir {dir}` and start again (existing connections will be reset)")]
-    LayoutMismatch { dir: PathBuf, detail: String },
-    #[error("pinning the XDP link of {iface} at {path}: {}", chain(.cause))]
-    PinLink {
-        iface: String,
-        path: PathBuf,
-        cause: aya::pin::PinError,
-    },
-    #[error("taking over the pinned XDP link {path}: {}", chain(.cause.as_ref()))]
-    Relink {
-        path: PathBuf,
-        cause: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("preparing pin directory {path}: {}", chain(.cause))]
-    PinDir {
-        path: PathBuf,
-        cause: io::Error,
-    },
+/// Which per-CPU traffic counters: per service id or per backend id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficOf {
+    Services,
+    Backends,
 }
 
-type Result<T> = std::result::Result<T, DataplaneError>;
+/// The configuration maps and counters (see the module doc).
+pub trait DataPlane: Send + 'static {
+    type Table: FlowTable + Clone;
 
-/// An error and its causes on one line ("a: b: c"), each once: the
-/// variants above carry their cause in their message, not as a `source`
-/// (which anyhow would print a second time).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !out.contains(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
-        }
-        cur = c.source();
-    }
-    out
-}
+    /// A handle on the connection table for other threads.
+    fn table(&self) -> Self::Table;
 
-/// Requested XDP attach mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// Driver mode; fails where the driver has no XDP support.
-    Native,
-    /// Generic (skb) mode: works everywhere, slower.
-    Generic,
-    /// Native, falling back to generic (the mode used is reported).
-    Auto,
-}
-
-/// Where the program runs.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct Attachment {
-    pub iface: String,
-    pub ifindex: u32,
-    /// "native" or "generic": what was actually obtained.
-    pub mode: String,
-}
-
-pub struct LoadOptions {
-    /// Connection table capacity in flows (two entries each).
-    pub conn_capacity: u32,
-    /// Half-open table capacity in flows (two entries each); `None`: a
-    /// quarter of the connection table, at least 1024.
-    pub half_open_capacity: Option<u32>,
-    /// Directory under a bpffs mount where the maps are pinned; `None`
-    /// pins nothing (tests).
-    pub pin_dir: Option<PathBuf>,
-}
-
-/// The loaded program and its maps. Dropping it detaches the program (its
-/// links belong to this process) but leaves pins in place; call
-/// [`Dataplane::unpin`] to remove them.
-pub struct Dataplane {
-    ebpf: Ebpf,
-    maps: StdHashMap<&'static str, Map>,
-    attachments: Vec<(Attachment, XdpLinkId)>,
-    pin_dir: Option<PathBuf>,
-    nr_cpus: usize,
-    conn_capacity: u32,
-    half_open_capacity: u32,
-    restored: bool,
-    persist: bool,
-    entries_deleted: std::sync::atomic::AtomicU64,
-}
-
-impl Dataplane {
-    pub fn load(opts: LoadOptions) -> Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            return Err(DataplaneError::EmptyObject);
-        }
-        let entries = opts.conn_capacity.saturating_mul(2).max(2);
-        let half_open = opts.half_open_capacity.unwrap_or((opts.conn_capacity / 4).max(1024));
-        let half_open_entries = half_open.saturating_mul(2).max(2);
-        let mut restored = false;
-        if let Some(dir) = &opts.pin_dir {
-            prepare_pin_dir(dir)?;
-            restored = names::ALL.iter().any(|n| dir.join(n).exists());
-            if restored {
-                check_layout(dir, entries, half_open_entries, ports_capacity(opts.conn_capacity, half_open))?;
-            }
-        }
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::CONNS, entries);
-        loader.map_max_entries(names::HALF_OPEN, half_open_entries);
-        // A full-NAT port per flow, whichever table the flow is in.
-        loader.map_max_entries(names::PORTS, ports_capacity(opts.conn_capacity, half_open));
-        let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
-            Some(dir) => names::ALL.iter().map(|n| (*n, dir.join(n))).collect(),
-            None => Vec::new(),
-        };
-        for (name, path) in &pin_paths {
-            // Existing pins are reused (their state survives); missing ones
-            // are created and pinned.
-            loader.map_pin_path(name, path.as_path());
-        }
-        let loaded = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load).and_then(|mut ebpf| {
-            for prog in [PROGRAM, PASS_PROGRAM, DECAP_PROGRAM] {
-                load_program(&mut ebpf, prog)?;
-            }
-            Ok(ebpf)
-        });
-        let mut ebpf = match loaded {
-            Ok(e) => e,
-            Err(e) => {
-                // Pins this attempt created (not restored ones) go away.
-                if !restored {
-                    for (_, path) in &pin_paths {
-                        let _ = fs::remove_file(path);
-                    }
-                }
-                return Err(e);
-            }
-        };
-        let maps = take_maps(&mut ebpf)?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, cause)| DataplaneError::Syscall {
-            op: "counting CPUs",
-            map: names::STATS,
-            cause,
-        })?;
-        Ok(Dataplane {
-            ebpf,
-            maps,
-            attachments: Vec::new(),
-            pin_dir: opts.pin_dir,
-            nr_cpus,
-            conn_capacity: opts.conn_capacity,
-            half_open_capacity: half_open,
-            restored,
-            persist: false,
-            entries_deleted: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    /// Only the pass program, with minimal maps: for the peer ends of veth
-    /// pairs in test and demo topologies (see `attach_pass`).
-    pub fn load_pass_only() -> Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            return Err(DataplaneError::EmptyObject);
-        }
-        let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
-        load_program(&mut ebpf, PASS_PROGRAM)?;
-        let maps = take_maps(&mut ebpf)?;
-        Ok(Dataplane {
-            ebpf,
-            maps,
-            attachments: Vec::new(),
-            pin_dir: None,
-            nr_cpus: 1,
-            conn_capacity: 0,
-            half_open_capacity: 0,
-            restored: false,
-            persist: false,
-            entries_deleted: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    /// Whether the maps were taken over from a previous run's pins.
-    pub fn restored(&self) -> bool {
-        self.restored
-    }
-
-    /// Keep forwarding after this process exits: attachments stay pinned and
-    /// dropping the data plane detaches nothing.
-    pub fn set_persist(&mut self, on: bool) {
-        self.persist = on;
-    }
-
-    pub fn conn_capacity(&self) -> u32 {
-        self.conn_capacity
-    }
-
-    pub fn half_open_capacity(&self) -> u32 {
-        self.half_open_capacity
-    }
-
-    fn xdp(&mut self, prog: &'static str) -> Result<&mut Xdp> {
-        self.ebpf
-            .program_mut(prog)
-            .ok_or(DataplaneError::MissingProgram(prog))?
-            .try_into()
-            .map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })
-    }
-
-    /// The balancing program, e.g. for `BPF_PROG_TEST_RUN`.
-    pub fn program(&mut self) -> Result<&mut Xdp> {
-        self.xdp(PROGRAM)
-    }
-
-    /// The pass-only program (benchmark calibration).
-    pub fn pass_program(&mut self) -> Result<&mut Xdp> {
-        self.xdp(PASS_PROGRAM)
-    }
-
-    /// The DSR backends' decapsulation program (fixtures).
-    pub fn decap_program(&mut self) -> Result<&mut Xdp> {
-        self.xdp(DECAP_PROGRAM)
-    }
-
-    /// Kernel memory charged to a map (`memlock` in its fdinfo), in bytes.
-    pub fn map_memory(&self, name: &'static str) -> Option<u64> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let fd = match self.maps.get(name)? {
-            Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
-            _ => return None,
-        };
-        let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-        info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
-    }
-
-    /// Attaches the balancer to `iface` and registers it as a redirect
-    /// target. With a pin directory the XDP link is pinned (`link_IFACE`), so
-    /// it outlives this process; a link pinned by a previous run is taken
-    /// over in place (the new program replaces the old one atomically: no
-    /// packet meets an interface without a program).
-    /// `previous_mode` is what a restored link was attached as (from the
-    /// controller's saved state), reported as is.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode, previous_mode: Option<&str>) -> Result<Attachment> {
-        let ifindex = ifindex(iface)?;
-        let link_pin = self.pin_dir.as_ref().map(|d| d.join(format!("link_{iface}")));
-        if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
-            match self.take_over_link(path) {
-                Ok(id) => {
-                    let mode = previous_mode.unwrap_or("unknown");
-                    let att = Attachment { iface: iface.to_owned(), ifindex, mode: mode.to_owned() };
-                    self.devmap_insert(ifindex)?;
-                    self.iface_register(iface, ifindex, mode == "generic")?;
-                    self.attachments.push((att.clone(), id));
-                    tracing::info!(iface, "took over the pinned XDP link: the new program replaced the old one in place");
-                    return Ok(att);
-                }
-                Err(e) => {
-                    // Severed (its interface was deleted, maybe re-created
-                    // since: containers, a driver reload): the kernel frees
-                    // it once unpinned; a fresh attachment takes its place.
-                    tracing::warn!(iface, pin = %path.display(), error = %e, "the pinned XDP link of a previous run is severed: replacing it with a fresh attachment (the maps and their flows are kept)");
-                    fs::remove_file(path).map_err(|cause| DataplaneError::PinDir { path: path.clone(), cause })?;
-                }
-            }
-        }
-        let veth = iface::driver(iface).is_ok_and(|d| d.name == "veth");
-        let try_modes: &[(XdpMode, &str)] = match mode {
-            AttachMode::Native => &[(XdpMode::Driver, "native")],
-            AttachMode::Generic => &[(XdpMode::Skb, "generic")],
-            // Native XDP on a veth delivers the frames it sends on only to a
-            // peer that runs NAPI (an XDP program or GRO), which this host
-            // may not control: generic mode always works there.
-            AttachMode::Auto if veth => &[(XdpMode::Skb, "generic")],
-            AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-        };
-        if veth && mode == AttachMode::Auto {
-            tracing::info!(iface, "a veth: attaching in generic mode (--xdp-mode native needs an XDP program or GRO on its peer)");
-        }
-        let mut last_err = None;
-        for &(m, name) in try_modes {
-            match self.xdp(PROGRAM)?.attach_to_if_index(ifindex, m) {
-                Ok(link) => {
-                    if last_err.is_some() {
-                        tracing::warn!(iface, "native XDP unavailable, attached in generic mode");
-                    }
-                    let att = Attachment { iface: iface.to_owned(), ifindex, mode: name.to_owned() };
-                    self.devmap_insert(ifindex)?;
-                    self.iface_register(iface, ifindex, m == XdpMode::Skb)?;
-                    let id = match &link_pin {
-                        Some(path) => self.pin_link(iface, link, path)?,
-                        None => link,
-                    };
-                    self.attachments.push((att.clone(), id));
-                    return Ok(att);
-                }
-                Err(cause) => last_err = Some((name, cause)),
-            }
-        }
-        let (mode, cause) = last_err.expect("at least one mode was tried");
-        Err(DataplaneError::Attach { iface: iface.to_owned(), mode, cause })
-    }
-
-    /// Replaces the program of the XDP link pinned at `path` by this one, in
-    /// place (no packet meets the interface without a program). Fails when
-    /// the link is severed (its interface is gone).
-    fn take_over_link(&mut self, path: &Path) -> Result<XdpLinkId> {
-        let relink = |cause: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Relink { path: path.to_owned(), cause };
-        let pinned = PinnedLink::from_pin(path).map_err(|e| relink(Box::new(e)))?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| relink(Box::new(e)))?;
-        self.xdp(PROGRAM)?.attach_to_link(link).map_err(|e| relink(Box::new(e)))
-    }
-
-    /// Pins a fresh link and hands it back to the program.
-    fn pin_link(&mut self, iface: &str, id: XdpLinkId, path: &Path) -> Result<XdpLinkId> {
-        let prog = self.xdp(PROGRAM)?;
-        let link = prog.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog: PROGRAM, cause })?;
-        let fd_link = match FdLink::try_from(link) {
-            Ok(l) => l,
-            Err(e) => {
-                // Netlink attachments (old kernels) cannot be pinned.
-                return Err(DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) });
-            }
-        };
-        let pinned = fd_link
-            .pin(path)
-            .map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: path.to_owned(), cause })?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })?;
-        self.xdp(PROGRAM)?
-            .attach_to_link(link)
-            .map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })
-    }
-
-    /// Attaches the pass-only program (for veth peers in test topologies).
-    pub fn attach_pass(&mut self, ifindex: u32) -> Result<()> {
-        self.xdp(PASS_PROGRAM)?
-            .attach_to_if_index(ifindex, XdpMode::Driver)
-            .map_err(|cause| DataplaneError::Attach { iface: format!("ifindex {ifindex}"), mode: "native", cause })?;
-        Ok(())
-    }
-
-    pub fn attachments(&self) -> Vec<Attachment> {
-        self.attachments.iter().map(|(a, _)| a.clone()).collect()
-    }
-
-    /// Detaches from every interface for good (the pinned links go too).
-    pub fn detach_all(&mut self) {
-        let links: Vec<_> = self.attachments.drain(..).collect();
-        for (att, link) in links {
-            if let Some(dir) = &self.pin_dir {
-                let _ = fs::remove_file(dir.join(format!("link_{}", att.iface)));
-            }
-            let res = self.xdp(PROGRAM).and_then(|p| {
-                p.detach(link).map_err(|cause| DataplaneError::Program { op: "detaching", prog: PROGRAM, cause })
-            });
-            match res {
-                Ok(()) => tracing::info!(iface = att.iface, "detached"),
-                Err(e) => tracing::warn!(iface = att.iface, error = %e, "detach failed"),
-            }
-        }
-    }
-
-    /// Removes the pinned maps and links (after which they die with this
-    /// process).
-    pub fn unpin(&self) {
-        if let Some(dir) = &self.pin_dir {
-            remove_pins(dir);
-        }
-    }
-
-    fn map(&self, name: &'static str) -> Result<&Map> {
-        self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
-    }
-
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map> {
-        self.maps.get_mut(name).ok_or(DataplaneError::MissingMap(name))
-    }
-
-    fn map_data(&self, name: &'static str) -> Result<&MapData> {
-        match self.map(name)? {
-            Map::HashMap(d) | Map::LruHashMap(d) => Ok(d),
-            _ => Err(DataplaneError::MissingMap(name)),
-        }
-    }
-
-    // ---- configuration maps (controller → data plane) ----
-
-    pub fn service_set(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<()> {
-        let map = self.map_mut(names::SERVICES)?;
-        let mut m: HashMap<_, ServiceKey, ServiceEntry> = HashMap::try_from(map).map_err(map_err("opening", names::SERVICES))?;
-        m.insert(key, entry, 0).map_err(map_err("inserting into", names::SERVICES))
-    }
-
-    pub fn service_remove(&mut self, key: &ServiceKey) -> Result<()> {
-        let map = self.map_mut(names::SERVICES)?;
-        let mut m: HashMap<_, ServiceKey, ServiceEntry> = HashMap::try_from(map).map_err(map_err("opening", names::SERVICES))?;
-        ignore_not_found(m.remove(key)).map_err(map_err("removing from", names::SERVICES))
-    }
-
-    /// Sets the role bits of an address; 0 removes it.
-    pub fn addr_set(&mut self, addr: Addr, flags: u32) -> Result<()> {
-        let map = self.map_mut(names::ADDRS)?;
-        let mut m: HashMap<_, Addr, u32> = HashMap::try_from(map).map_err(map_err("opening", names::ADDRS))?;
-        if flags == 0 {
-            ignore_not_found(m.remove(&addr)).map_err(map_err("removing from", names::ADDRS))
-        } else {
-            m.insert(addr, flags, 0).map_err(map_err("inserting into", names::ADDRS))
-        }
-    }
-
-    pub fn backend_set(&mut self, id: u32, b: Backend) -> Result<()> {
-        let map = self.map_mut(names::BACKENDS)?;
-        let mut m: Array<_, Backend> = Array::try_from(map).map_err(map_err("opening", names::BACKENDS))?;
-        m.set(id, b, 0).map_err(map_err("writing", names::BACKENDS))
-    }
-
-    /// The ring buffer of flows the program removed (flow logs); taken once.
-    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
-        let map = self.maps.remove(names::FLOW_EVENTS).ok_or(DataplaneError::MissingMap(names::FLOW_EVENTS))?;
-        aya::maps::RingBuf::try_from(map).map_err(map_err("opening", names::FLOW_EVENTS))
-    }
-
+    fn service_set(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<()>;
+    fn service_remove(&mut self, key: &ServiceKey) -> Result<()>;
+    /// Sets the role bits of an address (`ADDR_*`); 0 removes it.
+    fn addr_set(&mut self, addr: Addr, flags: u32) -> Result<()>;
+    fn backend_set(&mut self, id: u32, b: Backend) -> Result<()>;
+    /// Writes the slots of service `service_id`'s ring that differ from
+    /// `old` (one batched operation where the kernel allows).
+    fn ring_write(&mut self, service_id: u32, old: &[u32], new: &[u32]) -> Result<()>;
     /// Sets a global switch (`SETTING_*`).
-    pub fn setting_set(&mut self, index: u32, value: u32) -> Result<()> {
-        let map = self.map_mut(names::SETTINGS)?;
-        let mut m: Array<_, u32> = Array::try_from(map).map_err(map_err("opening", names::SETTINGS))?;
-        m.set(index, value, 0).map_err(map_err("writing", names::SETTINGS))
-    }
-
+    fn setting_set(&mut self, index: u32, value: u32) -> Result<()>;
     /// Sets a backend's active-flow count (least-connections input).
-    pub fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
-        let map = self.map_mut(names::BACKEND_ACTIVE)?;
-        let mut m: Array<_, u64> = Array::try_from(map).map_err(map_err("opening", names::BACKEND_ACTIVE))?;
-        m.set(id, count, 0).map_err(map_err("writing", names::BACKEND_ACTIVE))
-    }
-
-    /// Writes the slots of a service's ring that differ from `old`.
-    pub fn ring_write(&mut self, service_id: u32, old: &[u32], new: &[u32]) -> Result<()> {
-        let map = self.map_mut(names::RING)?;
-        let mut m: Array<_, u32> = Array::try_from(map).map_err(map_err("opening", names::RING))?;
-        let base = service_id * RING_SLOTS;
-        for (i, id) in new.iter().enumerate() {
-            if old.get(i) != Some(id) {
-                m.set(base + i as u32, id, 0).map_err(map_err("writing", names::RING))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Zeroes a service's or backend's per-CPU traffic counters (ids are reused).
-    pub fn reset_traffic(&mut self, service_id: Option<u32>, backend_id: Option<u32>) -> Result<()> {
-        let nr_cpus = self.nr_cpus;
-        let zeros = || PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus]);
-        for (name, id) in [(names::SERVICE_STATS, service_id), (names::BACKEND_STATS, backend_id)] {
-            let Some(id) = id else { continue };
-            let values = zeros().map_err(|cause| DataplaneError::Syscall { op: "allocating", map: name, cause })?;
-            let map = self.map_mut(name)?;
-            let mut m: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(map).map_err(map_err("opening", name))?;
-            m.set(id, values, 0).map_err(map_err("zeroing", name))?;
-        }
-        Ok(())
-    }
-
-    fn devmap_insert(&mut self, ifindex: u32) -> Result<()> {
-        let map = self.map_mut(names::DEVMAP)?;
-        let mut m: DevMapHash<_> = DevMapHash::try_from(map).map_err(map_err("opening", names::DEVMAP))?;
-        m.insert(ifindex, ifindex, None, 0).map_err(|e| DataplaneError::Devmap { ifindex, cause: e })
-    }
-
-    /// Makes `ifindex` a redirect target without attaching to it (tests),
-    /// registered as a virtual interface in native mode (the tests' veths).
-    pub fn add_redirect_target(&mut self, ifindex: u32) -> Result<()> {
-        self.devmap_insert(ifindex)?;
-        self.iface_flags_set(ifindex, IFACE_VIRTUAL)
-    }
-
-    /// Tells the data plane how to treat frames arriving on an interface it
-    /// is attached to (`IFACE_*`: whether they may carry partial checksums,
-    /// whether the skb survives the verdict).
-    fn iface_register(&mut self, iface: &str, ifindex: u32, generic: bool) -> Result<()> {
-        let virtual_ = match iface::driver(iface) {
-            Ok(d) => {
-                if d.name == "veth" && !generic {
-                    tracing::info!(
-                        iface,
-                        "native XDP on a veth: frames it sends on (XDP_TX, redirects) reach the other end only if that end runs an XDP program or has GRO on (ethtool -K PEER gro on); otherwise use --xdp-mode generic"
-                    );
-                }
-                d.is_virtual()
-            }
-            // Unknown: assume frames may be partial (the safe side: a seed
-            // is then recognised and completed).
-            Err(e) => {
-                tracing::debug!(iface, error = %e, "no driver information: treating it as a virtual interface");
-                true
-            }
-        };
-        let flags = if virtual_ { IFACE_VIRTUAL } else { 0 } | if generic { IFACE_GENERIC } else { 0 };
-        self.iface_flags_set(ifindex, flags)
-    }
-
-    /// Sets an interface's `IFACE_*` bits (fixtures test both modes).
-    pub fn iface_flags_set(&mut self, ifindex: u32, flags: u32) -> Result<()> {
-        let map = self.map_mut(names::IFACES)?;
-        let mut m: HashMap<_, u32, u32> = HashMap::try_from(map).map_err(map_err("opening", names::IFACES))?;
-        m.insert(ifindex, flags, 0).map_err(map_err("inserting into", names::IFACES))
-    }
-
-    // ---- connection table ----
-
-    /// Calls `f` for every entry of the connection table and of the
-    /// half-open table (batched walks).
-    pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
-        self.for_each_flow_tagged(|_, k, v| f(k, v))
-    }
-
-    /// As [`Dataplane::for_each_flow`], saying for each entry whether it
-    /// is in the half-open table.
-    pub fn for_each_flow_tagged(&self, mut f: impl FnMut(bool, &FlowKey, &FlowEntry)) -> Result<()> {
-        for (half_open, name) in [(false, names::CONNS), (true, names::HALF_OPEN)] {
-            let fd = batch::fd_of(self.map_data(name)?);
-            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(half_open, k, v))
-                .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
-        }
-        Ok(())
-    }
-
-    /// Entries in (connection table, half-open table).
-    pub fn flow_entry_counts(&self) -> Result<(u64, u64)> {
-        let mut counts = (0u64, 0u64);
-        self.for_each_flow_tagged(|half_open, _, _| if half_open { counts.1 += 1 } else { counts.0 += 1 })?;
-        Ok(counts)
-    }
-
-    /// Independent handles on the flow tables, for walks that should not
-    /// hold the controller (the periodic expiry pass).
-    pub fn table_reader(&self) -> Result<TableReader> {
-        let mut fds = Vec::new();
-        for name in [names::CONNS, names::HALF_OPEN, names::PORTS] {
-            let fd = batch::fd_of(self.map_data(name)?)
-                .try_clone_to_owned()
-                .map_err(|cause| DataplaneError::Syscall { op: "duplicating the fd of", map: name, cause })?;
-            fds.push((name, fd));
-        }
-        Ok(TableReader { fds })
-    }
-
-    pub fn flow_get(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
-        for name in [names::CONNS, names::HALF_OPEN] {
-            let map = self.map(name)?;
-            let m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", name))?;
-            match m.get(key, 0) {
-                Ok(v) => return Ok(Some(v)),
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("reading", name)(e)),
-            }
-        }
-        Ok(None)
-    }
-
-    /// Inserts a flow entry directly into the connection table (benchmarks
-    /// and tests that need a populated table without traffic).
-    pub fn flow_insert(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
-        let map = self.map_mut(names::CONNS)?;
-        let mut m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", names::CONNS))?;
-        m.insert(key, entry, 0).map_err(map_err("inserting into", names::CONNS))
-    }
-
-    /// Entries the controller has deleted since this data plane was loaded.
-    pub fn entries_deleted(&self) -> u64 {
-        self.entries_deleted.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether a full-NAT port (keyed like its flow's backend → balancer
-    /// entry) still belongs to a flow. The half-open table is asked first:
-    /// a flow being promoted is inserted into the connection table before
-    /// it leaves the half-open one, so it is found in one or the other.
-    pub fn port_in_use(&self, key: &FlowKey) -> Result<bool> {
-        for name in [names::HALF_OPEN, names::CONNS] {
-            let map = self.map(name)?;
-            let m: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map).map_err(map_err("opening", name))?;
-            match m.get(key, 0) {
-                Ok(_) => return Ok(true),
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("reading", name)(e)),
-            }
-        }
-        Ok(false)
-    }
-
-    /// Full-NAT ports held per backend (address and port as the maps hold
-    /// them), counted in one batched walk.
-    pub fn ports_in_use(&self) -> Result<StdHashMap<(Addr, u16), u64>> {
-        let fd = batch::fd_of(self.map_data(names::PORTS)?);
-        let mut n: StdHashMap<(Addr, u16), u64> = StdHashMap::new();
-        batch::for_each::<FlowKey, u64>(fd, 4096, |k, _| *n.entry((k.src_addr, k.src_port)).or_default() += 1)
-            .map_err(|cause| DataplaneError::Syscall { op: "walking", map: names::PORTS, cause })?;
-        Ok(n)
-    }
-
-    /// Marks a full-NAT port as held (a flow installed by state sync).
-    pub fn port_hold(&mut self, key: FlowKey, now_ns: u64) -> Result<()> {
-        let map = self.map_mut(names::PORTS)?;
-        let mut m: HashMap<_, FlowKey, u64> = HashMap::try_from(map).map_err(map_err("opening", names::PORTS))?;
-        m.insert(key, now_ns, 0).map_err(map_err("inserting into", names::PORTS))
-    }
-
-    /// Gives full-NAT ports back (batched). Returns how many were held.
-    pub fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
-        let fd = batch::fd_of(self.map_data(names::PORTS)?);
-        let (released, _) = batch::delete(fd, keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, cause })?;
-        Ok(released)
-    }
-
-    /// Deletes flow entries from whichever table holds them (batched), and
-    /// gives back the full-NAT ports they held (a flow's port is keyed like
-    /// its backend → balancer entry, which is among `keys`; DNAT keys are
-    /// simply not found there). Returns how many entries were deleted.
-    pub fn flows_delete(&self, keys: &[FlowKey]) -> Result<usize> {
-        let fd = batch::fd_of(self.map_data(names::CONNS)?);
-        let (mut deleted, missing) = batch::delete(fd, keys)
-            .map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, cause })?;
-        if !missing.is_empty() {
-            let fd = batch::fd_of(self.map_data(names::HALF_OPEN)?);
-            deleted += batch::delete(fd, &missing)
-                .map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, cause })?
-                .0;
-        }
-        self.entries_deleted.fetch_add(deleted as u64, std::sync::atomic::Ordering::Relaxed);
-        self.ports_release(keys)?;
-        Ok(deleted)
-    }
-
-    // ---- counters ----
+    fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()>;
+    /// Zeroes a service's or a backend's traffic counters (ids are reused).
+    fn reset_traffic(&mut self, service_id: Option<u32>, backend_id: Option<u32>) -> Result<()>;
 
     /// Global counters summed over CPUs, indexed by `lb_common::stats`.
-    pub fn global_counters(&self) -> Result<Vec<u64>> {
-        let map = self.map(names::STATS)?;
-        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err("opening", names::STATS))?;
-        (0..stats::COUNT)
-            .map(|i| {
-                m.get(&i, 0)
-                    .map(|v| v.iter().sum())
-                    .map_err(map_err("reading", names::STATS))
-            })
-            .collect()
-    }
+    fn global_counters(&self) -> Result<Vec<u64>>;
+    /// Traffic counters of `ids`, summed over CPUs, in order.
+    fn traffic(&self, of: TrafficOf, ids: &[u32]) -> Result<Vec<TrafficCounters>>;
 
-    pub fn service_counters(&self, id: u32) -> Result<TrafficCounters> {
-        self.traffic(names::SERVICE_STATS, id)
-    }
-
-    pub fn backend_counters(&self, id: u32) -> Result<TrafficCounters> {
-        self.traffic(names::BACKEND_STATS, id)
-    }
-
-    fn traffic(&self, name: &'static str, id: u32) -> Result<TrafficCounters> {
-        let map = self.map(name)?;
-        let m: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(map).map_err(map_err("opening", name))?;
-        let per_cpu = m.get(&id, 0).map_err(map_err("reading", name))?;
-        let mut sum = TrafficCounters::default();
-        for c in per_cpu.iter() {
-            sum.add(c);
-        }
-        Ok(sum)
-    }
+    /// Where the program is attached.
+    fn attachments(&self) -> Vec<Attachment>;
+    /// (connection table, half-open table) capacities, in flows.
+    fn capacity(&self) -> (u32, u32);
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        if !self.persist {
-            self.detach_all();
-        }
-    }
+/// Entries seen by a walk, per table (kept or not by the caller).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableCounts {
+    pub established_entries: u64,
+    pub half_open_entries: u64,
 }
 
-/// Handles on the flow tables that live apart from the `Dataplane`.
-pub struct TableReader {
-    fds: Vec<(&'static str, std::os::fd::OwnedFd)>,
+/// A flow to remove, as it was when the decision was made. The removal
+/// re-checks it: a different flow on the same 5-tuple (another creation
+/// time) is never removed, and neither, with `idle`, is one that saw a
+/// packet since (it revived).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRef {
+    pub flow: Flow,
+    /// Only if it is still as idle as it was.
+    pub idle: bool,
 }
 
-impl TableReader {
-    /// Calls `f` for every entry of both flow tables (batched walks).
-    pub fn for_each_flow(&self, f: &mut dyn FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
-        use std::os::fd::AsFd;
-        for (name, fd) in &self.fds {
-            if *name == names::PORTS {
-                continue;
-            }
-            batch::for_each::<FlowKey, FlowEntry>(fd.as_fd(), 4096, |k, v| f(k, v))
-                .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
-        }
-        Ok(())
-    }
-
+/// The connection table (see the module doc).
+pub trait FlowTable: Send + Sync + 'static {
+    /// Calls `flows` for every flow (batched walks of both tables), and
+    /// `orphans` for every entry of a flow whose other half is gone (the
+    /// LRU can evict one entry of a pair).
+    fn walk(&self, flows: &mut dyn FnMut(&Flow), orphans: &mut dyn FnMut(&FlowKey, &FlowEntry)) -> Result<TableCounts>;
+    /// Removes the flows still as decided (see [`FlowRef`]), with the
+    /// full-NAT ports they held; returns those removed, as they were just
+    /// before (their sequence numbers are what a RST needs).
+    fn remove_if_unchanged(&self, decided: &[FlowRef]) -> Result<Vec<Flow>>;
+    /// Removes flows by key whatever they are now (what the sync peer says
+    /// ended). Returns how many entries went.
+    fn remove_keys(&self, keys: &[FlowKey]) -> Result<usize>;
+    /// Installs a flow (state sync from the peer; benchmarks), both its
+    /// entries, holding its full-NAT port.
+    fn install(&self, flow: &Flow, now_ns: u64) -> Result<()>;
     /// Calls `f` for every full-NAT port held: (port key, allocation time).
-    pub fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, u64)) -> Result<()> {
-        use std::os::fd::AsFd;
-        for (name, fd) in &self.fds {
-            if *name == names::PORTS {
-                batch::for_each::<FlowKey, u64>(fd.as_fd(), 4096, |k, v| f(k, *v))
-                    .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
-            }
-        }
-        Ok(())
-    }
+    fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, u64)) -> Result<()>;
+    /// Whether a full-NAT port still belongs to a flow.
+    fn port_in_use(&self, key: &FlowKey) -> Result<bool>;
+    /// Gives full-NAT ports back; returns how many were held.
+    fn ports_release(&self, keys: &[FlowKey]) -> Result<usize>;
+    /// Entries this process removed since the data plane was loaded (the
+    /// kernel does not count LRU evictions: they are computed from it).
+    fn entries_removed(&self) -> u64;
 }
 
-/// Removes every pin of a data plane (maps and links) and the directory.
-/// Pinned links are destroyed (detaching their program) once no process
-/// holds them.
-pub fn remove_pins(dir: &Path) {
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("link_") || names::ALL.contains(&name.as_ref()) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(dir);
+/// One flow of the table: its client → VIP entry and, when present, its
+/// backend → client entry (a DSR flow has none; an evicted one may have
+/// lost it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub fwd: FlowEntry,
+    pub reverse_key: FlowKey,
+    pub rev: Option<FlowEntry>,
+    /// Still in the half-open table (TCP handshake not completed).
+    pub half_open: bool,
 }
 
-/// Compares the pinned maps with this build's map definitions (type, key
-/// and value sizes, capacity): a mismatch means the pins were made by an
-/// xlb with another layout, and reading them would corrupt state.
-fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32, ports_entries: u32) -> Result<()> {
-    let mismatch = |detail: String| DataplaneError::LayoutMismatch { dir: dir.to_owned(), detail };
-    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| mismatch(format!("cannot parse this build's object: {e}")))?;
-    for name in names::ALL {
-        let path = dir.join(name);
-        let Some(def) = obj.maps.get(name) else {
-            return Err(mismatch(format!("this build has no map {name}")));
+impl Flow {
+    /// A flow from its client → VIP entry (`key`, `fwd`) and the table's
+    /// entry for the other direction, if any.
+    pub fn joined(key: FlowKey, fwd: FlowEntry, rev: Option<FlowEntry>, half_open: bool) -> Flow {
+        Flow { key, reverse_key: fwd.peer_key(key.proto), fwd, rev, half_open }
+    }
+
+    pub fn backend_id(&self) -> u32 {
+        self.fwd.backend_id
+    }
+
+    pub fn service_id(&self) -> u32 {
+        self.fwd.service_id
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        self.key.proto == PROTO_TCP
+    }
+
+    /// A direct-server-return flow (one entry: the backend answers the
+    /// client itself).
+    pub fn is_dsr(&self) -> bool {
+        self.fwd.nat_flags & NAT_ENCAP != 0
+    }
+
+    /// The latest packet of either direction (monotonic ns).
+    pub fn last_seen_ns(&self) -> u64 {
+        self.rev.map_or(self.fwd.last_seen_ns, |r| r.last_seen_ns.max(self.fwd.last_seen_ns))
+    }
+
+    /// The TCP state of the flow for humans, both directions combined.
+    pub fn combined_state(&self) -> u8 {
+        tcp::combined_state(self.fwd.tcp_state, self.rev.map_or(tcp::STATE_NONE, |r| r.tcp_state))
+    }
+
+    /// UDP flows, and TCP flows not yet over: no RST seen, and not both
+    /// sides' FIN (a half-closed flow may still carry data one way).
+    pub fn is_active(&self) -> bool {
+        if !self.is_tcp() {
+            return true;
+        }
+        let rev = self.rev.map_or(tcp::STATE_NONE, |r| r.tcp_state);
+        let closed = self.fwd.tcp_state == tcp::STATE_CLOSED || rev == tcp::STATE_CLOSED;
+        let both_fin = self.fwd.tcp_state == tcp::STATE_FIN && rev == tcp::STATE_FIN;
+        !closed && !both_fin
+    }
+
+    /// The entries' keys (the second is absent in DSR).
+    pub fn keys(&self) -> impl Iterator<Item = FlowKey> + '_ {
+        std::iter::once(self.key).chain((!self.is_dsr()).then_some(self.reverse_key))
+    }
+
+    /// The RST to the client, from VIP:port, with the sequence number the
+    /// client expects next. A client whose SYN was never answered gets a
+    /// RST|ACK acknowledging the SYN (what SYN-SENT accepts, RFC 793).
+    pub fn client_rst(&self) -> Rst {
+        let (seq, ack) = match self.rev {
+            Some(r) if r.tcp_state != tcp::STATE_NONE => (r.seq_next, None),
+            _ => (0, Some(self.fwd.seq_next)),
         };
-        if !path.exists() {
-            return Err(mismatch(format!("map {name} is not pinned")));
-        }
-        let data = MapData::from_pin(&path).map_err(|e| mismatch(format!("cannot open pinned {name}: {e}")))?;
-        let info = data.info().map_err(|e| mismatch(format!("cannot read pinned {name}: {e}")))?;
-        let want_entries = match name {
-            names::CONNS => conn_entries,
-            names::HALF_OPEN => half_open_entries,
-            names::PORTS => ports_entries,
-            _ => def.max_entries(),
-        };
-        let got = (info.key_size(), info.value_size(), info.max_entries());
-        let want = (def.key_size(), def.value_size(), want_entries);
-        if got != want {
-            let hint = if name == names::CONNS && got.0 == want.0 && got.1 == want.1 {
-                format!(" (the pinned table holds {} flows: start with --conn-capacity {})", got.2 / 2, got.2 / 2)
-            } else if name == names::HALF_OPEN && got.0 == want.0 && got.1 == want.1 {
-                format!(" (the pinned half-open table holds {} flows: start with --half-open-capacity {})", got.2 / 2, got.2 / 2)
-            } else {
-                String::new()
-            };
-            return Err(mismatch(format!(
-                "map {name}: pinned key/value/entries {}/{}/{}, this build {}/{}/{}{hint}",
-                got.0, got.1, got.2, want.0, want.1, want.2
-            )));
-        }
+        Rst { src: self.key.dst_addr, dst: self.key.src_addr, sport: self.key.dst_port.to_ne_bytes(), dport: self.key.src_port.to_ne_bytes(), seq, ack }
     }
-    Ok(())
-}
 
-/// A loader that makes every map of the object as small as the kernel
-/// allows: for programs that use none (pass, decapsulation), so loading
-/// them costs no memory worth mentioning (the ring alone is 16 MiB).
-fn minimal_loader() -> EbpfLoader<'static> {
-    let mut loader = EbpfLoader::new();
-    for name in names::ALL {
-        loader.map_max_entries(name, if name == names::FLOW_EVENTS { 4096 } else { 1 });
+    /// The RST to the backend, from the address and port it knows the
+    /// client by (the client's own in DNAT, the balancer's in full NAT),
+    /// with the sequence number the backend expects next (frees its socket
+    /// at once).
+    pub fn backend_rst(&self) -> Rst {
+        Rst { src: self.fwd.nat_src, dst: self.fwd.nat_dst, sport: self.fwd.nat_sport.to_ne_bytes(), dport: self.fwd.nat_dport.to_ne_bytes(), seq: self.fwd.seq_next, ack: None }
     }
-    loader
-}
 
-/// Finds, verifies and loads one XDP program of the object.
-fn load_program<'a>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut Xdp> {
-    let p: &mut Xdp = ebpf
-        .program_mut(prog)
-        .ok_or(DataplaneError::MissingProgram(prog))?
-        .try_into()
-        .map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })?;
-    load_retrying(p).map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
-    Ok(p)
-}
-
-/// Takes every map the controller uses out of the loaded object.
-fn take_maps(ebpf: &mut Ebpf) -> Result<StdHashMap<&'static str, Map>> {
-    names::ALL.iter().map(|&name| ebpf.take_map(name).map(|m| (name, m)).ok_or(DataplaneError::MissingMap(name))).collect()
-}
-
-/// Loads a program, trying again when the kernel answers EAGAIN: it does
-/// so under memory pressure (verifier allocations), transiently — libbpf
-/// retries the same way.
-fn load_retrying(p: &mut Xdp) -> std::result::Result<(), aya::programs::ProgramError> {
-    const ATTEMPTS: u32 = 5;
-    let mut attempt = 1;
-    loop {
-        match p.load() {
-            Err(aya::programs::ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS => {
-                tracing::debug!(attempt, "loading the program: EAGAIN from the kernel, trying again");
-                std::thread::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)));
-                attempt += 1;
-            }
-            other => return other,
-        }
+    /// The flow as a flow-log / sync record.
+    pub fn end_record(&self, reason: u32) -> lb_common::maps::FlowEnd {
+        lb_common::maps::FlowEnd { key: self.key, reason, _pad: 0, to_backend: self.fwd, to_client: self.rev.unwrap_or_default() }
     }
-}
 
-/// Attaches the DSR decapsulation program to `iface` and pins its link at
-/// `link_pin`, so it stays after this process exits (`xlb backend-setup`).
-/// Returns the XDP mode obtained.
-pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Result<&'static str> {
-    if EBPF_OBJECT.is_empty() {
-        return Err(DataplaneError::EmptyObject);
+    /// Whether `now` (the table's current copy of this flow) is still the
+    /// flow `self` was when a decision was made about it: the same
+    /// connection (creation time), and with `idle`, no packet since.
+    pub fn unchanged_in(&self, now: &Flow, idle: bool) -> bool {
+        self.fwd.created_ns == now.fwd.created_ns && self.fwd.direction == DIR_TO_BACKEND && (!idle || now.last_seen_ns() <= self.last_seen_ns())
     }
-    let idx = ifindex(iface)?;
-    let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
-    let prog = load_program(&mut ebpf, DECAP_PROGRAM)?;
-    let tries: &[(XdpMode, &'static str)] = match mode {
-        AttachMode::Native => &[(XdpMode::Driver, "native")],
-        AttachMode::Generic => &[(XdpMode::Skb, "generic")],
-        AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-    };
-    let mut last = None;
-    for (m, name) in tries {
-        match prog.attach_to_if_index(idx, *m) {
-            Ok(id) => {
-                let link = prog.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog: DECAP_PROGRAM, cause })?;
-                let fd = FdLink::try_from(link).map_err(|e| DataplaneError::Relink { path: link_pin.to_owned(), cause: Box::new(e) })?;
-                if let Some(dir) = link_pin.parent() {
-                    prepare_pin_dir(dir)?;
-                }
-                fd.pin(link_pin).map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: link_pin.to_owned(), cause })?;
-                return Ok(name);
-            }
-            Err(cause) => last = Some((name, cause)),
-        }
-    }
-    let (mode, cause) = last.ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?;
-    Err(DataplaneError::Attach { iface: iface.to_owned(), mode, cause })
-}
-
-/// Interfaces with a pinned link in `dir` (from a previous run).
-pub fn pinned_links(dir: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("link_")).map(str::to_owned))
-        .collect()
-}
-
-/// Detaches the pinned link of `iface` for good (a link this run does not
-/// take over).
-pub fn unpin_link(dir: &Path, iface: &str) -> std::io::Result<()> {
-    let path = dir.join(format!("link_{iface}"));
-    match PinnedLink::from_pin(&path) {
-        Ok(p) => p.unpin().map(drop),
-        Err(_) => fs::remove_file(&path),
-    }
-}
-
-/// Capacity of `XLB_PORTS`: one port per flow of both tables.
-fn ports_capacity(conn_capacity: u32, half_open_capacity: u32) -> u32 {
-    conn_capacity.saturating_add(half_open_capacity).max(1)
-}
-
-fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
-    move |cause| DataplaneError::Map { op, map, cause }
-}
-
-fn ignore_not_found(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
-    }
-}
-
-/// Interface index of `name` in the current network namespace.
-pub fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(|_| DataplaneError::NoSuchInterface(name.to_owned()))?;
-    // SAFETY: valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 { Err(DataplaneError::NoSuchInterface(name.to_owned())) } else { Ok(idx) }
-}
-
-/// Creates the pin directory, mounting bpffs at /sys/fs/bpf first if the
-/// directory lives there and nothing is mounted.
-fn prepare_pin_dir(dir: &Path) -> Result<()> {
-    let pin_err = |cause| DataplaneError::PinDir { path: dir.to_owned(), cause };
-    let bpffs = Path::new("/sys/fs/bpf");
-    if dir.starts_with(bpffs) && !is_bpffs(bpffs) {
-        mount_bpffs(bpffs).map_err(pin_err)?;
-    }
-    fs::create_dir_all(dir).map_err(pin_err)
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and out-pointer.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
-}
-
-fn mount_bpffs(path: &Path) -> io::Result<()> {
-    fs::create_dir_all(path)?;
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
-    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

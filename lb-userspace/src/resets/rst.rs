@@ -10,14 +10,12 @@
 
 use std::{
     io,
-    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
 use lb_common::{
-    maps::{addr_bytes, addr_to_ip, FlowEntry, FlowKey},
+    maps::addr_bytes,
     rst::{self, Rst},
-    tcp,
 };
 
 /// Raw sockets for both families (IPv4 with IP_HDRINCL, IPv6 with
@@ -136,64 +134,5 @@ impl RstSender {
         // SAFETY: valid buffer and address of the right size.
         let n = unsafe { libc::sendto(fd.as_raw_fd(), pkt.as_ptr().cast(), len, 0, (&dst as *const SockAddr).cast(), dst_len) };
         if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-}
-
-/// One flow to reset: its client → VIP entry and, when present, its
-/// backend → client entry.
-#[derive(Clone, Copy, Debug)]
-pub struct Flow {
-    pub key: FlowKey,
-    pub fwd: FlowEntry,
-    pub reverse_key: FlowKey,
-    pub rev: Option<FlowEntry>,
-}
-
-impl Flow {
-    /// The RST to the client, from VIP:port, with the sequence number the
-    /// client expects next. A client whose SYN was never answered gets a
-    /// RST|ACK acknowledging the SYN (what SYN-SENT accepts, RFC 793).
-    pub fn client_rst(&self) -> Rst {
-        let (seq, ack) = match self.rev {
-            Some(r) if r.tcp_state != tcp::STATE_NONE => (r.seq_next, None),
-            _ => (0, Some(self.fwd.seq_next)),
-        };
-        Rst {
-            src: self.key.dst_addr,
-            dst: self.key.src_addr,
-            sport: self.key.dst_port.to_ne_bytes(),
-            dport: self.key.src_port.to_ne_bytes(),
-            seq,
-            ack,
-        }
-    }
-
-    /// The RST to the backend, from the address and port it knows the
-    /// client by (the client's own in DNAT, the balancer's in full NAT),
-    /// with the sequence number the backend expects next (frees its socket
-    /// at once).
-    pub fn backend_rst(&self) -> Rst {
-        Rst {
-            src: self.fwd.nat_src,
-            dst: self.fwd.nat_dst,
-            sport: self.fwd.nat_sport.to_ne_bytes(),
-            dport: self.fwd.nat_dport.to_ne_bytes(),
-            seq: self.fwd.seq_next,
-            ack: None,
-        }
-    }
-
-    /// A direct-server-return flow: the backend's socket is reached only
-    /// through the tunnel, so no RST can be sent to it from here.
-    pub fn is_dsr(&self) -> bool {
-        self.fwd.nat_flags & lb_common::maps::NAT_ENCAP != 0
-    }
-
-    pub fn is_tcp(&self) -> bool {
-        self.key.proto == lb_common::maps::PROTO_TCP
-    }
-
-    pub fn client(&self) -> IpAddr {
-        addr_to_ip(&self.key.src_addr)
     }
 }

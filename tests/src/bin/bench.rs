@@ -23,7 +23,7 @@ use testbed::{
 use xlb::{
     api::Proto,
     controller::Controller,
-    dataplane::{Dataplane, LoadOptions},
+    dataplane::{KernelDataPlane, LoadOptions},
     resets::rst::RstSender,
 };
 
@@ -103,8 +103,9 @@ fn ms(d: Duration) -> f64 {
 /// Returns (time to the last RST sent, time until the table is clean).
 fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Duration, Duration)> {
     in_netns(&ns.name, || -> anyhow::Result<(Duration, Duration)> {
-        let dp = Dataplane::load(LoadOptions { conn_capacity: flows * 2, half_open_capacity: None, pin_dir: None })?;
-        let mut ctl = if send_rsts { Controller::new(dp).with_resets(RstSender::new().context("raw socket")?) } else { Controller::new(dp) };
+        let dp = KernelDataPlane::load(LoadOptions { conn_capacity: flows * 2, half_open_capacity: None, pin_dir: None })?;
+        let mut ctl = Controller::new(dp);
+        let sender = if send_rsts { Some(RstSender::new().context("raw socket")?) } else { None };
         let vip = SocketAddr::from(([10, 99, 0, 1], 80));
         let backend = SocketAddr::from(([10, 1, 0, 2], 8080));
         ctl.service_add(vip, Proto::Tcp, &Default::default())?;
@@ -118,6 +119,15 @@ fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Durati
         }
         let start = Instant::now();
         ctl.backend_remove(vip, Some(Proto::Tcp), backend)?;
+        // What the daemon's reset worker does with the job.
+        let table = ctl.table();
+        for job in ctl.take_jobs() {
+            let mut outcomes = Vec::new();
+            xlb::resets::run(&table, sender.as_ref(), &job, &mut |o| outcomes.push(o));
+            for o in outcomes {
+                ctl.on_reset(o, Some(id));
+            }
+        }
         let took = start.elapsed();
         let last_rst = ctl.last_rst_sent().map(|t| t.duration_since(start)).unwrap_or(Duration::ZERO);
         let left = { let mut n = 0; ctl.dataplane().for_each_flow(|_, _| n += 1)?; n };
@@ -191,7 +201,7 @@ fn client(i: u32) -> (Ipv4Addr, u16) {
 /// `established` synthetic established flows in the table.
 fn loaded(r: &Rig, capacity: u32, half_open: u32, established: u32) -> anyhow::Result<Controller> {
     in_netns(&r.ns.name, || -> anyhow::Result<Controller> {
-        let mut dp = Dataplane::load(LoadOptions { conn_capacity: capacity, half_open_capacity: Some(half_open), pin_dir: None })?;
+        let mut dp = KernelDataPlane::load(LoadOptions { conn_capacity: capacity, half_open_capacity: Some(half_open), pin_dir: None })?;
         dp.add_redirect_target(r.t0)?;
         dp.add_redirect_target(r.ns.ifindex("t1")?)?;
         let mut ctl = Controller::new(dp);
@@ -317,7 +327,7 @@ fn next_hop_cost(r: &Rig, clients: u32) -> anyhow::Result<serde_json::Value> {
     const CALLS: usize = 200_000;
     let client = |i: u32| (Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i), 40000u16);
     let mut ctl = in_netns(&r.ns.name, || -> anyhow::Result<Controller> {
-        let mut dp = Dataplane::load(LoadOptions { conn_capacity: clients + 1024, half_open_capacity: Some(4096), pin_dir: None })?;
+        let mut dp = KernelDataPlane::load(LoadOptions { conn_capacity: clients + 1024, half_open_capacity: Some(4096), pin_dir: None })?;
         dp.add_redirect_target(r.t0)?;
         dp.add_redirect_target(r.ns.ifindex("t1")?)?;
         let mut ctl = Controller::new(dp);
@@ -368,7 +378,7 @@ fn program_size(ctl: &mut Controller) -> anyhow::Result<String> {
 /// ids, one Maglev table build, map writes).
 fn apply_backends(r: &Rig, n: u32) -> anyhow::Result<Duration> {
     in_netns(&r.ns.name, || -> anyhow::Result<Duration> {
-        let dp = Dataplane::load(LoadOptions { conn_capacity: 1024, half_open_capacity: Some(1024), pin_dir: None })?;
+        let dp = KernelDataPlane::load(LoadOptions { conn_capacity: 1024, half_open_capacity: Some(1024), pin_dir: None })?;
         let mut ctl = Controller::new(dp);
         let backends = (0..n)
             .map(|i| serde_json::json!({ "backend": format!("10.3.{}.{}:8080", i / 250, 1 + i % 250), "weight": 1 }))

@@ -1,0 +1,54 @@
+//! What the kernel says runs on an interface: the liveness check (`xlb
+//! health`) asks it rather than trusting the controller's own records, so
+//! an interface that was deleted, re-created or had its program replaced
+//! shows up at once.
+
+use std::io;
+
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage, LinkXdp},
+    RouteNetlinkMessage,
+};
+
+use super::neighbours::Netlink;
+
+/// The XDP program attached to an interface, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpOnLink {
+    /// The program's id (`None`: no XDP program on the interface).
+    pub program_id: Option<u32>,
+}
+
+impl Netlink {
+    /// The XDP program on interface `ifindex`; `NotFound` when there is no
+    /// such interface.
+    pub fn xdp_program(&mut self, ifindex: u32) -> io::Result<XdpOnLink> {
+        let mut m = LinkMessage::default();
+        m.header.index = ifindex;
+        let answers = match self.request(RouteNetlinkMessage::GetLink(m), 0) {
+            Ok(a) => a,
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {ifindex}"))),
+            Err(e) => return Err(e),
+        };
+        for a in answers {
+            if let RouteNetlinkMessage::NewLink(l) = a {
+                let mut program_id = None;
+                for attr in &l.attributes {
+                    if let LinkAttribute::Xdp(xdp) = attr {
+                        for x in xdp {
+                            // One program per interface here: whichever
+                            // mode reports it.
+                            if let LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) = x
+                                && *id != 0
+                            {
+                                program_id = Some(*id);
+                            }
+                        }
+                    }
+                }
+                return Ok(XdpOnLink { program_id });
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {ifindex}")))
+    }
+}

@@ -1,12 +1,31 @@
-//! Prometheus text exposition of the controller's view (`--metrics-addr`):
-//! per service and backend traffic, flows and state, resets by cause, the
-//! data plane's reason counters, and the connection table.
+//! Prometheus metrics of the controller's view (`--metrics-addr`): per
+//! service and backend traffic, flows and state, resets by cause, the data
+//! plane's reason counters, and the connection table. Exposed in the
+//! OpenMetrics text format through `prometheus-client`.
+//!
+//! Every value is an absolute figure read from the data plane (or the
+//! controller) at scrape time, so nothing here keeps metric state between
+//! scrapes: each scrape hands one status report to a collector that
+//! encodes it as const metrics.
 
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{fmt, net::SocketAddr, sync::Arc};
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{TypedMetric, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 use tokio::sync::Mutex;
 
-use crate::{api::Status, controller::Controller};
+use crate::{
+    api::{ServiceStatus, Status},
+    controller::Controller,
+};
+
+/// The OpenMetrics text format's content type, as `prometheus-client`
+/// documents it (Prometheus asks for it and accepts it).
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Binds the metrics address (at start, so a bad address fails the daemon).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -25,11 +44,7 @@ pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Mutex<Controller>
             async move {
                 let status = ctl.lock().await.status();
                 match status {
-                    Ok(s) => (
-                        axum::http::StatusCode::OK,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        render(&s),
-                    ),
+                    Ok(s) => (axum::http::StatusCode::OK, [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], render(&s)),
                     Err(e) => (
                         axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                         [(axum::http::header::CONTENT_TYPE, "text/plain")],
@@ -43,11 +58,6 @@ pub async fn serve(listener: tokio::net::TcpListener, ctl: Arc<Mutex<Controller>
     axum::serve(listener, app).await.context("serving metrics")
 }
 
-/// Label values are addresses and fixed words; escape anyway.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
 /// Resets by cause: the controller's, and the data plane's reactive ones.
 fn by_cause(r: &crate::controller::ResetCounts, t: &crate::api::Traffic) -> [(&'static str, u64); 5] {
     [
@@ -59,21 +69,65 @@ fn by_cause(r: &crate::controller::ResetCounts, t: &crate::api::Traffic) -> [(&'
     ]
 }
 
-/// Renders a status report in the Prometheus text format.
+/// A sample's labels, in the order they are written (the encoder escapes
+/// the values).
+type Labels = Vec<(&'static str, String)>;
+
+/// `labels` and one more.
+fn with(labels: &Labels, key: &'static str, value: impl Into<String>) -> Labels {
+    let mut l = labels.clone();
+    l.push((key, value.into()));
+    l
+}
+
+/// One metric family: its HELP and TYPE, then a sample per label set. A
+/// counter's name is given without `_total`: the encoder appends it to the
+/// samples (and names the family without it, as OpenMetrics does).
+fn family<M: EncodeMetric + TypedMetric>(enc: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(Labels, M)>) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, metric) in &samples {
+        metric.encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+fn gauge(v: u64) -> ConstGauge<u64> {
+    ConstGauge::new(v)
+}
+
+/// One scrape's status report. The registry wants a `'static` collector,
+/// so it owns its copy.
+#[derive(Debug)]
+struct Snapshot(Status);
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        encode(&self.0, &mut enc)
+    }
+}
+
+/// Renders a status report in the OpenMetrics text format (ending with
+/// `# EOF`).
 pub fn render(s: &Status) -> String {
-    let mut o = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(o, "# HELP {name} {help}");
-        let _ = writeln!(o, "# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(o, "{name} {v}");
-            } else {
-                let _ = writeln!(o, "{name}{{{labels}}} {v}");
-            }
-        }
-    };
-    let svc_labels = |svc: &crate::api::ServiceStatus| format!("service=\"{}\",proto=\"{}\"", esc(&svc.service.to_string()), svc.proto);
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(s.clone())));
+    let mut text = String::new();
+    // Writing to a String does not fail, nor does encoding these labels
+    // and values; were it to, the text lacks its `# EOF` and Prometheus
+    // refuses the scrape instead of taking part of it.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        tracing::error!(%e, "encoding the metrics failed");
+    }
+    text
+}
+
+/// Every family of a status report, in a fixed order.
+fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
+    let svc_labels = |svc: &ServiceStatus| -> Labels { vec![("service", svc.service.to_string()), ("proto", svc.proto.to_string())] };
     let mut packets = Vec::new();
     let mut bytes = Vec::new();
     let mut new_flows = Vec::new();
@@ -90,107 +144,96 @@ pub fn render(s: &Status) -> String {
     for svc in &s.services {
         let sl = svc_labels(svc);
         for (dir, p, b) in [("in", svc.traffic.packets_in, svc.traffic.bytes_in), ("out", svc.traffic.packets_out, svc.traffic.bytes_out)] {
-            svc_packets.push((format!("{sl},direction=\"{dir}\""), p as f64));
-            svc_bytes.push((format!("{sl},direction=\"{dir}\""), b as f64));
+            svc_packets.push((with(&sl, "direction", dir), counter(p)));
+            svc_bytes.push((with(&sl, "direction", dir), counter(b)));
         }
         for (cause, n) in by_cause(&svc.resets, &svc.traffic) {
-            resets.push((format!("{sl},cause=\"{cause}\""), n as f64));
+            resets.push((with(&sl, "cause", cause), counter(n)));
         }
         for b in &svc.backends {
-            let bl = format!("{sl},backend=\"{}\"", esc(&b.backend.to_string()));
+            let bl = with(&sl, "backend", b.backend.to_string());
             for (dir, p, by) in [("in", b.traffic.packets_in, b.traffic.bytes_in), ("out", b.traffic.packets_out, b.traffic.bytes_out)] {
-                packets.push((format!("{bl},direction=\"{dir}\""), p as f64));
-                bytes.push((format!("{bl},direction=\"{dir}\""), by as f64));
+                packets.push((with(&bl, "direction", dir), counter(p)));
+                bytes.push((with(&bl, "direction", dir), counter(by)));
             }
-            new_flows.push((bl.clone(), b.traffic.new_flows as f64));
+            new_flows.push((bl.clone(), counter(b.traffic.new_flows)));
             for (cause, n) in by_cause(&b.resets, &b.traffic) {
-                backend_resets.push((format!("{bl},cause=\"{cause}\""), n as f64));
+                backend_resets.push((with(&bl, "cause", cause), counter(n)));
             }
-            active.push((bl.clone(), b.active_flows as f64));
-            no_port.push((bl.clone(), b.traffic.refused_no_port as f64));
+            active.push((bl.clone(), gauge(b.active_flows)));
+            no_port.push((bl.clone(), counter(b.traffic.refused_no_port)));
             if let Some(p) = b.snat_ports {
-                ports_in_use.push((bl.clone(), p.in_use as f64));
-                ports_pool.push((bl.clone(), p.pool as f64));
+                ports_in_use.push((bl.clone(), gauge(p.in_use)));
+                ports_pool.push((bl.clone(), gauge(p.pool)));
             }
-            weight.push((bl.clone(), b.weight as f64));
+            weight.push((bl.clone(), gauge(b.weight.into())));
             for st in ["up", "down", "draining", "removed"] {
-                state.push((format!("{bl},state=\"{st}\""), if b.state == st { 1.0 } else { 0.0 }));
+                state.push((with(&bl, "state", st), gauge((b.state == st).into())));
             }
         }
     }
-    family("xlb_backend_packets_total", "counter", "Packets forwarded to (in) and from (out) a backend.", packets);
-    family("xlb_backend_bytes_total", "counter", "IP bytes forwarded to (in) and from (out) a backend.", bytes);
-    family("xlb_backend_new_flows_total", "counter", "Flows scheduled to a backend.", new_flows);
-    family("xlb_backend_active_flows", "gauge", "Flows of a backend in the table that neither side has closed.", active);
-    family("xlb_backend_weight", "gauge", "Configured weight of a backend.", weight);
-    family("xlb_backend_state", "gauge", "1 for the backend's current state (up, down, draining, removed).", state);
-    family("xlb_service_packets_total", "counter", "Packets of a service, client to backend (in) and back (out).", svc_packets);
-    family("xlb_service_bytes_total", "counter", "IP bytes of a service, client to backend (in) and back (out).", svc_bytes);
-    family("xlb_resets_total", "counter", "Flows reset, by cause (reactive: by the data plane on a packet of a gone backend's flow).", resets);
-    family("xlb_backend_resets_total", "counter", "A backend's flows reset, by cause.", backend_resets);
-    family("xlb_backend_snat_ports_in_use", "gauge", "Full NAT: source ports held by a backend's flows.", ports_in_use);
-    family("xlb_backend_snat_ports_pool", "gauge", "Full NAT: size of a backend's source port pool.", ports_pool);
-    family("xlb_backend_refused_no_port_total", "counter", "Full NAT: new flows to a backend refused because its source port pool was exhausted.", no_port);
+    family(enc, "xlb_backend_packets", "Packets forwarded to (in) and from (out) a backend.", packets)?;
+    family(enc, "xlb_backend_bytes", "IP bytes forwarded to (in) and from (out) a backend.", bytes)?;
+    family(enc, "xlb_backend_new_flows", "Flows scheduled to a backend.", new_flows)?;
+    family(enc, "xlb_backend_active_flows", "Flows of a backend in the table that neither side has closed.", active)?;
+    family(enc, "xlb_backend_weight", "Configured weight of a backend.", weight)?;
+    family(enc, "xlb_backend_state", "1 for the backend's current state (up, down, draining, removed).", state)?;
+    family(enc, "xlb_service_packets", "Packets of a service, client to backend (in) and back (out).", svc_packets)?;
+    family(enc, "xlb_service_bytes", "IP bytes of a service, client to backend (in) and back (out).", svc_bytes)?;
+    family(enc, "xlb_resets", "Flows reset, by cause (reactive: by the data plane on a packet of a gone backend's flow).", resets)?;
+    family(enc, "xlb_backend_resets", "A backend's flows reset, by cause.", backend_resets)?;
+    family(enc, "xlb_backend_snat_ports_in_use", "Full NAT: source ports held by a backend's flows.", ports_in_use)?;
+    family(enc, "xlb_backend_snat_ports_pool", "Full NAT: size of a backend's source port pool.", ports_pool)?;
+    family(enc, "xlb_backend_refused_no_port", "Full NAT: new flows to a backend refused because its source port pool was exhausted.", no_port)?;
     let mut reasons = Vec::new();
     let mut other = Vec::new();
     for (k, v) in &s.counters {
-        if let Some(r) = k.strip_prefix("pass_").map(|r| format!("pass_{r}")).or_else(|| k.strip_prefix("drop_").map(|r| format!("drop_{r}"))) {
-            reasons.push((format!("reason=\"{}\"", esc(&r)), *v as f64));
+        if k.starts_with("pass_") || k.starts_with("drop_") {
+            reasons.push((vec![("reason", k.clone())], counter(*v)));
         } else {
-            other.push((k.clone(), *v));
+            other.push((k, *v));
         }
     }
-    family("xlb_dataplane_verdicts_total", "counter", "Packets the program passed to the kernel or dropped, by reason.", reasons);
+    family(enc, "xlb_dataplane_verdicts", "Packets the program passed to the kernel or dropped, by reason.", reasons)?;
     for (k, v) in other {
-        let name = format!("xlb_dataplane_{k}_total");
-        family(&name, "counter", &format!("Data-plane counter {k} (see docs/architecture.md)."), vec![(String::new(), v as f64)]);
+        family(enc, &format!("xlb_dataplane_{k}"), &format!("Data-plane counter {k} (see docs/architecture.md)."), vec![(Vec::new(), counter(v))])?;
     }
     if let Some(y) = &s.sync {
-        family("xlb_sync_lag_seconds", "gauge", "State sync: send-to-apply delay of the last datagram from the peer (wall clocks).", vec![(String::new(), y.lag_s)]);
+        family(enc, "xlb_sync_lag_seconds", "State sync: send-to-apply delay of the last datagram from the peer (wall clocks).", vec![(Vec::new(), ConstGauge::new(y.lag_s))])?;
+        let role = ["master", "backup"].map(|r| (vec![("role", r.to_owned())], gauge((y.role.to_string() == r).into())));
+        family(enc, "xlb_sync_role", "State sync: 1 for this node's role.", role.into())?;
+        let events = |e: &[(&str, u64)]| -> Vec<(Labels, ConstCounter<u64>)> { e.iter().map(|(e, n)| (vec![("event", (*e).to_owned())], counter(*n))).collect() };
         family(
-            "xlb_sync_role",
-            "gauge",
-            "State sync: 1 for this node's role.",
-            ["master", "backup"].iter().map(|r| (format!("role=\"{r}\""), if y.role.to_string() == *r { 1.0 } else { 0.0 })).collect(),
-        );
-        family(
-            "xlb_sync_datagrams_total",
-            "counter",
+            enc,
+            "xlb_sync_datagrams",
             "State sync datagrams, by what happened to them.",
-            vec![
-                ("event=\"sent\"".into(), y.sent_datagrams as f64),
-                ("event=\"received\"".into(), y.received_datagrams as f64),
-                ("event=\"refused\"".into(), y.refused_datagrams as f64),
-                ("event=\"ignored_as_master\"".into(), y.ignored_as_master as f64),
-            ],
-        );
+            events(&[
+                ("sent", y.sent_datagrams),
+                ("received", y.received_datagrams),
+                ("refused", y.refused_datagrams),
+                ("ignored_as_master", y.ignored_as_master),
+            ]),
+        )?;
         family(
-            "xlb_sync_records_total",
-            "counter",
+            enc,
+            "xlb_sync_records",
             "State sync flow records, by what happened to them.",
-            vec![
-                ("event=\"sent\"".into(), y.sent_records as f64),
-                ("event=\"applied\"".into(), y.applied_records as f64),
-                ("event=\"unknown_service_or_backend\"".into(), y.unknown_records as f64),
-                ("event=\"stale\"".into(), y.stale_ignored as f64),
-            ],
-        );
-        family("xlb_sync_sequence_gaps_total", "counter", "State sync datagrams the peer sent that never arrived (healed by its refreshes).", vec![(String::new(), y.sequence_gaps as f64)]);
+            events(&[
+                ("sent", y.sent_records),
+                ("applied", y.applied_records),
+                ("unknown_service_or_backend", y.unknown_records),
+                ("stale", y.stale_ignored),
+            ]),
+        )?;
+        family(enc, "xlb_sync_sequence_gaps", "State sync datagrams the peer sent that never arrived (healed by its refreshes).", vec![(Vec::new(), counter(y.sequence_gaps))])?;
     }
+    let tables = |established: u64, half_open: u64| vec![(vec![("table", "established".to_owned())], gauge(established)), (vec![("table", "half_open".to_owned())], gauge(half_open))];
+    family(enc, "xlb_table_entries", "Entries in the flow tables (two per flow).", tables(s.table.entries, s.table.half_open_entries))?;
     family(
-        "xlb_table_entries",
-        "gauge",
-        "Entries in the flow tables (two per flow).",
-        vec![("table=\"established\"".into(), s.table.entries as f64), ("table=\"half_open\"".into(), s.table.half_open_entries as f64)],
-    );
-    family(
+        enc,
         "xlb_table_capacity_flows",
-        "gauge",
         "Flows each table holds before the least recently used are recycled.",
-        vec![
-            ("table=\"established\"".into(), s.table.capacity_flows as f64),
-            ("table=\"half_open\"".into(), s.table.half_open_capacity_flows as f64),
-        ],
-    );
-    o
+        tables(s.table.capacity_flows, s.table.half_open_capacity_flows),
+    )?;
+    Ok(())
 }

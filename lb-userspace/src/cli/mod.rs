@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod top;
+pub mod values;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
@@ -75,7 +76,7 @@ pub enum Command {
     /// Set this node's role in an active/standby pair (keepalived's notify
     /// hook): master sends its flow state to the peer, backup installs it.
     Role {
-        #[arg(value_enum)]
+        #[arg(value_parser = values::parser::<values::Role>())]
         role: crate::ha::Role,
     },
     /// Prepare this host as a DSR backend (`--mode dsr` services): attach
@@ -88,7 +89,7 @@ pub enum Command {
         /// A VIP this backend serves (repeatable).
         #[arg(long = "vip", value_name = "ADDR", required_unless_present = "remove")]
         vips: Vec<std::net::Ipv4Addr>,
-        #[arg(long, value_enum, default_value = "auto")]
+        #[arg(long, value_parser = values::parser::<values::AttachMode>(), default_value = "auto")]
         xdp_mode: AttachMode,
         /// bpffs directory for the pinned link.
         #[arg(long, default_value = "/sys/fs/bpf/xlb-decap", value_name = "DIR")]
@@ -106,7 +107,7 @@ pub enum Command {
         #[arg(long, value_name = "VIP:PORT")]
         service: Option<SocketAddr>,
         /// Protocol of --service, when both tcp and udp are served there.
-        #[arg(long, requires = "service")]
+        #[arg(long, requires = "service", value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
         /// Only this backend's flows (who would be reset if it went now).
         #[arg(long, value_name = "IP:PORT")]
@@ -120,7 +121,7 @@ pub struct DaemonArgs {
     #[arg(long = "iface", required = true, value_name = "IF")]
     pub ifaces: Vec<String>,
     /// XDP attach mode: native (driver), generic (skb) or auto (native, else generic).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_parser = values::parser::<values::AttachMode>(), default_value = "auto")]
     pub xdp_mode: AttachMode,
     /// TOML file of services and backends to apply at start.
     #[arg(long, value_name = "FILE")]
@@ -182,7 +183,7 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "FILE", requires_all = ["sync_listen", "sync_peer"])]
     pub sync_key_file: Option<PathBuf>,
     /// State sync: role at start (keepalived's notify hook changes it with `xlb role`).
-    #[arg(long, value_enum, default_value = "backup")]
+    #[arg(long, value_parser = values::parser::<values::Role>(), default_value = "backup")]
     pub role: crate::ha::Role,
     /// Leave the host's settings alone (the daemon otherwise sets, per
     /// managed interface, what the data plane needs: forwarding,
@@ -211,7 +212,7 @@ pub enum ServiceCmd {
     Add {
         #[arg(value_name = "VIP:PORT")]
         service: SocketAddr,
-        #[arg(long, default_value = "tcp")]
+        #[arg(long, default_value = "tcp", value_parser = values::parser::<values::Proto>())]
         proto: Proto,
         #[command(flatten)]
         options: ServiceOptions,
@@ -221,7 +222,7 @@ pub enum ServiceCmd {
         #[arg(value_name = "VIP:PORT")]
         service: SocketAddr,
         /// Needed only when both tcp and udp are served on VIP:PORT.
-        #[arg(long)]
+        #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
         #[command(flatten)]
         options: ServiceOptions,
@@ -231,7 +232,7 @@ pub enum ServiceCmd {
         #[arg(value_name = "VIP:PORT")]
         service: SocketAddr,
         /// Needed only when both tcp and udp are served on VIP:PORT.
-        #[arg(long)]
+        #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
     },
 }
@@ -249,7 +250,7 @@ pub enum BackendCmd {
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// Needed only when both tcp and udp are served on VIP:PORT.
-        #[arg(long)]
+        #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
     },
     /// Change a registered backend's weight.
@@ -260,7 +261,7 @@ pub enum BackendCmd {
         backend: BackendSpec,
         #[arg(long)]
         weight: u32,
-        #[arg(long)]
+        #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
     },
     /// Deregister a backend; its flows are removed from the table.
@@ -269,7 +270,7 @@ pub enum BackendCmd {
         service: SocketAddr,
         #[arg(value_name = "BACKEND")]
         backend: BackendSpec,
-        #[arg(long)]
+        #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
     },
 }
@@ -626,4 +627,12 @@ pub fn render_flows(flows: &[FlowInfo]) -> String {
     }
     let _ = writeln!(o, "{} flows", flows.len());
     o
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clap_definitions_are_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -124,7 +124,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Requested XDP attach mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Driver mode; fails where the driver has no XDP support.

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     api::{ErrorCode, FlowInfo, Proto, Request, Response, Status},
     dataplane::AttachMode,
-    model::settings::ServiceOptions,
+    model::settings::{Dur, FlowPolicy, MissPolicy, NatMode, NoPortPolicy, PortRange, Scheduler, ServiceOptions, SnatSource, StatusRange},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/xlb/xlb.sock";
@@ -215,7 +215,7 @@ pub enum ServiceCmd {
         #[arg(long, default_value = "tcp", value_parser = values::parser::<values::Proto>())]
         proto: Proto,
         #[command(flatten)]
-        options: ServiceOptions,
+        options: ServiceArgs,
     },
     /// Change a service's settings at run time (only the options given).
     Set {
@@ -225,7 +225,7 @@ pub enum ServiceCmd {
         #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
         #[command(flatten)]
-        options: ServiceOptions,
+        options: ServiceArgs,
     },
     /// Remove a service, its backends and its flows.
     Remove {
@@ -235,6 +235,131 @@ pub enum ServiceCmd {
         #[arg(long, value_parser = values::parser::<values::Proto>())]
         proto: Option<Proto>,
     },
+}
+
+/// One flag per `ServiceOptions` field, same name; the conversion below
+/// fails to compile when the two differ.
+#[derive(Clone, Debug, Default, Args)]
+pub struct ServiceArgs {
+    /// How new flows pick a backend: maglev (default) or wrr.
+    #[arg(long, value_parser = values::parser::<values::Scheduler>())]
+    pub scheduler: Option<Scheduler>,
+    /// Maglev table size: a prime up to 65537 (default 65537).
+    #[arg(long)]
+    pub maglev_size: Option<u32>,
+    /// What a deregistered backend's flows get: reset (default), drain:DURATION, keep.
+    #[arg(long, value_name = "POLICY")]
+    pub on_remove: Option<FlowPolicy>,
+    /// What an unhealthy backend's flows get: reset (default), drain:DURATION, keep.
+    #[arg(long, value_name = "POLICY")]
+    pub on_unhealthy: Option<FlowPolicy>,
+    /// Spread a mass reset over this window (default 0: all at once).
+    #[arg(long, value_name = "DURATION")]
+    pub reset_spread: Option<Dur>,
+    /// Non-SYN TCP without a flow: reset (default) or rehash.
+    #[arg(long, value_parser = values::parser::<values::MissPolicy>())]
+    pub on_miss: Option<MissPolicy>,
+    /// Health check: tcp, http:/PATH, or none.
+    #[arg(long, value_name = "PROBE")]
+    pub health: Option<String>,
+    /// Time between probes (default 2s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<Dur>,
+    /// Probe timeout (default 1s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<Dur>,
+    /// Successes that bring a down backend back (default 2).
+    #[arg(long)]
+    pub rise: Option<u32>,
+    /// Failures that take a backend down (default 3).
+    #[arg(long)]
+    pub fall: Option<u32>,
+    /// Accepted HTTP statuses for http probes (default 200-399).
+    #[arg(long, value_name = "RANGE")]
+    pub health_status: Option<StatusRange>,
+    /// Idle timeout of a TCP flow in its handshake (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout_syn: Option<Dur>,
+    /// Idle timeout of an established TCP flow (default 350s).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout_established: Option<Dur>,
+    /// Idle timeout of a half-closed TCP flow (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout_closing: Option<Dur>,
+    /// Idle timeout of a UDP flow (default 120s).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout_udp: Option<Dur>,
+    /// Reset established TCP flows at both ends when they time out: true or false (default false).
+    #[arg(long, value_name = "BOOL")]
+    pub reset_on_idle: Option<bool>,
+    /// Ramp a joining or recovering backend's weight up over this period (default 0: off).
+    #[arg(long, value_name = "DURATION")]
+    pub slow_start: Option<Dur>,
+    /// dnat (default: backends route replies through the balancer), fullnat, or dsr (IPIP, backends answer clients directly).
+    #[arg(long, value_parser = values::parser::<values::NatMode>())]
+    pub mode: Option<NatMode>,
+    /// Full NAT: source port pool per backend (default 1024-32767; keep it clear of net.ipv4.ip_local_port_range).
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub snat_ports: Option<PortRange>,
+    /// Full NAT: the balancer's source address, or auto (default: the address the routing table picks per backend).
+    #[arg(long, value_name = "ADDR")]
+    pub snat_source: Option<SnatSource>,
+    /// Full NAT: a new flow with no free source port gets reset (default; UDP is dropped) or drop.
+    #[arg(long, value_parser = values::parser::<values::NoPortPolicy>())]
+    pub on_no_port: Option<NoPortPolicy>,
+}
+
+impl From<ServiceArgs> for ServiceOptions {
+    fn from(a: ServiceArgs) -> Self {
+        let ServiceArgs {
+            scheduler,
+            maglev_size,
+            on_remove,
+            on_unhealthy,
+            reset_spread,
+            on_miss,
+            health,
+            health_interval,
+            health_timeout,
+            rise,
+            fall,
+            health_status,
+            timeout_syn,
+            timeout_established,
+            timeout_closing,
+            timeout_udp,
+            reset_on_idle,
+            slow_start,
+            mode,
+            snat_ports,
+            snat_source,
+            on_no_port,
+        } = a;
+        ServiceOptions {
+            scheduler,
+            maglev_size,
+            on_remove,
+            on_unhealthy,
+            reset_spread,
+            on_miss,
+            health,
+            health_interval,
+            health_timeout,
+            rise,
+            fall,
+            health_status,
+            timeout_syn,
+            timeout_established,
+            timeout_closing,
+            timeout_udp,
+            reset_on_idle,
+            slow_start,
+            mode,
+            snat_ports,
+            snat_source,
+            on_no_port,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,10 +415,10 @@ pub fn run_client(cli: &Cli) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
         Command::Service(ServiceCmd::Add { service, proto, options }) => {
-            Request::ServiceAdd { service: *service, proto: *proto, options: options.clone() }
+            Request::ServiceAdd { service: *service, proto: *proto, options: options.clone().into() }
         }
         Command::Service(ServiceCmd::Set { service, proto, options }) => {
-            Request::ServiceSet { service: *service, proto: *proto, options: options.clone() }
+            Request::ServiceSet { service: *service, proto: *proto, options: options.clone().into() }
         }
         Command::Service(ServiceCmd::Remove { service, proto }) => Request::ServiceRemove { service: *service, proto: *proto },
         Command::Backend(BackendCmd::Add { service, backend, weight, proto }) => Request::BackendAdd {

@@ -32,15 +32,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Detach { ref pin_dir, ref state_file } => xlb::cli::run_detach(&cli, pin_dir, state_file),
-        Command::BackendSetup { ref iface, ref vips, xdp_mode, ref pin_dir, remove } => xlb::cli::run_backend_setup(iface, vips, xdp_mode, pin_dir, remove),
-        Command::Top => match xlb::cli::top::run(&cli.socket) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("xlb: {e:#}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
-        _ => xlb::cli::run_client(&cli),
+        _ => xlb::cli::run(&cli),
     }
 }

@@ -129,17 +129,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Requested XDP attach mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// Driver mode; fails where the driver has no XDP support.
-    Native,
-    /// Generic (skb) mode: works everywhere, slower.
-    Generic,
-    /// Native, falling back to generic (the mode used is reported).
-    Auto,
-}
+pub use crate::model::AttachMode;
 
 pub use crate::model::Attachment;
 

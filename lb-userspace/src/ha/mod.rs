@@ -41,7 +41,7 @@ pub const REFRESH: Duration = Duration::from_secs(3);
 pub const TOMBSTONE: Duration = Duration::from_secs(30);
 
 /// A node's role in the pair.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sends its flow state; ignores the peer's.

@@ -21,6 +21,18 @@ pub use backend::{BackendSlot, Drain, Lifecycle, Tracker};
 pub use named::{BackendSpec, HostPort, NamedBackend, Resolution, TtlLimits};
 pub use service::Service;
 
+/// Requested XDP attach mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver mode; fails where the driver has no XDP support.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+    /// Native, falling back to generic (the mode used is reported).
+    Auto,
+}
+
 /// Where the program runs.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Attachment {

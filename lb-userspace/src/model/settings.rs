@@ -67,7 +67,7 @@ impl fmt::Display for FlowPolicy {
 }
 
 /// What a non-SYN TCP segment that matches no flow gets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MissPolicy {
     /// A RST from the XDP program: the client reconnects at once.
@@ -87,7 +87,7 @@ impl fmt::Display for MissPolicy {
 }
 
 /// How a service picks the backend of a new flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
     /// Weighted Maglev consistent hashing (default): the same flow maps to
@@ -111,7 +111,7 @@ impl fmt::Display for Scheduler {
 }
 
 /// How a service's packets are rewritten.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NatMode {
     /// Destination NAT: backends see the client's address and must route
@@ -138,7 +138,7 @@ impl fmt::Display for NatMode {
 }
 
 /// What a full-NAT flow that finds no free source port gets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NoPortPolicy {
     /// A TCP SYN is answered with a RST (the client fails at once);
@@ -405,95 +405,73 @@ impl Default for ServiceSettings {
 
 /// A partial update of [`ServiceSettings`] (API, CLI flags of `service add`
 /// and `service set`, config file): absent fields keep their value.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceOptions {
     /// How new flows pick a backend: maglev (default) or wrr.
-    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<Scheduler>,
     /// Maglev table size: a prime up to 65537 (default 65537).
-    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maglev_size: Option<u32>,
     /// What a deregistered backend's flows get: reset (default), drain:DURATION, keep.
-    #[arg(long, value_name = "POLICY")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_remove: Option<FlowPolicy>,
     /// What an unhealthy backend's flows get: reset (default), drain:DURATION, keep.
-    #[arg(long, value_name = "POLICY")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_unhealthy: Option<FlowPolicy>,
     /// Spread a mass reset over this window (default 0: all at once).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_spread: Option<Dur>,
     /// Non-SYN TCP without a flow: reset (default) or rehash.
-    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_miss: Option<MissPolicy>,
     /// Health check: tcp, http:/PATH, or none.
-    #[arg(long, value_name = "PROBE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
     /// Time between probes (default 2s).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval: Option<Dur>,
     /// Probe timeout (default 1s).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_timeout: Option<Dur>,
     /// Successes that bring a down backend back (default 2).
-    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rise: Option<u32>,
     /// Failures that take a backend down (default 3).
-    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fall: Option<u32>,
     /// Accepted HTTP statuses for http probes (default 200-399).
-    #[arg(long, value_name = "RANGE")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_status: Option<StatusRange>,
     /// Idle timeout of a TCP flow in its handshake (default 30s).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_syn: Option<Dur>,
     /// Idle timeout of an established TCP flow (default 350s).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_established: Option<Dur>,
     /// Idle timeout of a half-closed TCP flow (default 30s).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_closing: Option<Dur>,
     /// Idle timeout of a UDP flow (default 120s).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_udp: Option<Dur>,
     /// Reset established TCP flows at both ends when they time out: true or false (default false).
-    #[arg(long, value_name = "BOOL")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_on_idle: Option<bool>,
     /// Ramp a joining or recovering backend's weight up over this period (default 0: off).
-    #[arg(long, value_name = "DURATION")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<Dur>,
     /// dnat (default: backends route replies through the balancer), fullnat, or dsr (IPIP, backends answer clients directly).
-    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<NatMode>,
     /// Full NAT: source port pool per backend (default 1024-32767; keep it clear of net.ipv4.ip_local_port_range).
-    #[arg(long, value_name = "LOW-HIGH")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_ports: Option<PortRange>,
     /// Full NAT: the balancer's source address, or auto (default: the address the routing table picks per backend).
-    #[arg(long, value_name = "ADDR")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat_source: Option<SnatSource>,
     /// Full NAT: a new flow with no free source port gets reset (default; UDP is dropped) or drop.
-    #[arg(long, value_enum)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_no_port: Option<NoPortPolicy>,
 }

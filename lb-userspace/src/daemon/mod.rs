@@ -498,14 +498,15 @@ fn sync_config(args: &DaemonArgs) -> anyhow::Result<Option<(crate::ha::SyncConfi
 }
 
 /// Sends queued flow changes to the peer, batched (a datagram per
-/// `PER_DATAGRAM` records, or whatever is queued after 10 ms).
+/// `PER_DATAGRAM` records, or whatever is queued after 10 ms). One epoch
+/// per daemon start (its start time), datagrams numbered from 1 in it.
 async fn sync_send(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::ha::Record>,
     sock: Arc<tokio::net::UdpSocket>,
     cfg: crate::ha::SyncConfig,
     ctl: Arc<Mutex<Controller>>,
 ) {
-    let mut seq = 0u64;
+    let mut sender = crate::ha::Sender::start();
     let mut batch = Vec::with_capacity(crate::ha::PER_DATAGRAM);
     loop {
         let Some(first) = rx.recv().await else { return };
@@ -528,8 +529,7 @@ async fn sync_send(
                     Ok(None) | Err(_) => {}
                 }
             }
-            seq += 1;
-            let d = crate::ha::encode(&cfg.key, seq, &batch);
+            let d = sender.seal(&cfg.key, &batch);
             if let Err(e) = sock.send_to(&d, cfg.peer).await {
                 tracing::debug!(error = %e, "sending a sync datagram failed (the next refresh heals it)");
             }
@@ -543,6 +543,7 @@ async fn sync_send(
         if let Some(s) = ctl.lock().await.sync_status_mut() {
             s.sent_datagrams += datagrams;
             s.sent_records += records;
+            s.epoch = sender.epoch();
         }
     }
 }
@@ -579,15 +580,20 @@ async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::ha::SyncConf
             }
             continue;
         }
-        let records = receiver.admit(&d, std::time::Instant::now());
+        // Anti-replay: a replayed or stale datagram, or one from an earlier
+        // run of the peer's daemon, is refused (counted in the status).
+        let records = match receiver.admit(&d, std::time::Instant::now(), crate::ha::unix_ns()) {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::debug!(%from, %why, epoch = d.epoch, seq = d.seq, "sync datagram refused");
+                Vec::new()
+            }
+        };
         if let Err(e) = c.sync_install(&records) {
             tracing::warn!(error = %e, "installing synced flows failed");
         }
         if let Some(s) = c.sync_status_mut() {
-            s.received_datagrams = receiver.datagrams;
-            s.sequence_gaps = receiver.gaps;
-            s.stale_ignored = receiver.stale_ignored;
-            s.lag_s = receiver.last_lag.as_secs_f64();
+            receiver.report(s);
         }
     }
 }

@@ -355,7 +355,8 @@ pub struct Controller {
 
 struct SyncState {
     status: crate::ha::SyncStatus,
-    out: tokio::sync::mpsc::UnboundedSender<crate::ha::Record>,
+    /// Bounded: see `sync_send`.
+    out: crate::ha::QueueTx,
 }
 
 
@@ -594,7 +595,7 @@ impl Controller {
     }
 
     /// Enables state sync: as master, flow changes go to `out`.
-    pub fn with_sync(mut self, role: crate::ha::Role, peer: SocketAddr, out: tokio::sync::mpsc::UnboundedSender<crate::ha::Record>) -> Self {
+    pub fn with_sync(mut self, role: crate::ha::Role, peer: SocketAddr, out: crate::ha::QueueTx) -> Self {
         let status = crate::ha::SyncStatus { role, peer: peer.to_string(), ..Default::default() };
         self.sync = Some(SyncState { status, out });
         self
@@ -630,19 +631,15 @@ impl Controller {
         self.sync.as_mut().map(|s| &mut s.status)
     }
 
-    /// As master, queues a flow change for the peer.
+    /// As master, queues a flow change for the peer. Never waits (the
+    /// lock is held): when the queue is full the change is dropped and
+    /// counted; the next refresh heals it.
     fn sync_send(&mut self, kind: crate::ha::Kind, idle: Duration, flow: &lb_common::maps::FlowEnd) {
-        if let Some(s) = &self.sync {
-            if s.status.role == crate::ha::Role::Master {
-                let _ = s.out.send(crate::ha::Record { kind, idle, flow: *flow });
-            }
-        }
-    }
-
-    /// As master, queues a refresh of live flows (walked off the lock).
-    pub fn sync_refresh(&mut self, records: Vec<crate::ha::Record>) {
-        for r in records {
-            self.sync_send(r.kind, r.idle, &r.flow);
+        if let Some(s) = &mut self.sync
+            && s.status.role == crate::ha::Role::Master
+            && s.out.try_send(crate::ha::Record { kind, idle, flow: *flow }).is_err()
+        {
+            s.status.dropped_records += 1;
         }
     }
 

@@ -53,7 +53,9 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
         }
     };
     let result = start(&args, &config).await;
-    let (sync_tx, sync_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: flow changes beyond it are dropped and counted (healed by
+    // the next refresh); refreshes wait for room.
+    let (sync_tx, sync_rx) = crate::ha::queue();
     let ctl = match result {
         Ok(mut c) => {
             // New-flow records are a data-plane switch (off unless asked):
@@ -67,7 +69,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
                         None => c,
                     };
                     Ok(match &sync {
-                        Some((cfg, _)) => c.with_sync(args.role, cfg.peer, sync_tx),
+                        Some((cfg, _)) => c.with_sync(args.role, cfg.peer, sync_tx.clone()),
                         None => c,
                     })
                 }
@@ -96,7 +98,7 @@ pub async fn run(args: DaemonArgs, socket: std::path::PathBuf) -> anyhow::Result
             vec![
                 tokio::spawn(sync_send(sync_rx, sock.clone(), cfg.clone(), ctl.clone())),
                 tokio::spawn(sync_receive(sock, cfg, ctl.clone())),
-                tokio::spawn(sync_refresh(ctl.clone())),
+                tokio::spawn(sync_refresh(ctl.clone(), sync_tx)),
             ]
         }
         None => Vec::new(),
@@ -501,7 +503,7 @@ fn sync_config(args: &DaemonArgs) -> anyhow::Result<Option<(crate::ha::SyncConfi
 /// `PER_DATAGRAM` records, or whatever is queued after 10 ms). One epoch
 /// per daemon start (its start time), datagrams numbered from 1 in it.
 async fn sync_send(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<crate::ha::Record>,
+    mut rx: crate::ha::QueueRx,
     sock: Arc<tokio::net::UdpSocket>,
     cfg: crate::ha::SyncConfig,
     ctl: Arc<Mutex<Controller>>,
@@ -600,7 +602,9 @@ async fn sync_receive(sock: Arc<tokio::net::UdpSocket>, cfg: crate::ha::SyncConf
 
 /// As master, sends the whole table every `REFRESH` (walked without the
 /// controller): heals lost datagrams and keeps the peer's copies alive.
-async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
+/// The records go on the queue's refresh lane, waiting while it is full
+/// (no lock held): never dropped, and flow changes keep priority.
+async fn sync_refresh(ctl: Arc<Mutex<Controller>>, tx: crate::ha::QueueTx) {
     let reader = match ctl.lock().await.dataplane().table_reader() {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -620,12 +624,20 @@ async fn sync_refresh(ctl: Arc<Mutex<Controller>>) {
         let started = std::time::Instant::now();
         let reader = reader.clone();
         let walked = tokio::task::spawn_blocking(move || crate::controller::live_flows(|f| reader.for_each_flow(f))).await;
+        // The walk's cost sets the pace (sending below waits on the socket).
+        let walk = started.elapsed();
         match walked {
-            Ok(Ok(records)) => ctl.lock().await.sync_refresh(records),
+            Ok(Ok(records)) => {
+                for r in records {
+                    if tx.send_refresh(r).await.is_err() {
+                        return; // the sending task is gone
+                    }
+                }
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "walking the table for a sync refresh failed"),
             Err(e) => tracing::warn!(error = %e, "the sync refresh walk panicked"),
         }
-        wait = crate::ha::REFRESH.max(started.elapsed() * 5);
+        wait = crate::ha::REFRESH.max(walk * 5);
     }
 }
 

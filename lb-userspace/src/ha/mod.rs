@@ -19,9 +19,10 @@
 //! once (`receiver`). A lost datagram is healed by the next refresh; a
 //! reordered one cannot resurrect a flow: an end is remembered (per key,
 //! with its place in the stream) for `TOMBSTONE`, and older news of that
-//! key is ignored.
+//! key is ignored. The master's sending queue is bounded (`queue`).
 
 pub mod bgp;
+mod queue;
 mod receiver;
 mod wire;
 
@@ -29,6 +30,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub use queue::{QueueError, QueueRx, QueueTx, queue};
 pub use receiver::{Receiver, Refusal};
 pub use wire::{Datagram, Kind, PER_DATAGRAM, Record, Sender, decode, encode, unix_ns};
 
@@ -44,6 +46,11 @@ pub const WINDOW: u64 = 1024;
 /// A datagram sent further than this from the receiver's clock, either
 /// way, is refused: the pair's clocks must agree within it (NTP).
 pub const SEND_TIME_TOLERANCE: Duration = Duration::from_secs(60);
+/// Flow changes (new, ended) the master queues for sending: beyond, they
+/// are dropped and counted (the next refresh heals them).
+pub const EVENT_QUEUE: usize = 32 * 1024;
+/// Refresh records queued ahead of the socket (the refresh waits beyond).
+pub const REFRESH_QUEUE: usize = 4 * 1024;
 
 /// A node's role in the pair.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -72,6 +79,10 @@ pub struct SyncStatus {
     pub peer: String,
     pub sent_datagrams: u64,
     pub sent_records: u64,
+    /// Flow changes not sent: the sending queue was full (the next
+    /// refresh heals them).
+    #[serde(default)]
+    pub dropped_records: u64,
     /// This node's sending epoch (its daemon's start, unix ns).
     #[serde(default)]
     pub epoch: u64,

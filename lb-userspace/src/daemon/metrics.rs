@@ -161,6 +161,9 @@ pub fn render(s: &Status) -> String {
                 ("event=\"sent\"".into(), y.sent_datagrams as f64),
                 ("event=\"received\"".into(), y.received_datagrams as f64),
                 ("event=\"refused\"".into(), y.refused_datagrams as f64),
+                ("event=\"replayed\"".into(), y.replayed_datagrams as f64),
+                ("event=\"old_epoch\"".into(), y.old_epoch_datagrams as f64),
+                ("event=\"stale_send_time\"".into(), y.stale_datagrams as f64),
                 ("event=\"ignored_as_master\"".into(), y.ignored_as_master as f64),
             ],
         );
@@ -170,12 +173,14 @@ pub fn render(s: &Status) -> String {
             "State sync flow records, by what happened to them.",
             vec![
                 ("event=\"sent\"".into(), y.sent_records as f64),
+                ("event=\"dropped_queue_full\"".into(), y.dropped_records as f64),
                 ("event=\"applied\"".into(), y.applied_records as f64),
                 ("event=\"unknown_service_or_backend\"".into(), y.unknown_records as f64),
                 ("event=\"stale\"".into(), y.stale_ignored as f64),
             ],
         );
         family("xlb_sync_sequence_gaps_total", "counter", "State sync datagrams the peer sent that never arrived (healed by its refreshes).", vec![(String::new(), y.sequence_gaps as f64)]);
+        family("xlb_sync_peer_restarts_total", "counter", "Times the sync peer's epoch grew (its daemon restarted).", vec![(String::new(), y.peer_restarts as f64)]);
     }
     family(
         "xlb_table_entries",

@@ -234,7 +234,7 @@ impl Receiver {
             None => Some(false),
             Some(w) if d.epoch > w.epoch => Some(true),
             Some(w) if d.epoch < w.epoch => {
-                if now.saturating_duration_since(w.last_accepted) <= 2 * self.tolerance {
+                if now.saturating_duration_since(w.last_accepted) <= self.tolerance.saturating_mul(2) {
                     self.old_epoch += 1;
                     return Err(Refusal::OldEpoch);
                 }

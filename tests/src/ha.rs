@@ -16,17 +16,20 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
-use crate::{Daemon, Netns, daemon::xlb_bin, netns::unique_prefix, wait_for};
+use crate::{Daemon, Netns, daemon::xlb_bin, in_netns, netns::unique_prefix, wait_for};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const SYNC_PORT: u16 = 7946;
+/// The pair's shared sync key (both daemons' key file).
+pub const SYNC_KEY: &[u8] = b"a shared pair secret, 32 bytes!!";
 
 pub struct Node {
     pub ns: Netns,
@@ -116,7 +119,7 @@ impl Pair {
         let peer_addr = SocketAddr::new(peer.backend_side.into(), SYNC_PORT).to_string();
         let node = &self.nodes[i];
         let key = node.dir.join("sync.key");
-        std::fs::write(&key, "a shared pair secret, 32 bytes!!")?;
+        std::fs::write(&key, SYNC_KEY)?;
         let listen = SocketAddr::new(node.backend_side.into(), SYNC_PORT).to_string();
         let mut args = vec!["--xdp-mode", "generic", "--sync-listen", &listen, "--sync-peer", &peer_addr, "--sync-key-file", key.to_str().context("path")?];
         args.extend_from_slice(extra);
@@ -169,6 +172,53 @@ impl Pair {
                     && n.ns.ip(&["-4", "addr", "show", "dev", "xc"]).is_ok_and(|o| o.contains("10.0.0.1/24"))
             })
         })
+    }
+
+    /// The payload of the next sync datagram node `at` receives from its
+    /// peer, as seen on its link (the daemon gets it too), within `timeout`.
+    pub fn capture_sync_datagram(&self, at: usize, timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        let from = self.nodes[1 - at].backend_side.octets();
+        in_netns(&self.nodes[at].ns.name, move || -> anyhow::Result<Vec<u8>> {
+            // SAFETY: plain socket(2); the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from((libc::ETH_P_IP as u16).to_be())) };
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: a fresh fd we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+            // SAFETY: a valid timeval of the size given.
+            unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+            let deadline = Instant::now() + timeout;
+            let mut buf = [0u8; 2048];
+            while Instant::now() < deadline {
+                // SAFETY: the buffer is ours and its length is given.
+                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let Ok(n) = usize::try_from(n) else { continue };
+                let p = &buf[..n];
+                if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 || p[12..16] != from {
+                    continue;
+                }
+                let ihl = usize::from(p[0] & 15) * 4;
+                if p.len() >= ihl + 8 && u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) == SYNC_PORT {
+                    return Ok(p[ihl + 8..].to_vec());
+                }
+            }
+            bail!("no sync datagram from the peer within {timeout:?}")
+        })?
+    }
+
+    /// Sends `payload` to node `1 - from`'s sync port from node `from`'s
+    /// address (any port: the peer check is by address), as a replay or a
+    /// forgery would arrive.
+    pub fn send_sync_as(&self, from: usize, payload: &[u8]) -> anyhow::Result<()> {
+        let src = self.nodes[from].backend_side;
+        let dst = SocketAddr::new(self.nodes[1 - from].backend_side.into(), SYNC_PORT);
+        in_netns(&self.nodes[from].ns.name, || -> anyhow::Result<()> {
+            let sock = std::net::UdpSocket::bind((src, 0)).context("binding a UDP socket")?;
+            sock.send_to(payload, dst).context("sending")?;
+            Ok(())
+        })?
     }
 
     /// Runs `xlb ARGS` against both daemons.

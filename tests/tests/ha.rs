@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use testbed::{LineClient, TcpNameServer, ha::{self, Pair}, wait_for};
+use xlb::ha::{encode, unix_ns};
 
 const PORT: u16 = 8080;
 
@@ -84,4 +85,82 @@ fn a_failover_keeps_100_established_flows_and_new_flows_work() {
     let s = pair.nodes[standby].daemon.as_ref().expect("daemon").json(&["status"]).expect("status");
     assert_eq!(s["counters"]["rst_reactive"], 0, "no flow was reset: {:#}", s["counters"]);
     assert_eq!(s["counters"]["rst_miss"], 0, "no flow was missing on the standby: {:#}", s["counters"]);
+}
+
+/// The standby's sync figures.
+fn sync_status(pair: &Pair, i: usize) -> serde_json::Value {
+    pair.nodes[i].daemon.as_ref().and_then(|d| d.json(&["status"]).ok()).map(|s| s["sync"].clone()).unwrap_or_default()
+}
+
+fn flows_on(pair: &Pair, i: usize) -> Option<usize> {
+    Some(pair.nodes[i].daemon.as_ref()?.json(&["flows"]).ok()?.as_array()?.len())
+}
+
+#[test]
+fn the_standby_refuses_replays_and_follows_a_restarted_master() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let mut pair = Pair::new(1).expect("pair topology");
+    let _server = TcpNameServer::start(&pair.backends[0].name, "b0", ([0, 0, 0, 0], PORT).into()).expect("server");
+    // No keepalived: node 0 is master and holds the gateways.
+    pair.start_daemon(0, &["--role", "master"]).expect("master daemon");
+    pair.start_daemon(1, &[]).expect("standby daemon");
+    let vip = format!("{}:80", ha::VIP);
+    pair.both(&["service", "add", &vip]).expect("service on both");
+    pair.both(&["backend", "add", &vip, &format!("{}:{PORT}", ha::backend_addr(0))]).expect("backend on both");
+    pair.nodes[0].ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "xc"]).expect("client gateway");
+    pair.nodes[0].ns.ip(&["addr", "add", "10.1.0.1/24", "dev", "xb"]).expect("backend gateway");
+    let target = std::net::SocketAddr::new(ha::VIP.into(), 80);
+    let client = pair.client.name.clone();
+    let connect = |n: usize| -> Vec<LineClient> {
+        (0..n)
+            .map(|i| {
+                let mut c = LineClient::connect(&client, target).expect("connect through the master");
+                assert_eq!(c.ask(&format!("hello {i}")).expect("answer"), "b0");
+                c
+            })
+            .collect()
+    };
+    let _first = connect(5);
+    wait_for("the standby to hold the 5 flows", Duration::from_secs(10), || (flows_on(&pair, 1)? == 5).then_some(())).expect("synced flows");
+    let epoch = sync_status(&pair, 0)["epoch"].as_u64().expect("the master's epoch");
+    assert!(epoch > 0);
+    assert_eq!(sync_status(&pair, 1)["peer_epoch"].as_u64(), Some(epoch), "{:#}", sync_status(&pair, 1));
+
+    // A genuine datagram, seen on the standby's link, sent again from the
+    // master's address: refused as a replay, and counted.
+    let captured = pair.capture_sync_datagram(1, Duration::from_secs(10)).expect("a sync datagram (refreshes come every 3 s)");
+    pair.send_sync_as(0, &captured).expect("replay");
+    wait_for("the replay to be counted", Duration::from_secs(5), || (sync_status(&pair, 1)["replayed_datagrams"] == 1).then_some(())).unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
+    // Validly signed, but from an earlier run, or sent two minutes ago.
+    pair.send_sync_as(0, &encode(ha::SYNC_KEY, epoch - 1, 1, unix_ns(), &[])).expect("old epoch");
+    pair.send_sync_as(0, &encode(ha::SYNC_KEY, epoch, 1_000_000, unix_ns() - 120_000_000_000, &[])).expect("stale");
+    wait_for("the old epoch and the stale datagram to be counted", Duration::from_secs(5), || {
+        let s = sync_status(&pair, 1);
+        (s["old_epoch_datagrams"] == 1 && s["stale_datagrams"] == 1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
+    let s = sync_status(&pair, 1);
+    assert_eq!((s["refused_datagrams"].as_u64(), s["peer_restarts"].as_u64()), (Some(0), Some(0)), "{s:#}");
+
+    // The master's daemon restarts: a new epoch, numbered from 1. The
+    // standby follows it at once and keeps installing its flows.
+    let master = pair.nodes[0].daemon.as_mut().expect("master daemon");
+    master.stop().expect("stop the master");
+    master.restart(&[]).expect("restart the master");
+    // (Started with --detach-on-exit, it comes back empty.)
+    master.ok(&["service", "add", &vip]).expect("service again");
+    master.ok(&["backend", "add", &vip, &format!("{}:{PORT}", ha::backend_addr(0))]).expect("backend again");
+    let _second = connect(3);
+    wait_for("the standby to hold the 3 new flows too", Duration::from_secs(15), || (flows_on(&pair, 1)? == 8).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {} flows; {:#}", flows_on(&pair, 1).unwrap_or(0), sync_status(&pair, 1)));
+    let new_epoch = sync_status(&pair, 0)["epoch"].as_u64().expect("the new epoch");
+    assert!(new_epoch > epoch, "a restart's epoch is later: {new_epoch} <= {epoch}");
+    let s = sync_status(&pair, 1);
+    assert_eq!((s["peer_restarts"].as_u64(), s["peer_epoch"].as_u64()), (Some(1), Some(new_epoch)), "{s:#}");
+    // The first run's datagram, replayed now: an old epoch.
+    pair.send_sync_as(0, &captured).expect("replay after the restart");
+    wait_for("the old run's datagram to be refused", Duration::from_secs(5), || (sync_status(&pair, 1)["old_epoch_datagrams"] == 2).then_some(())).unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
+    let s = sync_status(&pair, 1);
+    assert_eq!((s["refused_datagrams"].as_u64(), s["replayed_datagrams"].as_u64(), s["stale_datagrams"].as_u64()), (Some(0), Some(1), Some(1)), "{s:#}");
+    assert_eq!(flows_on(&pair, 1), Some(8));
 }

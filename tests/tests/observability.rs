@@ -65,7 +65,13 @@ fn scraped_metrics_match_the_traffic_sent() {
             e.1 += 1;
         }
     }
-    let m = scrape(&topo.lb.name);
+    // Table figures come from the table walker's latest snapshot (about
+    // once a second): one taken after the traffic.
+    let m = testbed::wait_for("a table snapshot with the 20 flows", Duration::from_secs(5), || {
+        let m = scrape(&topo.lb.name);
+        (m.get("xlb_table_entries{table=\"established\"}") == Some(&40.0)).then_some(m)
+    })
+    .expect("snapshot");
     for (i, s) in servers.iter().enumerate() {
         let name = format!("b{i}");
         let (sent, answered) = per_backend.get(&name).copied().unwrap_or_default();
@@ -83,7 +89,7 @@ fn scraped_metrics_match_the_traffic_sent() {
         assert_eq!(m.get(&format!("xlb_backend_state{{{bl},state=\"up\"}}")), Some(&1.0));
     }
     assert_eq!(m.get("xlb_service_packets_total{service=\"10.99.0.1:53\",proto=\"udp\",direction=\"in\"}"), Some(&200.0));
-    assert_eq!(m.get("xlb_table_entries{table=\"established\"}"), Some(&40.0));
+    assert!(m.get("xlb_table_snapshot_age_seconds").is_some_and(|a| *a < 5.0));
     assert!(m.get("xlb_dataplane_rx_total").copied().unwrap_or(0.0) >= 400.0);
     assert!(m.contains_key("xlb_dataplane_verdicts_total{reason=\"pass_not_service\"}"));
 }

@@ -70,7 +70,15 @@ fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
     }
     let sent = flood.join().expect("flood thread");
     assert!(sent >= 20_000, "the flood sent only {sent} SYNs");
-    let s = daemon.json(&["status"]).expect("status");
+    // Table figures come from the table walker's latest snapshot: one
+    // taken after the flood.
+    let flood_over = Instant::now();
+    let s = testbed::wait_for("a table snapshot after the flood", Duration::from_secs(5), || {
+        let s = daemon.json(&["status"]).ok()?;
+        let age = s["table"]["snapshot_age_s"].as_f64()?;
+        (Duration::from_secs_f64(age) < flood_over.elapsed()).then_some(s)
+    })
+    .expect("snapshot");
     let new_flows = s["counters"]["new_flows"].as_u64().unwrap_or(0);
     // Not every SYN reaches XDP (a veth drops what its backlog cannot take),
     // but the flood is many times the half-open table.

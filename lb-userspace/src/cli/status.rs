@@ -102,8 +102,23 @@ pub fn render_status(s: &Status) -> String {
     if let Some(y) = &s.sync {
         let _ = writeln!(
             o,
-            "\nsync: role {} peer {}; sent {} datagrams ({} records), received {} (refused {}, ignored as master {}), applied {} records ({} unknown), gaps {}, lag {:.1} ms",
-            y.role, y.peer, y.sent_datagrams, y.sent_records, y.received_datagrams, y.refused_datagrams, y.ignored_as_master, y.applied_records, y.unknown_records, y.sequence_gaps, y.lag_s * 1e3
+            "\nsync: role {} peer {}; sent {} datagrams ({} records, {} dropped), received {} (refused {}, replayed {}, old epoch {}, stale {}, ignored as master {}), applied {} records ({} unknown), gaps {}, peer restarts {}, lag {:.1} ms",
+            y.role,
+            y.peer,
+            y.sent_datagrams,
+            y.sent_records,
+            y.dropped_records,
+            y.received_datagrams,
+            y.refused_datagrams,
+            y.replayed_datagrams,
+            y.old_epoch_datagrams,
+            y.stale_datagrams,
+            y.ignored_as_master,
+            y.applied_records,
+            y.unknown_records,
+            y.sequence_gaps,
+            y.peer_restarts,
+            y.lag_s * 1e3
         );
     }
     let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();

@@ -105,7 +105,7 @@ impl<D: DataPlane> Controller<D> {
         }
         let (capacity, half_open_capacity) = self.dp.capacity();
         Ok(Status {
-            sync: self.sync.as_ref().map(|s| s.status.clone()),
+            sync: self.sync.as_ref().map(|s| crate::ha::SyncStatus { dropped_records: s.dropped.load(Ordering::Relaxed), ..s.status.clone() }),
             interfaces: self.dp.attachments(),
             table: TableStatus {
                 entries: snap.counts.established_entries,

@@ -7,7 +7,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
 };
@@ -28,19 +28,22 @@ pub struct SyncLink {
     /// Whether this node is master, shared with the tasks that send (the
     /// data plane's own flow events go to the peer without the controller).
     pub master: Arc<AtomicBool>,
+    /// Flow changes the sending queue had no room for (counted by the
+    /// daemon's `Outbound`).
+    pub dropped: Arc<AtomicU64>,
 }
 
 impl<D: DataPlane> Controller<D> {
     /// Enables state sync with `peer`, starting as `role`.
     pub fn with_sync(mut self, role: Role, peer: SocketAddr) -> Self {
         let master = Arc::new(AtomicBool::new(role == Role::Master));
-        self.sync = Some(SyncLink { status: SyncStatus { role, peer: peer.to_string(), ..Default::default() }, master });
+        self.sync = Some(SyncLink { status: SyncStatus { role, peer: peer.to_string(), ..Default::default() }, master, dropped: Arc::default() });
         self
     }
 
-    /// The shared "this node is master" flag, if syncing.
-    pub fn master_flag(&self) -> Option<Arc<AtomicBool>> {
-        self.sync.as_ref().map(|s| s.master.clone())
+    /// The shared "this node is master" flag and drop counter, if syncing.
+    pub fn sync_shared(&self) -> Option<(Arc<AtomicBool>, Arc<AtomicU64>)> {
+        self.sync.as_ref().map(|s| (s.master.clone(), s.dropped.clone()))
     }
 
     pub fn set_role(&mut self, role: Role) -> Result<Role> {

@@ -473,3 +473,37 @@ fn named_backends_in_apply_are_registered_for_lookup() {
     assert_eq!(due.len(), 1, "looked up at once");
     assert_eq!(c.export(), want, "export gives back what was applied");
 }
+
+#[test]
+fn a_replayed_sync_datagram_installs_nothing() {
+    use crate::ha::{decode, Kind, Receiver, Record, Role, Sender};
+    let (mut c, _dp) = controller();
+    c = c.with_sync(Role::Backup, sa("192.0.2.2:7000"));
+    c.service_add(sa(VIP), Proto::Tcp, &ServiceOptions::default()).expect("service");
+    c.backend_add(sa(VIP), None, be(2), None).expect("backend");
+    let key = b"0123456789abcdef0123456789abcdef";
+    let f = flow(4000, 0, tcp::STATE_ESTABLISHED, 5);
+    let live = Record { kind: Kind::Live, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::NEW) };
+    let end = Record { kind: Kind::End, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::FIN) };
+    let mut peer = Sender::start();
+    let (first, second) = (peer.seal(key, &[live]), peer.seal(key, &[end]));
+    // The daemon's receiving path: decode, admit, install what was admitted.
+    let mut receiver = Receiver::default();
+    let mut deliver = |c: &mut Ctl, bytes: &[u8]| {
+        let d = decode(key, bytes).expect("authentic");
+        if let Ok(records) = receiver.admit(&d, Instant::now(), crate::ha::unix_ns()) {
+            c.sync_install(&records).expect("install");
+        }
+    };
+    deliver(&mut c, &first);
+    assert!(c.table().get(&f.key).is_some(), "installed");
+    deliver(&mut c, &second);
+    assert!(c.table().get(&f.key).is_none(), "ended");
+    // The first datagram again (captured and replayed): refused, so the
+    // ended flow does not come back.
+    deliver(&mut c, &first);
+    assert!(c.table().get(&f.key).is_none(), "a replay must not resurrect the flow");
+    let mut figures = crate::ha::SyncStatus::default();
+    receiver.report(&mut figures);
+    assert_eq!(figures.replayed_datagrams, 1);
+}

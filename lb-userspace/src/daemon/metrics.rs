@@ -213,6 +213,9 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
                 ("sent", y.sent_datagrams),
                 ("received", y.received_datagrams),
                 ("refused", y.refused_datagrams),
+                ("replayed", y.replayed_datagrams),
+                ("old_epoch", y.old_epoch_datagrams),
+                ("stale_send_time", y.stale_datagrams),
                 ("ignored_as_master", y.ignored_as_master),
             ]),
         )?;
@@ -222,12 +225,14 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
             "State sync flow records, by what happened to them.",
             events(&[
                 ("sent", y.sent_records),
+                ("dropped_queue_full", y.dropped_records),
                 ("applied", y.applied_records),
                 ("unknown_service_or_backend", y.unknown_records),
                 ("stale", y.stale_ignored),
             ]),
         )?;
         family(enc, "xlb_sync_sequence_gaps", "State sync datagrams the peer sent that never arrived (healed by its refreshes).", vec![(Vec::new(), counter(y.sequence_gaps))])?;
+        family(enc, "xlb_sync_peer_restarts", "Times the sync peer's epoch grew (its daemon restarted).", vec![(Vec::new(), counter(y.peer_restarts))])?;
     }
     let tables = |established: u64, half_open: u64| vec![(vec![("table", "established".to_owned())], gauge(established)), (vec![("table", "half_open".to_owned())], gauge(half_open))];
     family(enc, "xlb_table_entries", "Entries in the flow tables (two per flow).", tables(s.table.entries, s.table.half_open_entries))?;
@@ -315,6 +320,10 @@ mod tests {
                 sequence_gaps: 6,
                 stale_ignored: 8,
                 lag_s: 0.25,
+                dropped_records: 9,
+                replayed_datagrams: 2,
+                peer_restarts: 1,
+                ..Default::default()
             }),
         }
     }
@@ -483,6 +492,9 @@ mod tests {
             "# TYPE xlb_sync_datagrams counter".to_owned(),
             "xlb_sync_datagrams_total{event=\"sent\"} 100".to_owned(),
             "xlb_sync_datagrams_total{event=\"ignored_as_master\"} 3".to_owned(),
+            "xlb_sync_datagrams_total{event=\"replayed\"} 2".to_owned(),
+            "xlb_sync_records_total{event=\"dropped_queue_full\"} 9".to_owned(),
+            "xlb_sync_peer_restarts_total 1".to_owned(),
             "# TYPE xlb_sync_records counter".to_owned(),
             "xlb_sync_records_total{event=\"unknown_service_or_backend\"} 4".to_owned(),
             "xlb_sync_records_total{event=\"stale\"} 8".to_owned(),
@@ -531,6 +543,7 @@ mod tests {
             "xlb_sync_datagrams_total",
             "xlb_sync_records_total",
             "xlb_sync_sequence_gaps_total",
+            "xlb_sync_peer_restarts_total",
             "xlb_table_entries",
             "xlb_table_capacity_flows",
             "xlb_table_snapshot_age_seconds",

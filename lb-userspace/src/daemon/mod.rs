@@ -125,25 +125,28 @@ pub async fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
     let (outbound, sync_rx) = match &sync_cfg {
         Some((cfg, _)) => {
             ctl = ctl.with_sync(args.role, cfg.peer);
-            let master = ctl.master_flag().unwrap_or_default();
-            let (out, rx) = sync::Outbound::new(master);
-            ctl = ctl.with_counters(vec![("sync_dropped_records".into(), out.dropped.clone())]);
+            let (master, dropped) = ctl.sync_shared().unwrap_or_default();
+            let (out, rx) = sync::Outbound::new(master, dropped);
             (Some(out), Some(rx))
         }
         None => (None, None),
     };
     save_state(&args.state_file, &ctl);
     let table = ctl.table();
-    let master = ctl.master_flag();
+    let master = ctl.sync_shared().map(|(m, _)| m);
 
     let (jobs_tx, jobs_rx) = std_mpsc::channel();
     let (handle, actor_thread) = actor::spawn(ctl, Outlets { state_file: args.state_file.clone(), jobs: jobs_tx, flow_log: flow_log.clone(), sync: outbound.clone() })
         .context("starting the controller thread")?;
     let stop_walker = Arc::new(AtomicBool::new(false));
     let walker = {
-        let (table, handle, out, stop) = (table.clone(), handle.clone(), outbound.clone(), stop_walker.clone());
-        std::thread::Builder::new().name("xlb-walker".into()).spawn(move || workers::walker(table, handle, out, stop)).context("starting the table walker")?
+        let (table, handle, stop) = (table.clone(), handle.clone(), stop_walker.clone());
+        std::thread::Builder::new().name("xlb-walker".into()).spawn(move || workers::walker(table, handle, stop)).context("starting the table walker")?
     };
+    if let Some(out) = outbound.clone() {
+        let (table, stop) = (table.clone(), stop_walker.clone());
+        std::thread::Builder::new().name("xlb-refresh".into()).spawn(move || workers::refresher(table, out, stop)).context("starting the sync refresher")?;
+    }
     {
         let (table, handle, rst) = (table.clone(), handle.clone(), Arc::new(rst));
         std::thread::Builder::new()

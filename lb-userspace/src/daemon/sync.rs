@@ -14,59 +14,60 @@ use std::{
 
 use anyhow::Context as _;
 use lb_common::maps::{end_reason, FlowEnd};
-use tokio::sync::mpsc;
 
 use super::actor::Handle;
 use crate::{
     cli::DaemonArgs,
     dataplane::Flow,
-    ha::{Kind, Receiver, Record, SyncConfig, PER_DATAGRAM},
+    ha::{Kind, QueueError, QueueRx, QueueTx, Receiver, Record, Sender, SyncConfig, PER_DATAGRAM},
 };
 
-/// Records queued for the peer at most: past this the newest are dropped
-/// (counted); the next refresh heals what they would have said.
-pub const QUEUE: usize = 65_536;
-
-/// Where records for the peer go; sends only while this node is master.
+/// Where records for the peer go (see `ha::queue`: flow changes are
+/// dropped, counted, when their lane is full; refreshes wait). Records are
+/// queued only while this node is master.
 #[derive(Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<Record>,
+    tx: QueueTx,
     master: Arc<AtomicBool>,
-    pub dropped: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Outbound {
-    pub fn new(master: Arc<AtomicBool>) -> (Outbound, mpsc::Receiver<Record>) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        (Outbound { tx, master, dropped: Arc::new(AtomicU64::new(0)) }, rx)
+    /// `master` and `dropped` are the controller's (`SyncLink`): the role
+    /// it sets, the count it reports.
+    pub fn new(master: Arc<AtomicBool>, dropped: Arc<AtomicU64>) -> (Outbound, QueueRx) {
+        let (tx, rx) = crate::ha::queue();
+        (Outbound { tx, master, dropped }, rx)
     }
 
     pub fn is_master(&self) -> bool {
         self.master.load(Ordering::Relaxed)
     }
 
-    fn push(&self, r: Record) {
-        if self.is_master() && self.tx.try_send(r).is_err() {
+    fn change(&self, r: Record) {
+        if self.is_master() && self.tx.try_send(r) == Err(QueueError::Full) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// A live flow (a refresh), idle since its last packet.
-    pub fn live(&self, f: &Flow, now_ns: u64) {
-        self.push(Record { kind: Kind::Live, idle: Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns())), flow: f.end_record(end_reason::NEW) });
+    /// A live flow, for a refresh: waits while the refresh lane is full
+    /// (from the refresher's thread). False once the sender is gone.
+    pub fn refresh(&self, f: &Flow, now_ns: u64) -> bool {
+        let r = Record { kind: Kind::Live, idle: Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns())), flow: f.end_record(end_reason::NEW) };
+        self.tx.send_refresh_blocking(r).is_ok()
     }
 
-    /// Flows that ended.
+    /// Flows that ended (the controller's removals).
     pub fn ended(&self, records: &[FlowEnd]) {
         for r in records {
-            self.push(Record { kind: Kind::End, idle: Duration::ZERO, flow: *r });
+            self.change(Record { kind: Kind::End, idle: Duration::ZERO, flow: *r });
         }
     }
 
     /// A record of the data plane's own (a new flow, or one it removed).
     pub fn event(&self, ev: &FlowEnd) {
         let kind = if ev.reason == end_reason::NEW { Kind::Live } else { Kind::End };
-        self.push(Record { kind, idle: Duration::ZERO, flow: *ev });
+        self.change(Record { kind, idle: Duration::ZERO, flow: *ev });
     }
 }
 
@@ -86,9 +87,17 @@ pub fn config(args: &DaemonArgs) -> anyhow::Result<Option<(SyncConfig, tokio::ne
 }
 
 /// Sends queued records to the peer, batched (a datagram per
-/// `PER_DATAGRAM` records, or whatever is queued after 10 ms).
-pub async fn send(mut rx: mpsc::Receiver<Record>, sock: Arc<tokio::net::UdpSocket>, cfg: SyncConfig, ctl: Handle) {
-    let mut seq = 0u64;
+/// `PER_DATAGRAM` records, or whatever is queued after 10 ms). One epoch
+/// per daemon start (its start time), datagrams numbered from 1 in it.
+pub async fn send(mut rx: QueueRx, sock: Arc<tokio::net::UdpSocket>, cfg: SyncConfig, ctl: Handle) {
+    let mut sender = Sender::start();
+    let epoch = sender.epoch();
+    ctl.post(move |c| {
+        if let Some(s) = c.sync_status_mut() {
+            s.epoch = epoch;
+        }
+    })
+    .await;
     let mut batch = Vec::with_capacity(PER_DATAGRAM);
     loop {
         let Some(first) = rx.recv().await else { return };
@@ -102,14 +111,14 @@ pub async fn send(mut rx: mpsc::Receiver<Record>, sock: Arc<tokio::net::UdpSocke
                     Err(_) => break,
                 }
             }
-            if batch.len() < PER_DATAGRAM && tokio::time::Instant::now() < deadline {
-                if let Ok(Some(r)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                    batch.push(r);
-                    continue;
-                }
+            if batch.len() < PER_DATAGRAM
+                && tokio::time::Instant::now() < deadline
+                && let Ok(Some(r)) = tokio::time::timeout_at(deadline, rx.recv()).await
+            {
+                batch.push(r);
+                continue;
             }
-            seq += 1;
-            let d = crate::ha::encode(&cfg.key, seq, &batch);
+            let d = sender.seal(&cfg.key, &batch);
             if let Err(e) = sock.send_to(&d, cfg.peer).await {
                 tracing::debug!(error = %e, "sending a sync datagram failed (the next refresh heals it)");
             }
@@ -130,8 +139,9 @@ pub async fn send(mut rx: mpsc::Receiver<Record>, sock: Arc<tokio::net::UdpSocke
     }
 }
 
-/// Receives the peer's datagrams, admits them here, and has the controller
-/// install what was admitted while this node is backup.
+/// Receives the peer's datagrams and admits them here (authentication,
+/// anti-replay: see `ha::receiver`), off the controller; the controller
+/// installs what was admitted while this node is backup.
 pub async fn receive(sock: Arc<tokio::net::UdpSocket>, cfg: SyncConfig, master: Arc<AtomicBool>, ctl: Handle) {
     let mut receiver = Receiver::default();
     let mut buf = vec![0u8; 2048];
@@ -167,17 +177,25 @@ pub async fn receive(sock: Arc<tokio::net::UdpSocket>, cfg: SyncConfig, master: 
             .await;
             continue;
         }
-        let records = receiver.admit(&d, std::time::Instant::now());
-        let (datagrams, gaps, stale, lag) = (receiver.datagrams, receiver.gaps, receiver.stale_ignored, receiver.last_lag.as_secs_f64());
+        // A replayed or stale datagram, or one from an earlier run of the
+        // peer's daemon, is refused (and counted by the receiver).
+        let records = match receiver.admit(&d, std::time::Instant::now(), crate::ha::unix_ns()) {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::debug!(%from, %why, epoch = d.epoch, seq = d.seq, "sync datagram refused");
+                Vec::new()
+            }
+        };
+        let mut figures = crate::ha::SyncStatus::default();
+        receiver.report(&mut figures);
         ctl.post(move |c| {
-            if let Err(e) = c.sync_install(&records) {
+            if !records.is_empty()
+                && let Err(e) = c.sync_install(&records)
+            {
                 tracing::warn!(error = %e, "installing synced flows failed");
             }
             if let Some(s) = c.sync_status_mut() {
-                s.received_datagrams = datagrams;
-                s.sequence_gaps = gaps;
-                s.stale_ignored = stale;
-                s.lag_s = lag;
+                s.take_receiver_figures(&figures);
             }
         })
         .await;

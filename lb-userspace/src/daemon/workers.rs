@@ -20,29 +20,16 @@ use crate::{
 };
 
 /// Walks the table, hands the snapshot and the decisions to the
-/// controller, removes what expired; as sync master, sends every flow to
-/// the peer every `REFRESH` (heals lost datagrams, keeps the peer's copies
-/// alive). Runs until the actor is gone or `stop` is set.
-pub fn walker(table: KernelTable, ctl: Handle, sync: Option<super::sync::Outbound>, stop: Arc<AtomicBool>) {
-    let mut last_refresh = Instant::now();
+/// controller, removes what expired. Runs until the actor is gone or
+/// `stop` is set.
+pub fn walker(table: KernelTable, ctl: Handle, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let Some((rules, interval)) = ctl.call_blocking(|c| (c.walk_rules(), c.walk_interval())) else { return };
-        let refresh = sync.as_ref().filter(|s| s.is_master() && last_refresh.elapsed() >= REFRESH);
-        let now = table::monotonic_ns();
-        let walked = table::walk(&table, &rules, now, &mut |f| {
-            // Established flows only: a SYN flood must not reach the peer.
-            if let Some(s) = refresh
-                && !f.half_open
-            {
-                s.live(f, now);
-            }
-        });
-        if refresh.is_some() {
-            last_refresh = Instant::now();
-        }
-        match walked {
+        match table::walk(&table, &rules, table::monotonic_ns(), &mut |_| {}) {
             Ok((snap, decisions)) => {
+                // Removed only if still as the walk saw them (re-checked
+                // per flow): a flow that revived meanwhile stays.
                 let expired = table::expire(&table, &decisions);
                 let took = snap.took;
                 ctl.post_blocking(move |c| {
@@ -60,10 +47,48 @@ pub fn walker(table: KernelTable, ctl: Handle, sync: Option<super::sync::Outboun
             Err(e) => tracing::warn!(error = %e, "walking the table failed"),
         }
         // The next walk when due (`interval` grows with the table).
-        let next = started + interval;
-        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(100)));
+        pause_until(started + interval, &stop);
+    }
+}
+
+/// As sync master, sends every established flow to the peer every
+/// `REFRESH` (heals lost datagrams, keeps the peer's copies alive), or less
+/// often when the table is big (a refresh walk never takes more than a
+/// fifth of a CPU). Flows in their handshake are not sent: a SYN flood on
+/// the master must not reach the standby's table. Waits for room on the
+/// queue's refresh lane rather than dropping.
+pub fn refresher(table: KernelTable, out: super::sync::Outbound, stop: Arc<AtomicBool>) {
+    let mut wait = REFRESH;
+    while !stop.load(Ordering::Relaxed) {
+        pause_until(Instant::now() + wait, &stop);
+        if !out.is_master() || stop.load(Ordering::Relaxed) {
+            continue;
         }
+        let started = Instant::now();
+        let now = table::monotonic_ns();
+        let mut open = true;
+        let walked = table.walk(
+            &mut |f| {
+                if open && !f.half_open {
+                    open = out.refresh(f, now);
+                }
+            },
+            &mut |_, _| {},
+        );
+        if let Err(e) = walked {
+            tracing::warn!(error = %e, "walking the table for a sync refresh failed");
+        }
+        if !open {
+            return; // the sending task is gone
+        }
+        wait = REFRESH.max(started.elapsed() * 5);
+    }
+}
+
+/// Sleeps until `t`, waking early when `stop` is set.
+fn pause_until(t: Instant, stop: &AtomicBool) {
+    while Instant::now() < t && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep((t - Instant::now()).min(Duration::from_millis(100)));
     }
 }
 

@@ -15,26 +15,9 @@ fn main() -> anyhow::Result<()> {
         fs::write(out_dir.join("xlb"), []).context("writing the empty eBPF stub")?;
         return Ok(());
     }
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("running cargo metadata")?;
-    let ebpf = metadata
-        .packages
-        .into_iter()
-        .find(|p| p.name.as_str() == "lb-ebpf")
-        .ok_or_else(|| anyhow!("lb-ebpf package not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("lb-ebpf manifest has no parent directory"))?
-        .as_str()
-        .to_owned();
-    let package = aya_build::Package {
-        name: ebpf.name.as_str(),
-        root_dir: &root_dir,
-        ..Default::default()
-    };
-    aya_build::build_ebpf([package], aya_build::Toolchain::default())
-        .context("building the eBPF program (run `cargo xtask setup` if the toolchain is missing)")
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("running cargo metadata")?;
+    let ebpf = metadata.packages.into_iter().find(|p| p.name.as_str() == "lb-ebpf").ok_or_else(|| anyhow!("lb-ebpf package not found in the workspace"))?;
+    let root_dir = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("lb-ebpf manifest has no parent directory"))?.as_str().to_owned();
+    let package = aya_build::Package { name: ebpf.name.as_str(), root_dir: &root_dir, ..Default::default() };
+    aya_build::build_ebpf([package], aya_build::Toolchain::default()).context("building the eBPF program (run `cargo xtask setup` if the toolchain is missing)")
 }

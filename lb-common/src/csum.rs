@@ -77,7 +77,10 @@ pub const fn udp_fixup(old_check: u16, new_check: u16) -> u16 {
 /// checksum field; the NIC (or the kernel) adds the segment's sum later.
 #[inline(always)]
 pub const fn pseudo_fold_v4(src: u32, dst: u32, proto: u8, l4_len: u32) -> u16 {
-    let sum = (src & 0xffff) + (src >> 16) + (dst & 0xffff) + (dst >> 16)
+    let sum = (src & 0xffff)
+        + (src >> 16)
+        + (dst & 0xffff)
+        + (dst >> 16)
         + u16::from_ne_bytes([0, proto]) as u32
         + u16::from_ne_bytes((l4_len as u16).to_be_bytes()) as u32;
     fold(sum)
@@ -181,10 +184,7 @@ mod tests {
     use super::*;
 
     /// A real IPv4 header (from RFC 1071 examples / Wikipedia) with a known checksum.
-    const HDR: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00,
-        0x01, 0xc0, 0xa8, 0x00, 0xc7,
-    ];
+    const HDR: [u8; 20] = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
 
     fn with_check_zeroed(h: &[u8; 20]) -> [u8; 20] {
         let mut z = *h;
@@ -202,14 +202,7 @@ mod tests {
     #[test]
     fn incremental_address_update_equals_recompute() {
         // Walk many address pairs, including ones that stress carries.
-        let addrs: [[u8; 4]; 6] = [
-            [10, 0, 0, 1],
-            [255, 255, 255, 255],
-            [0, 0, 0, 0],
-            [192, 168, 0, 199],
-            [172, 16, 254, 1],
-            [1, 2, 3, 4],
-        ];
+        let addrs: [[u8; 4]; 6] = [[10, 0, 0, 1], [255, 255, 255, 255], [0, 0, 0, 0], [192, 168, 0, 199], [172, 16, 254, 1], [1, 2, 3, 4]];
         for old in addrs {
             for new in addrs {
                 let mut h = HDR;

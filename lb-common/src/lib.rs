@@ -17,6 +17,6 @@ pub mod rst;
 /// Ring building runs in the controller only (it allocates).
 #[cfg(any(test, feature = "user"))]
 pub mod sched;
+pub mod sched_hash;
 pub mod stats;
 pub mod tcp;
-pub mod sched_hash;

@@ -305,14 +305,7 @@ pub struct FlowKey {
 impl FlowKey {
     /// The key of packets going the other way.
     pub const fn reversed(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.dst_addr,
-            dst_addr: self.src_addr,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        FlowKey { src_addr: self.dst_addr, dst_addr: self.src_addr, src_port: self.dst_port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
     }
 }
 
@@ -345,14 +338,7 @@ impl FlowEntry {
     /// entry's packets leave with.
     #[inline(always)]
     pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey {
-            src_addr: self.nat_dst,
-            dst_addr: self.nat_src,
-            src_port: self.nat_dport,
-            dst_port: self.nat_sport,
-            proto,
-            _pad: [0; 3],
-        }
+        FlowKey { src_addr: self.nat_dst, dst_addr: self.nat_src, src_port: self.nat_dport, dst_port: self.nat_sport, proto, _pad: [0; 3] }
     }
 }
 

@@ -2,7 +2,7 @@
 //! (reactive resets, built in place) and the controller (proactive resets,
 //! sent through a raw socket), so both emit byte-identical segments.
 
-use crate::maps::{addr_bytes, is_v4, Addr};
+use crate::maps::{Addr, addr_bytes, is_v4};
 
 /// What a reset carries. Addresses are in map form (IPv4-mapped for IPv4;
 /// both ends are the same family); ports are as they go on the wire
@@ -134,14 +134,7 @@ pub fn write_v4(r: &Rst, b: &mut [u8; RST_LEN]) {
 /// `seg_end` is the segment's sequence number plus its length (SYN and FIN
 /// count one). Addresses and ports are swapped.
 #[inline(always)]
-pub fn answering(
-    src: Addr,
-    dst: Addr,
-    sport: [u8; 2],
-    dport: [u8; 2],
-    seg_ack: Option<u32>,
-    seg_end: u32,
-) -> Rst {
+pub fn answering(src: Addr, dst: Addr, sport: [u8; 2], dport: [u8; 2], seg_ack: Option<u32>, seg_end: u32) -> Rst {
     match seg_ack {
         Some(ack) => Rst { src: dst, dst: src, sport: dport, dport: sport, seq: ack, ack: None },
         None => Rst { src: dst, dst: src, sport: dport, dport: sport, seq: 0, ack: Some(seg_end) },

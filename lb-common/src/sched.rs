@@ -220,11 +220,7 @@ mod maglev_tests {
     use alloc::vec::Vec;
 
     fn backends(weights: &[u32]) -> Vec<MaglevBackend> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| MaglevBackend { id: i as u32, weight: w, identity: 0x0a01_0002_1f90 + ((i as u64) << 24) })
-            .collect()
+        weights.iter().enumerate().map(|(i, &w)| MaglevBackend { id: i as u32, weight: w, identity: 0x0a01_0002_1f90 + ((i as u64) << 24) }).collect()
     }
 
     fn shares(table: &[u32], n: usize) -> Vec<f64> {

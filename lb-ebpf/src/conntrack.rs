@@ -5,8 +5,8 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     maps::{
-        Backend, FlowEnd, FlowEntry, FlowKey, ServiceEntry, DIR_TO_BACKEND,
-        LAST_SEEN_GRANULARITY_NS, NAT_DST, NAT_ENCAP, NAT_FULL, NAT_SRC, PROTO_TCP, SVC_F_DSR,
+        Backend, DIR_TO_BACKEND, FlowEnd, FlowEntry, FlowKey, LAST_SEEN_GRANULARITY_NS, NAT_DST, NAT_ENCAP, NAT_FULL, NAT_SRC, PROTO_TCP, SVC_F_DSR,
+        ServiceEntry,
     },
     tcp,
 };
@@ -80,14 +80,7 @@ pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
 /// per-CPU scratch space, valid while this packet is processed), or `None`
 /// when the table refused the insert.
 #[inline(always)]
-pub fn create(
-    pkt: &Packet,
-    svc: &ServiceEntry,
-    backend_id: u32,
-    backend: &Backend,
-    snat_port: Option<u16>,
-    now: u64,
-) -> Option<&'static FlowEntry> {
+pub fn create(pkt: &Packet, svc: &ServiceEntry, backend_id: u32, backend: &Backend, snat_port: Option<u16>, now: u64) -> Option<&'static FlowEntry> {
     let key = &pkt.key;
     let is_tcp = key.proto == PROTO_TCP;
     let pair = SCRATCH.get_ptr_mut(0)?;
@@ -174,9 +167,7 @@ pub fn touch(entry: *mut FlowEntry, pkt: &Packet, now: u64) {
 pub fn is_new_connection(entry: *const FlowEntry, pkt: &Packet) -> bool {
     // SAFETY: `entry` points into a map value returned by the kernel.
     let e = unsafe { &*entry };
-    pkt.key.proto == PROTO_TCP
-        && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN
-        && tcp::is_reusable(e.tcp_state)
+    pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN && tcp::is_reusable(e.tcp_state)
 }
 
 /// Removes both entries of a flow from `table` and reports it (with

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_md, helpers::bpf_csum_diff, programs::XdpContext};
 use lb_common::{csum, maps::PROTO_UDP};
 
-use crate::parse::{ptr_at_upto, Packet};
+use crate::parse::{Packet, ptr_at_upto};
 
 /// Longest segment summed here: a native-mode frame without XDP frags
 /// fits in a page (about 3.5 KiB).

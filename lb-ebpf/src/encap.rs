@@ -6,12 +6,12 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     csum,
-    maps::{FlowEntry, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, PROTO_TCP},
+    maps::{CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, FlowEntry, PROTO_TCP},
     stats,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::{l4_hdr, ptr_at, Packet};
+use crate::parse::{Packet, l4_hdr, ptr_at};
 
 const IPPROTO_IPIP: u8 = 4;
 /// Bytes the outer header adds in front of the client's packet.

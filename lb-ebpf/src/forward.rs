@@ -9,25 +9,22 @@
 
 use core::mem;
 
-use network_types::eth::EthHdr;
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
-    },
-    helpers::bpf_fib_lookup,
     bindings::xdp_md,
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{addr_v4, neighbour_hash, Addr, FlowEntry, NextHop, DIR_TO_CLIENT, NAT_ENCAP, NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS},
+    maps::{Addr, DIR_TO_CLIENT, FlowEntry, NAT_ENCAP, NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS, NextHop, addr_v4, neighbour_hash},
     stats,
 };
+use network_types::eth::EthHdr;
 
 use crate::{
     maps::{DEVMAP, FIB_SCRATCH, NEXT_HOP},
     nat,
-    parse::{ptr_at, Packet, Verdict},
+    parse::{Packet, Verdict, ptr_at},
 };
 
 const AF_INET: u8 = 2;
@@ -142,9 +139,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, slot: u32) -> Verdict {
     }
     // The entry was present a moment ago; should it vanish in between, the
     // helper returns the low bits of the flags: drop.
-    let action = DEVMAP
-        .redirect(hop.ifindex, xdp_action::XDP_DROP as u64)
-        .unwrap_or(xdp_action::XDP_DROP);
+    let action = DEVMAP.redirect(hop.ifindex, xdp_action::XDP_DROP as u64).unwrap_or(xdp_action::XDP_DROP);
     Verdict { action, stat: stats::REDIRECT }
 }
 

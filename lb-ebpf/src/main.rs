@@ -22,11 +22,10 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::{
-        backend_is_gone, end_reason, FlowEntry, SETTING_LOG_NEW_FLOWS, ServiceKey, ADDR_VIP, BACKEND_DOWN, BACKEND_UNUSED, DIR_TO_BACKEND, PROTO_TCP,
-        NAT_ENCAP, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
+        ADDR_VIP, BACKEND_DOWN, BACKEND_UNUSED, DIR_TO_BACKEND, FlowEntry, NAT_ENCAP, PROTO_TCP, SETTING_LOG_NEW_FLOWS, SVC_F_FULLNAT, SVC_F_MISS_REHASH,
+        SVC_F_NO_PORT_DROP, ServiceKey, backend_is_gone, end_reason,
     },
-    stats as stat,
-    tcp,
+    stats as stat, tcp,
 };
 
 use crate::parse::{Packet, Verdict};
@@ -186,20 +185,13 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, now: u64) -> u64 {
 
 #[inline(always)]
 fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
-    let skey = ServiceKey {
-        addr: pkt.key.dst_addr,
-        port: pkt.key.dst_port,
-        proto: pkt.key.proto,
-        _pad: 0,
-    };
+    let skey = ServiceKey { addr: pkt.key.dst_addr, port: pkt.key.dst_port, proto: pkt.key.proto, _pad: 0 };
     // SAFETY: read-only use of a value the controller writes whole.
     let Some(svc) = (unsafe { maps::SERVICES.get(&skey) }) else {
         return Verdict::pass(stat::PASS_NOT_SERVICE);
     };
     let mut by_hash = false;
-    if pkt.key.proto == PROTO_TCP
-        && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK | tcp::FLAG_RST) != tcp::FLAG_SYN
-    {
+    if pkt.key.proto == PROTO_TCP && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK | tcp::FLAG_RST) != tcp::FLAG_SYN {
         // Mid-flow segment without an entry (lost state, or a flow this
         // node never saw). A RST creates nothing and is not answered.
         if pkt.tcp_flags & (tcp::FLAG_RST | tcp::FLAG_SYN) != 0 {

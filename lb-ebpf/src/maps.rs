@@ -8,16 +8,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Addr, Backend, FlowEntry, FlowKey, NextHop, ServiceEntry, ServiceKey, TrafficCounters, NEXT_HOP_SLOTS, FLOW_EVENTS_BYTES, SETTINGS_COUNT,
-        DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES, RING_SLOTS,
+        Addr, Backend, DEFAULT_CONN_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, FLOW_EVENTS_BYTES, FlowEntry, FlowKey, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES,
+        NEXT_HOP_SLOTS, NextHop, RING_SLOTS, SETTINGS_COUNT, ServiceEntry, ServiceKey, TrafficCounters,
     },
     stats,
 };
 
 /// VIP:port/proto → service. Controller-written.
 #[map(name = "XLB_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceEntry> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// Address → `ADDR_VIP | ADDR_BACKEND`. Controller-written. Lets packets
 /// that are not xlb's business leave early.
@@ -41,15 +40,13 @@ pub static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES
 /// full table recycles the least recently used flows instead of failing.
 /// Capacity is set at load time by the controller.
 #[map(name = "XLB_CONNS")]
-pub static CONNS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONN_CAPACITY * 2, 0);
+pub static CONNS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_CONN_CAPACITY * 2, 0);
 
 /// Half-open TCP flows (SYN seen, handshake not complete), same layout as
 /// `CONNS`. A SYN flood churns this table only: established flows in
 /// `CONNS` are never evicted by it. Capacity set at load time.
 #[map(name = "XLB_HALF_OPEN")]
-pub static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_CAPACITY * 2, 0);
+pub static HALF_OPEN: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(DEFAULT_HALF_OPEN_CAPACITY * 2, 0);
 
 /// Global per-CPU counters, indexed by `lb_common::stats`.
 #[map(name = "XLB_STATS")]
@@ -57,13 +54,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT,
 
 /// Per-CPU traffic counters per service id.
 #[map(name = "XLB_SVC_STATS")]
-pub static SERVICE_STATS: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICE_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// Per-CPU traffic counters per backend id.
 #[map(name = "XLB_BE_STATS")]
-pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Active flows per backend id, for least-connections: shared by all CPUs,
 /// incremented by the program on each new flow; the controller rewrites
@@ -98,8 +93,7 @@ pub static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_IFACES, 0);
 /// → allocation time. Not LRU (see `lb_common::maps::PORTS_GRACE_NS`).
 /// Capacity set at load time (connection + half-open capacity).
 #[map(name = "XLB_PORTS")]
-pub static PORTS: HashMap<FlowKey, u64> =
-    HashMap::with_max_entries(DEFAULT_CONN_CAPACITY + DEFAULT_HALF_OPEN_CAPACITY, 0);
+pub static PORTS: HashMap<FlowKey, u64> = HashMap::with_max_entries(DEFAULT_CONN_CAPACITY + DEFAULT_HALF_OPEN_CAPACITY, 0);
 
 /// Per-CPU scratch space for the FIB lookup's parameters (the stack has no
 /// room for them on the deepest call chain). Not pinned.

@@ -6,7 +6,7 @@
 
 use lb_common::{
     csum,
-    maps::{addr_bytes, Addr, FlowEntry, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, PROTO_TCP},
+    maps::{Addr, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, FlowEntry, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, PROTO_TCP, addr_bytes},
 };
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -18,7 +18,7 @@ use network_types::{
 
 use crate::{
     maps::IFACES,
-    parse::{l4_hdr, ptr_at, Packet},
+    parse::{Packet, l4_hdr, ptr_at},
 };
 
 /// The L4 checksum after rewriting the addresses and ports `e` changes

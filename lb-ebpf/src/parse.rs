@@ -19,7 +19,7 @@ use core::mem;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    maps::{addr_from_bytes, addr_v4, Addr, FlowKey, ADDR_BACKEND, ADDR_VIP, PROTO_TCP, PROTO_UDP},
+    maps::{ADDR_BACKEND, ADDR_VIP, Addr, FlowKey, PROTO_TCP, PROTO_UDP, addr_from_bytes, addr_v4},
     stats,
 };
 use network_types::{
@@ -142,12 +142,7 @@ pub fn ptr_at_upto<T, const MAX: usize>(ctx: &XdpContext, offset: usize) -> Opti
     // a packet pointer spilled long before (whose checked range the
     // verifier no longer knows) and drop this check as redundant.
     // SAFETY: `ctx.ctx` is the kernel's xdp_md for this call.
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    };
+    let (start, end) = unsafe { (core::ptr::read_volatile(&(*ctx.ctx).data) as usize, core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize) };
     if start + offset + mem::size_of::<T>() > end {
         return None;
     }
@@ -184,8 +179,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: *const VlanHdr =
-            ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
+        let vlan: *const VlanHdr = ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
         // SAFETY: bounds checked by ptr_at.
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         l3 = EthHdr::LEN + VlanHdr::LEN;
@@ -240,8 +234,7 @@ fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, r
 fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at (the 20-byte base header).
-    let (vihl, dst, src, proto) =
-        unsafe { ((*ip).vihl, (*ip).dst_addr, (*ip).src_addr, (*ip).proto) };
+    let (vihl, dst, src, proto) = unsafe { ((*ip).vihl, (*ip).dst_addr, (*ip).src_addr, (*ip).proto) };
     if vihl >> 4 != 4 {
         return Err(Verdict::pass(stats::PASS_NOT_IP));
     }
@@ -277,8 +270,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
 fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at (the 40-byte fixed header).
-    let (vcf0, plen, next, src, dst) =
-        unsafe { ((*ip).vcf[0], (*ip).payload_len, (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    let (vcf0, plen, next, src, dst) = unsafe { ((*ip).vcf[0], (*ip).payload_len, (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
     if vcf0 >> 4 != 6 {
         return Err(Verdict::pass(stats::PASS_NOT_IP));
     }
@@ -300,8 +292,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
             break;
         }
         // Next header and length (in 8-byte units, not counting the first 8).
-        let h: *const [u8; 2] =
-            ptr_at(ctx, l3 + Ipv6Hdr::LEN + ext_len).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
+        let h: *const [u8; 2] = ptr_at(ctx, l3 + Ipv6Hdr::LEN + ext_len).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
         // SAFETY: bounds checked by ptr_at.
         let (nh, len) = unsafe { ((*h)[0], (*h)[1]) };
         next = nh;
@@ -325,7 +316,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
         PROTO_TCP | PROTO_UDP => {}
         NH_FRAGMENT => return Err(Verdict::pass(stats::PASS_IPV6_FRAGMENT)),
         NH_HOP_BY_HOP | NH_DEST_OPTS | NH_ROUTING | NH_ESP | NH_AH | NH_MOBILITY | NH_HIP | NH_SHIM6 => {
-            return Err(Verdict::pass(stats::PASS_IPV6_EXT_HEADERS))
+            return Err(Verdict::pass(stats::PASS_IPV6_EXT_HEADERS));
         }
         _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
     }

@@ -6,7 +6,7 @@
 //! controller's removals and expiry pass).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
-use lb_common::maps::{Backend, FlowKey, ServiceEntry, SNAT_PORT_PROBES};
+use lb_common::maps::{Backend, FlowKey, SNAT_PORT_PROBES, ServiceEntry};
 
 use crate::maps::PORTS;
 

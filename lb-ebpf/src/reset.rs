@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::Xdp
 use lb_common::{rst, tcp};
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 
-use crate::parse::{l4_hdr, ptr_at, Packet, Verdict};
+use crate::parse::{Packet, Verdict, l4_hdr, ptr_at};
 
 /// Rewrites the frame into the RST answering it and returns XDP_TX, counted
 /// under `stat`. A RST is never answered (no RST storms): dropped instead.
@@ -27,14 +27,7 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet, stat: u32) -> Verdict {
     let ack_seq = unsafe { (*th).ack_seq };
     let seg_ack = if pkt.tcp_flags & tcp::FLAG_ACK != 0 { Some(u32::from_be_bytes(ack_seq)) } else { None };
     let seg_end = tcp::segment_end(pkt.seq, pkt.payload_len, pkt.tcp_flags);
-    let r = rst::answering(
-        pkt.key.src_addr,
-        pkt.key.dst_addr,
-        pkt.key.src_port.to_ne_bytes(),
-        pkt.key.dst_port.to_ne_bytes(),
-        seg_ack,
-        seg_end,
-    );
+    let r = rst::answering(pkt.key.src_addr, pkt.key.dst_addr, pkt.key.src_port.to_ne_bytes(), pkt.key.dst_port.to_ne_bytes(), seg_ack, seg_end);
     // Cut the frame to Ethernet [+ VLAN] + the reset's headers, then write
     // them straight into it (no copy on the stack).
     let ip_off = pkt.l3_off;

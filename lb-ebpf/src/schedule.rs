@@ -4,9 +4,9 @@
 //! uses, so Maglev (hash → slot) and least-connections plug in here.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::maps::{Backend, FlowKey, ServiceEntry, BACKEND_UP, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR};
+use lb_common::maps::{BACKEND_UP, Backend, FlowKey, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, ServiceEntry};
 
-use crate::maps::{BACKENDS, BACKEND_ACTIVE, CURSOR, RING};
+use crate::maps::{BACKEND_ACTIVE, BACKENDS, CURSOR, RING};
 
 /// Slots tried when the chosen backend is not up (the controller removes
 /// such backends from the ring; this covers the moment in between).

@@ -35,11 +35,7 @@ async fn probe_inner(addr: SocketAddr, hc: &HealthCheck) -> Result<(), String> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let code = parse_status_line(&buf).ok_or_else(|| "malformed HTTP status line".to_string())?;
-    if (hc.status.0..=hc.status.1).contains(&code) {
-        Ok(())
-    } else {
-        Err(format!("HTTP status {code} outside {}-{}", hc.status.0, hc.status.1))
-    }
+    if (hc.status.0..=hc.status.1).contains(&code) { Ok(()) } else { Err(format!("HTTP status {code} outside {}-{}", hc.status.0, hc.status.1)) }
 }
 
 /// `HTTP/1.x NNN ...` → NNN.

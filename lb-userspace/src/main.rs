@@ -6,13 +6,8 @@ use xlb::cli::{Cli, Command, EXIT_RUNTIME};
 fn main() -> ExitCode {
     // Usage errors exit 2 (clap's convention); --help/--version exit 0.
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init();
 
     match cli.command {
         Command::Daemon(args) => {

@@ -87,9 +87,10 @@ impl Daemon {
         let d = self;
         let ready = wait_for("the daemon to answer on its socket", Duration::from_secs(20), || {
             if let Some(c) = d.child.as_mut()
-                && let Ok(Some(_)) = c.try_wait() {
-                    return Some(false);
-                }
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                return Some(false);
+            }
             d.cli(&["status"]).ok().filter(|o| o.status.success()).map(|_| true)
         });
         match ready {
@@ -137,16 +138,9 @@ impl Daemon {
             }
         }
         args.extend(
-            [
-                "--socket",
-                &socket.display().to_string(),
-                "--pin-dir",
-                &pin_dir.display().to_string(),
-                "--state-file",
-                &state_file.display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string()),
+            ["--socket", &socket.display().to_string(), "--pin-dir", &pin_dir.display().to_string(), "--state-file", &state_file.display().to_string()]
+                .iter()
+                .map(|s| s.to_string()),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = Daemon { child: None, socket, pin_dir, state_file, log, dir, args: args.clone(), persistent: false };
@@ -186,25 +180,14 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new(xlb_bin())
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .context("running xlb")
+        Command::new(xlb_bin()).arg("--socket").arg(&self.socket).args(args).output().context("running xlb")
     }
 
     /// Runs the CLI and fails unless it exits 0; returns stdout.
     pub fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.cli(args)?;
         if !out.status.success() {
-            bail!(
-                "xlb {} failed ({}): {}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
-            );
+            bail!("xlb {} failed ({}): {}{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

@@ -70,16 +70,8 @@ impl Fabric {
         let switch = Netns::new(&format!("{prefix}-sw"))?;
         let client = Netns::new(&format!("{prefix}-c"))?;
         let router = Netns::new(&format!("{prefix}-r"))?;
-        let mut f = Fabric {
-            lbs: Vec::new(),
-            _router_bird: None,
-            router_bird_socket: dir.join("router.ctl"),
-            client,
-            router,
-            backends: Vec::new(),
-            switch,
-            dir,
-        };
+        let mut f =
+            Fabric { lbs: Vec::new(), _router_bird: None, router_bird_socket: dir.join("router.ctl"), client, router, backends: Vec::new(), switch, dir };
         f.switch.ip(&["link", "add", "fab", "type", "bridge"])?;
         f.switch.ip(&["link", "set", "fab", "up"])?;
         // Client ↔ router: a plain veth pair.
@@ -152,7 +144,9 @@ impl Fabric {
         }
         std::fs::write(
             &conf,
-            format!("router id 10.2.0.1;\nprotocol device {{ scan time 1; }}\nprotocol kernel {{\n  merge paths on;\n  ipv4 {{ import none; export all; }};\n}}\n{peers}"),
+            format!(
+                "router id 10.2.0.1;\nprotocol device {{ scan time 1; }}\nprotocol kernel {{\n  merge paths on;\n  ipv4 {{ import none; export all; }};\n}}\n{peers}"
+            ),
         )?;
         let sock = self.router_bird_socket.to_string_lossy().into_owned();
         self._router_bird = Some(self.router.spawn("bird", &["-f", "-c", conf.to_str().context("path")?, "-s", &sock, "-P", &format!("{sock}.pid")])?);
@@ -183,7 +177,11 @@ impl Fabric {
     pub fn start_daemon(&mut self, i: usize) -> anyhow::Result<()> {
         let lb = &self.lbs[i];
         let (include, sock) = (lb.include.to_string_lossy().into_owned(), lb.bird_socket.to_string_lossy().into_owned());
-        let d = Daemon::start(&lb.ns, &["xf".to_string()], &["--xdp-mode", "generic", "--bird-include", &include, "--bird-socket", &sock, "--withdraw-grace", "2s"])?;
+        let d = Daemon::start(
+            &lb.ns,
+            &["xf".to_string()],
+            &["--xdp-mode", "generic", "--bird-include", &include, "--bird-socket", &sock, "--withdraw-grace", "2s"],
+        )?;
         self.lbs[i].daemon = Some(d);
         Ok(())
     }
@@ -191,7 +189,13 @@ impl Fabric {
     /// BIRD's and the daemons' view, for failure messages.
     pub fn diagnostics(&self) -> String {
         let birdc = |sock: &PathBuf, what: &[&str]| -> String {
-            Command::new("birdc").arg("-s").arg(sock).args(what).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)).unwrap_or_else(|e| e.to_string())
+            Command::new("birdc")
+                .arg("-s")
+                .arg(sock)
+                .args(what)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+                .unwrap_or_else(|e| e.to_string())
         };
         let mut out = format!(
             "router protocols:\n{}\nrouter routes:\n{}\nkernel: {}\n",
@@ -201,7 +205,10 @@ impl Fabric {
         );
         for (i, lb) in self.lbs.iter().enumerate() {
             let st = lb.daemon.as_ref().and_then(|d| d.json(&["status"]).ok()).unwrap_or_default();
-            let nonzero: Vec<String> = st["counters"].as_object().map(|m| m.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
+            let nonzero: Vec<String> = st["counters"]
+                .as_object()
+                .map(|m| m.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
             out.push_str(&format!("lb{i} counters: {nonzero:?}\n"));
             let nstat = lb.ns.exec("nstat", &["-az"]).unwrap_or_default();
             let interesting: Vec<&str> = nstat.lines().filter(|l| !l.contains(" 0 ") && !l.contains("Ip6") && !l.contains("Octets")).collect();
@@ -215,11 +222,7 @@ impl Fabric {
             ));
         }
         for (i, b) in self.backends.iter().enumerate() {
-            out.push_str(&format!(
-                "backend{i}: {}\n{}\n",
-                b.ip(&["-s", "link", "show", "s0"]).unwrap_or_default(),
-                b.ip(&["-4", "addr"]).unwrap_or_default()
-            ));
+            out.push_str(&format!("backend{i}: {}\n{}\n", b.ip(&["-s", "link", "show", "s0"]).unwrap_or_default(), b.ip(&["-4", "addr"]).unwrap_or_default()));
         }
         out
     }

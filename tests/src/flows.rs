@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use lb_common::{
-    maps::{addr_from_ip, FlowEntry, FlowKey, DIR_TO_BACKEND, DIR_TO_CLIENT, NAT_DST, NAT_SRC, PROTO_TCP},
+    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowEntry, FlowKey, NAT_DST, NAT_SRC, PROTO_TCP, addr_from_ip},
     tcp,
 };
 

@@ -188,7 +188,15 @@ impl Pair {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
             // SAFETY: a valid timeval of the size given.
-            unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
             let deadline = Instant::now() + timeout;
             let mut buf = [0u8; 2048];
             while Instant::now() < deadline {

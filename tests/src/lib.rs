@@ -16,7 +16,7 @@ pub mod servers;
 pub mod topology;
 
 pub use daemon::Daemon;
-pub use netns::{in_netns, Netns};
+pub use netns::{Netns, in_netns};
 pub use servers::{BulkServer, HttpStatusServer, LineClient, Outcome, TcpNameServer, UdpNameServer, download, watch_idle};
 pub use topology::{Topology, TopologyOptions};
 

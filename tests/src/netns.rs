@@ -79,8 +79,7 @@ impl Netns {
     }
 
     pub fn ifindex(&self, iface: &str) -> anyhow::Result<u32> {
-        in_netns(&self.name, || xlb::dataplane::ifindex(iface))?
-            .with_context(|| format!("ifindex of {iface} in {}", self.name))
+        in_netns(&self.name, || xlb::dataplane::ifindex(iface))?.with_context(|| format!("ifindex of {iface} in {}", self.name))
     }
 }
 
@@ -110,17 +109,9 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Resu
 }
 
 pub fn run(prog: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {prog} (is it installed? `cargo xtask setup`)"))?;
+    let out = Command::new(prog).args(args).output().with_context(|| format!("running {prog} (is it installed? `cargo xtask setup`)"))?;
     if !out.status.success() {
-        bail!(
-            "{prog} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{prog} {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

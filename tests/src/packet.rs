@@ -10,9 +10,20 @@ use lb_common::csum;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, doff: u8 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        doff: u8,
+    },
     /// `no_csum`: send checksum 0 ("none", RFC 768).
-    Udp { sport: u16, dport: u16, no_csum: bool },
+    Udp {
+        sport: u16,
+        dport: u16,
+        no_csum: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -256,7 +267,14 @@ pub fn send_raw_ipv4(packets: &[Vec<u8>]) -> std::io::Result<usize> {
         };
         // SAFETY: valid buffer and address.
         let n = unsafe {
-            libc::sendto(fd.as_raw_fd(), p.as_ptr().cast(), p.len(), 0, (&dst as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+            libc::sendto(
+                fd.as_raw_fd(),
+                p.as_ptr().cast(),
+                p.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
         };
         if n > 0 {
             sent += 1;

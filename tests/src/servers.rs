@@ -189,10 +189,7 @@ impl LineClient {
     pub fn answer(&mut self, msg: &str) -> anyhow::Result<String> {
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
-        let (name, echoed) = line
-            .trim_end()
-            .split_once(' ')
-            .ok_or_else(|| anyhow::anyhow!("unexpected answer {line:?}"))?;
+        let (name, echoed) = line.trim_end().split_once(' ').ok_or_else(|| anyhow::anyhow!("unexpected answer {line:?}"))?;
         anyhow::ensure!(echoed == msg, "answer {line:?} does not echo {msg:?}");
         Ok(name.to_owned())
     }
@@ -222,10 +219,7 @@ pub fn watch_idle(streams: &[&TcpStream], start: std::time::Instant, timeout: Du
         if left.is_zero() {
             break;
         }
-        let mut fds: Vec<libc::pollfd> = open
-            .iter()
-            .map(|&i| libc::pollfd { fd: streams[i].as_raw_fd(), events: libc::POLLIN, revents: 0 })
-            .collect();
+        let mut fds: Vec<libc::pollfd> = open.iter().map(|&i| libc::pollfd { fd: streams[i].as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
         // SAFETY: valid array of pollfd.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, left.as_millis().min(1000) as i32) };
         if n <= 0 {

@@ -93,11 +93,7 @@ fn unspecified(v6: bool) -> IpAddr {
 
 /// The lb's address on backend `i`'s link.
 pub fn lb_backend_side(i: usize, v6: bool) -> IpAddr {
-    if v6 {
-        Ipv6Addr::new(0xfd01, (i + 1) as u16, 0, 0, 0, 0, 0, 1).into()
-    } else {
-        Ipv4Addr::new(10, 1, (i + 1) as u8, 1).into()
-    }
+    if v6 { Ipv6Addr::new(0xfd01, (i + 1) as u16, 0, 0, 0, 0, 0, 1).into() } else { Ipv4Addr::new(10, 1, (i + 1) as u8, 1).into() }
 }
 
 impl Topology {
@@ -271,11 +267,7 @@ impl Topology {
     /// addresses they record are that family's, not IPv4-mapped).
     pub fn tcp_servers_of(&self, v6: bool, port: u16) -> anyhow::Result<Vec<crate::TcpNameServer>> {
         let any = unspecified(v6);
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| crate::TcpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::new(any, port)))
-            .collect()
+        self.backends.iter().enumerate().map(|(i, b)| crate::TcpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::new(any, port))).collect()
     }
 
     /// A TCP name server on `port` in every backend namespace, named b0, b1...
@@ -291,10 +283,6 @@ impl Topology {
     /// UDP name servers on `port` of one family.
     pub fn udp_servers_of(&self, v6: bool, port: u16) -> anyhow::Result<Vec<crate::UdpNameServer>> {
         let any = unspecified(v6);
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| crate::UdpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::new(any, port)))
-            .collect()
+        self.backends.iter().enumerate().map(|(i, b)| crate::UdpNameServer::start(&b.name, &format!("b{i}"), SocketAddr::new(any, port))).collect()
     }
 }

@@ -45,9 +45,7 @@ fn bed_on(opts: TopologyOptions, weights: &[u32], daemon_args: &[&str], v6: bool
     daemon.ok(&["service", "add", &vip, "--scheduler", "wrr"]).expect("service add");
     for i in 0..backends {
         let w = weights.get(i).copied().unwrap_or(1).to_string();
-        daemon
-            .ok(&["backend", "add", &vip, &topo.backend_of(v6, i, BACKEND_PORT).to_string(), "--weight", &w])
-            .expect("backend add");
+        daemon.ok(&["backend", "add", &vip, &topo.backend_of(v6, i, BACKEND_PORT).to_string(), "--weight", &w]).expect("backend add");
     }
     Bed { servers, daemon, topo }
 }
@@ -89,10 +87,7 @@ fn sequential_connections_on(opts: TopologyOptions, v6: bool) {
     for (i, w) in weights.iter().enumerate() {
         let got = per_backend.get(&format!("b{i}")).copied().unwrap_or(0) as f64;
         let want = 300.0 * *w as f64 / total as f64;
-        assert!(
-            (got - want).abs() <= want * 0.10,
-            "backend b{i} (weight {w}) served {got}, expected {want} ±10%: {per_backend:?}"
-        );
+        assert!((got - want).abs() <= want * 0.10, "backend b{i} (weight {w}) served {got}, expected {want} ±10%: {per_backend:?}");
     }
     // DNAT keeps the client's address: backends see the client, not the lb.
     for s in &b.servers {
@@ -224,11 +219,9 @@ fn traffic_to_the_lb_host_itself_passes_untouched() {
         s.write_all(b"lb-host\n").expect("write");
         peer
     });
-    let mut c = in_netns(&b.topo.client.name, || {
-        std::net::TcpStream::connect_timeout(&SocketAddr::from((LB_CLIENT_SIDE, 9000)), Duration::from_secs(5))
-    })
-    .expect("ns")
-    .expect("connect to the lb host");
+    let mut c = in_netns(&b.topo.client.name, || std::net::TcpStream::connect_timeout(&SocketAddr::from((LB_CLIENT_SIDE, 9000)), Duration::from_secs(5)))
+        .expect("ns")
+        .expect("connect to the lb host");
     let mut buf = String::new();
     use std::io::Read as _;
     c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
@@ -247,10 +240,7 @@ fn traffic_to_the_lb_host_itself_passes_untouched() {
 fn generic_xdp_mode_balances_the_same_way() {
     let b = bed_with(2, &[1, 1], &["--xdp-mode", "generic"], false);
     let status = b.daemon.json(&["status"]).expect("status");
-    assert!(
-        status["interfaces"].as_array().expect("interfaces").iter().all(|i| i["mode"] == "generic"),
-        "{status:#}"
-    );
+    assert!(status["interfaces"].as_array().expect("interfaces").iter().all(|i| i["mode"] == "generic"), "{status:#}");
     let vip = b.topo.vip_sock(80);
     let mut per_backend: HashMap<String, u32> = HashMap::new();
     for i in 0..40 {

@@ -36,12 +36,8 @@ fn config_view(d: &Daemon) -> Value {
         .expect("services")
         .iter()
         .map(|svc| {
-            let backends: Vec<Value> = svc["backends"]
-                .as_array()
-                .expect("backends")
-                .iter()
-                .map(|b| serde_json::json!([b["backend"], b["weight"], b["state"]]))
-                .collect();
+            let backends: Vec<Value> =
+                svc["backends"].as_array().expect("backends").iter().map(|b| serde_json::json!([b["backend"], b["weight"], b["state"]])).collect();
             serde_json::json!([svc["service"], svc["proto"], backends])
         })
         .collect();
@@ -175,13 +171,7 @@ fn the_config_file_is_applied_at_start_and_a_bad_one_leaves_nothing_behind() {
     .expect("write");
     let d = Daemon::start(&t.lb, &t.lb_ifaces, &["--config", good.to_str().expect("path")]).expect("daemon");
     let view = config_view(&d);
-    assert_eq!(
-        view,
-        serde_json::json!([
-            ["10.99.0.1:53", "udp", []],
-            ["10.99.0.1:80", "tcp", [["10.1.1.2:8080", 3, "up"], ["10.1.2.2:8080", 1, "up"]]]
-        ])
-    );
+    assert_eq!(view, serde_json::json!([["10.99.0.1:53", "udp", []], ["10.99.0.1:80", "tcp", [["10.1.1.2:8080", 3, "up"], ["10.1.2.2:8080", 1, "up"]]]]));
     let st = &d.json(&["status"]).expect("status")["services"][1]["settings"];
     assert_eq!(st["on_remove"], "drain:5s");
     assert_eq!(st["health"]["probe"], "tcp");
@@ -200,8 +190,7 @@ fn the_config_file_is_applied_at_start_and_a_bad_one_leaves_nothing_behind() {
     for (file, text, needle) in bad_cases {
         let path = dir.join(file);
         std::fs::write(&path, text).expect("write");
-        let (status, log, d) =
-            Daemon::run_expecting_exit(&t.lb, &t.lb_ifaces, &["--config", path.to_str().expect("path")]).expect("run");
+        let (status, log, d) = Daemon::run_expecting_exit(&t.lb, &t.lb_ifaces, &["--config", path.to_str().expect("path")]).expect("run");
         assert_eq!(status.code(), Some(1), "{file}: {log}");
         assert!(log.contains(needle), "{file}: log lacks {needle:?}:\n{log}");
         assert!(!d.socket.exists(), "{file}: socket left behind");

@@ -71,7 +71,8 @@ fn a_changed_record_moves_the_backend_within_ttl_and_the_old_flows_are_reset() {
     let vip = topo.vip(80).to_string();
     daemon.ok(&["service", "add", &vip]).expect("service");
     // dnsmasq may take a moment to listen: the first add can fail cleanly.
-    let added = wait_for("the name to resolve", Duration::from_secs(10), || daemon.json(&["backend", "add", &vip, "app.internal:8080"]).ok()).expect("backend by name");
+    let added =
+        wait_for("the name to resolve", Duration::from_secs(10), || daemon.json(&["backend", "add", &vip, "app.internal:8080"]).ok()).expect("backend by name");
     assert_eq!(added["addresses"], serde_json::json!([topo.backend(0, PORT).to_string()]), "{added}");
     let mut clients: Vec<LineClient> = (0..10).map(|_| LineClient::connect(&topo.client.name, topo.vip_sock(80)).expect("connect")).collect();
     for c in clients.iter_mut() {

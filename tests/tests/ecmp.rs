@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use testbed::{LineClient, TcpNameServer, ecmp::{self, Fabric}, wait_for};
+use testbed::{
+    LineClient, TcpNameServer,
+    ecmp::{self, Fabric},
+    wait_for,
+};
 
 const PORT: u16 = 8080;
 

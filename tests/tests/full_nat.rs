@@ -90,7 +90,7 @@ fn isolated_backends_serve_through_full_nat_over_ipv6() {
 #[test]
 fn isolated_backends_behind_a_switch_serve_through_full_nat() {
     require_root();
-    let switched = || Topology::new(TopologyOptions { backends: 3, isolated_backends: true, switched: true, ..Default::default() }).expect("topology");
+    let switched = || Topology::new(TopologyOptions { backends: 3, isolated_backends: true, switched: true }).expect("topology");
     serve_through_full_nat_on(switched(), false, 120);
     serve_through_full_nat_on(switched(), true, 60);
 }

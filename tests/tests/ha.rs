@@ -4,7 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use testbed::{LineClient, TcpNameServer, ha::{self, Pair}, wait_for};
+use testbed::{
+    LineClient, TcpNameServer,
+    ha::{self, Pair},
+    wait_for,
+};
 use xlb::ha::{encode, unix_ns};
 
 const PORT: u16 = 8080;
@@ -13,12 +17,8 @@ const PORT: u16 = 8080;
 fn a_failover_keeps_100_established_flows_and_new_flows_work() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let mut pair = Pair::new(2).expect("pair topology");
-    let _servers: Vec<TcpNameServer> = pair
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), ([0, 0, 0, 0], PORT).into()).expect("server"))
-        .collect();
+    let _servers: Vec<TcpNameServer> =
+        pair.backends.iter().enumerate().map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), ([0, 0, 0, 0], PORT).into()).expect("server")).collect();
     for i in 0..2 {
         pair.start_daemon(i, &[]).expect("daemon");
     }
@@ -62,7 +62,10 @@ fn a_failover_keeps_100_established_flows_and_new_flows_work() {
     for (i, (c, who)) in clients.iter_mut().enumerate() {
         let got = c.ask(&format!("after failover {i}")).unwrap_or_else(|e| {
             let st = pair.nodes[standby].daemon.as_ref().and_then(|d| d.json(&["status"]).ok()).unwrap_or_default();
-            let nonzero: Vec<String> = st["counters"].as_object().map(|m| m.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
+            let nonzero: Vec<String> = st["counters"]
+                .as_object()
+                .map(|m| m.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
             panic!(
                 "flow {i} broke in the failover: {e:#}\nnew master counters: {nonzero:?}\nsync: {}\nclient neigh: {}\nbackend0 neigh: {}\nstandby addrs: {}",
                 st["sync"],
@@ -130,7 +133,8 @@ fn the_standby_refuses_replays_and_follows_a_restarted_master() {
     // master's address: refused as a replay, and counted.
     let captured = pair.capture_sync_datagram(1, Duration::from_secs(10)).expect("a sync datagram (refreshes come every 3 s)");
     pair.send_sync_as(0, &captured).expect("replay");
-    wait_for("the replay to be counted", Duration::from_secs(5), || (sync_status(&pair, 1)["replayed_datagrams"] == 1).then_some(())).unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
+    wait_for("the replay to be counted", Duration::from_secs(5), || (sync_status(&pair, 1)["replayed_datagrams"] == 1).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
     // Validly signed, but from an earlier run, or sent two minutes ago.
     pair.send_sync_as(0, &encode(ha::SYNC_KEY, epoch - 1, 1, unix_ns(), &[])).expect("old epoch");
     pair.send_sync_as(0, &encode(ha::SYNC_KEY, epoch, 1_000_000, unix_ns() - 120_000_000_000, &[])).expect("stale");
@@ -159,7 +163,8 @@ fn the_standby_refuses_replays_and_follows_a_restarted_master() {
     assert_eq!((s["peer_restarts"].as_u64(), s["peer_epoch"].as_u64()), (Some(1), Some(new_epoch)), "{s:#}");
     // The first run's datagram, replayed now: an old epoch.
     pair.send_sync_as(0, &captured).expect("replay after the restart");
-    wait_for("the old run's datagram to be refused", Duration::from_secs(5), || (sync_status(&pair, 1)["old_epoch_datagrams"] == 2).then_some(())).unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
+    wait_for("the old run's datagram to be refused", Duration::from_secs(5), || (sync_status(&pair, 1)["old_epoch_datagrams"] == 2).then_some(()))
+        .unwrap_or_else(|e| panic!("{e}: {:#}", sync_status(&pair, 1)));
     let s = sync_status(&pair, 1);
     assert_eq!((s["refused_datagrams"].as_u64(), s["replayed_datagrams"].as_u64(), s["stale_datagrams"].as_u64()), (Some(0), Some(1), Some(1)), "{s:#}");
     assert_eq!(flows_on(&pair, 1), Some(8));

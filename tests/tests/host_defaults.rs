@@ -27,7 +27,7 @@ enum Mode {
 /// UDP request/response.
 fn switched(mode: Mode, xdp: &str, v6: bool) {
     require_root();
-    let topo = Topology::new(TopologyOptions { backends: 3, switched: true, isolated_backends: mode == Mode::Fullnat, ..Default::default() }).expect("topology");
+    let topo = Topology::new(TopologyOptions { backends: 3, switched: true, isolated_backends: mode == Mode::Fullnat }).expect("topology");
     let daemon = Daemon::start(&topo.lb, &topo.lb_ifaces, &["--xdp-mode", xdp]).expect("daemon");
     // DSR backends answer from the VIP's own port, with the VIP on lo.
     let port = if mode == Mode::Dsr { 80 } else { 8080 };
@@ -39,7 +39,11 @@ fn switched(mode: Mode, xdp: &str, v6: bool) {
     if mode == Mode::Dsr {
         for (i, b) in topo.backends.iter().enumerate() {
             let pins = format!("/sys/fs/bpf/{}-decap{i}", topo.prefix);
-            b.exec(&testbed::daemon::xlb_bin().to_string_lossy(), &["backend-setup", "--iface", "b0", "--vip", &topo.vip(80).ip().to_string(), "--pin-dir", &pins]).expect("backend-setup");
+            b.exec(
+                &testbed::daemon::xlb_bin().to_string_lossy(),
+                &["backend-setup", "--iface", "b0", "--vip", &topo.vip(80).ip().to_string(), "--pin-dir", &pins],
+            )
+            .expect("backend-setup");
             decap.push((b, pins));
         }
     }
@@ -245,8 +249,7 @@ fn a_killed_daemon_whose_interfaces_were_recreated_serves_again_within_five_seco
     }
     assert!(kept >= 15, "{kept} flows checked");
     // And b1 serves new flows on its new link.
-    let served: HashSet<String> = (0..12)
-        .map(|i| LineClient::connect(&topo.client.name, topo.vip_sock(80)).and_then(|mut c| c.ask(&format!("new {i}"))).expect("new flow"))
-        .collect();
+    let served: HashSet<String> =
+        (0..12).map(|i| LineClient::connect(&topo.client.name, topo.vip_sock(80)).and_then(|mut c| c.ask(&format!("new {i}"))).expect("new flow")).collect();
     assert!(served.contains(&servers[1].name), "the re-created link's backend serves again: {served:?}");
 }

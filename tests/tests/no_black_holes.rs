@@ -72,13 +72,7 @@ impl Bed {
     }
     fn backend_status(&self, i: usize) -> serde_json::Value {
         let s = self.daemon.json(&["status"]).expect("status");
-        s["services"][0]["backends"]
-            .as_array()
-            .expect("backends")
-            .iter()
-            .find(|b| b["backend"] == self.backend(i))
-            .cloned()
-            .unwrap_or(serde_json::Value::Null)
+        s["services"][0]["backends"].as_array().expect("backends").iter().find(|b| b["backend"] == self.backend(i)).cloned().unwrap_or(serde_json::Value::Null)
     }
 }
 
@@ -109,7 +103,7 @@ fn red_black_deploy_behind_a_switch() {
 
 #[test]
 fn red_black_deploy_in_full_nat_mode_behind_a_switch() {
-    red_black(bed_on(false, TopologyOptions { backends: 4, switched: true, isolated_backends: true, ..Default::default() }, 2, &["--mode", "fullnat"], &[]));
+    red_black(bed_on(false, TopologyOptions { backends: 4, switched: true, isolated_backends: true }, 2, &["--mode", "fullnat"], &[]));
 }
 
 /// 200 idle clients on the two old backends; the new ones join, the old
@@ -176,10 +170,8 @@ fn a_dead_backend_is_detected_and_its_flows_reset_while_others_serve_on() {
     b.topo.backends[0].ip(&["link", "set", "b0", "down"]).expect("link down");
     b.servers[0] = None;
     let budget = interval * fall + Duration::from_secs(1);
-    let marked = wait_for("b0 to be marked down", budget + Duration::from_secs(2), || {
-        (b.backend_status(0)["state"] == "down").then(|| dead.elapsed())
-    })
-    .expect("b0 marked down");
+    let marked = wait_for("b0 to be marked down", budget + Duration::from_secs(2), || (b.backend_status(0)["state"] == "down").then(|| dead.elapsed()))
+        .expect("b0 marked down");
     assert!(marked <= budget, "marked down after {marked:?}, budget {budget:?}");
     let streams: Vec<&std::net::TcpStream> = on_b0.iter().map(|c| c.stream()).collect();
     let outcomes = watch_idle(&streams, dead, budget + Duration::from_secs(1));
@@ -276,9 +268,7 @@ fn a_spoofed_rst_does_not_kill_a_live_flow_and_late_packets_create_no_state() {
             seq,
             ack: None,
         };
-        testbed::in_netns(&b.topo.client.name, || xlb::resets::rst::RstSender::new().and_then(|s| s.send(&r)))
-            .expect("ns")
-            .expect("send spoofed RST");
+        testbed::in_netns(&b.topo.client.name, || xlb::resets::rst::RstSender::new().and_then(|s| s.send(&r))).expect("ns").expect("send spoofed RST");
     };
     for seq in [0u32, 1, 0x8000_0000, 12345] {
         spoof(seq);
@@ -340,7 +330,23 @@ fn http_health_checks_take_a_backend_out_and_bring_it_back_after_rise() {
         .collect();
     let vip = topo.vip(80).to_string();
     daemon
-        .ok(&["service", "add", &vip, "--scheduler", "wrr", "--health", "http:/healthz", "--health-interval", "200ms", "--health-timeout", "150ms", "--fall", "2", "--rise", "3"])
+        .ok(&[
+            "service",
+            "add",
+            &vip,
+            "--scheduler",
+            "wrr",
+            "--health",
+            "http:/healthz",
+            "--health-interval",
+            "200ms",
+            "--health-timeout",
+            "150ms",
+            "--fall",
+            "2",
+            "--rise",
+            "3",
+        ])
         .expect("service");
     for i in 0..2 {
         daemon.ok(&["backend", "add", &vip, &topo.backend(i, 8080).to_string()]).expect("backend");
@@ -349,7 +355,8 @@ fn http_health_checks_take_a_backend_out_and_bring_it_back_after_rise() {
         let s = daemon.json(&["status"]).expect("status");
         s["services"][0]["backends"][i]["state"].as_str().unwrap_or("?").to_owned()
     };
-    wait_for("probes to reach b0", Duration::from_secs(3), || (http[0].requests.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(())).expect("probed");
+    wait_for("probes to reach b0", Duration::from_secs(3), || (http[0].requests.load(std::sync::atomic::Ordering::Relaxed) >= 2).then_some(()))
+        .expect("probed");
     assert_eq!(state(0), "up");
     // A 503 is a failure: down after `fall` probes.
     http[0].status.store(503, std::sync::atomic::Ordering::Relaxed);

@@ -116,8 +116,22 @@ fn export_apply_round_trip_diff_dry_run_and_refusals() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
     let topo = Topology::new(TopologyOptions { backends: 0, ..Default::default() }).expect("topology");
     let a = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon a");
-    a.ok(&["service", "add", "10.99.0.1:80", "--scheduler", "least-conn", "--on-remove", "drain:30s", "--health", "http:/healthz", "--fall", "2", "--timeout-established", "1h"])
-        .expect("svc");
+    a.ok(&[
+        "service",
+        "add",
+        "10.99.0.1:80",
+        "--scheduler",
+        "least-conn",
+        "--on-remove",
+        "drain:30s",
+        "--health",
+        "http:/healthz",
+        "--fall",
+        "2",
+        "--timeout-established",
+        "1h",
+    ])
+    .expect("svc");
     a.ok(&["backend", "add", "10.99.0.1:80", "10.1.1.2:8080", "--weight", "3"]).expect("b");
     a.ok(&["backend", "add", "10.99.0.1:80", "10.1.2.2:8080"]).expect("b");
     a.ok(&["service", "add", "10.99.0.1:53", "--proto", "udp", "--reset-spread", "5s"]).expect("svc");
@@ -206,16 +220,17 @@ fn top_renders_backends_and_their_rates_in_a_terminal() {
         screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
         let rows: Vec<&str> = screen.lines().filter(|l| l.contains("10.1.1.2:5353") || l.contains("10.1.2.2:5353")).collect();
         // A backend row with a nonzero rate (kilo- or megabits/s).
-        let busy = |r: &&str| r.contains(" up ") && r.split_whitespace().any(|w| w.len() > 1 && (w.ends_with('k') || w.ends_with('M')) && w[..w.len() - 1].parse::<f64>().is_ok_and(|v| v > 0.0));
+        let busy = |r: &&str| {
+            r.contains(" up ")
+                && r.split_whitespace().any(|w| w.len() > 1 && (w.ends_with('k') || w.ends_with('M')) && w[..w.len() - 1].parse::<f64>().is_ok_and(|v| v > 0.0))
+        };
         (rows.len() == 2 && start.elapsed() > Duration::from_secs(2) && rows.iter().any(busy)).then_some(())
     });
     assert!(found.is_ok(), "screen:\n{screen}");
     assert!(screen.contains("xlb top") && screen.contains("10.99.0.1:53/udp") && screen.contains("IN b/s"), "{screen}");
     // q quits.
     tmux(&["send-keys", "-t", &session, "q"]);
-    let quit = testbed::wait_for("top to quit on q", Duration::from_secs(3), || {
-        (!tmux(&["has-session", "-t", &session]).status.success()).then_some(())
-    });
+    let quit = testbed::wait_for("top to quit on q", Duration::from_secs(3), || (!tmux(&["has-session", "-t", &session]).status.success()).then_some(()));
     assert!(quit.is_ok(), "top did not quit on q");
 }
 

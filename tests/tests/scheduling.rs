@@ -77,11 +77,7 @@ fn each_scheduler_on_a_mix_of_heavy_keep_alive_and_short_clients() {
         assert_eq!(conns.iter().sum::<u64>(), 244, "{sched}: {conns:?}");
         assert_eq!(reqs.iter().sum::<u64>(), 640, "{sched}: {reqs:?}");
         assert!(conns.iter().all(|c| *c > 0), "{sched} left a backend without flows: {conns:?}");
-        eprintln!(
-            "{sched:>10}: connections {conns:?} (max/min {:.2}), requests {reqs:?} (max/min {:.2})",
-            ratio(&conns),
-            ratio(&reqs)
-        );
+        eprintln!("{sched:>10}: connections {conns:?} (max/min {:.2}), requests {reqs:?} (max/min {:.2})", ratio(&conns), ratio(&reqs));
         report.insert(sched, (conns, reqs));
     }
     // Round robin spreads new flows exactly (per-CPU cursors: within one per CPU).

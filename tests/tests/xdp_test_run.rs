@@ -15,11 +15,11 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
-    maps::{addr_from_ip, DIR_TO_BACKEND, DIR_TO_CLIENT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_FULL, NAT_SRC},
+    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_FULL, NAT_SRC, addr_from_ip},
     stats, tcp,
 };
 use testbed::{
-    flows, Netns, in_netns,
+    Netns, flows, in_netns,
     netns::unique_prefix,
     packet::{Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, checksums_valid},
 };
@@ -76,9 +76,7 @@ fn rig() -> Rig {
     ip(&["neigh", "add", "fd01:1::2", "lladdr", "02:00:00:00:01:02", "dev", "t1", "nud", "permanent"]);
     // What the daemon would set up on these interfaces (FIB lookups need
     // forwarding on the input interface).
-    in_netns(&ns.name, || xlb::host::sysctl::apply(&xlb::host::sysctl::Sysctl::default(), &["t0".into(), "t1".into()]))
-        .expect("netns")
-        .expect("host setup");
+    in_netns(&ns.name, || xlb::host::sysctl::apply(&xlb::host::sysctl::Sysctl::default(), &["t0".into(), "t1".into()])).expect("netns").expect("host setup");
     let t0 = ns.ifindex("t0").expect("t0");
     let t1 = ns.ifindex("t1").expect("t1");
     let mut dp = KernelDataPlane::load(LoadOptions { conn_capacity: 32768, half_open_capacity: Some(32768), pin_dir: None }).expect("load");
@@ -147,12 +145,7 @@ impl Rig {
             // Always on CPU 0: per-CPU state (the next-hop cache, counters)
             // then behaves as one cache for the fixtures.
             pin_to_cpu0();
-            prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
+            prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::default() })
         })
         .expect("netns")
         .unwrap_or_else(|e| panic!("test_run on a {}-byte frame: {e}", frame.len()));
@@ -176,11 +169,9 @@ impl Rig {
         let mut out = vec![0u8; frame.len() + 256];
         let ns = self.ns.name.clone();
         let prog = self.ctl.dataplane().decap_program().expect("decap program");
-        let res = in_netns(&ns, || {
-            prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-        })
-        .expect("netns")
-        .expect("test_run");
+        let res = in_netns(&ns, || prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() }))
+            .expect("netns")
+            .expect("test_run");
         out.truncate(res.data_size_out as usize);
         (res.return_value, out)
     }
@@ -192,7 +183,11 @@ impl Rig {
             .table()
             .for_each_port(&mut |k, _| {
                 let port = |p: u16| u16::from_be_bytes(p.to_ne_bytes());
-                held.push((lb_common::maps::addr_to_ip(&k.dst_addr), port(k.dst_port), SocketAddr::new(lb_common::maps::addr_to_ip(&k.src_addr), port(k.src_port))));
+                held.push((
+                    lb_common::maps::addr_to_ip(&k.dst_addr),
+                    port(k.dst_port),
+                    SocketAddr::new(lb_common::maps::addr_to_ip(&k.src_addr), port(k.src_port)),
+                ));
             })
             .expect("walk ports");
         held
@@ -474,13 +469,7 @@ fn establish(r: &mut Rig, port: u16) {
 }
 
 fn set_backend_state(r: &mut Rig, state: u8) {
-    let b = lb_common::maps::Backend {
-        addr: addr_from_ip(BACKEND.into()),
-        port: flows::net_port(8080),
-        state,
-        weight: 1,
-        ..Default::default()
-    };
+    let b = lb_common::maps::Backend { addr: addr_from_ip(BACKEND.into()), port: flows::net_port(8080), state, weight: 1, ..Default::default() };
     // The TCP backend was the first one added: id 0.
     r.ctl.dataplane().backend_set(0, b).expect("backend state");
 }
@@ -642,7 +631,11 @@ fn maglev_moves_only_the_removed_backends_flows() {
     // Without state (another balancer, or a lost table), the same 5-tuples
     // hashed again: Maglev's minimal disruption keeps almost all of the
     // remaining backends' flows where they were.
-    let keys: Vec<lb_common::maps::FlowKey> = { let mut k = Vec::new(); r.ctl.dataplane().for_each_flow(|key, _| k.push(*key)).expect("walk"); k };
+    let keys: Vec<lb_common::maps::FlowKey> = {
+        let mut k = Vec::new();
+        r.ctl.dataplane().for_each_flow(|key, _| k.push(*key)).expect("walk");
+        k
+    };
     r.ctl.table().remove_keys(&keys).expect("clear");
     let after = map_all(&mut r);
     let mut moved_others = 0;
@@ -836,11 +829,16 @@ fn malformed_ipv6_gets_a_safe_verdict_and_creates_no_state() {
         ("routing header", with_ext(vec![(43, 8)]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
         ("fragment header", with_ext(vec![(44, 8)]), XDP_PASS, stats::PASS_IPV6_FRAGMENT),
         ("fragment after hop-by-hop", with_ext(vec![(0, 8), (44, 8)]), XDP_PASS, stats::PASS_IPV6_FRAGMENT),
-        ("icmpv6 (neighbour discovery)", {
-            let mut f = syn().build();
-            f[14 + 6] = 58;
-            f
-        }, XDP_PASS, stats::PASS_OTHER_PROTO),
+        (
+            "icmpv6 (neighbour discovery)",
+            {
+                let mut f = syn().build();
+                f[14 + 6] = 58;
+                f
+            },
+            XDP_PASS,
+            stats::PASS_OTHER_PROTO,
+        ),
     ];
     let mut f = syn().build();
     f[14 + 4..14 + 6].copy_from_slice(&200u16.to_be_bytes());

@@ -37,7 +37,8 @@ enum Cmd {
 
 /// Debian packages: LLVM 22 for bpf-linker; iproute2/ethtool/ping for the
 /// netns test bed.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "ethtool", "iputils-ping", "util-linux", "procps", "tmux", "dnsmasq-base", "keepalived", "bird2"];
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "iproute2", "ethtool", "iputils-ping", "util-linux", "procps", "tmux", "dnsmasq-base", "keepalived", "bird2"];
 /// The peers and load tools of the end-to-end benchmarks (`bench` only).
 const BENCH_PACKAGES: &[&str] = &["nginx-light", "wrk", "haproxy", "nftables", "iperf3"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -91,9 +92,7 @@ fn setup_with(extra: &[&str]) -> anyhow::Result<()> {
         .iter()
         .chain(extra)
         .copied()
-        .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).is_some_and(|s| s.contains("install ok installed"))
-        })
+        .filter(|p| !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).is_some_and(|s| s.contains("install ok installed")))
         .collect();
     if !missing.is_empty() {
         eprintln!("setup: installing {}", missing.join(" "));
@@ -113,6 +112,14 @@ fn setup_with(extra: &[&str]) -> anyhow::Result<()> {
     if !comps.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // The lints CI runs (`.ci/run`) on the stable toolchain.
+    let stable = output(Command::new("rustup").args(["component", "list", "--installed"])).unwrap_or_default();
+    for c in ["rustfmt", "clippy"] {
+        if !stable.lines().any(|l| l.starts_with(c)) {
+            eprintln!("setup: adding {c}");
+            run(Command::new("rustup").args(["component", "add", c]))?;
+        }
     }
     // bpf-linker against Debian's LLVM 22.
     let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
@@ -202,7 +209,20 @@ fn bench() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks create network namespaces and load XDP programs: run them as root");
     }
-    run(cargo().args(["build", "--release", "--package", "lb-userspace", "--bin", "xlb", "--package", "xlb-tests", "--bin", "xlb-bench", "--bin", "xlb-bench-e2e"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "xlb",
+        "--package",
+        "xlb-tests",
+        "--bin",
+        "xlb-bench",
+        "--bin",
+        "xlb-bench-e2e",
+    ]))?;
     let xlb = root().join("target/release/xlb");
     run(Command::new(root().join("target/release/xlb-bench")).env("XLB_BIN", &xlb))?;
     run(Command::new(root().join("target/release/xlb-bench-e2e")).env("XLB_BIN", &xlb))

@@ -50,34 +50,22 @@ pub enum BackendCmd {
 
 pub fn run(cli: &Cli, cmd: &BackendCmd) -> ExitCode {
     let req = match cmd {
-        BackendCmd::Add { service, backend, weight, proto } => Request::BackendAdd {
-            service: *service,
-            proto: *proto,
-            backend: backend.clone(),
-            weight: Some(*weight),
-        },
-        BackendCmd::Set { service, backend, weight, proto } => Request::BackendSet {
-            service: *service,
-            proto: *proto,
-            backend: backend.clone(),
-            weight: *weight,
-        },
-        BackendCmd::Remove { service, backend, proto } => Request::BackendRemove {
-            service: *service,
-            proto: *proto,
-            backend: backend.clone(),
-        },
+        BackendCmd::Add { service, backend, weight, proto } => {
+            Request::BackendAdd { service: *service, proto: *proto, backend: backend.clone(), weight: Some(*weight) }
+        }
+        BackendCmd::Set { service, backend, weight, proto } => {
+            Request::BackendSet { service: *service, proto: *proto, backend: backend.clone(), weight: *weight }
+        }
+        BackendCmd::Remove { service, backend, proto } => Request::BackendRemove { service: *service, proto: *proto, backend: backend.clone() },
     };
     exchange(cli, &req, |data| {
         let (backend, service, proto) = (text(&data, "backend"), text(&data, "service"), text(&data, "proto"));
         match cmd {
             BackendCmd::Add { .. } => println!("backend {backend} added to {service}/{proto}"),
             BackendCmd::Set { .. } => println!("backend {backend} on {service}/{proto}: weight {} -> {}", data["old_weight"], data["weight"]),
-            BackendCmd::Remove { .. } => println!(
-                "backend {backend} removed from {service}/{proto} ({} active flows, policy {})",
-                data["active_flows"],
-                text(&data, "policy")
-            ),
+            BackendCmd::Remove { .. } => {
+                println!("backend {backend} removed from {service}/{proto} ({} active flows, policy {})", data["active_flows"], text(&data, "policy"))
+            }
         }
         ExitCode::SUCCESS
     })

@@ -55,7 +55,11 @@ pub fn run(args: &BackendSetupArgs) -> ExitCode {
             crate::dataplane::unpin_link(pin_dir, iface).map_err(|e| format!("replacing {}: {e}", link.display()))?;
         }
         let mode = crate::dataplane::attach_decap_pinned(iface, *xdp_mode, &link).map_err(|e| e.to_string())?;
-        Ok(format!("decapsulating IPIP on {iface} ({mode} XDP, link pinned at {}); VIPs on lo: {}", link.display(), vips.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")))
+        Ok(format!(
+            "decapsulating IPIP on {iface} ({mode} XDP, link pinned at {}); VIPs on lo: {}",
+            link.display(),
+            vips.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+        ))
     })();
     match result {
         Ok(msg) => {

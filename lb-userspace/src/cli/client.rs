@@ -14,10 +14,7 @@ use crate::api::{Request, Response};
 /// Sends one request and returns the daemon's response.
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the xlb daemon at {}: is `xlb daemon` running? (choose the socket with --socket or XLB_SOCKET)",
-            socket.display()
-        )
+        format!("cannot reach the xlb daemon at {}: is `xlb daemon` running? (choose the socket with --socket or XLB_SOCKET)", socket.display())
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(120))).context("setting socket timeout")?;
     let mut line = serde_json::to_string(req).context("encoding request")?;

@@ -9,7 +9,10 @@ use std::{
 use clap::Args;
 
 use super::{DEFAULT_PIN_DIR, DEFAULT_STATE_FILE, values};
-use crate::{ha::Role, model::{settings::Dur, AttachMode}};
+use crate::{
+    ha::Role,
+    model::{AttachMode, settings::Dur},
+};
 
 #[derive(Clone, Debug, Args)]
 pub struct DaemonArgs {

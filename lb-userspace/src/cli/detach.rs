@@ -43,7 +43,12 @@ pub fn run(cli: &Cli, args: &DetachArgs) -> ExitCode {
         return ExitCode::from(EXIT_RUNTIME);
     }
     let msg = if had_pins || had_state {
-        format!("detached from {} interface(s); removed {}{}", links.len(), if had_pins { pin_dir.display().to_string() } else { String::new() }, if had_state { format!(" and {}", state_file.display()) } else { String::new() })
+        format!(
+            "detached from {} interface(s); removed {}{}",
+            links.len(),
+            if had_pins { pin_dir.display().to_string() } else { String::new() },
+            if had_state { format!(" and {}", state_file.display()) } else { String::new() }
+        )
     } else {
         "nothing to detach".to_owned()
     };

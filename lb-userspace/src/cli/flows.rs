@@ -39,11 +39,7 @@ pub fn render_flows(flows: &[FlowInfo]) -> String {
     let _ = write!(o, "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8} {:>8}", "CLIENT", "SERVICE", "PROTO", "BACKEND", "STATE", "AGE_S", "IDLE_S");
     let _ = writeln!(o, "{}", if snat { "  SNAT" } else { "" });
     for f in flows {
-        let _ = write!(
-            o,
-            "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8.1} {:>8.1}",
-            f.client, f.service, f.proto, f.backend, f.state, f.age_s, f.idle_s
-        );
+        let _ = write!(o, "{:<22} {:<22} {:<5} {:<22} {:<12} {:>8.1} {:>8.1}", f.client, f.service, f.proto, f.backend, f.state, f.age_s, f.idle_s);
         let _ = writeln!(o, "{}", f.snat.map(|a| format!("  {a}")).unwrap_or_default());
     }
     let _ = writeln!(o, "{} flows", flows.len());

@@ -202,9 +202,30 @@ mod tests {
     #[test]
     fn flags_become_service_options() {
         let cmd = parse(&[
-            "xlb", "service", "add", "10.0.0.1:80", "--proto", "udp", "--scheduler", "least-conn", "--on-remove", "drain:30s", "--on-miss",
-            "rehash", "--health", "http:/ok", "--rise", "4", "--reset-on-idle", "true", "--mode", "fullnat", "--snat-ports", "2000-2999",
-            "--on-no-port", "drop",
+            "xlb",
+            "service",
+            "add",
+            "10.0.0.1:80",
+            "--proto",
+            "udp",
+            "--scheduler",
+            "least-conn",
+            "--on-remove",
+            "drain:30s",
+            "--on-miss",
+            "rehash",
+            "--health",
+            "http:/ok",
+            "--rise",
+            "4",
+            "--reset-on-idle",
+            "true",
+            "--mode",
+            "fullnat",
+            "--snat-ports",
+            "2000-2999",
+            "--on-no-port",
+            "drop",
         ]);
         let ServiceCmd::Add { proto, options, .. } = cmd else { panic!("not add") };
         assert_eq!(proto, Proto::Udp);

@@ -26,7 +26,12 @@ impl<D: DataPlane> Controller<D> {
                     service: sid.addr,
                     proto: sid.proto,
                     settings: svc.settings.clone(),
-                    backends: svc.backends.values().filter(|b| !svc.owned_by_name(b.addr)).map(|b| DesiredBackend { backend: b.addr, weight: b.weight }).collect(),
+                    backends: svc
+                        .backends
+                        .values()
+                        .filter(|b| !svc.owned_by_name(b.addr))
+                        .map(|b| DesiredBackend { backend: b.addr, weight: b.weight })
+                        .collect(),
                     named_backends: svc.named.iter().map(|(name, n)| DesiredNamed { backend: name.clone(), weight: n.weight }).collect(),
                 })
                 .collect(),

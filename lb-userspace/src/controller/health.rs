@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Instant};
 use super::{Controller, Result};
 use crate::{
     dataplane::DataPlane,
-    model::{settings::HealthCheck, ResetCause},
+    model::{ResetCause, settings::HealthCheck},
     resets,
 };
 
@@ -59,7 +59,13 @@ impl<D: DataPlane> Controller<D> {
         }
         if reset_now {
             self.resetting.insert(backend_id);
-            self.queue_reset(resets::Job { service: sid, backend: Some(addr), cause: ResetCause::Unhealthy, target: resets::Target::Backend(backend_id), spread });
+            self.queue_reset(resets::Job {
+                service: sid,
+                backend: Some(addr),
+                cause: ResetCause::Unhealthy,
+                target: resets::Target::Backend(backend_id),
+                spread,
+            });
         }
         Ok(())
     }

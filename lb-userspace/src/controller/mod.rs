@@ -31,19 +31,19 @@ use std::{
     time::Duration,
 };
 
-use lb_common::maps::{addr_from_ip, FlowEnd, ADDR_BACKEND, ADDR_VIP};
+use lb_common::maps::{ADDR_BACKEND, ADDR_VIP, FlowEnd, addr_from_ip};
 use thiserror::Error;
 
-pub use persist::{SavedBackend, SavedNamed, SavedService, SavedState};
 pub use health::HealthTarget;
-pub use reports::{flows, SharedCounter};
+pub use persist::{SavedBackend, SavedNamed, SavedService, SavedState};
+pub use reports::{SharedCounter, flows};
 pub use sync::SyncLink;
 
 use crate::{
     api::ErrorCode,
     dataplane::{DataPlane, DataplaneError},
     host::{neighbours::Neighbour, sysctl::Change},
-    model::{ResetCounts, Refusal, Service, ServiceId, TtlLimits},
+    model::{Refusal, ResetCounts, Service, ServiceId, TtlLimits},
     resets, table,
 };
 
@@ -251,7 +251,8 @@ impl<D: DataPlane> Controller<D> {
             let id = ServiceId { addr, proto };
             return if self.services.contains_key(&id) { Ok(id) } else { Err(not_found(format!("service {id} does not exist"))) };
         }
-        let found: Vec<ServiceId> = [Proto::Tcp, Proto::Udp].into_iter().map(|proto| ServiceId { addr, proto }).filter(|id| self.services.contains_key(id)).collect();
+        let found: Vec<ServiceId> =
+            [Proto::Tcp, Proto::Udp].into_iter().map(|proto| ServiceId { addr, proto }).filter(|id| self.services.contains_key(id)).collect();
         match found.as_slice() {
             [one] => Ok(*one),
             [] => Err(not_found(format!("service {addr} does not exist"))),

@@ -8,17 +8,24 @@ use std::{
     time::Instant,
 };
 
-use super::{bad, not_found, Controller, Result};
+use super::{Controller, Result, bad, not_found};
 use crate::{
     dataplane::DataPlane,
-    model::{check_weight, settings::FlowPolicy, HostPort, NamedBackend, Proto, Refusal, Resolution, ServiceId},
+    model::{HostPort, NamedBackend, Proto, Refusal, Resolution, ServiceId, check_weight, settings::FlowPolicy},
 };
 
 impl<D: DataPlane> Controller<D> {
     /// Registers a backend by name with the answer of its first lookup.
     /// The name must resolve to at least one address of the service's
     /// family.
-    pub fn named_add(&mut self, addr: SocketAddr, proto: Option<Proto>, name: &HostPort, weight: Option<u32>, answer: Resolution) -> Result<(ServiceId, Vec<SocketAddr>)> {
+    pub fn named_add(
+        &mut self,
+        addr: SocketAddr,
+        proto: Option<Proto>,
+        name: &HostPort,
+        weight: Option<u32>,
+        answer: Resolution,
+    ) -> Result<(ServiceId, Vec<SocketAddr>)> {
         let weight = weight.unwrap_or(1);
         check_weight(weight)?;
         let sid = self.resolve(addr, proto)?;

@@ -11,11 +11,11 @@ use std::{
 use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
-use super::{bad, Controller, Result};
+use super::{Controller, Result, bad};
 use crate::{
     dataplane::{Attachment, DataPlane},
     host::{neighbours::Neighbour, sysctl::Change},
-    model::{service_key, settings::ServiceSettings, BackendSlot, Drain, HostPort, NamedBackend, Proto, ResetCounts, Service, ServiceId, Tracker},
+    model::{BackendSlot, Drain, HostPort, NamedBackend, Proto, ResetCounts, Service, ServiceId, Tracker, service_key, settings::ServiceSettings},
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,7 +106,11 @@ impl<D: DataPlane> Controller<D> {
                     settings: svc.settings.clone(),
                     resets: svc.resets,
                     backends: svc.slots().map(|b| save(b, now)).collect(),
-                    named: svc.named.iter().map(|(name, n)| SavedNamed { name: name.clone(), weight: n.weight, addrs: n.addrs.iter().copied().collect() }).collect(),
+                    named: svc
+                        .named
+                        .iter()
+                        .map(|(name, n)| SavedNamed { name: name.clone(), weight: n.weight, addrs: n.addrs.iter().copied().collect() })
+                        .collect(),
                 })
                 .collect(),
             retired: self.retired.iter().map(|(sid, _, b)| SavedRetired { service: sid.addr, proto: sid.proto, backend: b.addr, id: b.id }).collect(),
@@ -133,7 +137,8 @@ impl<D: DataPlane> Controller<D> {
             let mut svc = Service::new(s.id, s.settings.clone());
             svc.resets = s.resets;
             // Asked again at once: the state file is no DNS cache.
-            svc.named = s.named.iter().map(|n| (n.name.clone(), NamedBackend::due(n.weight, n.addrs.iter().copied().collect(), now))).collect::<BTreeMap<_, _>>();
+            svc.named =
+                s.named.iter().map(|n| (n.name.clone(), NamedBackend::due(n.weight, n.addrs.iter().copied().collect(), now))).collect::<BTreeMap<_, _>>();
             for b in &s.backends {
                 if b.id >= MAX_BACKENDS || !self.used_backend_ids.insert(b.id) {
                     return Err(bad(format!("state file: backend {} has a bad or duplicate id {}", b.backend, b.id)));

@@ -6,12 +6,12 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
 use lb_common::{
-    maps::{addr_from_ip, addr_to_ip, NAT_FULL},
+    maps::{NAT_FULL, addr_from_ip, addr_to_ip},
     stats, tcp,
 };
 
@@ -19,7 +19,7 @@ use super::{Controller, Result};
 use crate::{
     api::{BackendStatus, FlowInfo, NamedStatus, PortUse, ServiceStatus, Status, TableStatus, Traffic},
     dataplane::{DataPlane, FlowTable, TrafficOf},
-    model::{be_port, port_from, settings::NatMode, Proto, ServiceId},
+    model::{Proto, ServiceId, be_port, port_from, settings::NatMode},
     table::monotonic_ns,
 };
 
@@ -36,7 +36,8 @@ impl<D: DataPlane> Controller<D> {
 
     pub fn status(&self) -> Result<Status> {
         let raw = self.dp.global_counters()?;
-        let mut counters: BTreeMap<String, u64> = stats::LABELS.iter().map(|(i, label)| (label.to_string(), raw.get(*i as usize).copied().unwrap_or(0))).collect();
+        let mut counters: BTreeMap<String, u64> =
+            stats::LABELS.iter().map(|(i, label)| (label.to_string(), raw.get(*i as usize).copied().unwrap_or(0))).collect();
         counters.insert("rst_send_errors".into(), self.rst_send_errors);
         for (name, c) in &self.shared_counters {
             counters.insert(name.clone(), c.load(Ordering::Relaxed));
@@ -72,8 +73,10 @@ impl<D: DataPlane> Controller<D> {
                     last_health_error: slot.health.last_error.clone(),
                     resets: self.backend_resets.get(&slot.id).copied().unwrap_or_default(),
                     drain_remaining_s: slot.drain.and_then(|d| d.deadline).map(|d| d.saturating_duration_since(now).as_secs_f64()),
-                    snat_ports: (svc.settings.mode == NatMode::Fullnat)
-                        .then(|| PortUse { in_use: ports.get(&(addr_from_ip(slot.addr.ip()), be_port(slot.addr.port()))).copied().unwrap_or(0), pool: svc.settings.snat_ports.len() as u64 }),
+                    snat_ports: (svc.settings.mode == NatMode::Fullnat).then(|| PortUse {
+                        in_use: ports.get(&(addr_from_ip(slot.addr.ip()), be_port(slot.addr.port()))).copied().unwrap_or(0),
+                        pool: svc.settings.snat_ports.ports() as u64,
+                    }),
                     active_flows: active,
                     traffic: t.into(),
                 });

@@ -8,15 +8,14 @@ use std::{
     time::Instant,
 };
 
-use lb_common::maps::{Backend, BACKEND_UNUSED, MAX_BACKENDS, MAX_SERVICES, RING_SLOTS};
+use lb_common::maps::{BACKEND_UNUSED, Backend, MAX_BACKENDS, MAX_SERVICES, RING_SLOTS};
 
-use super::{bad, Controller, ControllerError, Result};
+use super::{Controller, ControllerError, Result, bad};
 use crate::{
     dataplane::DataPlane,
     model::{
-        check_unicast, check_weight, service_key,
+        BackendSlot, Proto, Refusal, ResetCause, Service, ServiceId, Tracker, check_unicast, check_weight, service_key,
         settings::{FlowPolicy, ServiceOptions, ServiceSettings},
-        BackendSlot, Proto, Refusal, ResetCause, Service, ServiceId, Tracker,
     },
     plan, resets,
 };
@@ -258,7 +257,13 @@ impl<D: DataPlane> Controller<D> {
         let svc = self.svc(&sid)?;
         let Some(slot) = svc.slot_by_id(id) else { return Ok(()) };
         if slot.drain.is_none() {
-            let job = resets::Job { service: sid, backend: Some(slot.addr), cause: ResetCause::Removed, target: resets::Target::Backend(id), spread: svc.settings.reset_spread.0 };
+            let job = resets::Job {
+                service: sid,
+                backend: Some(slot.addr),
+                cause: ResetCause::Removed,
+                target: resets::Target::Backend(id),
+                spread: svc.settings.reset_spread.0,
+            };
             self.resetting.insert(id);
             self.queue_reset(job);
         }

@@ -7,18 +7,18 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
-use lb_common::maps::{addr_to_ip, FlowEntry, DIR_TO_BACKEND};
+use lb_common::maps::{DIR_TO_BACKEND, FlowEntry, addr_to_ip};
 
-use super::{bad, Controller, Result};
+use super::{Controller, Result, bad};
 use crate::{
     dataplane::{DataPlane, Flow, FlowTable},
     ha::{Kind, Record, Role, SyncStatus},
-    model::{port_from, Proto, ServiceId},
+    model::{Proto, ServiceId, port_from},
     table::monotonic_ns,
 };
 

@@ -9,20 +9,20 @@ use std::{
 };
 
 use lb_common::{
-    maps::{addr_from_ip, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP},
+    maps::{BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UNUSED, BACKEND_UP, addr_from_ip},
     tcp,
 };
 
 use super::{Controller, ControllerError, DnsSettings};
 use crate::{
     api::{
-        desired::{Desired, DesiredBackend, DesiredNamed, DesiredService},
         ErrorCode,
+        desired::{Desired, DesiredBackend, DesiredNamed, DesiredService},
     },
-    dataplane::{fake::FakeDataPlane, FlowTable},
+    dataplane::{FlowTable, fake::FakeDataPlane},
     model::{
+        HostPort, Proto, ResetCause, Resolution, ServiceId,
         settings::{FlowPolicy, ServiceOptions, ServiceSettings},
-        HostPort, Proto, Resolution, ResetCause, ServiceId,
     },
     resets::{Outcome, Target},
     table::{self, tests_support::flow},
@@ -235,11 +235,15 @@ fn a_drain_ends_when_its_last_flow_does() {
 #[test]
 fn failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back() {
     let (mut c, dp) = controller();
-    c.service_add(sa(VIP), Proto::Tcp, &options(|o| {
-        o.health = Some("tcp".into());
-        o.fall = Some(2);
-        o.rise = Some(2);
-    }))
+    c.service_add(
+        sa(VIP),
+        Proto::Tcp,
+        &options(|o| {
+            o.health = Some("tcp".into());
+            o.fall = Some(2);
+            o.rise = Some(2);
+        }),
+    )
     .expect("service");
     c.backend_add(sa(VIP), None, be(1), None).expect("be1");
     c.backend_add(sa(VIP), None, be(2), None).expect("be2");
@@ -264,10 +268,14 @@ fn failing_health_checks_take_a_backend_out_and_passing_ones_bring_it_back() {
 #[test]
 fn slow_start_ramps_a_joining_backends_share_of_the_ring() {
     let (mut c, dp) = controller();
-    c.service_add(sa(VIP), Proto::Tcp, &options(|o| {
-        o.slow_start = Some(crate::model::settings::Dur(Duration::from_secs(10)));
-        o.scheduler = Some(crate::model::settings::Scheduler::Wrr);
-    }))
+    c.service_add(
+        sa(VIP),
+        Proto::Tcp,
+        &options(|o| {
+            o.slow_start = Some(crate::model::settings::Dur(Duration::from_secs(10)));
+            o.scheduler = Some(crate::model::settings::Scheduler::Wrr);
+        }),
+    )
     .expect("service");
     c.backend_add(sa(VIP), None, be(1), None).expect("be1");
     c.backend_add(sa(VIP), None, be(2), None).expect("be2");
@@ -304,7 +312,10 @@ fn ids_are_freed_after_two_empty_snapshots_never_while_a_reset_runs() {
     snapshot(&mut c);
     snapshot(&mut c);
     assert_eq!(state_of(&dp, id), BACKEND_REMOVED, "still held: its reset job is under way");
-    c.on_reset(Outcome { service: Some(sid()), cause: Some(ResetCause::Removed), done: true, reset_by_backend: [(id, 1)].into(), ..Default::default() }, Some(id));
+    c.on_reset(
+        Outcome { service: Some(sid()), cause: Some(ResetCause::Removed), done: true, reset_by_backend: [(id, 1)].into(), ..Default::default() },
+        Some(id),
+    );
     snapshot(&mut c);
     assert_eq!(state_of(&dp, id), BACKEND_REMOVED, "one empty snapshot is not enough");
     // A flow seen again (it moved between tables during a walk) restarts the count.
@@ -476,7 +487,7 @@ fn named_backends_in_apply_are_registered_for_lookup() {
 
 #[test]
 fn a_replayed_sync_datagram_installs_nothing() {
-    use crate::ha::{decode, Kind, Receiver, Record, Role, Sender};
+    use crate::ha::{Kind, Receiver, Record, Role, Sender, decode};
     let (mut c, _dp) = controller();
     c = c.with_sync(Role::Backup, sa("192.0.2.2:7000"));
     c.service_add(sa(VIP), Proto::Tcp, &ServiceOptions::default()).expect("service");

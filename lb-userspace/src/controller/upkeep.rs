@@ -81,7 +81,14 @@ impl<D: DataPlane> Controller<D> {
             self.end_drain(sid, id)?;
         }
         // Leaving backends with no flow at all.
-        let leaving: Vec<u32> = self.services.values().flat_map(|s| s.leaving.iter()).chain(self.retired.iter().map(|(_, _, b)| b)).filter(|b| b.drain.is_none()).map(|b| b.id).collect();
+        let leaving: Vec<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.leaving.iter())
+            .chain(self.retired.iter().map(|(_, _, b)| b))
+            .filter(|b| b.drain.is_none())
+            .map(|b| b.id)
+            .collect();
         let mut streak: HashMap<u32, u32> = HashMap::new();
         for id in leaving {
             if self.snapshot.backend(id).total == 0 && !self.resetting.contains(&id) {

@@ -10,19 +10,11 @@
 //! the reset worker, records of removed flows to the flow log and (as
 //! master) to the sync peer.
 
-use std::{
-    path::PathBuf,
-    sync::mpsc as std_mpsc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::mpsc as std_mpsc, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    controller::Controller,
-    dataplane::KernelDataPlane,
-    resets,
-};
+use crate::{controller::Controller, dataplane::KernelDataPlane, resets};
 
 pub type Ctl = Controller<KernelDataPlane>;
 

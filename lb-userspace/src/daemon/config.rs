@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::{
     api::desired::{Desired, DesiredBackend, DesiredNamed, DesiredService},
-    model::{settings::ServiceSettings, BackendSpec, Proto},
+    model::{BackendSpec, Proto, settings::ServiceSettings},
 };
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -77,7 +77,10 @@ impl Config {
     pub fn desired(&self) -> anyhow::Result<Desired> {
         let mut services = Vec::with_capacity(self.services.len());
         for (i, s) in self.services.iter().enumerate() {
-            let settings = ServiceSettings::default().patched(&s.settings).map_err(anyhow::Error::msg).with_context(|| format!("config: service[{i}] {}/{}: settings", s.vip, s.proto))?;
+            let settings = ServiceSettings::default()
+                .patched(&s.settings)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("config: service[{i}] {}/{}: settings", s.vip, s.proto))?;
             let (mut backends, mut named_backends) = (Vec::new(), Vec::new());
             for b in &s.backends {
                 let weight = b.weight.unwrap_or(1);

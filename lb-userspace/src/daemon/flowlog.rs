@@ -13,14 +13,15 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{
+        Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc, Arc,
+        mpsc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
-use lb_common::maps::{addr_to_ip, end_reason, Addr, FlowEnd, FlowKey, NAT_FULL};
+use lb_common::maps::{Addr, FlowEnd, FlowKey, NAT_FULL, addr_to_ip, end_reason};
 use serde::Serialize;
 
 use crate::api::Proto;
@@ -80,13 +81,7 @@ impl FlowLog {
         let out: Box<dyn Write + Send> = if path == Path::new("-") {
             Box::new(std::io::stdout())
         } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening the flow log {}", path.display()))?,
-            )
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening the flow log {}", path.display()))?)
         };
         Ok(FlowLog::to_writer(out, sample))
     }
@@ -219,11 +214,18 @@ pub fn start(mut log: FlowLog) -> std::io::Result<(Sender, Counters)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::maps::{addr_v4, FlowEntry, PROTO_TCP};
+    use lb_common::maps::{FlowEntry, PROTO_TCP, addr_v4};
 
     fn ev(port: u16) -> FlowEnd {
         FlowEnd {
-            key: FlowKey { src_addr: addr_v4(0x0200000a), dst_addr: addr_v4(0x0100630a), src_port: port.to_be(), dst_port: 80u16.to_be(), proto: PROTO_TCP, _pad: [0; 3] },
+            key: FlowKey {
+                src_addr: addr_v4(0x0200000a),
+                dst_addr: addr_v4(0x0100630a),
+                src_port: port.to_be(),
+                dst_port: 80u16.to_be(),
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            },
             reason: end_reason::IDLE,
             _pad: 0,
             to_backend: FlowEntry { packets: 3, bytes: 180, nat_dst: addr_v4(0x0201010a), nat_dport: 8080u16.to_be(), ..Default::default() },

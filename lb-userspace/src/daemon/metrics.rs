@@ -41,11 +41,9 @@ pub async fn serve(listener: tokio::net::TcpListener, ctl: Handle) -> anyhow::Re
             async move {
                 let status = ctl.call(|c| c.status()).await;
                 match status {
-                    None => (
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-                        "the daemon is stopping\n".to_owned(),
-                    ),
+                    None => {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, [(axum::http::header::CONTENT_TYPE, "text/plain")], "the daemon is stopping\n".to_owned())
+                    }
                     Some(Ok(s)) => (axum::http::StatusCode::OK, [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], render(&s)),
                     Some(Err(e)) => (
                         axum::http::StatusCode::INTERNAL_SERVER_ERROR,
@@ -62,13 +60,7 @@ pub async fn serve(listener: tokio::net::TcpListener, ctl: Handle) -> anyhow::Re
 
 /// Resets by cause: the controller's, and the data plane's reactive ones.
 fn by_cause(r: &crate::model::ResetCounts, t: &crate::api::Traffic) -> [(&'static str, u64); 5] {
-    [
-        ("removed", r.removed),
-        ("unhealthy", r.unhealthy),
-        ("drain_deadline", r.drain_deadline),
-        ("idle", r.idle),
-        ("reactive", t.reactive_resets),
-    ]
+    [("removed", r.removed), ("unhealthy", r.unhealthy), ("drain_deadline", r.drain_deadline), ("idle", r.idle), ("reactive", t.reactive_resets)]
 }
 
 /// A sample's labels, in the order they are written (the encoder escapes
@@ -201,10 +193,16 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
         family(enc, &format!("xlb_dataplane_{k}"), &format!("Data-plane counter {k} (see docs/architecture.md)."), vec![(Vec::new(), counter(v))])?;
     }
     if let Some(y) = &s.sync {
-        family(enc, "xlb_sync_lag_seconds", "State sync: send-to-apply delay of the last datagram from the peer (wall clocks).", vec![(Vec::new(), ConstGauge::new(y.lag_s))])?;
+        family(
+            enc,
+            "xlb_sync_lag_seconds",
+            "State sync: send-to-apply delay of the last datagram from the peer (wall clocks).",
+            vec![(Vec::new(), ConstGauge::new(y.lag_s))],
+        )?;
         let role = ["master", "backup"].map(|r| (vec![("role", r.to_owned())], gauge((y.role.to_string() == r).into())));
         family(enc, "xlb_sync_role", "State sync: 1 for this node's role.", role.into())?;
-        let events = |e: &[(&str, u64)]| -> Vec<(Labels, ConstCounter<u64>)> { e.iter().map(|(e, n)| (vec![("event", (*e).to_owned())], counter(*n))).collect() };
+        let events =
+            |e: &[(&str, u64)]| -> Vec<(Labels, ConstCounter<u64>)> { e.iter().map(|(e, n)| (vec![("event", (*e).to_owned())], counter(*n))).collect() };
         family(
             enc,
             "xlb_sync_datagrams",
@@ -231,10 +229,17 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
                 ("stale", y.stale_ignored),
             ]),
         )?;
-        family(enc, "xlb_sync_sequence_gaps", "State sync datagrams the peer sent that never arrived (healed by its refreshes).", vec![(Vec::new(), counter(y.sequence_gaps))])?;
+        family(
+            enc,
+            "xlb_sync_sequence_gaps",
+            "State sync datagrams the peer sent that never arrived (healed by its refreshes).",
+            vec![(Vec::new(), counter(y.sequence_gaps))],
+        )?;
         family(enc, "xlb_sync_peer_restarts", "Times the sync peer's epoch grew (its daemon restarted).", vec![(Vec::new(), counter(y.peer_restarts))])?;
     }
-    let tables = |established: u64, half_open: u64| vec![(vec![("table", "established".to_owned())], gauge(established)), (vec![("table", "half_open".to_owned())], gauge(half_open))];
+    let tables = |established: u64, half_open: u64| {
+        vec![(vec![("table", "established".to_owned())], gauge(established)), (vec![("table", "half_open".to_owned())], gauge(half_open))]
+    };
     family(enc, "xlb_table_entries", "Entries in the flow tables (two per flow).", tables(s.table.entries, s.table.half_open_entries))?;
     family(
         enc,
@@ -243,7 +248,12 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
         tables(s.table.capacity_flows, s.table.half_open_capacity_flows),
     )?;
     if let Some(age) = s.table.snapshot_age_s {
-        family(enc, "xlb_table_snapshot_age_seconds", "Age of the table figures (flows per backend, table entries): they come from the latest walk of the table.", vec![(Vec::new(), ConstGauge::new(age))])?;
+        family(
+            enc,
+            "xlb_table_snapshot_age_seconds",
+            "Age of the table figures (flows per backend, table entries): they come from the latest walk of the table.",
+            vec![(Vec::new(), ConstGauge::new(age))],
+        )?;
     }
     Ok(())
 }
@@ -255,8 +265,8 @@ mod tests {
     use super::*;
     use crate::{
         api::{BackendStatus, PortUse, Proto, TableStatus, Traffic},
-        model::ResetCounts,
         ha::{Role, SyncStatus},
+        model::ResetCounts,
         model::settings::{NatMode, ServiceSettings},
     };
 
@@ -300,8 +310,10 @@ mod tests {
             ],
             named_backends: Vec::new(),
         };
-        let counters: BTreeMap<String, u64> =
-            [("rx", 1000), ("tx", 900), ("pass_not_service", 40), ("drop_malformed", 2), ("entries_created", 12)].into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let counters: BTreeMap<String, u64> = [("rx", 1000), ("tx", 900), ("pass_not_service", 40), ("drop_malformed", 2), ("entries_created", 12)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         Status {
             interfaces: Vec::new(),
             table: TableStatus { entries: 12, capacity_flows: 65536, half_open_entries: 2, half_open_capacity_flows: 8192, snapshot_age_s: Some(0.5) },

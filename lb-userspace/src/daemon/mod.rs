@@ -27,11 +27,11 @@ mod workers;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{atomic::AtomicBool, mpsc as std_mpsc, Arc},
+    sync::{Arc, atomic::AtomicBool, mpsc as std_mpsc},
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     api::desired::Desired,
@@ -136,8 +136,9 @@ pub async fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
     let master = ctl.sync_shared().map(|(m, _)| m);
 
     let (jobs_tx, jobs_rx) = std_mpsc::channel();
-    let (handle, actor_thread) = actor::spawn(ctl, Outlets { state_file: args.state_file.clone(), jobs: jobs_tx, flow_log: flow_log.clone(), sync: outbound.clone() })
-        .context("starting the controller thread")?;
+    let (handle, actor_thread) =
+        actor::spawn(ctl, Outlets { state_file: args.state_file.clone(), jobs: jobs_tx, flow_log: flow_log.clone(), sync: outbound.clone() })
+            .context("starting the controller thread")?;
     let stop_walker = Arc::new(AtomicBool::new(false));
     let walker = {
         let (table, handle, stop) = (table.clone(), handle.clone(), stop_walker.clone());
@@ -257,8 +258,12 @@ fn hand_back(ctl: &mut Ctl) {
 /// builds the model: from the saved state when the data plane was running,
 /// else from the config file. A failure leaves nothing new behind.
 fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings) -> anyhow::Result<Started> {
-    let dp = KernelDataPlane::load(LoadOptions { conn_capacity: args.conn_capacity, half_open_capacity: args.half_open_capacity, pin_dir: Some(args.pin_dir.clone()) })
-        .context("loading the XDP program")?;
+    let dp = KernelDataPlane::load(LoadOptions {
+        conn_capacity: args.conn_capacity,
+        half_open_capacity: args.half_open_capacity,
+        pin_dir: Some(args.pin_dir.clone()),
+    })
+    .context("loading the XDP program")?;
     let restored = dp.restored();
     let saved: Option<SavedState> = if restored {
         let text = std::fs::read_to_string(&args.state_file).with_context(|| {

@@ -4,7 +4,11 @@
 //! DNS lookup, a walk of the table for `flows`, the kernel for `health`)
 //! waits here, not there.
 
-use std::{path::Path, sync::Arc, time::{Duration, Instant}};
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use serde_json::json;
 use tokio::{
@@ -14,7 +18,7 @@ use tokio::{
 
 use super::actor::{Ctl, Handle};
 use crate::{
-    api::{ErrorCode, LinkLiveness, Liveness, Request, Response, MAX_REQUEST_BYTES},
+    api::{ErrorCode, LinkLiveness, Liveness, MAX_REQUEST_BYTES, Request, Response},
     controller::ControllerError,
     dataplane::KernelTable,
     dns::{BackendSpec, Resolver},
@@ -53,7 +57,10 @@ pub async fn handle(cx: &Context, req: Request) -> Response {
         Request::Health => Response::ok(serde_json::to_value(liveness(cx).await).unwrap_or_default()),
         Request::BackendAdd { service, proto, backend: BackendSpec::Name(name), weight } => {
             let Some(resolver) = &cx.resolver else {
-                return Response::err(ErrorCode::BadRequest, format!("backend {name}: backends by DNS name need the daemon's resolver (none could be set up: see its log)"));
+                return Response::err(
+                    ErrorCode::BadRequest,
+                    format!("backend {name}: backends by DNS name need the daemon's resolver (none could be set up: see its log)"),
+                );
             };
             let answer_ = resolver.resolve(&name.host).await;
             let r = cx
@@ -192,8 +199,7 @@ pub fn dispatch(ctl: &mut Ctl, req: Request) -> Result<serde_json::Value, Contro
 
 /// Parses one request line; garbage gets a `bad_request` naming the problem.
 pub fn parse_request(line: &str) -> Result<Request, Response> {
-    serde_json::from_str(line.trim())
-        .map_err(|e| Response::err(ErrorCode::BadRequest, format!("invalid request: {e}")))
+    serde_json::from_str(line.trim()).map_err(|e| Response::err(ErrorCode::BadRequest, format!("invalid request: {e}")))
 }
 
 /// Binds the socket with mode 0600 (creating its directory).
@@ -205,10 +211,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another xlb daemon is already serving {}: stop it first or choose another --socket",
-                path.display()
-            );
+            anyhow::bail!("another xlb daemon is already serving {}: stop it first or choose another --socket", path.display());
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
     }
@@ -219,8 +222,7 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = res.with_context(|| format!("binding control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("setting mode 0600 on {}", path.display()))?;
     Ok(listener)
 }
 

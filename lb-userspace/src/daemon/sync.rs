@@ -6,20 +6,20 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use anyhow::Context as _;
-use lb_common::maps::{end_reason, FlowEnd};
+use lb_common::maps::{FlowEnd, end_reason};
 
 use super::actor::Handle;
 use crate::{
     cli::DaemonArgs,
     dataplane::Flow,
-    ha::{Kind, QueueError, QueueRx, QueueTx, Receiver, Record, Sender, SyncConfig, PER_DATAGRAM},
+    ha::{Kind, PER_DATAGRAM, QueueError, QueueRx, QueueTx, Receiver, Record, Sender, SyncConfig},
 };
 
 /// Where records for the peer go (see `ha::queue`: flow changes are

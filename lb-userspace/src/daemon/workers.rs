@@ -5,8 +5,9 @@
 
 use std::{
     sync::{
+        Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc as std_mpsc, Arc,
+        mpsc as std_mpsc,
     },
     time::{Duration, Instant},
 };

@@ -97,25 +97,14 @@ pub fn update_many<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V])
 
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            mem::size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, mem::size_of::<BatchAttr>() as libc::c_uint) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Calls `f` with every `(key, value)` of a hash map, `chunk` entries per
 /// syscall. Entries added or removed during the walk may or may not be seen
 /// (as with any hash map walk).
-pub fn for_each<K: Pod, V: Pod>(
-    fd: BorrowedFd<'_>,
-    chunk: usize,
-    mut f: impl FnMut(&K, &V),
-) -> io::Result<()> {
+pub fn for_each<K: Pod, V: Pod>(fd: BorrowedFd<'_>, chunk: usize, mut f: impl FnMut(&K, &V)) -> io::Result<()> {
     let mut chunk = chunk.max(64);
     let mut keys: Vec<MaybeUninit<K>> = Vec::new();
     let mut values: Vec<MaybeUninit<V>> = Vec::new();
@@ -170,12 +159,7 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<(usize, Vec<
     let mut missing = Vec::new();
     let mut rest = keys;
     while !rest.is_empty() {
-        let mut attr = BatchAttr {
-            keys: rest.as_ptr() as u64,
-            count: rest.len() as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
+        let mut attr = BatchAttr { keys: rest.as_ptr() as u64, count: rest.len() as u32, map_fd: fd.as_raw_fd() as u32, ..Default::default() };
         let res = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
         let n = attr.count as usize;
         deleted += n;

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use lb_common::maps::{Addr, Backend, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, NAT_FULL};
+use lb_common::maps::{Addr, Backend, FlowKey, NAT_FULL, ServiceEntry, ServiceKey, TrafficCounters};
 
 use super::{Attachment, DataPlane, DataplaneError, Flow, FlowRef, FlowTable, Result, TableCounts, TrafficOf};
 

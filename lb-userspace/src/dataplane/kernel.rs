@@ -6,32 +6,33 @@
 
 use std::{
     collections::HashMap as StdHashMap,
-    fs,
-    io,
+    fs, io,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
         Arc,
+        atomic::{AtomicU64, Ordering},
     },
 };
 
 use aya::{
+    Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
+        Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
     },
-    Ebpf, EbpfLoader,
 };
 use lb_common::{
-    maps::{names, Addr, Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, DIR_TO_BACKEND, IFACE_GENERIC, IFACE_VIRTUAL, NAT_FULL, RING_SLOTS},
+    maps::{
+        Addr, Backend, DIR_TO_BACKEND, FlowEntry, FlowKey, IFACE_GENERIC, IFACE_VIRTUAL, NAT_FULL, RING_SLOTS, ServiceEntry, ServiceKey, TrafficCounters, names,
+    },
     stats,
 };
 use thiserror::Error;
 
-use super::{batch, iface, DataPlane, Flow, FlowRef, FlowTable, TableCounts, TrafficOf};
+use super::{DataPlane, Flow, FlowRef, FlowTable, TableCounts, TrafficOf, batch, iface};
 
 /// The compiled XDP object (built by build.rs from lb-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
@@ -54,60 +55,29 @@ pub enum DataplaneError {
     #[error("the XDP object has no program {0}")]
     MissingProgram(&'static str),
     #[error("{op} on map {map}: {}", chain(.cause))]
-    Map {
-        op: &'static str,
-        map: &'static str,
-        cause: aya::maps::MapError,
-    },
+    Map { op: &'static str, map: &'static str, cause: aya::maps::MapError },
     #[error("{op} on map {map}: {}", chain(.cause))]
-    Syscall {
-        op: &'static str,
-        map: &'static str,
-        cause: io::Error,
-    },
+    Syscall { op: &'static str, map: &'static str, cause: io::Error },
     #[error("{op} program {prog}: {}", chain(.cause))]
-    Program {
-        op: &'static str,
-        prog: &'static str,
-        cause: aya::programs::ProgramError,
-    },
+    Program { op: &'static str, prog: &'static str, cause: aya::programs::ProgramError },
     #[error("attaching XDP to {iface} in {mode} mode: {} (is the interface up? try --xdp-mode generic)", chain(.cause))]
-    Attach {
-        iface: String,
-        mode: &'static str,
-        cause: aya::programs::ProgramError,
-    },
+    Attach { iface: String, mode: &'static str, cause: aya::programs::ProgramError },
     #[error("registering ifindex {ifindex} as a redirect target: {}", chain(.cause))]
-    Devmap {
-        ifindex: u32,
-        cause: aya::maps::xdp::XdpMapError,
-    },
+    Devmap { ifindex: u32, cause: aya::maps::xdp::XdpMapError },
     #[error("interface {0} does not exist")]
     NoSuchInterface(String),
     #[error("pinning map {map} at {path}: {} (is bpffs mounted at /sys/fs/bpf? `cargo xtask setup` mounts it)", chain(.cause))]
-    Pin {
-        map: &'static str,
-        path: PathBuf,
-        cause: aya::pin::PinError,
-    },
-    #[error("the pinned data plane in {dir} has another layout than this xlb: {detail}. Its flows cannot be kept: stop here, or remove it with `xlb detach --pin-dir {dir}` and start again (existing connections will be reset)")]
+    Pin { map: &'static str, path: PathBuf, cause: aya::pin::PinError },
+    #[error(
+        "the pinned data plane in {dir} has another layout than this xlb: {detail}. Its flows cannot be kept: stop here, or remove it with `xlb detach --pin-dir {dir}` and start again (existing connections will be reset)"
+    )]
     LayoutMismatch { dir: PathBuf, detail: String },
     #[error("pinning the XDP link of {iface} at {path}: {}", chain(.cause))]
-    PinLink {
-        iface: String,
-        path: PathBuf,
-        cause: aya::pin::PinError,
-    },
+    PinLink { iface: String, path: PathBuf, cause: aya::pin::PinError },
     #[error("taking over the pinned XDP link {path}: {}", chain(.cause.as_ref()))]
-    Relink {
-        path: PathBuf,
-        cause: Box<dyn std::error::Error + Send + Sync>,
-    },
+    Relink { path: PathBuf, cause: Box<dyn std::error::Error + Send + Sync> },
     #[error("preparing pin directory {path}: {}", chain(.cause))]
-    PinDir {
-        path: PathBuf,
-        cause: io::Error,
-    },
+    PinDir { path: PathBuf, cause: io::Error },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -210,11 +180,7 @@ impl KernelDataPlane {
             }
         };
         let maps = take_maps(&mut ebpf)?;
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, cause)| DataplaneError::Syscall {
-            op: "counting CPUs",
-            map: names::STATS,
-            cause,
-        })?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(_, cause)| DataplaneError::Syscall { op: "counting CPUs", map: names::STATS, cause })?;
         Ok(KernelDataPlane {
             ebpf,
             maps,
@@ -282,11 +248,11 @@ impl KernelDataPlane {
     }
 
     fn xdp(&mut self, prog: &'static str) -> Result<&mut Xdp> {
-        self.ebpf
-            .program_mut(prog)
-            .ok_or(DataplaneError::MissingProgram(prog))?
-            .try_into()
-            .map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })
+        self.ebpf.program_mut(prog).ok_or(DataplaneError::MissingProgram(prog))?.try_into().map_err(|cause| DataplaneError::Program {
+            op: "finding",
+            prog,
+            cause,
+        })
     }
 
     /// The balancing program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -403,20 +369,18 @@ impl KernelDataPlane {
                 return Err(DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) });
             }
         };
-        let pinned = fd_link
-            .pin(path)
-            .map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: path.to_owned(), cause })?;
+        let pinned = fd_link.pin(path).map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: path.to_owned(), cause })?;
         let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })?;
-        self.xdp(PROGRAM)?
-            .attach_to_link(link)
-            .map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })
+        self.xdp(PROGRAM)?.attach_to_link(link).map_err(|e| DataplaneError::Relink { path: path.to_owned(), cause: Box::new(e) })
     }
 
     /// Attaches the pass-only program (for veth peers in test topologies).
     pub fn attach_pass(&mut self, ifindex: u32) -> Result<()> {
-        self.xdp(PASS_PROGRAM)?
-            .attach_to_if_index(ifindex, XdpMode::Driver)
-            .map_err(|cause| DataplaneError::Attach { iface: format!("ifindex {ifindex}"), mode: "native", cause })?;
+        self.xdp(PASS_PROGRAM)?.attach_to_if_index(ifindex, XdpMode::Driver).map_err(|cause| DataplaneError::Attach {
+            iface: format!("ifindex {ifindex}"),
+            mode: "native",
+            cause,
+        })?;
         Ok(())
     }
 
@@ -431,9 +395,7 @@ impl KernelDataPlane {
             if let Some(dir) = &self.pin_dir {
                 let _ = fs::remove_file(dir.join(format!("link_{}", att.iface)));
             }
-            let res = self.xdp(PROGRAM).and_then(|p| {
-                p.detach(link).map_err(|cause| DataplaneError::Program { op: "detaching", prog: PROGRAM, cause })
-            });
+            let res = self.xdp(PROGRAM).and_then(|p| p.detach(link).map_err(|cause| DataplaneError::Program { op: "detaching", prog: PROGRAM, cause }));
             match res {
                 Ok(()) => tracing::info!(iface = att.iface, "detached"),
                 Err(e) => tracing::warn!(iface = att.iface, error = %e, "detach failed"),
@@ -600,8 +562,11 @@ impl KernelDataPlane {
     pub fn for_each_flow_tagged(&self, mut f: impl FnMut(bool, &FlowKey, &FlowEntry)) -> Result<()> {
         for (half_open, name) in [(false, names::CONNS), (true, names::HALF_OPEN)] {
             let fd = batch::fd_of(self.map_data(name)?);
-            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(half_open, k, v))
-                .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
+            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(half_open, k, v)).map_err(|cause| DataplaneError::Syscall {
+                op: "walking",
+                map: name,
+                cause,
+            })?;
         }
         Ok(())
     }
@@ -643,13 +608,7 @@ impl KernelDataPlane {
     pub fn global_counters(&self) -> Result<Vec<u64>> {
         let map = self.map(names::STATS)?;
         let m: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err("opening", names::STATS))?;
-        (0..stats::COUNT)
-            .map(|i| {
-                m.get(&i, 0)
-                    .map(|v| v.iter().sum())
-                    .map_err(map_err("reading", names::STATS))
-            })
-            .collect()
+        (0..stats::COUNT).map(|i| m.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err("reading", names::STATS))).collect()
     }
 
     pub fn service_counters(&self, id: u32) -> Result<TrafficCounters> {
@@ -747,11 +706,16 @@ struct TableFds {
 impl KernelTable {
     fn open(dp: &KernelDataPlane) -> Result<KernelTable> {
         let dup = |name: &'static str| -> Result<OwnedFd> {
-            batch::fd_of(dp.map_data(name)?)
-                .try_clone_to_owned()
-                .map_err(|cause| DataplaneError::Syscall { op: "duplicating the descriptor of", map: name, cause })
+            batch::fd_of(dp.map_data(name)?).try_clone_to_owned().map_err(|cause| DataplaneError::Syscall {
+                op: "duplicating the descriptor of",
+                map: name,
+                cause,
+            })
         };
-        Ok(KernelTable { fds: Some(Arc::new(TableFds { conns: dup(names::CONNS)?, half_open: dup(names::HALF_OPEN)?, ports: dup(names::PORTS)? })), removed: Arc::new(AtomicU64::new(0)) })
+        Ok(KernelTable {
+            fds: Some(Arc::new(TableFds { conns: dup(names::CONNS)?, half_open: dup(names::HALF_OPEN)?, ports: dup(names::PORTS)? })),
+            removed: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     fn none() -> KernelTable {
@@ -766,7 +730,9 @@ impl KernelTable {
     fn entry(&self, key: &FlowKey) -> Result<Option<(FlowEntry, bool)>> {
         let f = self.fds()?;
         for (half_open, name, fd) in [(false, names::CONNS, &f.conns), (true, names::HALF_OPEN, &f.half_open)] {
-            if let Some(v) = batch::lookup::<FlowKey, FlowEntry>(fd.as_fd(), key).map_err(|cause| DataplaneError::Syscall { op: "reading", map: name, cause })? {
+            if let Some(v) =
+                batch::lookup::<FlowKey, FlowEntry>(fd.as_fd(), key).map_err(|cause| DataplaneError::Syscall { op: "reading", map: name, cause })?
+            {
                 return Ok(Some((v, half_open)));
             }
         }
@@ -787,11 +753,11 @@ impl KernelTable {
     /// back the full-NAT ports among them. Returns the entries deleted.
     fn delete_keys(&self, keys: &[FlowKey]) -> Result<usize> {
         let f = self.fds()?;
-        let (mut deleted, missing) = batch::delete(f.conns.as_fd(), keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, cause })?;
+        let (mut deleted, missing) =
+            batch::delete(f.conns.as_fd(), keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::CONNS, cause })?;
         if !missing.is_empty() {
-            deleted += batch::delete(f.half_open.as_fd(), &missing)
-                .map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, cause })?
-                .0;
+            deleted +=
+                batch::delete(f.half_open.as_fd(), &missing).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, cause })?.0;
         }
         self.removed.fetch_add(deleted as u64, Ordering::Relaxed);
         // A flow's port is keyed like its backend → balancer entry, which
@@ -861,17 +827,29 @@ impl FlowTable for KernelTable {
         // Reverse first, as the data plane does: the backend's first reply
         // can never miss.
         if let Some(rev) = flow.rev.filter(|_| !flow.is_dsr()) {
-            batch::update(f.conns.as_fd(), &flow.reverse_key, &rev).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::CONNS, cause })?;
+            batch::update(f.conns.as_fd(), &flow.reverse_key, &rev).map_err(|cause| DataplaneError::Syscall {
+                op: "inserting into",
+                map: names::CONNS,
+                cause,
+            })?;
         }
         batch::update(f.conns.as_fd(), &flow.key, &flow.fwd).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::CONNS, cause })?;
         if flow.fwd.nat_flags & NAT_FULL != 0 {
-            batch::update(f.ports.as_fd(), &flow.reverse_key, &now_ns).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::PORTS, cause })?;
+            batch::update(f.ports.as_fd(), &flow.reverse_key, &now_ns).map_err(|cause| DataplaneError::Syscall {
+                op: "inserting into",
+                map: names::PORTS,
+                cause,
+            })?;
         }
         Ok(())
     }
 
     fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, u64)) -> Result<()> {
-        batch::for_each::<FlowKey, u64>(self.fds()?.ports.as_fd(), 4096, |k, v| f(k, *v)).map_err(|cause| DataplaneError::Syscall { op: "walking", map: names::PORTS, cause })
+        batch::for_each::<FlowKey, u64>(self.fds()?.ports.as_fd(), 4096, |k, v| f(k, *v)).map_err(|cause| DataplaneError::Syscall {
+            op: "walking",
+            map: names::PORTS,
+            cause,
+        })
     }
 
     fn port_in_use(&self, key: &FlowKey) -> Result<bool> {
@@ -887,7 +865,8 @@ impl FlowTable for KernelTable {
     }
 
     fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
-        let (released, _) = batch::delete(self.fds()?.ports.as_fd(), keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, cause })?;
+        let (released, _) =
+            batch::delete(self.fds()?.ports.as_fd(), keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, cause })?;
         Ok(released)
     }
 
@@ -966,11 +945,11 @@ fn minimal_loader() -> EbpfLoader<'static> {
 
 /// Finds, verifies and loads one XDP program of the object.
 fn load_program<'a>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut Xdp> {
-    let p: &mut Xdp = ebpf
-        .program_mut(prog)
-        .ok_or(DataplaneError::MissingProgram(prog))?
-        .try_into()
-        .map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })?;
+    let p: &mut Xdp = ebpf.program_mut(prog).ok_or(DataplaneError::MissingProgram(prog))?.try_into().map_err(|cause| DataplaneError::Program {
+        op: "finding",
+        prog,
+        cause,
+    })?;
     load_retrying(p).map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
     Ok(p)
 }
@@ -1035,9 +1014,7 @@ pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Re
 /// Interfaces with a pinned link in `dir` (from a previous run).
 pub fn pinned_links(dir: &Path) -> Vec<String> {
     let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("link_")).map(str::to_owned))
-        .collect()
+    rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("link_")).map(str::to_owned)).collect()
 }
 
 /// Detaches the pinned link of `iface` for good (a link this run does not
@@ -1099,8 +1076,6 @@ fn mount_bpffs(path: &Path) -> io::Result<()> {
     fs::create_dir_all(path)?;
     let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid NUL-terminated strings.
-    let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

@@ -20,14 +20,14 @@ pub mod iface;
 pub mod kernel;
 
 use lb_common::{
-    maps::{Backend, FlowEntry, FlowKey, ServiceEntry, ServiceKey, TrafficCounters, Addr, DIR_TO_BACKEND, NAT_ENCAP, PROTO_TCP},
+    maps::{Addr, Backend, DIR_TO_BACKEND, FlowEntry, FlowKey, NAT_ENCAP, PROTO_TCP, ServiceEntry, ServiceKey, TrafficCounters},
     rst::Rst,
     tcp,
 };
 
 pub use kernel::{
-    attach_decap_pinned, chain, ifindex, pinned_links, remove_pins, unpin_link, AttachMode, Attachment, DataplaneError, KernelDataPlane, KernelTable,
-    LoadOptions, EBPF_OBJECT,
+    AttachMode, Attachment, DataplaneError, EBPF_OBJECT, KernelDataPlane, KernelTable, LoadOptions, attach_decap_pinned, chain, ifindex, pinned_links,
+    remove_pins, unpin_link,
 };
 
 pub type Result<T> = std::result::Result<T, DataplaneError>;
@@ -198,7 +198,14 @@ impl Flow {
     /// with the sequence number the backend expects next (frees its socket
     /// at once).
     pub fn backend_rst(&self) -> Rst {
-        Rst { src: self.fwd.nat_src, dst: self.fwd.nat_dst, sport: self.fwd.nat_sport.to_ne_bytes(), dport: self.fwd.nat_dport.to_ne_bytes(), seq: self.fwd.seq_next, ack: None }
+        Rst {
+            src: self.fwd.nat_src,
+            dst: self.fwd.nat_dst,
+            sport: self.fwd.nat_sport.to_ne_bytes(),
+            dport: self.fwd.nat_dport.to_ne_bytes(),
+            seq: self.fwd.seq_next,
+            ack: None,
+        }
     }
 
     /// The flow as a flow-log / sync record.

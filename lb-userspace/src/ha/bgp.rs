@@ -62,14 +62,12 @@ impl Announcer {
 fn write_and_reload(include: &Path, socket: &Path, text: &str) -> Result<(), String> {
     let tmp = include.with_extension("tmp");
     std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, include)).map_err(|e| format!("writing {}: {e}", include.display()))?;
-    let out = std::process::Command::new("birdc")
-        .arg("-s")
-        .arg(socket)
-        .arg("configure")
-        .output()
-        .map_err(|e| format!("running birdc: {e} (is BIRD installed?)"))?;
+    let out =
+        std::process::Command::new("birdc").arg("-s").arg(socket).arg("configure").output().map_err(|e| format!("running birdc: {e} (is BIRD installed?)"))?;
     let said = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !(said.contains("Reconfigured") || said.contains("Reconfiguration in progress") || said.contains("Reconfiguration already in progress")) {
+    if !out.status.success()
+        || !(said.contains("Reconfigured") || said.contains("Reconfiguration in progress") || said.contains("Reconfiguration already in progress"))
+    {
         return Err(format!("birdc configure: {} {}", said.trim(), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(())

@@ -6,8 +6,8 @@
 use std::io;
 
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkMessage, LinkXdp},
     RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage, LinkXdp},
 };
 
 use super::neighbours::Netlink;
@@ -27,7 +27,9 @@ impl Netlink {
         m.header.index = ifindex;
         let answers = match self.request(RouteNetlinkMessage::GetLink(m), 0) {
             Ok(a) => a,
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {ifindex}"))),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {ifindex}")));
+            }
             Err(e) => return Err(e),
         };
         for a in answers {

@@ -15,15 +15,13 @@
 
 use std::{collections::BTreeSet, io, net::IpAddr};
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
-    AddressFamily, RouteNetlinkMessage,
 };
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use serde::{Deserialize, Serialize};
 
 /// A neighbour entry: an address on an interface.
@@ -225,7 +223,9 @@ pub fn reconcile(nl: &mut Netlink, ours: &mut BTreeSet<Neighbour>, want: &BTreeS
                 tracing::info!(ifindex = n.ifindex, addr = %n.addr, "next hop kept resolved (managed neighbour)");
                 ours.insert(n.clone());
             }
-            Err(e) => tracing::warn!(ifindex = n.ifindex, addr = %n.addr, error = %e, "making a next hop a managed neighbour failed (the kernel resolves it on demand instead)"),
+            Err(e) => {
+                tracing::warn!(ifindex = n.ifindex, addr = %n.addr, error = %e, "making a next hop a managed neighbour failed (the kernel resolves it on demand instead)")
+            }
         }
     }
     for n in ours.clone().difference(want) {

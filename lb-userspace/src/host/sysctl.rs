@@ -95,7 +95,11 @@ pub fn needs(sys: &Sysctl, iface: &str) -> Vec<(String, String, &'static str)> {
     let v4 = |k: &str| format!("net.ipv4.conf.{iface}.{k}");
     let v6 = |k: &str| format!("net.ipv6.conf.{iface}.{k}");
     out.push((v4("forwarding"), "1".into(), "XDP's FIB lookups and the kernel forwarding what XDP passes to it"));
-    out.push((v4("accept_local"), "1".into(), "packets passed to the kernel with a local source address (the VIP, the full-NAT source) are dropped as martians otherwise"));
+    out.push((
+        v4("accept_local"),
+        "1".into(),
+        "packets passed to the kernel with a local source address (the VIP, the full-NAT source) are dropped as martians otherwise",
+    ));
     let rp = |k: &str| sys.read(k).ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
     if rp("net.ipv4.conf.all.rp_filter").max(rp(&v4("rp_filter"))) == 1 {
         // The kernel uses the larger of `all` and the interface's value:
@@ -106,12 +110,20 @@ pub fn needs(sys: &Sysctl, iface: &str) -> Vec<(String, String, &'static str)> {
         out.push((v6("forwarding"), "1".into(), "XDP's IPv6 FIB lookups"));
         // Only with the change to forwarding it goes with.
         if sys.read(&v6("forwarding")).is_ok_and(|v| v != "1") && sys.read(&v6("accept_ra")).is_ok_and(|v| v == "1") {
-            out.push((v6("accept_ra"), "2".into(), "with forwarding on, router advertisements are ignored unless accept_ra is 2: the host's IPv6 autoconfiguration stays as it was"));
+            out.push((
+                v6("accept_ra"),
+                "2".into(),
+                "with forwarding on, router advertisements are ignored unless accept_ra is 2: the host's IPv6 autoconfiguration stays as it was",
+            ));
         }
         if sys.exists(&v6("force_forwarding")) {
             out.push((v6("force_forwarding"), "1".into(), "the kernel forwarding IPv6 packets XDP passes to it"));
         } else {
-            out.push(("net.ipv6.conf.all.forwarding".into(), "1".into(), "the kernel forwarding IPv6 packets XDP passes to it (this kernel has no per-interface force_forwarding)"));
+            out.push((
+                "net.ipv6.conf.all.forwarding".into(),
+                "1".into(),
+                "the kernel forwarding IPv6 packets XDP passes to it (this kernel has no per-interface force_forwarding)",
+            ));
         }
     }
     out
@@ -271,7 +283,10 @@ mod tests {
     #[test]
     fn merge_keeps_the_first_before() {
         let mut all = vec![Change { key: "a".into(), before: "0".into(), after: "1".into() }];
-        merge(&mut all, vec![Change { key: "a".into(), before: "1".into(), after: "2".into() }, Change { key: "b".into(), before: "x".into(), after: "y".into() }]);
+        merge(
+            &mut all,
+            vec![Change { key: "a".into(), before: "1".into(), after: "2".into() }, Change { key: "b".into(), before: "x".into(), after: "y".into() }],
+        );
         assert_eq!(all[0], Change { key: "a".into(), before: "0".into(), after: "2".into() });
         assert_eq!(all.len(), 2);
     }

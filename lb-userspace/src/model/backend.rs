@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::maps::{addr_from_ip, Backend, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UP};
+use lb_common::maps::{BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REMOVED, BACKEND_UP, Backend, addr_from_ip};
 
 use super::{be_port, settings::FlowPolicy};
 

@@ -42,7 +42,6 @@ pub struct Attachment {
     pub mode: String,
 }
 
-
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
 

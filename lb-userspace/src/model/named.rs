@@ -127,7 +127,6 @@ impl TtlLimits {
     }
 }
 
-
 /// A backend given by DNS name: its current addresses are ordinary
 /// backends (registered on the name's port).
 #[derive(Clone, Debug)]
@@ -212,7 +211,11 @@ mod tests {
         n.take_answer(&addrs(&["10.1.1.2"]), true, now, &limits, 3);
         assert_eq!(n.misses, 0);
         assert_eq!(n.take_answer(&addrs(&["fd01::2"]), true, now, &limits, 3), None, "only the other family: a miss");
-        assert_eq!(n.take_answer(&addrs(&["10.1.1.9"]), true, now, &limits, 3).map(|s| s.into_iter().collect::<Vec<_>>()), Some(vec!["10.1.1.9".parse().expect("ip")]), "a changed answer takes effect at once");
+        assert_eq!(
+            n.take_answer(&addrs(&["10.1.1.9"]), true, now, &limits, 3).map(|s| s.into_iter().collect::<Vec<_>>()),
+            Some(vec!["10.1.1.9".parse().expect("ip")]),
+            "a changed answer takes effect at once"
+        );
     }
 
     #[test]
@@ -231,10 +234,7 @@ mod tests {
     fn backend_specs_parse_as_addresses_or_names() {
         assert_eq!("10.1.1.2:80".parse::<BackendSpec>(), Ok(BackendSpec::Addr("10.1.1.2:80".parse().expect("addr"))));
         assert_eq!("[fd01::2]:80".parse::<BackendSpec>(), Ok(BackendSpec::Addr("[fd01::2]:80".parse().expect("addr"))));
-        assert_eq!(
-            "App.Internal.:8080".parse::<BackendSpec>(),
-            Ok(BackendSpec::Name(HostPort { host: "app.internal".into(), port: 8080 }))
-        );
+        assert_eq!("App.Internal.:8080".parse::<BackendSpec>(), Ok(BackendSpec::Name(HostPort { host: "app.internal".into(), port: 8080 })));
         for bad in ["app.internal", "app.internal:0", "app..internal:80", "-app:80", "10.1.1:80", "a b:80", "app.internal:http"] {
             assert!(bad.parse::<BackendSpec>().is_err(), "{bad}");
         }

@@ -9,13 +9,13 @@ use std::{
 };
 
 use lb_common::{
-    maps::{ServiceEntry, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP},
+    maps::{RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, ServiceEntry},
     sched,
 };
 
 use super::{
-    settings::{MissPolicy, NatMode, NoPortPolicy, Scheduler, ServiceSettings},
     BackendSlot, HostPort, NamedBackend, ResetCounts,
+    settings::{MissPolicy, NatMode, NoPortPolicy, Scheduler, ServiceSettings},
 };
 
 #[derive(Clone, Debug)]

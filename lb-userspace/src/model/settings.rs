@@ -191,8 +191,9 @@ impl Default for PortRange {
 }
 
 impl PortRange {
-    pub fn len(&self) -> u32 {
-        self.1 as u32 - self.0 as u32 + 1
+    /// Ports in the range (a valid range is never empty: LOW <= HIGH).
+    pub fn ports(&self) -> u32 {
+        (self.1 as u32 + 1).saturating_sub(self.0 as u32)
     }
 }
 
@@ -549,11 +550,7 @@ impl ServiceSettings {
             }
             None => {}
         }
-        let tuning = o.health_interval.is_some()
-            || o.health_timeout.is_some()
-            || o.rise.is_some()
-            || o.fall.is_some()
-            || o.health_status.is_some();
+        let tuning = o.health_interval.is_some() || o.health_timeout.is_some() || o.rise.is_some() || o.fall.is_some() || o.health_status.is_some();
         if tuning {
             let Some(h) = s.health.as_mut() else {
                 return Err("health check settings given but the service has no health check: add --health tcp or --health http:/PATH".into());
@@ -603,10 +600,10 @@ impl ServiceSettings {
         if self.snat_ports.0 == 0 || self.snat_ports.0 > self.snat_ports.1 {
             return Err("snat_ports must be LOW-HIGH with 1 <= LOW <= HIGH".into());
         }
-        if let SnatSource::Addr(a) = self.snat_source {
-            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
-                return Err(format!("snat_source {a} must be a unicast, non-loopback address of this host"));
-            }
+        if let SnatSource::Addr(a) = self.snat_source
+            && (a.is_unspecified() || a.is_multicast() || a.is_loopback())
+        {
+            return Err(format!("snat_source {a} must be a unicast, non-loopback address of this host"));
         }
         if let Some(h) = &self.health {
             if h.interval.0 < Duration::from_millis(50) || h.interval.0 > Duration::from_secs(3600) {
@@ -654,7 +651,7 @@ mod tests {
     #[test]
     fn full_nat_settings_parse_and_validate() {
         assert_eq!("1024-2047".parse::<PortRange>(), Ok(PortRange(1024, 2047)));
-        assert_eq!(PortRange(40000, 40003).len(), 4);
+        assert_eq!(PortRange(40000, 40003).ports(), 4);
         for bad in ["0-10", "10-5", "1024", "a-b", "1-70000"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }
@@ -670,31 +667,26 @@ mod tests {
             .expect_err("loopback source");
         assert!(err.contains("snat_source"), "{err}");
         // Settings files spell them as strings.
-        let t: ServiceSettings = toml::from_str("mode = \"fullnat\"\nsnat_ports = \"2000-2999\"\nsnat_source = \"10.1.0.1\"\non_no_port = \"drop\"").expect("toml");
+        let t: ServiceSettings =
+            toml::from_str("mode = \"fullnat\"\nsnat_ports = \"2000-2999\"\nsnat_source = \"10.1.0.1\"\non_no_port = \"drop\"").expect("toml");
         assert_eq!((t.mode, t.snat_ports, t.on_no_port), (NatMode::Fullnat, PortRange(2000, 2999), NoPortPolicy::Drop));
     }
 
     #[test]
     fn patching_validates_and_keeps_unset_fields() {
         let base = ServiceSettings::default();
-        let s = base
-            .patched(&ServiceOptions { health: Some("http:/ok".into()), fall: Some(2), ..Default::default() })
-            .expect("valid");
+        let s = base.patched(&ServiceOptions { health: Some("http:/ok".into()), fall: Some(2), ..Default::default() }).expect("valid");
         let h = s.health.clone().expect("health");
         assert_eq!(h.fall, 2);
         assert_eq!(h.rise, 2, "default kept");
         assert_eq!(s.on_remove, FlowPolicy::Reset);
         let err = base.patched(&ServiceOptions { rise: Some(3), ..Default::default() }).expect_err("no health check");
         assert!(err.contains("no health check"), "{err}");
-        let err = s
-            .patched(&ServiceOptions { health_timeout: Some(Dur(Duration::from_secs(5))), ..Default::default() })
-            .expect_err("timeout > interval");
+        let err = s.patched(&ServiceOptions { health_timeout: Some(Dur(Duration::from_secs(5))), ..Default::default() }).expect_err("timeout > interval");
         assert!(err.contains("timeout"), "{err}");
         let off = s.patched(&ServiceOptions { health: Some("none".into()), ..Default::default() }).expect("off");
         assert!(off.health.is_none());
-        let err = base
-            .patched(&ServiceOptions { reset_spread: Some(Dur(Duration::from_secs(3600))), ..Default::default() })
-            .expect_err("too long");
+        let err = base.patched(&ServiceOptions { reset_spread: Some(Dur(Duration::from_secs(3600))), ..Default::default() }).expect_err("too long");
         assert!(err.contains("maximum"), "{err}");
     }
 }

@@ -16,9 +16,8 @@ use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, RING_SLOTS};
 use crate::{
     api::desired::Desired,
     model::{
-        check_unicast, check_weight,
+        HostPort, Refusal, Service, ServiceId, check_unicast, check_weight,
         settings::{NatMode, ServiceSettings, SnatSource},
-        HostPort, Refusal, Service, ServiceId,
     },
 };
 
@@ -189,7 +188,10 @@ pub fn plan_apply(services: &BTreeMap<ServiceId, Service>, usage: &Usage, want: 
                     plan.push(format!("add backend {} to {sid} (weight {})", b.backend, b.weight), Step::AddBackend(sid, b.backend, b.weight, src));
                 }
                 for n in &s.named_backends {
-                    plan.push(format!("add backend {} to {sid} (weight {}, resolved by the daemon)", n.backend, n.weight), Step::AddNamed(sid, n.backend.clone(), n.weight));
+                    plan.push(
+                        format!("add backend {} to {sid} (weight {}, resolved by the daemon)", n.backend, n.weight),
+                        Step::AddNamed(sid, n.backend.clone(), n.weight),
+                    );
                 }
             }
             Some(cur) => {
@@ -215,17 +217,24 @@ pub fn plan_apply(services: &BTreeMap<ServiceId, Service>, usage: &Usage, want: 
                             plan.push(format!("add backend {} to {sid} (weight {})", b.backend, b.weight), Step::AddBackend(sid, b.backend, b.weight, src));
                         }
                         Some(slot) if slot.weight != b.weight => {
-                            plan.push(format!("reweight backend {} on {sid}: {} -> {}", b.backend, slot.weight, b.weight), Step::Reweight(sid, b.backend, b.weight));
+                            plan.push(
+                                format!("reweight backend {} on {sid}: {} -> {}", b.backend, slot.weight, b.weight),
+                                Step::Reweight(sid, b.backend, b.weight),
+                            );
                         }
                         Some(_) => {}
                     }
                 }
                 for n in &s.named_backends {
                     match cur.named.get(&n.backend) {
-                        None => plan.push(format!("add backend {} to {sid} (weight {}, resolved by the daemon)", n.backend, n.weight), Step::AddNamed(sid, n.backend.clone(), n.weight)),
-                        Some(c) if c.weight != n.weight => {
-                            plan.push(format!("reweight backend {} on {sid}: {} -> {}", n.backend, c.weight, n.weight), Step::ReweightNamed(sid, n.backend.clone(), n.weight))
-                        }
+                        None => plan.push(
+                            format!("add backend {} to {sid} (weight {}, resolved by the daemon)", n.backend, n.weight),
+                            Step::AddNamed(sid, n.backend.clone(), n.weight),
+                        ),
+                        Some(c) if c.weight != n.weight => plan.push(
+                            format!("reweight backend {} on {sid}: {} -> {}", n.backend, c.weight, n.weight),
+                            Step::ReweightNamed(sid, n.backend.clone(), n.weight),
+                        ),
                         Some(_) => {}
                     }
                 }
@@ -293,7 +302,12 @@ mod tests {
     fn every_check_runs_before_any_step_and_errors_name_the_field() {
         let services = BTreeMap::new();
         let full = ServiceSettings { mode: NatMode::Fullnat, ..Default::default() };
-        let want = Desired { services: vec![svc("10.99.0.1:80", &["10.1.1.2:80"], ServiceSettings::default()), svc("10.99.0.2:80", &["10.1.1.3:80", "10.1.1.4:80"], full.clone())] };
+        let want = Desired {
+            services: vec![
+                svc("10.99.0.1:80", &["10.1.1.2:80"], ServiceSettings::default()),
+                svc("10.99.0.2:80", &["10.1.1.3:80", "10.1.1.4:80"], full.clone()),
+            ],
+        };
         let e = plan_apply(&services, &usage(), &want, &no_route).expect_err("no route for full NAT");
         assert!(e.to_string().starts_with("services[1].backends[0].backend: no route to 10.1.1.3"), "{e}");
         let family = Desired { services: vec![svc("10.99.0.1:80", &["[fd01::2]:80"], ServiceSettings::default())] };
@@ -302,7 +316,16 @@ mod tests {
         let dsr_port = Desired { services: vec![svc("10.99.0.1:80", &["10.1.1.2:8080"], dsr)] };
         assert!(plan_apply(&services, &usage(), &dsr_port, &via_lb).expect_err("dsr port").to_string().contains("its port must be 80"));
         let ok = plan_apply(&services, &usage(), &Desired { services: vec![svc("10.99.0.2:80", &["10.1.1.3:80"], full)] }, &via_lb).expect("valid");
-        assert_eq!(ok.steps[1], Step::AddBackend(ServiceId { addr: "10.99.0.2:80".parse().expect("a"), proto: Proto::Tcp }, "10.1.1.3:80".parse().expect("a"), 1, "10.1.0.1".parse().expect("ip")), "the source address is found at planning time");
+        assert_eq!(
+            ok.steps[1],
+            Step::AddBackend(
+                ServiceId { addr: "10.99.0.2:80".parse().expect("a"), proto: Proto::Tcp },
+                "10.1.1.3:80".parse().expect("a"),
+                1,
+                "10.1.0.1".parse().expect("ip")
+            ),
+            "the source address is found at planning time"
+        );
     }
 
     #[test]
@@ -325,7 +348,12 @@ mod tests {
             cur.backends.insert(addr, crate::model::BackendSlot::new(id as u32, addr, addr.ip(), 1, std::time::Instant::now()));
         }
         let services = BTreeMap::from([(sid, cur)]);
-        let want = Desired { services: vec![svc("10.99.0.1:80", &["10.1.1.4:80"], ServiceSettings::default()), svc("10.99.0.9:80", &["10.1.1.5:80"], ServiceSettings::default())] };
+        let want = Desired {
+            services: vec![
+                svc("10.99.0.1:80", &["10.1.1.4:80"], ServiceSettings::default()),
+                svc("10.99.0.9:80", &["10.1.1.5:80"], ServiceSettings::default()),
+            ],
+        };
         let plan = plan_apply(&services, &Usage { backend_ids_in_use: 2, names_supported: false }, &want, &via_lb).expect("plan");
         let first_removal = plan.steps.iter().position(|s| matches!(s, Step::RemoveBackend(..))).expect("removals");
         let last_add = plan.steps.iter().rposition(|s| matches!(s, Step::AddBackend(..) | Step::AddService(..))).expect("adds");

@@ -148,13 +148,19 @@ fn reset_part(table: &dyn FlowTable, sender: Option<&rst::RstSender>, job: &Job,
 mod tests {
     use super::*;
     use crate::{
-        dataplane::{fake::FakeDataPlane, DataPlane},
+        dataplane::{DataPlane, fake::FakeDataPlane},
         model::Proto,
     };
     use lb_common::tcp;
 
     fn job(target: Target) -> Job {
-        Job { service: ServiceId { addr: "10.99.0.1:80".parse().expect("a"), proto: Proto::Tcp }, backend: None, cause: ResetCause::Removed, target, spread: Duration::ZERO }
+        Job {
+            service: ServiceId { addr: "10.99.0.1:80".parse().expect("a"), proto: Proto::Tcp },
+            backend: None,
+            cause: ResetCause::Removed,
+            target,
+            spread: Duration::ZERO,
+        }
     }
 
     #[test]

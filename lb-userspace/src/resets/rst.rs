@@ -51,12 +51,8 @@ fn sockaddr(r: &Rst) -> (SockAddr, libc::socklen_t) {
         a.sin6_addr.s6_addr = addr_bytes(&r.dst);
         (SockAddr { v6: a }, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
     } else {
-        let a = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: r.dst[3] },
-            sin_zero: [0; 8],
-        };
+        let a =
+            libc::sockaddr_in { sin_family: libc::AF_INET as libc::sa_family_t, sin_port: 0, sin_addr: libc::in_addr { s_addr: r.dst[3] }, sin_zero: [0; 8] };
         (SockAddr { v4: a }, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
     }
 }
@@ -93,10 +89,7 @@ impl RstSender {
         for chunk in rsts.chunks(256) {
             let mut pkts: Vec<([u8; rst::RST_LEN_V6], usize)> = chunk.iter().map(packet).collect();
             let mut addrs: Vec<(SockAddr, libc::socklen_t)> = chunk.iter().map(sockaddr).collect();
-            let mut iovs: Vec<libc::iovec> = pkts
-                .iter_mut()
-                .map(|(p, len)| libc::iovec { iov_base: p.as_mut_ptr().cast(), iov_len: *len })
-                .collect();
+            let mut iovs: Vec<libc::iovec> = pkts.iter_mut().map(|(p, len)| libc::iovec { iov_base: p.as_mut_ptr().cast(), iov_len: *len }).collect();
             let mut msgs: Vec<libc::mmsghdr> = iovs
                 .iter_mut()
                 .zip(addrs.iter_mut())

@@ -16,13 +16,13 @@ use std::{
 };
 
 use lb_common::{
-    maps::{end_reason, FlowKey, PORTS_GRACE_NS},
+    maps::{FlowKey, PORTS_GRACE_NS, end_reason},
     tcp,
 };
 
 use crate::{
     dataplane::{Flow, FlowRef, FlowTable, Result, TableCounts},
-    model::{settings::Timeouts, ServiceId},
+    model::{ServiceId, settings::Timeouts},
 };
 
 /// How long a finished flow (RST seen, or FIN from both sides) stays in the
@@ -201,13 +201,32 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 pub mod tests_support {
     use super::*;
-    use lb_common::maps::{addr_v4, FlowEntry, DIR_TO_BACKEND, DIR_TO_CLIENT, PROTO_TCP};
+    use lb_common::maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowEntry, PROTO_TCP, addr_v4};
 
     /// A DNAT flow from 10.0.0.2:`port` to 10.99.0.1:80 on backend
     /// `backend_id` (10.1.1.2:8080) of service id 0, created at 1 ns.
     pub fn flow(port: u16, backend_id: u32, state: u8, last_seen_ns: u64) -> Flow {
-        let key = FlowKey { src_addr: addr_v4(0x0200000a), dst_addr: addr_v4(0x0100630a), src_port: port.to_be(), dst_port: 80u16.to_be(), proto: PROTO_TCP, _pad: [0; 3] };
-        let fwd = FlowEntry { nat_src: key.src_addr, nat_dst: addr_v4(0x0201010a), nat_sport: key.src_port, nat_dport: 8080u16.to_be(), direction: DIR_TO_BACKEND, tcp_state: state, backend_id, service_id: 0, created_ns: 1, last_seen_ns, ..Default::default() };
+        let key = FlowKey {
+            src_addr: addr_v4(0x0200000a),
+            dst_addr: addr_v4(0x0100630a),
+            src_port: port.to_be(),
+            dst_port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let fwd = FlowEntry {
+            nat_src: key.src_addr,
+            nat_dst: addr_v4(0x0201010a),
+            nat_sport: key.src_port,
+            nat_dport: 8080u16.to_be(),
+            direction: DIR_TO_BACKEND,
+            tcp_state: state,
+            backend_id,
+            service_id: 0,
+            created_ns: 1,
+            last_seen_ns,
+            ..Default::default()
+        };
         let mut rev = FlowEntry::default();
         rev.fill_reverse_of(&key, &fwd, last_seen_ns);
         rev.tcp_state = state;
@@ -220,8 +239,8 @@ pub mod tests_support {
 mod tests {
     use super::{tests_support::flow, *};
     use crate::{
-        dataplane::fake::{FakeDataPlane, FakeTable},
         dataplane::DataPlane,
+        dataplane::fake::{FakeDataPlane, FakeTable},
         model::Proto,
     };
 

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 use testbed::{
-    flows, Netns, in_netns,
+    Netns, flows, in_netns,
     netns::unique_prefix,
     packet::{Frame, TCP_ACK, TCP_SYN},
 };
@@ -130,7 +130,11 @@ fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Durati
         }
         let took = start.elapsed();
         let last_rst = ctl.last_rst_sent().map(|t| t.duration_since(start)).unwrap_or(Duration::ZERO);
-        let left = { let mut n = 0; ctl.dataplane().for_each_flow(|_, _| n += 1)?; n };
+        let left = {
+            let mut n = 0;
+            ctl.dataplane().for_each_flow(|_, _| n += 1)?;
+            n
+        };
         anyhow::ensure!(left == 0, "{left} entries left after the reset");
         let status = ctl.status()?;
         let reset = status.services[0].resets.removed;
@@ -317,7 +321,9 @@ fn packet_costs() -> anyhow::Result<serde_json::Value> {
     println!("  program: {}", program);
     let apply_1000 = apply_backends(&r, 1000)?;
     println!("  {:<44} {:>6.0} ms", "controller: apply 1,000 backends (one file)", ms(apply_1000));
-    Ok(serde_json::json!({ "walk_1m_flows_ms": ms(walk), "apply_1000_backends_ms": ms(apply_1000), "program": program, "floor_ns": floor, "pass_repeat_1m_ns": pass_1m, "machine_slowdown_vs_katran_day": scale, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }))
+    Ok(
+        serde_json::json!({ "walk_1m_flows_ms": ms(walk), "apply_1000_backends_ms": ms(apply_1000), "program": program, "floor_ns": floor, "pass_repeat_1m_ns": pass_1m, "machine_slowdown_vs_katran_day": scale, "cases": rows, "conn_table_bytes_1m_flows": mem_conns, "half_open_bytes_64k_flows": mem_half }),
+    )
 }
 
 /// Replies from the backend to `clients` distinct routed clients (one
@@ -358,7 +364,9 @@ fn next_hop_cost(r: &Rig, clients: u32) -> anyhow::Result<serde_json::Value> {
     let control = time_prog(ctl.dataplane().program()?, &r.ns.name, &acks, r.t0, CALLS)?;
     println!("  {:<44} raw {raw:>6.0}  net {:>6.0}  ({lookups} FIB lookups in all)", format!("replies to {clients} routed clients"), raw - floor);
     println!("  {:<44} raw {control:>6.0}  net {:>6.0}  (same flows, to one backend: the control)", "  their client -> VIP packets", control - floor);
-    Ok(serde_json::json!({ "case": format!("replies to {clients} distinct routed clients"), "raw_ns": raw, "net_ns": raw - floor, "control_net_ns": control - floor, "fib_lookups": lookups, "floor_ns": floor }))
+    Ok(
+        serde_json::json!({ "case": format!("replies to {clients} distinct routed clients"), "raw_ns": raw, "net_ns": raw - floor, "control_net_ns": control - floor, "fib_lookups": lookups, "floor_ns": floor }),
+    )
 }
 
 /// Translated and JIT sizes and the verifier's processed instruction count
@@ -380,9 +388,7 @@ fn apply_backends(r: &Rig, n: u32) -> anyhow::Result<Duration> {
     in_netns(&r.ns.name, || -> anyhow::Result<Duration> {
         let dp = KernelDataPlane::load(LoadOptions { conn_capacity: 1024, half_open_capacity: Some(1024), pin_dir: None })?;
         let mut ctl = Controller::new(dp);
-        let backends = (0..n)
-            .map(|i| serde_json::json!({ "backend": format!("10.3.{}.{}:8080", i / 250, 1 + i % 250), "weight": 1 }))
-            .collect::<Vec<_>>();
+        let backends = (0..n).map(|i| serde_json::json!({ "backend": format!("10.3.{}.{}:8080", i / 250, 1 + i % 250), "weight": 1 })).collect::<Vec<_>>();
         let desired: xlb::api::desired::Desired = serde_json::from_value(serde_json::json!({
             "services": [{ "service": "10.99.0.2:80", "proto": "tcp", "backends": backends }]
         }))?;

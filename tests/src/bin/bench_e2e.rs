@@ -147,7 +147,9 @@ fn start_backends(topo: &Topology) -> anyhow::Result<Backends> {
         wait_for("nginx to answer", Duration::from_secs(10), || http_get(&topo.client, to).ok())?;
     }
     let to = SocketAddr::new(backend_addr(0).into(), IPERF_PORT);
-    wait_for("iperf3 to listen", Duration::from_secs(10), || in_netns(&topo.client.name, || TcpStream::connect_timeout(&to, Duration::from_millis(200))).ok()?.ok())?;
+    wait_for("iperf3 to listen", Duration::from_secs(10), || {
+        in_netns(&topo.client.name, || TcpStream::connect_timeout(&to, Duration::from_millis(200))).ok()?.ok()
+    })?;
     Ok(Backends { _nginx: nginx, _iperf: iperf, udp_received, stop, dir })
 }
 
@@ -167,10 +169,14 @@ fn http_get(client: &Netns, to: SocketAddr) -> anyhow::Result<String> {
 /// What a peer needs set up in the lb namespace, torn down on drop.
 enum Setup {
     None,
-    Xlb { _daemon: Daemon },
+    Xlb {
+        _daemon: Daemon,
+    },
     /// The lb namespace's path.
     Nft(String),
-    Haproxy { _proc: Proc },
+    Haproxy {
+        _proc: Proc,
+    },
 }
 
 impl Drop for Setup {

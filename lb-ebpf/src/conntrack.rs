@@ -42,11 +42,14 @@ pub fn lookup(key: &FlowKey) -> Option<(*mut FlowEntry, Table)> {
 /// Moves a flow whose handshake just completed (the client's first
 /// non-SYN segment) from the half-open table to the connection table.
 /// `fwd` is the client → VIP entry, already updated for this packet.
+/// A TCP flow is reported new here, not at its SYN (flow logs with new
+/// records, the sync peer): a SYN flood reaches neither.
 #[inline(always)]
 pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
     if fwd.nat_flags & NAT_ENCAP != 0 {
         // Direct server return: one entry, no reverse direction.
         if CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
+            report_new(key, fwd, None);
             let _ = HALF_OPEN.remove(key);
         }
         return;
@@ -68,6 +71,8 @@ pub fn promote(key: &FlowKey, fwd: &FlowEntry) {
         }
     };
     if CONNS.insert(&rkey, rev, BPF_ANY as u64).is_ok() && CONNS.insert(key, fwd, BPF_ANY as u64).is_ok() {
+        // Before the removal: `rev` may point into the half-open table.
+        report_new(key, fwd, Some(rev));
         let _ = HALF_OPEN.remove(&rkey);
         let _ = HALF_OPEN.remove(key);
     }
@@ -199,6 +204,14 @@ pub fn remove(key: &FlowKey, e: &FlowEntry, table: Table, reason: u32, last_byte
         let _ = PORTS.remove(if to_backend { &pkey } else { key });
     }
     crate::stats::count_n(lb_common::stats::ENTRIES_REMOVED, 2);
+}
+
+/// Reports a new flow when the controller asked for new-flow records.
+#[inline(always)]
+pub fn report_new(key: &FlowKey, fwd: &FlowEntry, rev: Option<&FlowEntry>) {
+    if crate::maps::SETTINGS.get(lb_common::maps::SETTING_LOG_NEW_FLOWS).is_some_and(|v| *v != 0) {
+        report(key, fwd, rev, lb_common::maps::end_reason::NEW, 0, false);
+    }
 }
 
 /// Sends a flow record to the controller (`fwd_key` is the client → VIP

@@ -22,8 +22,8 @@ mod stats;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::{
-        ADDR_VIP, BACKEND_DOWN, BACKEND_UNUSED, DIR_TO_BACKEND, FlowEntry, NAT_ENCAP, PROTO_TCP, SETTING_LOG_NEW_FLOWS, SVC_F_FULLNAT, SVC_F_MISS_REHASH,
-        SVC_F_NO_PORT_DROP, ServiceKey, backend_is_gone, end_reason,
+        ADDR_VIP, BACKEND_DOWN, BACKEND_UNUSED, DIR_TO_BACKEND, FlowEntry, NAT_ENCAP, PROTO_TCP, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP,
+        ServiceKey, backend_is_gone, end_reason,
     },
     stats as stat, tcp,
 };
@@ -228,8 +228,9 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, now: u64) -> Verdict {
     stats::count(stat::NEW_FLOWS);
     stats::count_n(stat::ENTRIES_CREATED, if entry.nat_flags & NAT_ENCAP != 0 { 1 } else { 2 });
     schedule::count_active(backend_id);
-    if maps::SETTINGS.get(SETTING_LOG_NEW_FLOWS).is_some_and(|v| *v != 0) {
-        conntrack::report(&pkt.key, entry, None, end_reason::NEW, 0, false);
+    // A TCP flow is new once its handshake completes (`promote`).
+    if pkt.key.proto != PROTO_TCP {
+        conntrack::report_new(&pkt.key, entry, None);
     }
     nat_and_forward(ctx, pkt, entry, None, true, now)
 }

@@ -674,6 +674,92 @@ fn a_tcp_flow_waits_in_the_half_open_table_until_its_handshake_completes() {
 }
 
 #[test]
+fn a_tcp_flow_is_reported_new_when_its_handshake_completes_not_at_its_syn() {
+    let mut r = rig();
+    r.ctl.dataplane().setting_set(lb_common::maps::SETTING_LOG_NEW_FLOWS, 1).expect("switch");
+    let mut events = r.ctl.dataplane().take_flow_events().expect("ring buffer");
+    let mut drain = || {
+        let mut got = Vec::new();
+        while let Some(item) = events.next() {
+            assert!(item.len() >= std::mem::size_of::<lb_common::maps::FlowEnd>());
+            // SAFETY: the program writes whole FlowEnd records.
+            got.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<lb_common::maps::FlowEnd>()) });
+        }
+        got
+    };
+    // A SYN (what a flood is made of) is not reported...
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40060), (VIP, 80), TCP_SYN, 100, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, 40060), TCP_SYN | TCP_ACK, 700, 101).build()).0, XDP_REDIRECT);
+    assert!(drain().is_empty(), "nothing reported during the handshake");
+    // ...the completed handshake is, with both directions.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40060), (VIP, 80), TCP_ACK, 101, 701).build()).0, XDP_REDIRECT);
+    let got = drain();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].reason, lb_common::maps::end_reason::NEW);
+    assert_eq!(u16::from_be(got[0].key.src_port), 40060);
+    assert_eq!((got[0].to_backend.tcp_state, got[0].to_backend.direction), (tcp::STATE_ESTABLISHED, lb_common::maps::DIR_TO_BACKEND));
+    assert_eq!(got[0].to_client.direction, lb_common::maps::DIR_TO_CLIENT, "the reverse entry is in the record");
+    // UDP has no handshake: reported at its first datagram.
+    assert_eq!(r.run(r.t0, &Frame::udp((CLIENT, 5060), (VIP, 53), b"x").build()).0, XDP_REDIRECT);
+    let got = drain();
+    assert_eq!((got.len(), got.first().map(|e| e.key.proto)), (1, Some(17)));
+}
+
+/// CLOCK_MONOTONIC_COARSE, the data plane's clock (`bpf_ktime_get_coarse_ns`).
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An expiry decision made now for every flow of the rig's TCP service
+/// (as if it had been idle for 10 s past a 1 s timeout).
+fn expiry_plan(r: &mut Rig) -> xlb::table::Decisions {
+    use xlb::model::settings::{Dur, Timeouts};
+    let one = Dur(std::time::Duration::from_secs(1));
+    let sid = r.ctl.resolve(SocketAddr::from((VIP, 80)), Some(Proto::Tcp)).expect("service");
+    let timeouts = Timeouts { syn: one, established: one, closing: one, udp: one };
+    let rules = xlb::table::Rules { services: [(0, xlb::table::ServiceRules { sid, timeouts, reset_on_idle: false })].into() };
+    let later = xlb::table::monotonic_ns() + 10_000_000_000;
+    let (_, d) = xlb::table::walk(&r.ctl.table(), &rules, later, &mut |_| {}).expect("walk");
+    d
+}
+
+#[test]
+fn a_flow_that_revives_or_is_replaced_after_an_expiry_plan_is_not_removed_by_it() {
+    let mut r = rig();
+    let handshake = |r: &mut Rig, port: u16| {
+        assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN, 100, 0).build()).0, XDP_REDIRECT);
+        assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, port), TCP_SYN | TCP_ACK, 700, 101).build()).0, XDP_REDIRECT);
+        assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, port), (VIP, 80), TCP_ACK, 101, 701).build()).0, XDP_REDIRECT);
+    };
+    handshake(&mut r, 40070); // revives
+    handshake(&mut r, 40071); // is replaced by a new connection on its tuple
+    handshake(&mut r, 40072); // stays idle
+    let plan = expiry_plan(&mut r);
+    assert_eq!(plan.forget.len(), 3, "all three look idle to the plan");
+    // After the plan (a tick of the data plane's coarse clock later, as
+    // anything after an idle timeout is): 40070 sends a packet, 40071 ends
+    // and its client connects again from the same port.
+    let planned = coarse_ns();
+    testbed::wait_for("the coarse clock to tick", std::time::Duration::from_secs(1), || (coarse_ns() > planned).then_some(())).expect("clock");
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40070), (VIP, 80), TCP_ACK, 101, 701).build()).0, XDP_REDIRECT);
+    let old = r.flow((CLIENT, 40071), (VIP, 80), 6).expect("flow");
+    let key = flows::key(SocketAddr::from((CLIENT, 40071)), SocketAddr::from((VIP, 80)), 6);
+    let rkey = flows::key(SocketAddr::from((BACKEND, 8080)), SocketAddr::from((CLIENT, 40071)), 6);
+    assert_eq!(r.ctl.table().remove_keys(&[key, rkey]).expect("end"), 2);
+    handshake(&mut r, 40071);
+    assert_ne!(r.flow((CLIENT, 40071), (VIP, 80), 6).expect("new flow").created_ns, old.created_ns);
+    let expired = xlb::table::expire(&r.ctl.table(), &plan).expect("expire");
+    assert_eq!(expired.forgotten.len(), 1, "only the flow still as the plan saw it");
+    assert!(r.flow((CLIENT, 40070), (VIP, 80), 6).is_some(), "the revived flow stays");
+    assert!(r.flow((CLIENT, 40071), (VIP, 80), 6).is_some(), "the new connection on the same tuple stays");
+    assert!(r.flow((CLIENT, 40072), (VIP, 80), 6).is_none(), "the idle one went");
+    assert!(r.flow((BACKEND, 8080), (CLIENT, 40072), 6).is_none(), "with its reverse entry");
+}
+
+#[test]
 fn next_hops_are_cached_for_a_second_and_then_looked_up_again() {
     let mut r = rig();
     let syn = Frame::tcp((CLIENT, 40050), (VIP, 80), TCP_SYN, 1, 0);

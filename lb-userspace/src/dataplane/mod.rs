@@ -215,8 +215,14 @@ impl Flow {
 
     /// Whether `now` (the table's current copy of this flow) is still the
     /// flow `self` was when a decision was made about it: the same
-    /// connection (creation time), and with `idle`, no packet since.
+    /// connection (creation time; and its packet count, which only grows,
+    /// tells apart two connections made within one tick of the data
+    /// plane's coarse clock), and with `idle`, no packet since in either
+    /// direction (counted exactly: the data plane updates `last_seen` only
+    /// every so often).
     pub fn unchanged_in(&self, now: &Flow, idle: bool) -> bool {
-        self.fwd.created_ns == now.fwd.created_ns && self.fwd.direction == DIR_TO_BACKEND && (!idle || now.last_seen_ns() <= self.last_seen_ns())
+        let rev_packets = |f: &Flow| f.rev.map_or(0, |r| r.packets);
+        let same = self.fwd.created_ns == now.fwd.created_ns && now.fwd.packets >= self.fwd.packets && self.fwd.direction == DIR_TO_BACKEND;
+        same && (!idle || (now.fwd.packets == self.fwd.packets && rev_packets(now) <= rev_packets(self)))
     }
 }

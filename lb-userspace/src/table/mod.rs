@@ -281,7 +281,11 @@ mod tests {
         assert_eq!(d.forget.len(), 2);
         // After the walk: flow 1 sees a packet, flow 2's 5-tuple is reused
         // by a new connection.
-        t.put(flow(1, 7, tcp::STATE_ESTABLISHED, now + 1));
+        // (The data plane counts every packet; it moves `last_seen` only
+        // every so often: the count is what tells.)
+        let mut revived = flow(1, 7, tcp::STATE_ESTABLISHED, now - 400 * 1_000_000_000);
+        revived.fwd.packets += 1;
+        t.put(revived);
         let mut new = flow(2, 7, tcp::STATE_SYN, now + 1);
         new.fwd.created_ns = now + 1;
         t.put(new);

@@ -155,6 +155,80 @@ fn red_black(b: Bed) {
     assert_eq!(s["services"][0]["resets"]["removed"], 200, "{s:#}");
 }
 
+/// What the connection loops saw.
+#[derive(Default)]
+struct Loops {
+    /// Exchanges completed, by backend, split at the apply's answer.
+    before: HashMap<String, u64>,
+    after: HashMap<String, u64>,
+    failures: Vec<String>,
+}
+
+#[test]
+fn red_black_through_apply_while_200_clients_connect_in_a_loop_fails_no_new_connection() {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    // b0 and b1 serve; the deploy replaces them with b2 in one apply. Their
+    // flows drain (they end by themselves: each exchange is short).
+    let b = bed(3, 2, &["--on-remove", "drain:10s"], &[]);
+    let no_backend = |b: &Bed| b.daemon.json(&["status"]).expect("status")["counters"]["pass_no_backend"].as_u64().unwrap_or(0);
+    let refused_before = no_backend(&b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let applied = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Loops::default()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let loops: Vec<_> = (0..200)
+        .map(|i| {
+            let (stop, applied, seen) = (stop.clone(), applied.clone(), seen.clone());
+            let (ns, vip) = (b.topo.client.name.clone(), b.topo.vip_of(false, 80));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    // Whether the apply had answered before this connection began.
+                    let after = applied.load(Ordering::Relaxed);
+                    let got = LineClient::connect(&ns, vip).and_then(|mut c| c.ask(&format!("loop {i} {n}")));
+                    let mut s = seen.lock().expect("lock");
+                    match got {
+                        Ok(who) => *(if after { &mut s.after } else { &mut s.before }).entry(who).or_default() += 1,
+                        Err(e) => s.failures.push(format!("loop {i} connection {n}: {e:#}")),
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let total = |m: &HashMap<String, u64>| m.values().sum::<u64>();
+    wait_for("the loops to be running", Duration::from_secs(15), || (total(&seen.lock().expect("lock").before) >= 1000).then_some(())).expect("loops");
+    // The deploy, as an orchestrator does it: export, edit, apply.
+    let mut config: serde_json::Value = serde_json::from_str(&b.daemon.ok(&["export"]).expect("export")).expect("export is JSON");
+    config["services"][0]["backends"] = serde_json::json!([{ "backend": b.backend(2), "weight": 1 }]);
+    let file = std::env::temp_dir().join(format!("{}-apply.json", b.topo.prefix));
+    std::fs::write(&file, config.to_string()).expect("write the config");
+    let out = b.daemon.ok(&["apply", "-f", file.to_str().expect("path")]);
+    let _ = std::fs::remove_file(&file);
+    out.expect("apply");
+    applied.store(true, Ordering::Relaxed);
+    wait_for("connections after the apply", Duration::from_secs(15), || (total(&seen.lock().expect("lock").after) >= 1000).then_some(())).expect("loops after");
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.join().expect("loop thread");
+    }
+    let s = seen.lock().expect("lock");
+    assert!(
+        s.failures.is_empty(),
+        "{} of {} connections failed, first: {:?}",
+        s.failures.len(),
+        total(&s.before) + total(&s.after) + s.failures.len() as u64,
+        &s.failures[..s.failures.len().min(5)]
+    );
+    assert_eq!(no_backend(&b), refused_before, "no new flow met an empty ring");
+    assert!(s.before.get("b0").is_some() && s.before.get("b1").is_some(), "{:?}", s.before);
+    assert_eq!(s.after.keys().collect::<Vec<_>>(), vec!["b2"], "after the apply every new connection goes to b2: {:?}", s.after);
+    eprintln!("red/black through apply: {} connections before, {} after, none failed", total(&s.before), total(&s.after));
+}
+
 #[test]
 fn a_dead_backend_is_detected_and_its_flows_reset_while_others_serve_on() {
     let (interval, fall) = (Duration::from_millis(500), 2u32);

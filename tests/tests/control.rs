@@ -244,3 +244,51 @@ fn settings_change_at_run_time_and_show_in_status() {
     let text = d.ok(&["status"]).expect("text status");
     assert!(text.contains("on-remove keep") && text.contains("on-miss rehash"), "{text}");
 }
+
+/// A configuration of `services` × `per` backends (10.1.S.B:8080 behind
+/// 10.99.0.1:(1000 + S)).
+fn big_config(services: usize, per: usize) -> Value {
+    let svcs: Vec<Value> = (0..services)
+        .map(|s| {
+            let backends: Vec<Value> = (0..per).map(|b| serde_json::json!({ "backend": format!("10.1.{}.{}:8080", s + 1, b + 2), "weight": 1 })).collect();
+            serde_json::json!({ "service": format!("10.99.0.1:{}", 1000 + s), "proto": "tcp", "settings": { "scheduler": "wrr" }, "backends": backends })
+        })
+        .collect();
+    serde_json::json!({ "services": svcs })
+}
+
+#[test]
+fn an_export_of_thousands_of_backends_applies_back_and_ten_thousand_are_read_whole() {
+    let t = topo(0);
+    let d = Daemon::start(&t.lb, &t.lb_ifaces, &[]).expect("daemon");
+    let dir = std::env::temp_dir().join(format!("{}-big", t.prefix));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let apply = |name: &str, v: &Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, v.to_string()).expect("write");
+        d.cli(&["apply", "-f", path.to_str().expect("path"), "--json"]).expect("apply")
+    };
+    // 4,000 backends: far past the old 64 KiB request limit (~1.5k).
+    let out = apply("4k.json", &big_config(40, 100));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let export = d.ok(&["export"]).expect("export");
+    assert!(export.len() > 256 * 1024, "the export is {} bytes", export.len());
+    let exported: Value = serde_json::from_str(&export).expect("JSON");
+    let n: usize = exported["services"].as_array().expect("services").iter().map(|s| s["backends"].as_array().map_or(0, Vec::len)).sum();
+    assert_eq!(n, 4000);
+    // Applied back: nothing to change.
+    let out = apply("again.json", &exported);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["data"]["changes"], serde_json::json!([]), "{v}");
+    // 10,000 backends are read and checked whole: refused for the data
+    // plane's capacity (4,096 backend slots), not for their size, and
+    // nothing changes.
+    let out = apply("10k.json", &big_config(50, 200));
+    assert_eq!(code(&out), 1, "{}", String::from_utf8_lossy(&out.stdout));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["error"]["code"], "capacity", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("4096"), "{v}");
+    assert_eq!(d.ok(&["export"]).expect("export"), export, "a refused apply changes nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+}

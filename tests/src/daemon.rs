@@ -20,6 +20,8 @@ pub fn xlb_bin() -> PathBuf {
 
 pub struct Daemon {
     child: Option<Child>,
+    /// The `xlb` binary it runs (its CLI too).
+    pub bin: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub state_file: PathBuf,
@@ -35,9 +37,15 @@ impl Daemon {
     /// Starts `xlb daemon --detach-on-exit` in `ns` on `ifaces` and waits
     /// until it answers.
     pub fn start(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
+        Daemon::start_bin(&xlb_bin(), ns, ifaces, extra)
+    }
+
+    /// As [`Daemon::start`], with another `xlb` binary (benchmarks compare
+    /// builds in one run).
+    pub fn start_bin(bin: &Path, ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
         let mut with = extra.to_vec();
         with.push("--detach-on-exit");
-        let mut d = Daemon::spawn(ns, ifaces, &with)?;
+        let mut d = Daemon::spawn_bin(bin, ns, ifaces, &with)?;
         d.wait_ready()?;
         Ok(d)
     }
@@ -116,7 +124,10 @@ impl Daemon {
     }
 
     fn spawn(ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
-        let bin = xlb_bin();
+        Daemon::spawn_bin(&xlb_bin(), ns, ifaces, extra)
+    }
+
+    fn spawn_bin(bin: &Path, ns: &Netns, ifaces: &[String], extra: &[&str]) -> anyhow::Result<Daemon> {
         if !bin.exists() {
             bail!("{} does not exist: build it first (`cargo xtask test` does)", bin.display());
         }
@@ -143,7 +154,7 @@ impl Daemon {
                 .map(|s| s.to_string()),
         );
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut d = Daemon { child: None, socket, pin_dir, state_file, log, dir, args: args.clone(), persistent: false };
+        let mut d = Daemon { child: None, bin: bin.to_path_buf(), socket, pin_dir, state_file, log, dir, args: args.clone(), persistent: false };
         d.child = Some(d.spawn_args(&args)?);
         Ok(d)
     }
@@ -180,7 +191,7 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new(xlb_bin()).arg("--socket").arg(&self.socket).args(args).output().context("running xlb")
+        Command::new(&self.bin).arg("--socket").arg(&self.socket).args(args).output().context("running xlb")
     }
 
     /// Runs the CLI and fails unless it exits 0; returns stdout.

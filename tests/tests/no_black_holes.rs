@@ -224,7 +224,7 @@ fn red_black_through_apply_while_200_clients_connect_in_a_loop_fails_no_new_conn
         &s.failures[..s.failures.len().min(5)]
     );
     assert_eq!(no_backend(&b), refused_before, "no new flow met an empty ring");
-    assert!(s.before.get("b0").is_some() && s.before.get("b1").is_some(), "{:?}", s.before);
+    assert!(s.before.contains_key("b0") && s.before.contains_key("b1"), "{:?}", s.before);
     assert_eq!(s.after.keys().collect::<Vec<_>>(), vec!["b2"], "after the apply every new connection goes to b2: {:?}", s.after);
     eprintln!("red/black through apply: {} connections before, {} after, none failed", total(&s.before), total(&s.after));
 }

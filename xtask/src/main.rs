@@ -222,8 +222,27 @@ fn bench() -> anyhow::Result<()> {
         "xlb-bench",
         "--bin",
         "xlb-bench-e2e",
+        "--bin",
+        "xlb-bench-control",
     ]))?;
     let xlb = root().join("target/release/xlb");
     run(Command::new(root().join("target/release/xlb-bench")).env("XLB_BIN", &xlb))?;
-    run(Command::new(root().join("target/release/xlb-bench-e2e")).env("XLB_BIN", &xlb))
+    run(Command::new(root().join("target/release/xlb-bench-e2e")).env("XLB_BIN", &xlb))?;
+    let mut control = Command::new(root().join("target/release/xlb-bench-control"));
+    control.env("XLB_BIN", &xlb);
+    if let Ok(rev) = std::env::var("XLB_BENCH_BEFORE") {
+        control.env("XLB_BIN_BEFORE", build_before(&rev)?);
+    }
+    run(&mut control)
+}
+
+/// Builds `xlb` at revision `rev` (a worktree under target/bench-before/),
+/// for benchmarks that compare it with this tree in one run.
+fn build_before(rev: &str) -> anyhow::Result<PathBuf> {
+    let dir = root().join("target/bench-before").join(rev.replace('/', "_"));
+    if !dir.join("Cargo.toml").exists() {
+        run(Command::new("git").current_dir(root()).args(["worktree", "add", "--detach", "--force"]).arg(&dir).arg(rev))?;
+    }
+    run(Command::new("cargo").current_dir(&dir).args(["build", "--release", "--package", "lb-userspace", "--bin", "xlb"]))?;
+    Ok(dir.join("target/release/xlb"))
 }

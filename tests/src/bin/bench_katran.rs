@@ -1,0 +1,910 @@
+//! `xlb-bench-katran` (run by `cargo xtask bench`): the per-packet BPF cost
+//! of Katran's XDP program and xlb's, side by side, in one process and one
+//! run, measured the same way (../shared/peers/katran/README.md, "Method").
+//!
+//! - Every call is one BPF_PROG_TEST_RUN with repeat=1 (both programs
+//!   rewrite the buffer), a 54-byte Ethernet/IPv4/TCP frame arriving on
+//!   the rig's t0; the kernel-reported duration of each call is kept.
+//! - A run is `CALLS` calls (default 200,000) of one program; per run the
+//!   median, the interquartile mean (IQM), the mean and the p99.
+//! - A case has `RUNS` rounds (default 5) of [floor, Katran, xlb], plus, in
+//!   the SYN cases, Katran with its flood guard held off. A cell is the
+//!   median of the run medians; net = cell − the floor's cell (the floor is
+//!   `xlb_pass`, an XDP_PASS program, timed the same way).
+//! - The thread doing all of it is pinned to one CPU (`CPU`, default 1).
+//! - Before timing, one flow through each program is decoded byte by byte;
+//!   the counters and table sizes of both are checked around every case.
+//!
+//! Cases: pass (SYN to a non-VIP → XDP_PASS), hot (the ACK of one
+//! established flow), 1M (ACKs round-robin over `FLOWS` established flows,
+//! default 1,000,000), syn (a fresh 5-tuple every call, table with room),
+//! synfull (a fresh 5-tuple every call, table full).
+//!
+//! Katran is a peer, not part of the project: its object is
+//! `KATRAN_OBJ` (default ../shared/peers/katran/balancer.bpf.o from the
+//! repository root). Without it, xlb is timed alone and Katran's columns
+//! stay empty. Results: a table on stdout and target/bench/katran.json.
+
+// The harness's parts (a binary's root looks for modules beside it).
+#[path = "bench_katran/katran.rs"]
+mod katran;
+#[path = "bench_katran/pkt.rs"]
+mod pkt;
+#[path = "bench_katran/rig.rs"]
+mod rig;
+#[path = "bench_katran/xlb_side.rs"]
+mod xlb_side;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use aya::programs::Xdp;
+use serde_json::{Value, json};
+use testbed::in_netns;
+
+use crate::{
+    pkt::{Buf, FRAME_LEN, OUT_LEN, Seg, TCP_ACK, TCP_SYN, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    rig::{BACKEND_ISN, CLIENT_ISN, CLIENT_MAC, NON_VIP, ROUTER_MAC, T0_MAC, VIP_PORT, client},
+    xlb_side::{Step, Xlb},
+};
+
+/// KatranLb's default LRU (8M) ÷ this machine's 2 cores, per CPU.
+const KATRAN_LRU_SIZE: u32 = 4_000_000;
+/// Katran's flood guard is read (and held off) every this many calls.
+const GUARD_BATCH: u64 = 1000;
+/// Durations histogram: 1 ns buckets up to 65 µs (longer calls count there).
+const HIST: usize = 65_536;
+
+struct Config {
+    calls: u64,
+    runs: usize,
+    flows: u64,
+    cpu: usize,
+    katran_obj: Option<PathBuf>,
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map_err(|e| anyhow::anyhow!("{name}={v}: {e}")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn config() -> anyhow::Result<Config> {
+    // SAFETY: no preconditions.
+    let online = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1);
+    let cfg = Config {
+        calls: env_num("CALLS", 200_000)?,
+        runs: env_num("RUNS", 5)?,
+        flows: env_num("FLOWS", 1_000_000)?,
+        cpu: env_num("CPU", 1usize.min(online - 1))?,
+        katran_obj: {
+            let p = match std::env::var_os("KATRAN_OBJ") {
+                Some(p) => PathBuf::from(p),
+                None => repo_root().join("../shared/peers/katran/balancer.bpf.o"),
+            };
+            if p.as_os_str().is_empty() {
+                println!("KATRAN_OBJ is empty: skipping the Katran comparison");
+                None
+            } else if p.is_file() {
+                Some(p)
+            } else {
+                println!("Katran object not found at {}: skipping the Katran comparison", p.display());
+                None
+            }
+        },
+    };
+    anyhow::ensure!(cfg.calls >= GUARD_BATCH && cfg.runs >= 1 && cfg.flows >= 2, "CALLS ≥ {GUARD_BATCH}, RUNS ≥ 1 and FLOWS ≥ 2, please");
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(testbed::have_privileges(), "the benchmark needs root (netns, BPF)");
+    let cfg = config()?;
+    let rig = rig::rig()?;
+    eprintln!("xlb-bench-katran: CPU {}, {} calls per run, {} runs per case, {} flows, namespace {}", cfg.cpu, cfg.calls, cfg.runs, cfg.flows, rig.ns.name);
+    let started = Instant::now();
+    let result = in_netns(&rig.ns.name, || -> anyhow::Result<Bench> {
+        rig::pin(cfg.cpu)?;
+        let mut b = Bench::new(&cfg, &rig)?;
+        b.all_cases()?;
+        Ok(b)
+    })??;
+    let table = result.table();
+    println!("{table}");
+    let dir = repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("katran.json");
+    let mut doc = result.json();
+    doc["wall_s"] = json!(started.elapsed().as_secs_f64());
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+    println!("written to target/bench/katran.json ({:.0} s)", started.elapsed().as_secs_f64());
+    drop(rig);
+    anyhow::ensure!(result.checks.failures.is_empty(), "{} verification failures (see above and katran.json)", result.checks.failures.len());
+    Ok(())
+}
+
+/// Verification results: failures are collected (and printed), the run
+/// goes on, and the benchmark fails at the end if there were any.
+#[derive(Default)]
+pub struct Checks {
+    failures: Vec<String>,
+    notes: Vec<String>,
+    passed: u64,
+}
+
+impl Checks {
+    pub fn expect(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if ok {
+            self.passed += 1;
+        } else {
+            let w = what();
+            eprintln!("  CHECK FAILED: {w}");
+            self.failures.push(w);
+        }
+    }
+
+    pub fn note(&mut self, what: String) {
+        eprintln!("  note: {what}");
+        if !self.notes.contains(&what) {
+            self.notes.push(what);
+        }
+    }
+}
+
+// ---- timing ----
+
+#[derive(Clone, Copy, Debug, Default)]
+struct RunStats {
+    median: f64,
+    iqm: f64,
+    mean: f64,
+    p99: f64,
+    min: u32,
+    max: u32,
+    calls: u64,
+    bad_verdicts: u64,
+    over_hist: u64,
+    wall_s: f64,
+    guard_tripped: u64,
+}
+
+impl RunStats {
+    fn json(&self) -> Value {
+        json!({
+            "median": self.median, "iqm": self.iqm, "mean": self.mean, "p99": self.p99, "min": self.min, "max": self.max,
+            "calls": self.calls, "bad_verdicts": self.bad_verdicts, "over_65us": self.over_hist, "wall_s": self.wall_s,
+            "guard_tripped": self.guard_tripped,
+        })
+    }
+}
+
+/// What the timing loop does with Katran's flood guard every
+/// [`GUARD_BATCH`] calls: it always reads it (the same syscall in every
+/// run, whichever program), counts the calls that found it tripped when
+/// every call is a new connection (`count`), and resets it (`hold_off`).
+struct Guard<'a> {
+    stats: &'a mut katran::Stats,
+    count: bool,
+    hold_off: bool,
+}
+
+/// `calls` test runs of `prog`, frame `i` written by `frame(i, ..)`.
+fn time_run(prog: &Xdp, ifindex: u32, calls: u64, want: u32, frame: &mut dyn FnMut(u64, &mut Buf), mut guard: Option<Guard<'_>>) -> anyhow::Result<RunStats> {
+    let mut hist = vec![0u32; HIST];
+    let (mut buf, mut out) = ([0u8; FRAME_LEN], [0u8; OUT_LEN]);
+    let mut r = RunStats { calls, ..Default::default() };
+    let mut prev = match &guard {
+        Some(g) => g.stats.conn_rate()?,
+        None => (0, 0),
+    };
+    let mut sum = 0u64;
+    let start = Instant::now();
+    for i in 0..calls {
+        frame(i, &mut buf);
+        let ran = pkt::run(prog, ifindex, &buf, &mut out)?;
+        if ran.verdict != want {
+            r.bad_verdicts += 1;
+        }
+        sum += u64::from(ran.ns);
+        if ran.ns as usize >= HIST {
+            r.over_hist += 1;
+        }
+        hist[(ran.ns as usize).min(HIST - 1)] += 1;
+        let done = i + 1;
+        if let Some(g) = guard.as_mut().filter(|_| done % GUARD_BATCH == 0 || done == calls) {
+            let now = g.stats.conn_rate()?;
+            if g.count {
+                let batch = if done % GUARD_BATCH == 0 { GUARD_BATCH } else { done % GUARD_BATCH };
+                r.guard_tripped += katran::tripped_in_batch(prev, now, batch);
+            }
+            prev = now;
+            if g.hold_off {
+                g.stats.reset_conn_rate()?;
+                prev.0 = 0;
+            }
+        }
+    }
+    r.wall_s = start.elapsed().as_secs_f64();
+    r.mean = sum as f64 / calls as f64;
+    let rank = |q: f64| -> f64 {
+        let target = (calls as f64 * q) as u64;
+        let mut acc = 0u64;
+        for (v, n) in hist.iter().enumerate() {
+            acc += u64::from(*n);
+            if acc > target {
+                return v as f64;
+            }
+        }
+        (HIST - 1) as f64
+    };
+    r.median = rank(0.5);
+    r.p99 = rank(0.99);
+    r.min = hist.iter().position(|n| *n > 0).unwrap_or(0) as u32;
+    r.max = hist.iter().rposition(|n| *n > 0).unwrap_or(0) as u32;
+    // The mean of the middle half. This VM's clock ticks in ~10 ns steps, so
+    // medians sit on that grid; the IQM averages the dithered samples and
+    // resolves below it.
+    let (lo, hi) = (calls as f64 / 4.0, calls as f64 * 3.0 / 4.0);
+    let (mut acc, mut s) = (0f64, 0f64);
+    for (v, n) in hist.iter().enumerate().filter(|(_, n)| **n > 0) {
+        let (b0, b1) = (acc, acc + f64::from(*n));
+        let overlap = b1.min(hi) - b0.max(lo);
+        if overlap > 0.0 {
+            s += overlap * v as f64;
+        }
+        acc = b1;
+    }
+    r.iqm = s / (hi - lo);
+    Ok(r)
+}
+
+/// Median (and min, max) of one statistic over runs.
+fn across(runs: &[RunStats], f: impl Fn(&RunStats) -> f64) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    Some((med, v[0], v[n - 1]))
+}
+
+#[derive(Default)]
+struct Case {
+    key: &'static str,
+    title: &'static str,
+    floor: Vec<RunStats>,
+    katran: Vec<RunStats>,
+    katran_held_off: Vec<RunStats>,
+    xlb: Vec<RunStats>,
+}
+
+// ---- the run ----
+
+struct Katran {
+    k: katran::Katran,
+    stats: katran::Stats,
+}
+
+struct Bench<'c> {
+    cfg: &'c Config,
+    t0: u32,
+    xlb: Xlb,
+    katran: Option<Katran>,
+    checks: Checks,
+    cases: Vec<Case>,
+    programs: Value,
+    counters: Vec<Value>,
+    /// Backend of each established xlb flow (index into BACKENDS).
+    xlb_backend_of: Vec<u8>,
+    kernel: String,
+}
+
+/// Client `i`'s segment to `vip`: its SYN (a new flow) or, once
+/// established, the ACK of the backend's SYN-ACK (the same for every call).
+fn to_vip(vip: std::net::Ipv4Addr, i: u64, flags: u8) -> Seg {
+    let (seq, ack) = if flags & TCP_SYN != 0 { (CLIENT_ISN, 0) } else { (CLIENT_ISN + 1, BACKEND_ISN + 1) };
+    Seg { dst_mac: T0_MAC, src_mac: CLIENT_MAC, src: client(i), dst: (vip, VIP_PORT), flags, seq, ack }
+}
+
+impl<'c> Bench<'c> {
+    fn new(cfg: &'c Config, rig: &rig::Rig) -> anyhow::Result<Bench<'c>> {
+        let t = Instant::now();
+        let xlb = xlb_side::load(rig.t0, rig.t1)?;
+        eprintln!("xlb loaded ({:.1} s)", t.elapsed().as_secs_f64());
+        let katran = match &cfg.katran_obj {
+            Some(p) => {
+                let t = Instant::now();
+                let (k, stats) = katran::load(p, KATRAN_LRU_SIZE, ROUTER_MAC, cfg.cpu)?;
+                eprintln!("Katran loaded from {} and filled as KatranLb does ({:.1} s)", p.display(), t.elapsed().as_secs_f64());
+                Some(Katran { k, stats })
+            }
+            None => None,
+        };
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+        Ok(Bench {
+            cfg,
+            t0: rig.t0,
+            xlb,
+            katran,
+            checks: Checks::default(),
+            cases: Vec::new(),
+            programs: json!({}),
+            counters: Vec::new(),
+            xlb_backend_of: Vec::new(),
+            kernel,
+        })
+    }
+
+    fn snapshot(&mut self, when: &str) -> anyhow::Result<()> {
+        let x = self.xlb.counters()?.json();
+        let t = self.xlb.table()?;
+        let k = match &self.katran {
+            Some(k) => Some(json!({ "counters": k.stats.snapshot()?, "lru_entries_this_cpu": k.k.lru_entries(self.cfg.cpu)? })),
+            None => None,
+        };
+        self.counters.push(json!({ "when": when, "xlb": x, "xlb_table": { "established": t.established, "half_open": t.half_open }, "katran": k }));
+        Ok(())
+    }
+
+    fn all_cases(&mut self) -> anyhow::Result<()> {
+        self.program_sizes()?;
+        self.verify()?;
+        self.case_pass()?;
+        self.case_hot()?;
+        self.case_1m()?;
+        self.case_syn()?;
+        self.case_synfull()?;
+        Ok(())
+    }
+
+    fn program_sizes(&mut self) -> anyhow::Result<()> {
+        let info = |p: &Xdp| -> anyhow::Result<Value> {
+            let i = p.info().context("bpf_prog_info")?;
+            let xlated = i.size_translated().unwrap_or(0);
+            Ok(
+                json!({ "id": i.id(), "xlated_bytes": xlated, "xlated_insns": xlated / 8, "jited_bytes": i.size_jitted(), "verified_insns": i.verified_instruction_count() }),
+            )
+        };
+        let mut v = json!({ "xlb": info(self.xlb.program()?)?, "floor": info(self.xlb.floor()?)? });
+        if let Some(k) = &self.katran {
+            v["katran"] = info(k.k.program()?)?;
+        }
+        self.programs = v;
+        Ok(())
+    }
+
+    // ---- one run of each program ----
+
+    fn floor_run(&mut self, frame: &mut dyn FnMut(u64, &mut Buf)) -> anyhow::Result<RunStats> {
+        let guard = self.katran.as_mut().map(|k| Guard { stats: &mut k.stats, count: false, hold_off: false });
+        time_run(self.xlb.floor()?, self.t0, self.cfg.calls, XDP_PASS, frame, guard)
+    }
+
+    fn xlb_run(&mut self, want: u32, frame: &mut dyn FnMut(u64, &mut Buf)) -> anyhow::Result<RunStats> {
+        let guard = self.katran.as_mut().map(|k| Guard { stats: &mut k.stats, count: false, hold_off: false });
+        time_run(self.xlb.program()?, self.t0, self.cfg.calls, want, frame, guard)
+    }
+
+    /// `new_conns`: every call is a new connection to Katran (its guard
+    /// counts them); `hold_off`: the guard is reset every batch.
+    fn katran_run(&mut self, want: u32, new_conns: bool, hold_off: bool, frame: &mut dyn FnMut(u64, &mut Buf)) -> anyhow::Result<Option<RunStats>> {
+        let Some(k) = self.katran.as_mut() else { return Ok(None) };
+        let guard = Guard { stats: &mut k.stats, count: new_conns, hold_off };
+        time_run(k.k.program()?, self.t0, self.cfg.calls, want, frame, Some(guard)).map(Some)
+    }
+
+    fn log_run(&mut self, case: &str, who: &str, round: usize, r: &RunStats) {
+        let tripped = if r.guard_tripped > 0 { format!("  guard tripped on {}", r.guard_tripped) } else { String::new() };
+        eprintln!(
+            "  {case:<8} {who:<14} run {}: median {:>5.0}  iqm {:>6.1}  mean {:>6.1}  p99 {:>6.0}  bad {}  {:.2}s{tripped}",
+            round + 1,
+            r.median,
+            r.iqm,
+            r.mean,
+            r.p99,
+            r.bad_verdicts,
+            r.wall_s
+        );
+        self.checks.expect(r.bad_verdicts == 0, || format!("{case}: {who} run {}: {} calls got the wrong verdict", round + 1, r.bad_verdicts));
+    }
+
+    // ---- verification: one flow through each program, decoded ----
+
+    fn verify(&mut self) -> anyhow::Result<()> {
+        eprintln!("verification:");
+        let mut out = [0u8; OUT_LEN];
+        let t0 = self.t0;
+        // A SYN for neither balancer: XDP_PASS, untouched, by all three.
+        let frame = Seg { dst_mac: T0_MAC, src_mac: CLIENT_MAC, src: client(0), dst: NON_VIP, flags: TCP_SYN, seq: CLIENT_ISN, ack: 0 }.frame();
+        let mut progs: Vec<(&str, pkt::Ran, Buf)> = Vec::new();
+        let r = pkt::run(self.xlb.floor()?, t0, &frame, &mut out)?;
+        progs.push(("floor", r, head(&out)));
+        let r = pkt::run(self.xlb.program()?, t0, &frame, &mut out)?;
+        progs.push(("xlb", r, head(&out)));
+        if let Some(k) = &self.katran {
+            let r = pkt::run(k.k.program()?, t0, &frame, &mut out)?;
+            progs.push(("Katran", r, head(&out)));
+        }
+        for (who, r, o) in progs {
+            self.checks.expect(r.verdict == XDP_PASS && r.len == FRAME_LEN && o == frame, || {
+                format!("{who}, SYN to a non-VIP: {} with {} bytes out (want XDP_PASS, untouched)", pkt::verdict_name(r.verdict), r.len)
+            });
+        }
+        eprintln!("  SYN to a non-VIP: XDP_PASS and untouched by the floor, xlb{}", if self.katran.is_some() { " and Katran" } else { "" });
+        self.snapshot("start")?;
+
+        // Katran: SYN and ACK of flow 0, both decoded; its LRU gains one entry.
+        if let Some(k) = self.katran.as_mut() {
+            let before = k.stats.snapshot()?;
+            let lru0 = k.k.lru_entries(self.cfg.cpu)?;
+            for flags in [TCP_SYN, TCP_ACK] {
+                let input = to_vip(katran::VIP, 0, flags).frame();
+                let r = pkt::run(k.k.program()?, t0, &input, &mut out)?;
+                match k.k.check_output(&input, &out, r.verdict, r.len, ROUTER_MAC) {
+                    Ok(real) => eprintln!(
+                        "  Katran, flow 0 {}: XDP_TX, IPIP to {real} (the ring's pick), inner packet intact",
+                        if flags == TCP_SYN { "SYN" } else { "ACK" }
+                    ),
+                    Err(e) => self.checks.expect(false, || format!("Katran, flow 0: {e}")),
+                }
+            }
+            let after = k.stats.snapshot()?;
+            let lru1 = k.k.lru_entries(self.cfg.cpu)?;
+            let d = |f: &str| after[f].as_u64().unwrap_or(0).wrapping_sub(before[f].as_u64().unwrap_or(0));
+            self.checks.expect(lru1 == lru0 + 1, || format!("Katran's LRU on CPU {} went {lru0} -> {lru1} entries, want +1", self.cfg.cpu));
+            self.checks
+                .expect(d("xdp_tx") == 2 && d("xdp_total") == 2, || format!("Katran's xdp_tx/total moved by {}/{}, want 2/2", d("xdp_tx"), d("xdp_total")));
+            self.checks.expect(d("lru_miss_syn") == 1 && d("lru_miss_other") == 0, || {
+                format!("Katran's LRU misses (SYN, other) moved by {}, {}; want 1, 0", d("lru_miss_syn"), d("lru_miss_other"))
+            });
+            self.checks.expect(d("vip0_packets") == 2, || format!("Katran's vip0 packets moved by {}", d("vip0_packets")));
+        }
+
+        // xlb: flow 0's whole handshake, every output decoded.
+        let before = self.xlb.counters()?;
+        match self.xlb.handshake(0, true)? {
+            Ok(b) => eprintln!("  xlb, flow 0: SYN, backend SYN-ACK and ACK all XDP_REDIRECT, NAT to/from {b}:8080, TTL 63, checksums valid"),
+            Err(e) => self.checks.expect(false, || format!("xlb: {e}")),
+        }
+        let after = self.xlb.counters()?;
+        let table = self.xlb.table()?;
+        self.xlb.expect_flow0(&mut self.checks, &before, &after, table);
+        // The ACK of the hot case: decoded too.
+        let input = Xlb::segment(0, Step::ClientAck, xlb_side::BACKENDS[0]).frame();
+        let r = pkt::run(self.xlb.program()?, t0, &input, &mut out)?;
+        if let Err(e) = xlb_side::check_to_backend(&input, &out, r) {
+            self.checks.expect(false, || format!("xlb, flow 0's ACK again: {e}"));
+        }
+        self.snapshot("after flow 0")?;
+        Ok(())
+    }
+
+    // ---- cases ----
+
+    fn begin(&self, key: &'static str, title: &'static str) -> Case {
+        eprintln!("case {key}: {title}");
+        Case { key, title, ..Default::default() }
+    }
+
+    fn case_pass(&mut self) -> anyhow::Result<()> {
+        let mut c = self.begin("pass", "SYN to a non-VIP address -> XDP_PASS");
+        let mut gen_ = |i: u64, b: &mut Buf| {
+            Seg { dst_mac: T0_MAC, src_mac: CLIENT_MAC, src: client(i % 1000), dst: NON_VIP, flags: TCP_SYN, seq: CLIENT_ISN, ack: 0 }.write(b)
+        };
+        for r in 0..self.cfg.runs {
+            let f = self.floor_run(&mut gen_)?;
+            self.log_run(c.key, "floor", r, &f);
+            c.floor.push(f);
+            if let Some(k) = self.katran_run(XDP_PASS, false, false, &mut gen_)? {
+                self.log_run(c.key, "katran", r, &k);
+                c.katran.push(k);
+            }
+            let x = self.xlb_run(XDP_PASS, &mut gen_)?;
+            self.log_run(c.key, "xlb", r, &x);
+            c.xlb.push(x);
+        }
+        self.cases.push(c);
+        Ok(())
+    }
+
+    fn case_hot(&mut self) -> anyhow::Result<()> {
+        let mut c = self.begin("hot", "ACK of one established flow, the same every call");
+        let kf = to_vip(katran::VIP, 0, TCP_ACK).frame();
+        let xf = to_vip(xlb_side::VIP, 0, TCP_ACK).frame();
+        let before = self.xlb.counters()?;
+        for r in 0..self.cfg.runs {
+            let f = self.floor_run(&mut |_, b| *b = kf)?;
+            self.log_run(c.key, "floor", r, &f);
+            c.floor.push(f);
+            if let Some(k) = self.katran_run(XDP_TX, false, false, &mut |_, b| *b = kf)? {
+                self.log_run(c.key, "katran", r, &k);
+                c.katran.push(k);
+            }
+            let x = self.xlb_run(XDP_REDIRECT, &mut |_, b| *b = xf)?;
+            self.log_run(c.key, "xlb", r, &x);
+            c.xlb.push(x);
+        }
+        let after = self.xlb.counters()?;
+        self.xlb.expect_acks(&mut self.checks, &before, &after, self.cfg.runs as u64 * self.cfg.calls);
+        self.cases.push(c);
+        Ok(())
+    }
+
+    /// Establishes flows 1..FLOWS in both (flow 0 is), then checks them.
+    fn establish(&mut self) -> anyhow::Result<()> {
+        let flows = self.cfg.flows;
+        eprintln!("establishing {flows} flows in each program (through test-run)");
+        let t0 = self.t0;
+        let mut out = [0u8; OUT_LEN];
+        if let Some(k) = self.katran.as_mut() {
+            // Katran needs the client's SYN and ACK (the backend answers
+            // the client directly); its guard is held off meanwhile, so
+            // every SYN writes its LRU.
+            let t = Instant::now();
+            let mut bad = 0u64;
+            for f in 1..flows {
+                for flags in [TCP_SYN, TCP_ACK] {
+                    let r = pkt::run(k.k.program()?, t0, &to_vip(katran::VIP, f, flags).frame(), &mut out)?;
+                    bad += u64::from(r.verdict != XDP_TX);
+                }
+                if f % GUARD_BATCH == 0 {
+                    k.stats.reset_conn_rate()?;
+                }
+            }
+            k.stats.reset_conn_rate()?;
+            let lru = k.k.lru_entries(self.cfg.cpu)?;
+            eprintln!("  Katran: {:.1} s, {bad} wrong verdicts; LRU of CPU {}: {lru} entries", t.elapsed().as_secs_f64(), self.cfg.cpu);
+            self.checks.expect(bad == 0, || format!("Katran: {bad} wrong verdicts establishing the flows"));
+            self.checks.expect(lru == flows, || format!("Katran's LRU holds {lru} entries, want {flows}"));
+        }
+        let t = Instant::now();
+        let mut bad = Vec::new();
+        self.xlb_backend_of = vec![u8::MAX; flows as usize];
+        for f in 0..flows {
+            // Flow 0 is established already: its SYN now would restart it.
+            let res = if f == 0 { Ok(xlb_side::BACKENDS[0]) } else { self.xlb.handshake(f, false)? };
+            match res {
+                Ok(b) => self.xlb_backend_of[f as usize] = xlb_side::BACKENDS.iter().position(|x| *x == b).unwrap_or(usize::MAX) as u8,
+                Err(e) => bad.push(e),
+            }
+        }
+        // Flow 0's backend: where its ACK goes.
+        let r = pkt::run(self.xlb.program()?, t0, &to_vip(xlb_side::VIP, 0, TCP_ACK).frame(), &mut out)?;
+        let b0 = pkt::rd32(&out[30..34]);
+        self.xlb_backend_of[0] = xlb_side::BACKENDS.iter().position(|x| *x == b0).unwrap_or(usize::MAX) as u8;
+        self.checks.expect(r.verdict == XDP_REDIRECT, || format!("xlb: flow 0's ACK got {}", pkt::verdict_name(r.verdict)));
+        let table = self.xlb.table()?;
+        eprintln!("  xlb: {:.1} s (SYN, SYN-ACK, ACK each), {} failed; table {table:?}", t.elapsed().as_secs_f64(), bad.len());
+        self.checks.expect(bad.is_empty(), || format!("xlb: {} handshakes failed, first: {}", bad.len(), bad[0]));
+        self.xlb.expect_established(&mut self.checks, flows, table);
+
+        // Spot checks across the set, fully decoded.
+        let step = (flows / 997).max(1);
+        let (mut kper, mut xper) = ([0u64; 3], [0u64; 3]);
+        for f in (0..flows).step_by(step as usize) {
+            if let Some(k) = &self.katran {
+                let input = to_vip(katran::VIP, f, TCP_ACK).frame();
+                let r = pkt::run(k.k.program()?, t0, &input, &mut out)?;
+                match k.k.check_output(&input, &out, r.verdict, r.len, ROUTER_MAC) {
+                    Ok(real) => kper[katran::REALS.iter().position(|x| *x == real).unwrap_or(0)] += 1,
+                    Err(e) => self.checks.expect(false, || format!("Katran, flow {f}'s ACK: {e}")),
+                }
+            }
+            let input = to_vip(xlb_side::VIP, f, TCP_ACK).frame();
+            let r = pkt::run(self.xlb.program()?, t0, &input, &mut out)?;
+            match xlb_side::check_to_backend(&input, &out, r) {
+                Ok(b) => {
+                    let i = xlb_side::BACKENDS.iter().position(|x| *x == b).unwrap_or(0);
+                    xper[i] += 1;
+                    let want = self.xlb_backend_of[f as usize];
+                    self.checks.expect(i as u8 == want, || format!("xlb, flow {f}: its ACK went to backend #{i}, its handshake to #{want}"));
+                }
+                Err(e) => self.checks.expect(false, || format!("xlb, flow {f}'s ACK: {e}")),
+            }
+        }
+        eprintln!("  spot checks (every {step}th flow): Katran reals {kper:?}, xlb backends {xper:?}");
+        self.snapshot("after establishing the flows")
+    }
+
+    fn case_1m(&mut self) -> anyhow::Result<()> {
+        self.establish()?;
+        let flows = self.cfg.flows;
+        let mut c = self.begin("1M", "ACKs round-robin over the established flows");
+        let kmiss0 = match &self.katran {
+            Some(k) => Some(k.stats.sum(katran::LRU_MISS_CNTR)?),
+            None => None,
+        };
+        let before = self.xlb.counters()?;
+        // Cursors continue across runs: the runs touch different flows.
+        let (mut kcur, mut xcur) = (0u64, 0u64);
+        for r in 0..self.cfg.runs {
+            let base = r as u64 * self.cfg.calls;
+            let f = self.floor_run(&mut |i, b| to_vip(katran::VIP, (base + i) % flows, TCP_ACK).write(b))?;
+            self.log_run(c.key, "floor", r, &f);
+            c.floor.push(f);
+            let k = self.katran_run(XDP_TX, false, false, &mut |_, b| {
+                to_vip(katran::VIP, kcur % flows, TCP_ACK).write(b);
+                kcur += 1;
+            })?;
+            if let Some(k) = k {
+                self.log_run(c.key, "katran", r, &k);
+                c.katran.push(k);
+            }
+            let x = self.xlb_run(XDP_REDIRECT, &mut |_, b| {
+                to_vip(xlb_side::VIP, xcur % flows, TCP_ACK).write(b);
+                xcur += 1;
+            })?;
+            self.log_run(c.key, "xlb", r, &x);
+            c.xlb.push(x);
+        }
+        if let (Some(k), Some(m0)) = (&self.katran, kmiss0) {
+            let m1 = k.stats.sum(katran::LRU_MISS_CNTR)?;
+            self.checks.expect(m1 == m0, || format!("Katran had LRU misses during the 1M case: SYN {}, other {}", m1[0] - m0[0], m1[1] - m0[1]));
+        }
+        let after = self.xlb.counters()?;
+        self.xlb.expect_acks(&mut self.checks, &before, &after, self.cfg.runs as u64 * self.cfg.calls);
+        self.cases.push(c);
+        self.snapshot("after the 1M case")
+    }
+
+    /// One round of a SYN case: floor, Katran (default guard), xlb, Katran
+    /// (guard held off), each on fresh 5-tuples from its own base.
+    fn syn_round(&mut self, c: &mut Case, r: usize, bases: [u64; 2]) -> anyhow::Result<()> {
+        let [kx, k2] = bases;
+        let f = self.floor_run(&mut |i, b| to_vip(katran::VIP, kx + i, TCP_SYN).write(b))?;
+        self.log_run(c.key, "floor", r, &f);
+        c.floor.push(f);
+        if let Some(k) = self.katran_run(XDP_TX, true, false, &mut |i, b| to_vip(katran::VIP, kx + i, TCP_SYN).write(b))? {
+            self.log_run(c.key, "katran", r, &k);
+            c.katran.push(k);
+        }
+        let x = self.xlb_run(XDP_REDIRECT, &mut |i, b| to_vip(xlb_side::VIP, kx + i, TCP_SYN).write(b))?;
+        self.log_run(c.key, "xlb", r, &x);
+        c.xlb.push(x);
+        if let Some(k) = self.katran_run(XDP_TX, true, true, &mut |i, b| to_vip(katran::VIP, k2 + i, TCP_SYN).write(b))? {
+            self.log_run(c.key, "katran-held-off", r, &k);
+            self.checks.expect(k.guard_tripped == 0, || format!("{}: Katran's guard tripped on {} calls while held off", c.key, k.guard_tripped));
+            c.katran_held_off.push(k);
+        }
+        Ok(())
+    }
+
+    /// First client index of fresh 5-tuples (never established).
+    fn fresh_base(&self) -> u64 {
+        self.cfg.flows + 1_000_000
+    }
+
+    fn case_syn(&mut self) -> anyhow::Result<()> {
+        let mut c = self.begin("syn", "SYN with a new 5-tuple every call, table with room");
+        let (calls, runs) = (self.cfg.calls, self.cfg.runs as u64);
+        let base = self.fresh_base();
+        let lru0 = match &self.katran {
+            Some(k) => Some(k.k.lru_entries(self.cfg.cpu)?),
+            None => None,
+        };
+        let before = self.xlb.counters()?;
+        for r in 0..self.cfg.runs {
+            // Room: each xlb run starts with no half-open flow (Katran's LRU
+            // has room for all of them: 1M + 2 × RUNS × CALLS of 4M).
+            self.xlb.make_room_for_syns()?;
+            self.syn_round(&mut c, r, [base + r as u64 * calls, base + (runs + r as u64) * calls])?;
+        }
+        let after = self.xlb.counters()?;
+        let table = self.xlb.table()?;
+        self.xlb.expect_syns(&mut self.checks, &before, &after, runs * calls, calls, table);
+        if let (Some(k), Some(lru0)) = (&self.katran, lru0) {
+            // Every SYN writes the LRU but those that found the guard tripped.
+            let lru1 = k.k.lru_entries(self.cfg.cpu)?;
+            let tripped: u64 = c.katran.iter().chain(&c.katran_held_off).map(|r| r.guard_tripped).sum();
+            let written = (c.katran.len() + c.katran_held_off.len()) as u64 * calls - tripped;
+            eprintln!("  Katran's LRU grew by {} entries; the guard tripped on {tripped} calls -> {written} writes expected", lru1 - lru0);
+            self.checks.expect(lru1 - lru0 == written, || format!("Katran's LRU grew by {}, {written} writes expected", lru1 - lru0));
+        }
+        self.cases.push(c);
+        self.snapshot("after the syn case")
+    }
+
+    fn case_synfull(&mut self) -> anyhow::Result<()> {
+        let (calls, runs) = (self.cfg.calls, self.cfg.runs as u64);
+        let mut next = self.fresh_base() + 2 * runs * calls;
+        let t0 = self.t0;
+        let mut out = [0u8; OUT_LEN];
+        if let Some(k) = self.katran.as_mut() {
+            // Full: SYNs (guard held off) until every write evicts.
+            let lru = k.k.lru_entries(self.cfg.cpu)?;
+            let fill = u64::from(KATRAN_LRU_SIZE).saturating_sub(lru) + u64::from(KATRAN_LRU_SIZE) / 20 + calls;
+            let t = Instant::now();
+            let mut bad = 0u64;
+            for i in 0..fill {
+                let r = pkt::run(k.k.program()?, t0, &to_vip(katran::VIP, next + i, TCP_SYN).frame(), &mut out)?;
+                bad += u64::from(r.verdict != XDP_TX);
+                if (i + 1) % GUARD_BATCH == 0 {
+                    k.stats.reset_conn_rate()?;
+                }
+            }
+            next += fill;
+            let lru = k.k.lru_entries(self.cfg.cpu)?;
+            eprintln!("filling Katran's LRU: {fill} SYNs in {:.1} s, {bad} wrong verdicts; now {lru} of {KATRAN_LRU_SIZE} entries", t.elapsed().as_secs_f64());
+            self.checks.expect(bad == 0, || format!("Katran: {bad} wrong verdicts filling its LRU"));
+            self.checks.expect(lru >= u64::from(KATRAN_LRU_SIZE - KATRAN_LRU_SIZE / 50), || format!("Katran's LRU is not full: {lru} entries"));
+        }
+        // xlb: the table a SYN writes, filled from empty.
+        self.xlb.make_room_for_syns()?;
+        let fill = self.xlb.syns_to_fill();
+        let t = Instant::now();
+        let mut bad = 0u64;
+        for i in 0..fill {
+            let r = pkt::run(self.xlb.program()?, t0, &Xlb::segment(next + i, Step::ClientSyn, xlb_side::BACKENDS[0]).frame(), &mut out)?;
+            bad += u64::from(r.verdict != XDP_REDIRECT);
+        }
+        next += fill;
+        let table_before = self.xlb.table()?;
+        eprintln!("filling xlb's table: {fill} SYNs in {:.1} s, {bad} wrong verdicts; now {table_before:?}", t.elapsed().as_secs_f64());
+        self.checks.expect(bad == 0, || format!("xlb: {bad} wrong verdicts filling its table"));
+        self.xlb.expect_full(&mut self.checks, table_before);
+        self.snapshot("after filling")?;
+
+        let mut c = self.begin("synfull", "SYN with a new 5-tuple every call into a full table");
+        let before = self.xlb.counters()?;
+        for r in 0..self.cfg.runs {
+            self.syn_round(&mut c, r, [next + r as u64 * calls, next + (runs + r as u64) * calls])?;
+        }
+        let after = self.xlb.counters()?;
+        let table_after = self.xlb.table()?;
+        self.xlb.expect_flood(&mut self.checks, &before, &after, table_before, table_after);
+        self.cases.push(c);
+        self.snapshot("end")
+    }
+
+    // ---- report ----
+
+    fn table(&self) -> String {
+        let mut s = String::new();
+        let has_k = self.katran.is_some();
+        s.push_str(&format!(
+            "\nper packet, Katran and xlb in the same run (BPF_PROG_TEST_RUN, repeat=1; ns, median of {} run medians of {} calls, min-max over runs; net = raw - floor)\n\n",
+            self.cfg.runs, self.cfg.calls
+        ));
+        s.push_str("| case | floor | Katran raw | Katran net | xlb raw | xlb net | xlb / Katran (IQM) | p99 Katran | p99 xlb |\n");
+        s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        let dash = || "—".to_owned();
+        for c in &self.cases {
+            let floor = across(&c.floor, |r| r.median);
+            let floor_iqm = across(&c.floor, |r| r.iqm).map_or(0.0, |v| v.0);
+            let fmt = |v: Option<(f64, f64, f64)>| v.map_or_else(dash, |(m, lo, hi)| format!("{m:.0} ({lo:.0}–{hi:.0})"));
+            let f0 = floor.map_or(0.0, |v| v.0);
+            let x = across(&c.xlb, |r| r.median);
+            let xnet = x.map(|v| v.0 - f0);
+            let xnet_iqm = across(&c.xlb, |r| r.iqm).map(|v| v.0 - floor_iqm);
+            let xp99 = across(&c.xlb, |r| r.p99).map_or_else(dash, |v| format!("{:.0}", v.0));
+            let mut row = |label: String, runs: &[RunStats], xlb_cells: bool| {
+                let k = across(runs, |r| r.median);
+                let knet = k.map(|v| v.0 - f0);
+                let knet_iqm = across(runs, |r| r.iqm).map(|v| v.0 - floor_iqm);
+                let ratio = match (xnet, knet, xnet_iqm, knet_iqm) {
+                    (Some(x), Some(k), Some(xi), Some(ki)) if k > 0.0 && ki > 0.0 => format!("**{:.2}** ({:.2})", x / k, xi / ki),
+                    _ => dash(),
+                };
+                s.push_str(&format!(
+                    "| {label} | {:.0} | {} | {} | {} | {} | {ratio} | {} | {} |\n",
+                    f0,
+                    fmt(k),
+                    knet.map_or_else(dash, |v| format!("{v:.0}")),
+                    if xlb_cells { fmt(x) } else { "(as above)".into() },
+                    xnet.map_or_else(dash, |v| format!("{v:.0}")),
+                    across(runs, |r| r.p99).map_or_else(dash, |v| format!("{:.0}", v.0)),
+                    if xlb_cells { xp99.clone() } else { "(as above)".into() },
+                ));
+            };
+            if c.katran_held_off.is_empty() && !(has_k && c.key.starts_with("syn")) {
+                row(format!("{}: {}", c.key, c.title), &c.katran, true);
+            } else {
+                let tripped: u64 = c.katran.iter().map(|r| r.guard_tripped).sum();
+                let total = (c.katran.len() as u64 * self.cfg.calls).max(1);
+                row(
+                    format!("{}: {}, Katran's default guard (tripped on {:.0}% of calls)", c.key, c.title, 100.0 * tripped as f64 / total as f64),
+                    &c.katran,
+                    true,
+                );
+                row(format!("{}, Katran's guard held off (every SYN writes)", c.key), &c.katran_held_off, false);
+            }
+        }
+        s.push_str(
+            "\nprograms (bpf_prog_info; verifier-processed instructions from the kernel)\n\n| program | xlated | JIT | verified insns |\n|---|---|---|---|\n",
+        );
+        for (who, key) in [("Katran balancer_ingress", "katran"), ("xlb", "xlb"), ("floor (xlb_pass)", "floor")] {
+            let p = &self.programs[key];
+            if p.is_null() {
+                continue;
+            }
+            s.push_str(&format!(
+                "| {who} | {} insns ({} B) | {} B | {} |\n",
+                p["xlated_insns"],
+                p["xlated_bytes"],
+                p["jited_bytes"],
+                p["verified_insns"].as_u64().map_or_else(|| "?".into(), |v| v.to_string())
+            ));
+        }
+        if !has_k {
+            s.push_str("\n(Katran's object was not available: xlb alone)\n");
+        }
+        let verdict = if self.checks.failures.is_empty() {
+            format!("all {} checks passed", self.checks.passed)
+        } else {
+            format!("{} CHECKS FAILED", self.checks.failures.len())
+        };
+        s.push_str(&format!("\n{verdict}\n"));
+        s
+    }
+
+    fn json(&self) -> Value {
+        let series = |v: &[RunStats]| -> Value {
+            let m = |f: fn(&RunStats) -> f64| across(v, f).map(|(m, lo, hi)| json!({ "median": m, "min": lo, "max": hi }));
+            json!({ "median": m(|r| r.median), "iqm": m(|r| r.iqm), "p99": m(|r| r.p99), "runs": v.iter().map(RunStats::json).collect::<Vec<_>>() })
+        };
+        let cases: Vec<Value> = self
+            .cases
+            .iter()
+            .map(|c| {
+                let f = across(&c.floor, |r| r.median).map_or(0.0, |v| v.0);
+                let fi = across(&c.floor, |r| r.iqm).map_or(0.0, |v| v.0);
+                let net = |v: &[RunStats]| across(v, |r| r.median).map(|m| m.0 - f);
+                let net_iqm = |v: &[RunStats]| across(v, |r| r.iqm).map(|m| m.0 - fi);
+                let ratio = |x: Option<f64>, k: Option<f64>| match (x, k) {
+                    (Some(x), Some(k)) if k > 0.0 => Some(x / k),
+                    _ => None,
+                };
+                let mut v = json!({
+                    "case": c.key, "title": c.title,
+                    "floor": series(&c.floor), "katran": series(&c.katran), "xlb": series(&c.xlb),
+                    "katran_net": net(&c.katran), "xlb_net": net(&c.xlb),
+                    "ratio_xlb_katran": ratio(net(&c.xlb), net(&c.katran)),
+                    "ratio_xlb_katran_iqm": ratio(net_iqm(&c.xlb), net_iqm(&c.katran)),
+                    "katran_guard_tripped_calls": c.katran.iter().map(|r| r.guard_tripped).sum::<u64>(),
+                });
+                if !c.katran_held_off.is_empty() {
+                    v["katran_guard_held_off"] = series(&c.katran_held_off);
+                    v["katran_guard_held_off_net"] = json!(net(&c.katran_held_off));
+                    v["ratio_xlb_katran_guard_held_off"] = json!(ratio(net(&c.xlb), net(&c.katran_held_off)));
+                    v["ratio_xlb_katran_guard_held_off_iqm"] = json!(ratio(net_iqm(&c.xlb), net_iqm(&c.katran_held_off)));
+                }
+                v
+            })
+            .collect();
+        json!({
+            "benchmark": "per_packet_against_katran",
+            "method": "BPF_PROG_TEST_RUN repeat=1 loops; cell = median of run medians; net = cell - floor (xlb_pass)",
+            "kernel": self.kernel,
+            "cpu": self.cfg.cpu,
+            "calls_per_run": self.cfg.calls,
+            "runs": self.cfg.runs,
+            "flows": self.cfg.flows,
+            "katran_object": self.cfg.katran_obj.as_ref().map(|p| p.display().to_string()),
+            "katran_lru_per_cpu": KATRAN_LRU_SIZE,
+            "programs": self.programs,
+            "cases": cases,
+            "counters": self.counters,
+            "checks": { "passed": self.checks.passed, "failures": self.checks.failures, "notes": self.checks.notes },
+        })
+    }
+}
+
+/// The first FRAME_LEN bytes of an output buffer.
+fn head(out: &[u8; OUT_LEN]) -> Buf {
+    let mut b = [0u8; FRAME_LEN];
+    b.copy_from_slice(&out[..FRAME_LEN]);
+    b
+}

@@ -224,6 +224,8 @@ fn bench() -> anyhow::Result<()> {
         "xlb-bench-e2e",
         "--bin",
         "xlb-bench-control",
+        "--bin",
+        "xlb-bench-katran",
     ]))?;
     let xlb = root().join("target/release/xlb");
     run(Command::new(root().join("target/release/xlb-bench")).env("XLB_BIN", &xlb))?;
@@ -233,7 +235,10 @@ fn bench() -> anyhow::Result<()> {
     if let Ok(rev) = std::env::var("XLB_BENCH_BEFORE") {
         control.env("XLB_BIN_BEFORE", build_before(&rev)?);
     }
-    run(&mut control)
+    run(&mut control)?;
+    // Per packet against Katran, in the same run (KATRAN_OBJ, default
+    // ../shared/peers/katran/balancer.bpf.o; without it, xlb alone).
+    run(&mut Command::new(root().join("target/release/xlb-bench-katran")))
 }
 
 /// Builds `xlb` at revision `rev` (a worktree under target/bench-before/),

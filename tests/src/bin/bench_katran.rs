@@ -204,7 +204,13 @@ fn time_run(prog: &Xdp, ifindex: u32, calls: u64, want: u32, frame: &mut dyn FnM
     let mut hist = vec![0u32; HIST];
     let (mut buf, mut out) = ([0u8; FRAME_LEN], [0u8; OUT_LEN]);
     let mut r = RunStats { calls, ..Default::default() };
-    let mut prev = match &guard {
+    let mut prev = match guard.as_mut() {
+        // Held off from the first call: a run before may have left the
+        // guard tripped for the rest of its window.
+        Some(g) if g.hold_off => {
+            g.stats.reset_conn_rate()?;
+            g.stats.conn_rate()?
+        }
         Some(g) => g.stats.conn_rate()?,
         None => (0, 0),
     };

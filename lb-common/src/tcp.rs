@@ -129,6 +129,12 @@ pub fn track(sender: &mut TcpDir, receiver: &mut TcpDir, seg: &Segment) -> u8 {
     }
     if flags & FLAG_SYN != 0 {
         if flags & FLAG_ACK == 0 {
+            if sender.state > STATE_SYN {
+                // A SYN on a connection past its handshake (not closed
+                // both ways, or it would not be here): the backend answers
+                // it with a challenge ACK; it changes nothing here.
+                return TRACK_INVALID;
+            }
             // The client's SYN (again: a retransmission or a new attempt).
             init_side(sender, seg, end);
             return TRACK_OK;
@@ -230,7 +236,11 @@ pub const fn rst_is_exact(sender: &TcpDir, receiver: &TcpDir, seg: &Segment) -> 
 /// SYN-ACK was seen and this acknowledges exactly it.
 #[inline(always)]
 pub const fn completes_handshake(orig: &TcpDir, reply: &TcpDir, seg: &Segment) -> bool {
-    seg.flags & (FLAG_SYN | FLAG_RST | FLAG_ACK) == FLAG_ACK && orig.state == STATE_SYN && reply.flags & TCPD_SEEN != 0 && reply.state == STATE_SYN && seg.ack == reply.end
+    seg.flags & (FLAG_SYN | FLAG_RST | FLAG_ACK) == FLAG_ACK
+        && orig.state == STATE_SYN
+        && reply.flags & TCPD_SEEN != 0
+        && reply.state == STATE_SYN
+        && seg.ack == reply.end
 }
 
 /// Both sides are done: each sent a FIN, or one sent a RST. Only then may
@@ -332,6 +342,20 @@ mod tests {
         // zero-window probe is still in the window.
         assert_eq!(track(&mut b, &mut c, &seg(5001, 4001, FLAG_ACK, 0, 0)), TRACK_OK);
         assert_eq!(track(&mut c, &mut b, &seg(4001, 5001, FLAG_ACK, 1, 512)), TRACK_OK);
+    }
+
+    #[test]
+    fn a_syn_on_a_connection_past_its_handshake_changes_nothing() {
+        let (mut c, mut b) = established();
+        assert_eq!(track(&mut c, &mut b, &seg(1001, 5001, FLAG_ACK | FLAG_FIN, 0, 512)), TRACK_OK);
+        let before = (c, b);
+        assert_eq!(track(&mut c, &mut b, &seg(90_000, 0, FLAG_SYN, 0, 65535)), TRACK_INVALID);
+        assert_eq!((c, b), before, "a half-closed connection is not restarted by a SYN");
+        // A retransmitted SYN during the handshake is still a SYN.
+        let (mut c, mut b) = (TcpDir::default(), TcpDir::default());
+        assert_eq!(track(&mut c, &mut b, &seg(1000, 0, FLAG_SYN, 0, 65535)), TRACK_OK);
+        assert_eq!(track(&mut c, &mut b, &seg(1000, 0, FLAG_SYN, 0, 65535)), TRACK_OK);
+        assert_eq!((c.state, c.end), (STATE_SYN, 1001));
     }
 
     #[test]

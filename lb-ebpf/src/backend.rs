@@ -15,8 +15,8 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     maps::{
-        ADDR_LOCAL, DIR_TO_CLIENT, EndpointEntry, EndpointService, FLOW_PICKED_UP, FlowKey, FlowState, MAX_SERVICES_PER_ENDPOINT, NAT_SRC, NatTuple, PROTO_TCP, SVC_F_FULLNAT,
-        TcpDir, backend_is_gone,
+        ADDR_LOCAL, DIR_TO_CLIENT, EndpointEntry, EndpointService, FLOW_PICKED_UP, FlowKey, FlowState, MAX_SERVICES_PER_ENDPOINT, NAT_SRC, NatTuple, PROTO_TCP,
+        SVC_F_FULLNAT, TcpDir, backend_is_gone,
     },
     stats as stat, tcp,
 };
@@ -29,31 +29,29 @@ use crate::{
     ports, reset, stats,
 };
 
-/// A packet from backend endpoint `ep` (`Verdict::to_bits`). A separate
-/// BPF function.
+/// The flow of a backend's packet: its entry (null if none), its key
+/// written to `pkt.flow_key` and `flow::packet`'s mode to `mode`. A
+/// separate BPF function returning the map value (see `client::find`).
 #[inline(never)]
-pub fn packet(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry) -> u64 {
-    let now = conntrack::now();
-    // Found: the flow's key, entry and table. Built in place, not returned
-    // (a 40-byte key through a return value would be a stack copy).
-    let mut key = FlowKey::default();
-    if let Some((e, table)) = find(pkt, ep, &mut key) {
-        return flow::packet(ctx, pkt, &key, e, flow::mode(table, false));
+pub fn find(pkt: &mut Packet, ep: &EndpointEntry, mode: &mut u64) -> *mut FlowState {
+    match find_in(pkt, ep) {
+        Some((e, table)) => {
+            *mode = flow::mode(table, false);
+            e
+        }
+        None => core::ptr::null_mut(),
     }
-    no_flow(ctx, pkt, ep, now as u32).to_bits()
 }
 
-/// The flow of a backend's packet: its entry and table, the key written to
-/// `key`.
 #[inline(always)]
-fn find(pkt: &Packet, ep: &EndpointEntry, key: &mut FlowKey) -> Option<(*mut FlowState, Table)> {
+fn find_in(pkt: &mut Packet, ep: &EndpointEntry) -> Option<(*mut FlowState, Table)> {
     // A SYN-ACK belongs to a flow still in its handshake.
     let synack = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & tcp::FLAG_SYN != 0;
     if ep.any_fullnat != 0 {
         // SAFETY: read-only use of a map value; the key is copied out.
         if let Some(owner) = unsafe { PORTS.get(&pkt.key) } {
-            *key = owner.flow;
-            if let Some((e, table)) = lookup(key, synack) {
+            pkt.flow_key = owner.flow;
+            if let Some((e, table)) = lookup(&pkt.flow_key, synack) {
                 // SAFETY: map value pointer from the kernel.
                 let st = unsafe { &*e };
                 // The holder still holds this port towards this backend.
@@ -71,8 +69,8 @@ fn find(pkt: &Packet, ep: &EndpointEntry, key: &mut FlowKey) -> Option<(*mut Flo
         if s.flags & SVC_F_FULLNAT != 0 {
             continue;
         }
-        *key = FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto);
-        if let Some((e, table)) = lookup(key, synack) {
+        pkt.flow_key = FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto);
+        if let Some((e, table)) = lookup(&pkt.flow_key, synack) {
             // SAFETY: map value pointer from the kernel.
             if unsafe { (*e).backend_id } == s.backend_id {
                 return Some((e, table));
@@ -108,10 +106,16 @@ fn holds_here(st: &FlowState, ep: &EndpointEntry, port: u16) -> bool {
     false
 }
 
-/// A backend's packet that belongs to no flow in the table. A separate BPF
-/// function.
+/// A backend's packet that belongs to no flow in the table
+/// (`Verdict::to_bits`: a BPF function cannot return a struct). A separate
+/// BPF function.
 #[inline(never)]
-fn no_flow(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32) -> Verdict {
+pub fn no_flow(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry) -> u64 {
+    no_flow_verdict(ctx, pkt, ep, conntrack::now() as u32).to_bits()
+}
+
+#[inline(always)]
+fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32) -> Verdict {
     if is_addr(&pkt.key.dst_addr, ADDR_LOCAL) {
         // For the balancer itself (health checks, a full-NAT port whose
         // flow is gone): the kernel's business.
@@ -132,7 +136,16 @@ fn no_flow(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32) -> Verd
     if is_tcp && flags & (tcp::FLAG_RST | tcp::FLAG_FIN) != 0 && flags & tcp::FLAG_SYN == 0 {
         // The end of a flow already gone: told to the client, nothing made.
         stats::count(stat::REPLY_STATELESS);
-        let t = NatTuple { src: key.dst_addr, dst: key.src_addr, sport: key.dst_port, dport: key.src_port, flags: NAT_SRC, direction: DIR_TO_CLIENT, _pad: 0, hop: 0 };
+        let t = NatTuple {
+            src: key.dst_addr,
+            dst: key.src_addr,
+            sport: key.dst_port,
+            dport: key.src_port,
+            flags: NAT_SRC,
+            direction: DIR_TO_CLIENT,
+            _pad: 0,
+            hop: 0,
+        };
         return flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64);
     }
     if is_tcp && flags & tcp::FLAG_SYN != 0 && flags & tcp::FLAG_ACK == 0 {

@@ -18,8 +18,8 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     maps::{
-        Backend, DIR_TO_BACKEND, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NatTuple, PROTO_TCP, SCHED_MAGLEV,
-        SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS, SVC_F_STATELESS_SYN, ServiceEntry, TcpDir,
+        Backend, DIR_TO_BACKEND, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NatTuple, PROTO_TCP, SCHED_MAGLEV, SVC_F_DSR,
+        SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS, SVC_F_STATELESS_SYN, ServiceEntry, TcpDir,
     },
     stats as stat,
     tcp::{self},
@@ -33,41 +33,100 @@ use crate::{
     ports, reset, schedule, stats,
 };
 
-/// A packet to service `svc` (`Verdict::to_bits`). A separate BPF function.
+/// The flow of a packet to service `svc`: its entry (null if none), with
+/// `flow::packet`'s mode written to `mode`. A separate BPF function
+/// returning the map value itself: the entry's processing (`flow::packet`)
+/// is then called from the program's top, not from here, which keeps the
+/// call chain within the 512-byte BPF stack.
 #[inline(never)]
-pub fn packet(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry) -> u64 {
-    let now = conntrack::now();
+pub fn find(pkt: &Packet, svc: &ServiceEntry, mode: &mut u64) -> *mut FlowState {
     let key = &pkt.key;
-    let is_tcp = key.proto == PROTO_TCP;
-    let syn = is_tcp && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN;
-    let found: Option<(*mut FlowState, Table)> = if syn {
+    let syn = key.proto == PROTO_TCP && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN;
+    if syn {
+        if svc.flags & SVC_F_STATELESS_SYN != 0 {
+            return core::ptr::null_mut();
+        }
+        // A SYN on the tuple of a flow not closed both ways follows that
+        // flow (the backend answers it); else a retransmitted SYN (or a
+        // new attempt) finds its half-open flow.
+        if let Some(e) = CONNS.get_ptr_mut(key) {
+            // SAFETY: map value pointer from the kernel.
+            if !closed(unsafe { &*e }) {
+                *mode = flow::mode(Table::Established, true);
+                return e;
+            }
+        }
+        *mode = flow::mode(Table::HalfOpen, true);
+        return HALF_OPEN.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
+    }
+    match CONNS.get_ptr_mut(key) {
+        // SAFETY: map value pointer from the kernel.
+        Some(e) if !closed(unsafe { &*e }) => {
+            *mode = flow::mode(Table::Established, true);
+            e
+        }
+        est => match HALF_OPEN.get_ptr_mut(key) {
+            // A new connection on the 5-tuple of a closed one.
+            Some(h) => {
+                *mode = flow::mode(Table::HalfOpen, true);
+                h
+            }
+            None => {
+                *mode = flow::mode(Table::Established, true);
+                est.unwrap_or(core::ptr::null_mut())
+            }
+        },
+    }
+}
+
+/// What a packet to `svc` without a flow gets (`find` found none).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// Forwarded where the keyed hash sends it, creating nothing.
+    ByHash,
+    /// A new flow (`new_flow`).
+    New,
+    /// Answered with a RST (`reset_miss`).
+    Reset,
+    /// Handed to the kernel untouched (a client's RST or SYN-ACK).
+    Pass,
+}
+
+/// Decides what a packet without a flow gets (counting it).
+#[inline(always)]
+pub fn unknown(pkt: &Packet, svc: &ServiceEntry) -> Unknown {
+    if pkt.key.proto != PROTO_TCP {
+        return Unknown::New;
+    }
+    let flags = pkt.tcp_flags;
+    if flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN {
         if svc.flags & SVC_F_STATELESS_SYN != 0 {
             stats::count(stat::STATELESS_SYN);
-            return stateless(ctx, pkt, svc, now).to_bits();
+            return Unknown::ByHash;
         }
-        // A retransmitted SYN (or a new attempt) finds its half-open flow;
-        // a SYN never touches an established one.
-        HALF_OPEN.get_ptr_mut(key).map(|e| (e, Table::HalfOpen))
-    } else {
-        match CONNS.get_ptr_mut(key) {
-            // SAFETY: map value pointer from the kernel.
-            Some(e) if !closed(unsafe { &*e }) => Some((e, Table::Established)),
-            est => match HALF_OPEN.get_ptr_mut(key) {
-                // A new connection on the 5-tuple of a closed one.
-                Some(h) => Some((h, Table::HalfOpen)),
-                None => est.map(|e| (e, Table::Established)),
-            },
-        }
-    };
-    if let Some((e, table)) = found {
-        let v = flow::packet(ctx, pkt, key, e, flow::mode(table, true));
-        if v != flow::RESCHEDULE {
-            return v;
-        }
-    } else if is_tcp && !syn {
-        return miss(ctx, pkt, svc, now).to_bits();
+        return Unknown::New;
     }
-    new_flow(ctx, pkt, svc, now)
+    if flags & (tcp::FLAG_RST | tcp::FLAG_SYN) != 0 {
+        // A RST creates nothing and is not answered; neither is a SYN-ACK
+        // from a client.
+        return Unknown::Pass;
+    }
+    if svc.flags & SVC_F_DSR != 0 {
+        // DSR: the backend's answers never pass here, so a flow can only
+        // start from the client's side (its entry lets the controller
+        // reset it).
+        return Unknown::New;
+    }
+    let hashable = svc.flags & SVC_F_FULLNAT == 0 && (svc.scheduler == SCHED_MAGLEV || svc.flags & SVC_F_MISS_REHASH != 0);
+    if !hashable {
+        return Unknown::Reset;
+    }
+    // Where the hash sends it (for Maglev: where the flow was, unless the
+    // ring changed); the backend knows whether the connection exists, and
+    // its answer re-creates the flow here. A spoofed segment creates
+    // nothing.
+    stats::count(stat::REHASHED);
+    Unknown::ByHash
 }
 
 #[inline(always)]
@@ -75,30 +134,17 @@ fn closed(e: &FlowState) -> bool {
     tcp::is_closed(e.orig.state, e.reply.state)
 }
 
-/// A TCP segment without a flow that is not a SYN.
-#[inline(always)]
-fn miss(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u64) -> Verdict {
-    if pkt.tcp_flags & (tcp::FLAG_RST | tcp::FLAG_SYN) != 0 {
-        // A RST creates nothing and is not answered; neither is a SYN-ACK
-        // from a client.
-        return Verdict::pass(stat::PASS_NO_FLOW);
-    }
-    if svc.flags & SVC_F_DSR != 0 {
-        // DSR: the backend's answers never pass here, so a flow can only
-        // start from the client's side (its entry lets the controller
-        // reset it).
-        return Verdict::from_bits(new_flow(ctx, pkt, svc, now));
-    }
-    let hashable = svc.flags & SVC_F_FULLNAT == 0 && (svc.scheduler == SCHED_MAGLEV || svc.flags & SVC_F_MISS_REHASH != 0);
-    if !hashable {
-        return reset::answer(ctx, pkt, stat::RST_MISS);
-    }
-    // Where the hash sends it (for Maglev: where the flow was, unless the
-    // ring changed); the backend knows whether the connection exists, and
-    // its answer re-creates the flow here. A spoofed segment creates
-    // nothing.
-    stats::count(stat::REHASHED);
-    stateless(ctx, pkt, svc, now)
+/// A TCP segment without a flow where none can be made: answered with a
+/// RST. A separate BPF function.
+#[inline(never)]
+pub fn reset_miss(ctx: &XdpContext, pkt: &Packet) -> u64 {
+    reset::answer(ctx, pkt, stat::RST_MISS).to_bits()
+}
+
+/// Forwards a packet by hash, without state. A separate BPF function.
+#[inline(never)]
+pub fn by_hash(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry) -> u64 {
+    stateless(ctx, pkt, svc, conntrack::now()).to_bits()
 }
 
 /// Forwards a packet to the backend its hash picks, with no state.
@@ -119,8 +165,8 @@ fn stateless(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u64) -> Ve
 /// A new flow: scheduled, entered in the half-open table, forwarded. A
 /// separate BPF function.
 #[inline(never)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u64) -> u64 {
-    new_flow_verdict(ctx, pkt, svc, now as u32).to_bits()
+pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry) -> u64 {
+    new_flow_verdict(ctx, pkt, svc, conntrack::now() as u32).to_bits()
 }
 
 #[inline(always)]
@@ -159,7 +205,13 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
     let st = unsafe { &mut *st };
     st.backend_id = backend_id as u16;
     st.service_id = svc.id as u8;
-    st.flags = if fullnat { FLOW_FULLNAT } else if svc.flags & SVC_F_DSR != 0 { FLOW_DSR } else { 0 };
+    st.flags = if fullnat {
+        FLOW_FULLNAT
+    } else if svc.flags & SVC_F_DSR != 0 {
+        FLOW_DSR
+    } else {
+        0
+    };
     st.snat_port = snat_port;
     st._pad = 0;
     st.hop = 0;

@@ -6,8 +6,8 @@
 
 use lb_common::{
     maps::{
-        BACKEND_DOWN, Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NAT_SRC,
-        NatTuple, PROTO_TCP, TCPD_SEEN, backend_is_gone, end_reason,
+        BACKEND_DOWN, Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NAT_SRC, NatTuple, PROTO_TCP,
+        TCPD_SEEN, backend_is_gone, end_reason,
     },
     stats as stat,
     tcp::{self, Segment},
@@ -45,10 +45,28 @@ pub fn tuple(key: &FlowKey, st: &FlowState, b: &Backend, to_backend: bool) -> Na
     if to_backend {
         if st.flags & FLOW_DSR != 0 {
             // The outer header: balancer → backend.
-            return NatTuple { src: b.snat_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 };
+            return NatTuple {
+                src: b.snat_addr,
+                dst: b.addr,
+                sport: key.src_port,
+                dport: b.port,
+                flags: NAT_ENCAP,
+                direction: DIR_TO_BACKEND,
+                _pad: 0,
+                hop: 0,
+            };
         }
         if st.flags & FLOW_FULLNAT != 0 {
-            return NatTuple { src: b.snat_addr, dst: b.addr, sport: st.snat_port, dport: b.port, flags: NAT_SRC | NAT_DST, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 };
+            return NatTuple {
+                src: b.snat_addr,
+                dst: b.addr,
+                sport: st.snat_port,
+                dport: b.port,
+                flags: NAT_SRC | NAT_DST,
+                direction: DIR_TO_BACKEND,
+                _pad: 0,
+                hop: 0,
+            };
         }
         return NatTuple { src: key.src_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_DST, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 };
     }
@@ -80,7 +98,15 @@ pub fn mode(table: Table, to_backend: bool) -> u64 {
 }
 
 #[inline(always)]
-fn packet_verdict(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, key: &FlowKey, e: *mut FlowState, table: Table, to_backend: bool, now: u32) -> Option<Verdict> {
+fn packet_verdict(
+    ctx: &aya_ebpf::programs::XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    e: *mut FlowState,
+    table: Table,
+    to_backend: bool,
+    now: u32,
+) -> Option<Verdict> {
     // SAFETY: map value pointer from the kernel; every read of it comes
     // before the entry is removed.
     let st = unsafe { &mut *e };
@@ -125,16 +151,22 @@ fn packet_verdict(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, key: &Flow
             }
         } else {
             let completes = to_backend && table == Table::HalfOpen && tcp::completes_handshake(&st.orig, &st.reply, &seg);
-            let r = if to_backend { tcp::track(&mut st.orig, &mut st.reply, &seg) } else { tcp::track(&mut st.reply, &mut st.orig, &seg) };
-            if r == tcp::TRACK_OK {
-                promote = completes;
-            } else if r == tcp::TRACK_OUT_OF_WINDOW {
-                stats::count(stat::TCP_OUT_OF_WINDOW);
-            } else {
-                stats::count(stat::TCP_INVALID);
-            }
-            if to_backend && table == Table::HalfOpen && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_ACK && !promote {
+            let unverified = to_backend && table == Table::HalfOpen && pkt.tcp_flags & tcp::FLAG_SYN == 0 && !completes;
+            if unverified {
+                // A client's ACK during the handshake that does not
+                // acknowledge the SYN-ACK: forwarded (the backend's stack
+                // judges it) but it moves nothing, so the real ACK still
+                // completes the handshake.
                 stats::count(stat::HANDSHAKE_UNVERIFIED);
+            } else {
+                let r = if to_backend { tcp::track(&mut st.orig, &mut st.reply, &seg) } else { tcp::track(&mut st.reply, &mut st.orig, &seg) };
+                if r == tcp::TRACK_OK {
+                    promote = completes;
+                } else if r == tcp::TRACK_OUT_OF_WINDOW {
+                    stats::count(stat::TCP_OUT_OF_WINDOW);
+                } else {
+                    stats::count(stat::TCP_INVALID);
+                }
             }
         }
     } else {

@@ -35,34 +35,56 @@ use crate::parse::{Packet, Verdict};
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    let mut pkt = Packet::default();
-    let parsed = parse::parse_into(&ctx, &mut pkt);
-    let v = if parsed != parse::PARSED { Verdict::from_bits(parsed) } else { Verdict::from_bits(dispatch(&ctx, &pkt)) };
+    let Some(pkt) = maps::PACKET.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+    // SAFETY: this CPU's slot, used by this packet only; `parse_into`
+    // writes it whole before anything reads it.
+    let pkt = unsafe { &mut *pkt };
+    let parsed = parse::parse_into(&ctx, pkt);
+    let v = if parsed != parse::PARSED { Verdict::from_bits(parsed) } else { Verdict::from_bits(dispatch(&ctx, pkt)) };
     stats::count(v.stat);
     v.action
 }
 
 /// To a service (VIP:port), from a backend (ip:port), or neither: the
 /// host's own traffic. Two small-hash lookups at most before the flow's.
+/// A parsed packet to a service or from a backend. The flow is found by a
+/// BPF function of its side (`client::find`, `backend::find`) and processed
+/// by `flow::packet` called from here: each chain of calls stays within
+/// the 512-byte BPF stack.
 #[inline(always)]
-fn dispatch(ctx: &XdpContext, pkt: &Packet) -> u64 {
+fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
     let k = &pkt.key;
     let skey = ServiceKey { addr: k.dst_addr, port: k.dst_port, proto: k.proto, _pad: 0 };
+    let mut mode = 0u64;
     // SAFETY: read-only use of a value the controller writes whole.
     if let Some(svc) = unsafe { maps::SERVICES.get(&skey) } {
-        return client::packet(ctx, pkt, svc);
+        let e = client::find(pkt, svc, &mut mode);
+        if !e.is_null() {
+            let v = flow::packet(ctx, pkt, &pkt.key, e, mode);
+            if v != flow::RESCHEDULE {
+                return v;
+            }
+            return client::new_flow(ctx, pkt, svc);
+        }
+        return match client::unknown(pkt, svc) {
+            client::Unknown::ByHash => client::by_hash(ctx, pkt, svc),
+            client::Unknown::New => client::new_flow(ctx, pkt, svc),
+            client::Unknown::Reset => client::reset_miss(ctx, pkt),
+            client::Unknown::Pass => Verdict::pass(stat::PASS_NO_FLOW).to_bits(),
+        };
     }
     let ekey = EndpointKey { addr: k.src_addr, port: k.src_port, proto: k.proto, _pad: 0 };
     // SAFETY: as above.
     if let Some(ep) = unsafe { maps::ENDPOINTS.get(&ekey) } {
-        return backend::packet(ctx, pkt, ep);
+        let e = backend::find(pkt, ep, &mut mode);
+        if !e.is_null() {
+            return flow::packet(ctx, pkt, &pkt.flow_key, e, mode);
+        }
+        return backend::no_flow(ctx, pkt, ep);
     }
     Verdict::pass(stat::PASS_NOT_SERVICE).to_bits()
 }
 
-/// Attached to the peer ends of veth pairs in test and demo topologies: a
-/// veth in native XDP mode only delivers XDP_TX/redirected frames when its
-/// peer runs an XDP program.
 #[xdp]
 pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS

@@ -116,5 +116,10 @@ pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpu
 /// Per-CPU scratch space where a new flow is built (it would not fit the
 /// 512-byte BPF stack beside the packet's state on the deepest path). Not
 /// pinned: its contents never outlive one packet.
+/// The packet being processed, as parsed (per CPU: off the 512-byte BPF
+/// stack, which the call chain down to the route and rewrite needs).
+#[map(name = "XLB_PACKET")]
+pub static PACKET: PerCpuArray<crate::parse::Packet> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "XLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);

@@ -122,6 +122,8 @@ pub struct Packet {
     pub vlan: bool,
     /// L4 header and payload length in bytes.
     pub l4_len: u32,
+    /// A backend's packet: the key of its flow (client → VIP), once found.
+    pub flow_key: FlowKey,
 }
 
 /// `Packet::wscale` when the segment carries no window scale option.
@@ -235,6 +237,7 @@ fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, i
         ip_len: ip_len as u32,
         vlan: l3 != EthHdr::LEN,
         l4_len: 0,
+        flow_key: FlowKey::new([0; 4], [0; 4], 0, 0, 0),
     }
 }
 
@@ -376,12 +379,16 @@ fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Ver
 fn syn_wscale(ctx: &XdpContext, l4: usize, hdr_len: usize) -> u8 {
     let mut off = TcpHdr::LEN;
     for _ in 0..MAX_TCP_OPTIONS {
-        if off + 1 > hdr_len {
+        // Three bytes at a time (an option with its length and a value):
+        // the window scale needs all three, and a one-byte read's bound
+        // compiles to a compare the verifier learns no range from.
+        if off + 3 > hdr_len {
             break;
         }
-        let Some(kind) = ptr_at::<u8>(ctx, l4 + off) else { break };
+        let Some(opt) = ptr_at::<[u8; 3]>(ctx, l4 + off) else { break };
         // SAFETY: bounds-checked by ptr_at.
-        let kind = unsafe { *kind };
+        let opt = unsafe { *opt };
+        let kind = opt[0];
         if kind == 0 {
             break;
         }
@@ -389,9 +396,6 @@ fn syn_wscale(ctx: &XdpContext, l4: usize, hdr_len: usize) -> u8 {
             off += 1;
             continue;
         }
-        let Some(opt) = ptr_at::<[u8; 3]>(ctx, l4 + off) else { break };
-        // SAFETY: bounds-checked by ptr_at.
-        let opt = unsafe { *opt };
         let len = opt[1] as usize;
         if len < 2 || off + len > hdr_len {
             break;

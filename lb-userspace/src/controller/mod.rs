@@ -290,7 +290,8 @@ impl<D: DataPlane> Controller<D> {
 
     /// Writes an address's role bits (`XLB_ADDRS`; 0 removes it).
     fn write_addr(&mut self, ip: IpAddr, vips: u32, backends: u32) -> Result<()> {
-        let flags = if vips > 0 { ADDR_VIP } else { 0 } | if backends > 0 { ADDR_BACKEND } else { 0 } | if self.local_addrs.contains(&ip) { ADDR_LOCAL } else { 0 };
+        let flags =
+            if vips > 0 { ADDR_VIP } else { 0 } | if backends > 0 { ADDR_BACKEND } else { 0 } | if self.local_addrs.contains(&ip) { ADDR_LOCAL } else { 0 };
         self.dp.addr_set(addr_from_ip(ip), flags)?;
         Ok(())
     }

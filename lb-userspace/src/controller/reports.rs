@@ -128,7 +128,6 @@ impl<D: DataPlane> Controller<D> {
             services,
         })
     }
-
 }
 
 /// The flows of the table (of one service, if given), for `xlb flows`:

@@ -135,7 +135,14 @@ impl<D: DataPlane> Controller<D> {
             slot.drain = None;
             self.retired.push((sid, service_id, slot));
         }
-        self.queue_reset(resets::Job { service: sid, backend: None, cause: ResetCause::ServiceRemoved, target: resets::Target::Service(service_id), spread, backends: Default::default() });
+        self.queue_reset(resets::Job {
+            service: sid,
+            backend: None,
+            cause: ResetCause::ServiceRemoved,
+            target: resets::Target::Service(service_id),
+            spread,
+            backends: Default::default(),
+        });
         // Other services' backends may no longer be shared.
         self.refresh_endpoints()?;
         tracing::info!(service = %sid, "service removed");

@@ -44,7 +44,14 @@ impl<D: DataPlane> Controller<D> {
             let left = self.snapshot.backend(id).active;
             tracing::info!(service = %sid, backend = %addr, flows = left, "drain deadline reached: resetting the remaining flows");
             self.resetting.insert(id);
-            self.queue_reset(resets::Job { service: sid, backend: Some(addr), cause: ResetCause::DrainDeadline, target: resets::Target::Backend(id), spread, backends: Default::default() });
+            self.queue_reset(resets::Job {
+                service: sid,
+                backend: Some(addr),
+                cause: ResetCause::DrainDeadline,
+                target: resets::Target::Backend(id),
+                spread,
+                backends: Default::default(),
+            });
         }
         Ok(())
     }
@@ -162,7 +169,14 @@ impl<D: DataPlane> Controller<D> {
         }
         for (sid, flows) in by_service {
             let spread = self.services.get(&sid).map_or(std::time::Duration::ZERO, |s| s.settings.reset_spread.0);
-            self.queue_reset(resets::Job { service: sid, backend: None, cause: ResetCause::Idle, target: resets::Target::Flows(flows), spread, backends: Default::default() });
+            self.queue_reset(resets::Job {
+                service: sid,
+                backend: None,
+                cause: ResetCause::Idle,
+                target: resets::Target::Flows(flows),
+                spread,
+                backends: Default::default(),
+            });
         }
     }
 }

@@ -605,6 +605,11 @@ impl KernelDataPlane {
         self.table_ref()?.current(key)
     }
 
+    /// The data plane's clock: jiffies, low 32 bits, as flows record them.
+    pub fn now(&self) -> Result<u32> {
+        self.table_ref()?.now()
+    }
+
     /// Inserts a flow directly into the connection table (benchmarks and
     /// tests that need a populated table without traffic).
     pub fn flow_insert(&mut self, key: FlowKey, state: FlowState) -> Result<()> {
@@ -631,7 +636,8 @@ impl KernelDataPlane {
     pub fn global_counters(&self) -> Result<Vec<u64>> {
         let map = self.map(names::STATS)?;
         let m: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err("opening", names::STATS))?;
-        let mut c: Vec<u64> = (0..stats::COUNT).map(|i| m.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err("reading", names::STATS))).collect::<Result<_>>()?;
+        let mut c: Vec<u64> =
+            (0..stats::COUNT).map(|i| m.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err("reading", names::STATS))).collect::<Result<_>>()?;
         let rx = stats::VERDICTS.iter().map(|i| c.get(*i as usize).copied().unwrap_or(0)).sum();
         if let Some(r) = c.get_mut(stats::RX as usize) {
             *r = rx;
@@ -753,8 +759,11 @@ impl KernelTable {
             .try_clone_to_owned()
             .map_err(|cause| DataplaneError::Syscall { op: "duplicating the program descriptor for", map: CLOCK_PROGRAM, cause })?;
         // A few ticks at the slowest rate tell the rates apart.
-        let clock = Clock::new(fd, std::time::Duration::from_millis(60))
-            .map_err(|cause| DataplaneError::Syscall { op: "reading the data plane's clock through", map: CLOCK_PROGRAM, cause })?;
+        let clock = Clock::new(fd, std::time::Duration::from_millis(60)).map_err(|cause| DataplaneError::Syscall {
+            op: "reading the data plane's clock through",
+            map: CLOCK_PROGRAM,
+            cause,
+        })?;
         tracing::debug!(hz = clock.hz(), "data plane clock");
         Ok(KernelTable { fds: Some(Arc::new(fds)), clock: Some(clock), removed: Arc::new(AtomicU64::new(0)) })
     }

@@ -191,8 +191,7 @@ mod tests {
     use lb_common::maps::{FlowKey, addr_v4};
 
     fn flow(port: u16) -> FlowEnd {
-        let key =
-            FlowKey::new(addr_v4(0x0200000a), addr_v4(0x0100630a), port.to_be(), 80u16.to_be(), 6);
+        let key = FlowKey::new(addr_v4(0x0200000a), addr_v4(0x0100630a), port.to_be(), 80u16.to_be(), 6);
         let mut f = FlowEnd { key, ..Default::default() };
         f.state.packets_orig = 7;
         f

@@ -191,8 +191,16 @@ pub mod tests_support {
     pub fn flow(port: u16, backend_id: u32, state: u8, last_seen: u32) -> Flow {
         let key = FlowKey::new(addr_v4(0x0200000a), addr_v4(0x0100630a), port.to_be(), 80u16.to_be(), PROTO_TCP);
         let side = |end: u32| TcpDir { end, maxend: end + 65535, maxwin: 65535, state, wscale: 0, flags: TCPD_SEEN, _pad: 0 };
-        let state =
-            FlowState { backend_id: backend_id as u16, created: 1, last_seen, packets_orig: 3, packets_reply: 2, orig: side(1001), reply: side(5001), ..FlowState::default() };
+        let state = FlowState {
+            backend_id: backend_id as u16,
+            created: 1,
+            last_seen,
+            packets_orig: 3,
+            packets_reply: 2,
+            orig: side(1001),
+            reply: side(5001),
+            ..FlowState::default()
+        };
         Flow { key, state, half_open: false }
     }
 }

@@ -29,11 +29,12 @@ pub mod names {
     pub const BACKEND_ACTIVE: &str = "XLB_BE_ACTIVE";
     pub const NEXT_HOP: &str = "XLB_NEXT_HOP";
     pub const FLOW_EVENTS: &str = "XLB_FLOW_EVENTS";
-    pub const SETTINGS: &str = "XLB_SETTINGS";
+    pub const GLOBALS: &str = "XLB_GLOBALS";
     pub const PORTS: &str = "XLB_PORTS";
     pub const IFACES: &str = "XLB_IFACES";
+    pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -48,9 +49,10 @@ pub mod names {
         BACKEND_ACTIVE,
         NEXT_HOP,
         FLOW_EVENTS,
-        SETTINGS,
+        GLOBALS,
         PORTS,
         IFACES,
+        ENDPOINTS,
     ];
 }
 
@@ -119,8 +121,7 @@ pub const MAX_BACKENDS: u32 = 4096;
 /// (a prime). Service `s` owns slots `s * RING_SLOTS .. s * RING_SLOTS +
 /// ring_len`. 64 services × 65537 slots × 4 bytes = 16.8 MB.
 pub const RING_SLOTS: u32 = 65537;
-/// Default capacity of the connection table, in entries. Each flow takes
-/// two entries (one per direction).
+/// Default capacity of the connection table, in flows (one entry each).
 pub const DEFAULT_CONN_CAPACITY: u32 = 1 << 20;
 /// Default capacity of the half-open table (TCP flows whose handshake has
 /// not completed), in flows.
@@ -159,11 +160,16 @@ pub const CSUM_SEED_KEPT: u8 = 1;
 /// partial).
 pub const CSUM_SEED_COMPLETE_ON_TX: u8 = 2;
 
-/// `XLB_ADDRS` value bits: what an address is to the data plane. The first
-/// lookup of every IPv4 packet, so traffic that is none of xlb's business
-/// leaves after two small-hash misses.
+/// `XLB_ADDRS` value bits: what an address is to the data plane. Consulted
+/// only off the hot path (fragments, which carry no ports; packets from a
+/// backend that belong to no flow), never for TCP/UDP flow packets, which
+/// are classified by VIP:port (`XLB_SERVICES`) and backend ip:port
+/// (`XLB_ENDPOINTS`).
 pub const ADDR_VIP: u32 = 1;
 pub const ADDR_BACKEND: u32 = 2;
+/// An address of the balancer host itself (its own traffic to a backend,
+/// health checks: their replies are the kernel's, never a flow).
+pub const ADDR_LOCAL: u32 = 4;
 
 /// `ServiceEntry::scheduler`: weighted round robin over the ring (per-CPU
 /// cursor).
@@ -206,16 +212,22 @@ pub const SVC_F_FULLNAT: u8 = 2;
 pub const SVC_F_NO_PORT_DROP: u8 = 4;
 /// Direct server return (IPIP): see `NAT_ENCAP`.
 pub const SVC_F_DSR: u8 = 8;
+/// SYNs are scheduled by hash and create no state (Maglev DNAT and DSR
+/// services whose backends serve no other service): a SYN flood creates
+/// nothing; the backend's SYN-ACK creates the half-open flow. Set by the
+/// controller.
+pub const SVC_F_STATELESS_SYN: u8 = 16;
+/// Some backend of the service also serves another service (DNAT): a new
+/// flow is checked against the other services' flows from the same client
+/// address and port (they would be one connection to the backend) and
+/// refused on a collision. Set by the controller.
+pub const SVC_F_SHARED_BACKENDS: u8 = 32;
 
-/// `FlowEntry::nat_flags`: which half of the tuple the entry rewrites.
+/// `NatTuple::flags`: which half of the tuple a packet's rewrite changes.
 pub const NAT_SRC: u8 = 1;
 pub const NAT_DST: u8 = 2;
-/// The flow owns a full-NAT source port (an `XLB_PORTS` entry keyed by the
-/// backend → balancer key) that goes when the flow goes.
-pub const NAT_FULL: u8 = 4;
 /// Direct server return: the packet is not rewritten but encapsulated
-/// (IPIP) towards `nat_dst` from `nat_src`; the backend answers the client
-/// itself, so the flow has no reverse entry.
+/// (IPIP) towards `NatTuple::dst` from `NatTuple::src`.
 pub const NAT_ENCAP: u8 = 8;
 
 /// Full-NAT source ports tried for a new flow before it is refused (all of
@@ -227,7 +239,7 @@ pub const SNAT_PORT_PROBES: u32 = 16;
 pub const DEFAULT_SNAT_PORT_LO: u16 = 1024;
 pub const DEFAULT_SNAT_PORT_HI: u16 = 32767;
 
-/// `FlowEntry::direction`: which way the packets matching this entry go.
+/// `NatTuple::direction`: which way a packet goes.
 /// Client → VIP packets get their destination rewritten to the backend.
 pub const DIR_TO_BACKEND: u8 = 1;
 /// Backend → client packets get their source rewritten to the VIP.
@@ -299,102 +311,196 @@ pub struct FlowKey {
     /// Network byte order.
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Explicit integer padding (an array would be zeroed with an
+    /// out-of-line `memset` in the data plane).
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 impl FlowKey {
+    pub const fn new(src_addr: Addr, dst_addr: Addr, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+        FlowKey { src_addr, dst_addr, src_port, dst_port, proto, _pad0: 0, _pad1: 0 }
+    }
+
     /// The key of packets going the other way.
     pub const fn reversed(&self) -> FlowKey {
-        FlowKey { src_addr: self.dst_addr, dst_addr: self.src_addr, src_port: self.dst_port, dst_port: self.src_port, proto: self.proto, _pad: [0; 3] }
+        FlowKey::new(self.dst_addr, self.src_addr, self.dst_port, self.src_port, self.proto)
     }
 }
 
-/// Map form of a flow entry's rewritten tuple (see `FlowEntry`).
-impl FlowEntry {
-    /// Makes `self` the backend → client entry of the flow whose client →
-    /// VIP entry is `fwd` (keyed `key`): its packets leave as VIP → client.
-    /// Used by the data plane (new flows) and the controller (state sync).
-    #[inline(always)]
-    pub fn fill_reverse_of(&mut self, key: &FlowKey, fwd: &FlowEntry, now: u64) {
-        self.nat_src = key.dst_addr;
-        self.nat_dst = key.src_addr;
-        self.nat_sport = key.dst_port;
-        self.nat_dport = key.src_port;
-        self.direction = DIR_TO_CLIENT;
-        self.tcp_state = 0;
-        self.nat_flags = if fwd.nat_flags & NAT_FULL != 0 { NAT_SRC | NAT_DST | NAT_FULL } else { NAT_SRC };
-        self._pad0 = 0;
-        self.backend_id = fwd.backend_id;
-        self.service_id = fwd.service_id;
-        self.seq_next = 0;
-        self.hop = 0;
-        self.created_ns = now;
-        self.last_seen_ns = now;
-        self.packets = 0;
-        self.bytes = 0;
-    }
-
-    /// Key of the other direction's entry: the reverse of the tuple this
-    /// entry's packets leave with.
-    #[inline(always)]
-    pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey { src_addr: self.nat_dst, dst_addr: self.nat_src, src_port: self.nat_dport, dst_port: self.nat_sport, proto, _pad: [0; 3] }
-    }
-}
-
-/// Value of `XLB_CONNS`. Every flow has two entries, one per direction, so
-/// each packet (client's or backend's) finds everything it needs in one
-/// lookup. Each entry holds the whole tuple its packets leave with
-/// (`nat_*`), and `nat_flags` says which half is rewritten:
-/// - `DIR_TO_BACKEND`, keyed client → VIP: leaves as client → backend
-///   (DNAT: destination rewritten) or balancer:port → backend (full-NAT:
-///   both); `seq_next` tracks the client's sequence space.
-/// - `DIR_TO_CLIENT`, keyed backend → client (DNAT) or backend →
-///   balancer:port (full-NAT): leaves as VIP → client; `seq_next` tracks
-///   the backend's sequence space.
-///
-/// The key of one direction's entry is the reverse of the other's
-/// outgoing tuple ([`FlowEntry::peer_key`]).
-///
-/// Written by the data plane (creation, state, seq, last seen) and removed by
-/// the controller.
+/// One direction of a TCP flow as the data plane tracks it (the kernel's
+/// conntrack does the same, `tcp_in_window`): what the sender has sent and
+/// may send, what it advertised. See `lb_common::tcp::track`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowEntry {
-    /// Source address the packet leaves with.
-    pub nat_src: Addr,
-    /// Destination address the packet leaves with.
-    pub nat_dst: Addr,
-    /// Ports the packet leaves with, network byte order.
-    pub nat_sport: u16,
-    pub nat_dport: u16,
+pub struct TcpDir {
+    /// Highest sequence number sent plus one (seq + len, SYN and FIN
+    /// counting one): what the receiver expects next, so a RST towards the
+    /// receiver must carry exactly this to tear the flow down.
+    pub end: u32,
+    /// Highest sequence number the receiver allows this side to send: the
+    /// receiver's ack + its window (at least 1).
+    pub maxend: u32,
+    /// Largest window this side advertised (scaled).
+    pub maxwin: u32,
+    /// `tcp::STATE_*` of this side.
+    pub state: u8,
+    /// Window scale shift of this side's windows (RFC 7323), 0-14.
+    pub wscale: u8,
+    /// `TCPD_*`.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// `TcpDir::flags`: this direction's sequence space is known (a SYN, or a
+/// first packet of a picked-up flow, initialised it).
+pub const TCPD_SEEN: u8 = 1;
+/// Its windows are not known exactly (a flow picked up mid-stream, a
+/// window scale the data plane never saw): the window checks on packets
+/// towards it are liberal.
+pub const TCPD_LIBERAL: u8 = 2;
+/// It sent a window scale option in its SYN or SYN-ACK.
+pub const TCPD_WSCALE: u8 = 4;
+
+/// Value of `XLB_CONNS` and `XLB_HALF_OPEN`: one entry per flow, keyed by
+/// the client → VIP 5-tuple as the client's packets arrive. A backend's
+/// packet finds it through its service (`XLB_ENDPOINTS`: DNAT, the client
+/// is the packet's destination) or its full-NAT port (`XLB_PORTS`: the
+/// owner's key). A flow is one entry, so the table can never hold half of
+/// one: whatever leaves the table leaves whole.
+///
+/// The rewrite is derived, not stored: towards the backend the destination
+/// is `XLB_BACKENDS[backend_id]` (and in full NAT the source its
+/// `snat_addr`:`snat_port`), towards the client the source is the key's
+/// VIP:port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowState {
+    pub backend_id: u16,
+    pub service_id: u8,
+    /// `FLOW_*`.
+    pub flags: u8,
+    /// Full NAT: the source port towards the backend (network byte order).
+    pub snat_port: u16,
+    pub _pad: u16,
+    /// The [`neighbour_hash`] of the next hop towards the client (its
+    /// gateway, or the client on-link), once a FIB lookup found it; 0
+    /// before. Flows behind one gateway share its `XLB_NEXT_HOP` slot.
+    pub hop: u32,
+    /// Jiffies (low 32 bits) at creation and at the last packet (refreshed
+    /// every `LAST_SEEN_STEP` jiffies at most).
+    pub created: u32,
+    pub last_seen: u32,
+    /// Packets forwarded each way (to the backend, to the client).
+    pub packets_orig: u32,
+    pub packets_reply: u32,
+    /// The client's side (its packets go to the backend) and the backend's.
+    pub orig: TcpDir,
+    pub reply: TcpDir,
+    /// IP bytes forwarded each way.
+    pub bytes_orig: u64,
+    pub bytes_reply: u64,
+}
+
+/// `FlowState::flags`: the flow holds a full-NAT source port (an
+/// `XLB_PORTS` entry keyed by the backend → balancer tuple).
+pub const FLOW_FULLNAT: u8 = 1;
+/// Direct server return: the backend answers the client directly; the
+/// reply direction is inferred from the client's acknowledgements.
+pub const FLOW_DSR: u8 = 2;
+/// Created from a backend's packet after the flow's entry was lost, or
+/// installed by state sync: picked up mid-stream.
+pub const FLOW_PICKED_UP: u8 = 4;
+/// Reported new (flow logs, sync) already.
+pub const FLOW_REPORTED: u8 = 8;
+
+/// A packet's rewrite: the tuple it leaves with and which half changed.
+/// Built per packet from the flow and its backend; the route and the
+/// rewrite take it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatTuple {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// `NAT_*`.
+    pub flags: u8,
     /// `DIR_*`.
     pub direction: u8,
-    /// `tcp::STATE_*` as seen from this direction's packets (0 for UDP).
-    pub tcp_state: u8,
-    /// `NAT_*`.
-    pub nat_flags: u8,
-    pub _pad0: u8,
-    pub backend_id: u32,
-    pub service_id: u32,
-    /// Sequence number this direction's sender will use next, i.e. what the
-    /// receiver expects (host byte order). A RST towards the receiver must
-    /// carry exactly this number to be accepted (RFC 5961 §3).
-    pub seq_next: u32,
-    /// Backend → client entries: the [`neighbour_hash`] of the next hop
-    /// towards the client (its gateway, or the client itself on-link), once
-    /// a FIB lookup found it; 0 before. Flows behind one gateway share its
-    /// `XLB_NEXT_HOP` slot through it. Written by the data plane.
+    pub _pad: u16,
+    /// Towards the client: the flow's remembered next hop (`FlowState::hop`).
     pub hop: u32,
-    /// `bpf_ktime_get_coarse_ns` at creation.
-    pub created_ns: u64,
-    /// `bpf_ktime_get_coarse_ns` at the last packet (refreshed at most every
-    /// `LAST_SEEN_GRANULARITY_NS`).
-    pub last_seen_ns: u64,
-    /// Packets and IP bytes this direction forwarded (flow logs).
-    pub packets: u64,
-    pub bytes: u64,
 }
+
+/// Key of `XLB_ENDPOINTS`: a backend's ip:port/proto, as its packets leave
+/// it. Same layout as [`ServiceKey`].
+pub type EndpointKey = ServiceKey;
+
+/// A service a backend endpoint belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointService {
+    /// The service's VIP and port (network byte order).
+    pub vip: Addr,
+    pub vip_port: u16,
+    /// The backend's id in that service.
+    pub backend_id: u16,
+    pub service_id: u8,
+    /// The service's `SVC_F_*`.
+    pub flags: u8,
+    pub _pad: u16,
+}
+
+/// Services one backend endpoint serves, at most this many.
+pub const MAX_SERVICES_PER_ENDPOINT: usize = 4;
+
+/// Value of `XLB_ENDPOINTS`: how a backend's packet finds its flow.
+/// Written by the controller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointEntry {
+    /// Used slots of `services`.
+    pub count: u32,
+    /// Some of them are full NAT (look the packet up in `XLB_PORTS` first).
+    pub any_fullnat: u32,
+    pub services: [EndpointService; MAX_SERVICES_PER_ENDPOINT],
+}
+
+/// Value of `XLB_PORTS` (keyed by the backend → balancer tuple of a
+/// full-NAT flow): the flow that holds the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortOwner {
+    /// The owner's client → VIP key.
+    pub flow: FlowKey,
+    /// Jiffies when it was taken.
+    pub claimed: u32,
+    pub _pad: u32,
+}
+
+/// Value of `XLB_GLOBALS` (one entry): settings of the whole data plane.
+/// Written by the controller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Globals {
+    /// The flow hash's secret key (SipHash-1-3, see `sched_hash`): the same
+    /// on every node of a cluster, so they schedule alike.
+    pub hash_key: [u64; 2],
+    /// Possible CPUs (full-NAT ports are split between them).
+    pub ncpus: u32,
+    /// `GLOBAL_*`.
+    pub flags: u32,
+}
+
+/// `Globals::flags`: report new flows through the flow-event ring buffer
+/// (flow logs with new records, state sync).
+pub const GLOBAL_LOG_NEW_FLOWS: u32 = 1;
+
+/// Jiffies between two refreshes of a flow's `last_seen` (64-640 ms for
+/// HZ 1000-100): an established flow's pure ACKs leave its entry clean.
+pub const LAST_SEEN_STEP: u32 = 64;
 
 /// Why a flow ended, in flow logs (`FlowEnd::reason` for the data plane's
 /// own removals; the controller uses the same numbers).
@@ -434,9 +540,11 @@ pub mod end_reason {
     }
 }
 
-/// A flow the data plane removed, sent to the controller through the
-/// `XLB_FLOW_EVENTS` ring buffer (a full buffer drops the record, counted,
-/// never the packet).
+/// A flow the data plane reports to the controller through the
+/// `XLB_FLOW_EVENTS` ring buffer (a new flow, or one it removed; a full
+/// buffer drops the record, counted, never the packet), and what the
+/// controller's flow log and state sync carry. The backend is named by
+/// address (ids differ between nodes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEnd {
@@ -444,22 +552,17 @@ pub struct FlowEnd {
     pub key: FlowKey,
     /// `end_reason::*`.
     pub reason: u32,
-    pub _pad: u32,
-    /// Client → backend direction.
-    pub to_backend: FlowEntry,
-    /// Backend → client direction (zero if it was gone).
-    pub to_client: FlowEntry,
+    /// The backend's port (network byte order).
+    pub backend_port: u16,
+    pub _pad: u16,
+    pub backend: Addr,
+    /// Full NAT: the balancer's source address towards the backend.
+    pub snat: Addr,
+    pub state: FlowState,
 }
-
-/// `XLB_SETTINGS` index: global switches the controller sets (a u32 each).
-pub const SETTING_LOG_NEW_FLOWS: u32 = 0;
-pub const SETTINGS_COUNT: u32 = 4;
 
 /// Size of the flow event ring buffer.
 pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
-
-/// How stale `FlowEntry::last_seen_ns` may get before a packet refreshes it.
-pub const LAST_SEEN_GRANULARITY_NS: u64 = 250_000_000;
 
 /// A slot of `XLB_NEXT_HOP` (a per-CPU array of `NEXT_HOP_SLOTS`): where
 /// a FIB lookup said packets go, kept for `NEXT_HOP_TTL_NS` (a FIB lookup
@@ -470,7 +573,7 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 250_000_000;
 /// backend's address (few, each its own slot); towards a client it is the
 /// next hop's own address, the gateway for routed clients, so any number of
 /// clients behind a gateway share one slot (the flow remembers the hash in
-/// `FlowEntry::hop`).
+/// `FlowState::hop`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
@@ -481,14 +584,20 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     /// The route's MTU (0: unknown); larger packets go to the kernel.
     pub mtu: u16,
-    pub _pad: [u8; 2],
-    /// `bpf_ktime_get_coarse_ns` after which the slot is looked up again.
-    pub expires_ns: u64,
+    /// `NEXT_HOP_*`.
+    pub flags: u8,
+    pub _pad: u8,
+    /// Jiffies after which the slot is looked up again.
+    pub expires: u64,
 }
 
-/// How long a cached next hop is trusted: route and neighbour changes reach
-/// the data plane within this time.
-pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// `NextHop::flags`: the egress interface is a redirect target (in
+/// `XLB_DEVMAP` when the slot was filled), so no packet has to look it up.
+pub const NEXT_HOP_MANAGED: u8 = 1;
+
+/// How long a cached next hop is trusted, in jiffies (0.25-2.5 s for HZ
+/// 1000-100): route and neighbour changes reach the data plane within it.
+pub const NEXT_HOP_TTL: u64 = 256;
 /// Next-hop slots per CPU (a power of two).
 pub const NEXT_HOP_SLOTS: u32 = 65536;
 
@@ -509,14 +618,14 @@ pub const fn neighbour_hash(a: &Addr) -> u32 {
     if h == 0 { 1 } else { h }
 }
 
-/// `XLB_PORTS`: full-NAT source ports in use, keyed by the backend →
-/// balancer key of the flow that owns them (which is also that flow's
-/// reverse entry key), valued by the allocation time
-/// (`bpf_ktime_get_coarse_ns`). A plain hash, not LRU: a port is taken with
-/// an exclusive insert and only given back when its flow goes, so two live
-/// flows can never share one. Ports whose flow entries were evicted are
-/// given back by the controller's expiry pass.
-pub const PORTS_GRACE_NS: u64 = 2_000_000_000;
+// `XLB_PORTS`: full-NAT source ports in use, keyed by the backend →
+// balancer tuple, valued by their owner ([`PortOwner`]). A plain hash
+// (not LRU, allocated on demand): a port is taken with an exclusive
+// insert, and given back only by the program itself when it finds the
+// port's owner gone (evicted, closed, removed) while looking for a free
+// port, so it never depends on the daemon. The ports of a pool are split
+// between the CPUs (`Globals::ncpus`): only one CPU ever takes a given
+// port back, so two live flows can never share one.
 
 /// Per-service and per-backend traffic counters (per-CPU arrays, summed by
 /// the controller). "In" is client → backend, "out" is backend → client.
@@ -552,8 +661,14 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
 const _: () = assert!(core::mem::size_of::<Backend>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 88);
-const _: () = assert!(core::mem::size_of::<FlowEnd>() == 224);
+const _: () = assert!(core::mem::size_of::<TcpDir>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 80);
+const _: () = assert!(core::mem::size_of::<NatTuple>() == 44);
+const _: () = assert!(core::mem::size_of::<EndpointService>() == 24);
+const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 104);
+const _: () = assert!(core::mem::size_of::<PortOwner>() == 48);
+const _: () = assert!(core::mem::size_of::<Globals>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowEnd>() == 160);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 56);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
@@ -566,7 +681,13 @@ mod pod {
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for TcpDir {}
+    unsafe impl aya::Pod for NatTuple {}
+    unsafe impl aya::Pod for EndpointService {}
+    unsafe impl aya::Pod for EndpointEntry {}
+    unsafe impl aya::Pod for PortOwner {}
+    unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for FlowEnd {}

@@ -12,11 +12,14 @@ macro_rules! stats {
 }
 
 stats! {
-    /// Packets seen by the program.
+    /// Packets seen by the program. Not written by the program (one write
+    /// less per packet): the controller sums the verdict counters
+    /// ([`VERDICTS`]).
     RX = 0, "rx";
     /// Neither IPv4 nor IPv6 (ARP, QinQ, ...): passed to the kernel.
     PASS_NOT_IP = 1, "pass_not_ip";
-    /// IP but no service matches (the host's own traffic): passed.
+    /// IP but not to a service nor from a backend (the host's own
+    /// traffic): passed.
     PASS_NOT_SERVICE = 2, "pass_not_service";
     /// Frame too short for the headers it announces, before a VIP could be
     /// identified: passed (the kernel drops it).
@@ -24,13 +27,17 @@ stats! {
     /// IPv4 with options to a VIP address: passed, never NATed (rare; the
     /// kernel handles or rejects it; no state is created).
     PASS_IP_OPTIONS = 4, "pass_ip_options";
-    /// IPv4 fragment to a VIP address: dropped (a non-first fragment carries
-    /// no ports, so it cannot be matched to a flow; NATing only the first
-    /// one would corrupt the datagram).
+    /// A fragment (IPv4, or IPv6 with a Fragment header) to a VIP address or
+    /// from a backend address: dropped, both families, both directions (a
+    /// non-first fragment carries no ports, so it cannot be matched to a
+    /// flow; NATing only the first one would corrupt the datagram, passing
+    /// one from a backend would leak the backend's address).
     DROP_FRAGMENT = 5, "drop_fragment";
     /// Malformed packet to a VIP (bad IHL, TCP data offset, lengths): dropped.
     DROP_MALFORMED = 6, "drop_malformed";
-    /// Non-SYN TCP to a VIP with no flow entry: passed, no state created.
+    /// TCP to a VIP with no flow entry that starts nothing (a RST, or a
+    /// non-SYN for a service that cannot schedule it statelessly under
+    /// `--on-miss rehash`... see `RST_MISS`): passed, no state created.
     PASS_NO_FLOW = 7, "pass_no_flow";
     /// New flow for a service with no usable backend: passed.
     PASS_NO_BACKEND = 8, "pass_no_backend";
@@ -49,18 +56,18 @@ stats! {
     TX = 14, "tx";
     /// Forwarded to another interface.
     REDIRECT = 15, "redirect";
-    /// Flows created.
+    /// Flows created (half-open ones included).
     NEW_FLOWS = 16, "new_flows";
-    /// IPv4 to a VIP address with another protocol (ICMP...): passed.
+    /// To a VIP address with another protocol (ICMP...): passed.
     PASS_OTHER_PROTO = 17, "pass_other_proto";
     /// 802.1Q-tagged flow packet: NATed in XDP, then passed so the kernel,
     /// which owns the VLAN devices, forwards it with the right tag.
     PASS_VLAN = 18, "pass_vlan";
     /// Packet of a TCP flow whose backend is down or removed: answered by
-    /// the program with a RST (XDP_TX), flow entries removed.
+    /// the program with a RST (XDP_TX), the flow removed.
     RST_REACTIVE = 19, "rst_reactive";
-    /// Non-SYN TCP to a service with no flow entry (policy `reset`):
-    /// answered with a RST.
+    /// Non-SYN TCP to a service with no flow entry that cannot be scheduled
+    /// by hash (policy `reset`, full NAT): answered with a RST.
     RST_MISS = 20, "rst_miss";
     /// A RST with exactly the expected sequence number passed through: the
     /// flow is torn down.
@@ -73,19 +80,23 @@ stats! {
     UDP_RESCHEDULED = 23, "udp_rescheduled";
     /// UDP datagram from a backend that is gone: dropped.
     DROP_GONE_BACKEND = 24, "drop_gone_backend";
-    /// Non-SYN TCP miss scheduled by hash (policy `rehash`).
+    /// Non-SYN TCP without a flow, forwarded to the backend its hash picks
+    /// (Maglev services, or `--on-miss rehash`): no state is created from
+    /// it (the backend's answer re-creates the flow, see `REDERIVED`).
     REHASHED = 25, "rehashed";
-    /// TCP flows whose handshake completed: moved from the half-open table
-    /// to the connection table.
+    /// TCP flows whose handshake completed (the client's ACK acknowledged
+    /// the backend's SYN-ACK), and UDP flows the backend answered: moved
+    /// from the half-open table to the connection table.
     PROMOTED = 26, "promoted";
-    /// Flow entries removed by the program (RST teardown, reactive reset).
+    /// Flows removed by the program (RST teardown, reactive reset).
     ENTRIES_REMOVED = 27, "entries_removed";
     /// Flow-log records lost because the ring buffer was full (the packets
     /// were forwarded all the same).
     FLOW_LOG_DROPPED = 28, "flow_log_dropped";
-    /// IPv6 fragment (a Fragment extension header) to or from a xlb
-    /// address: passed to the kernel, never NATed, no state.
-    PASS_IPV6_FRAGMENT = 29, "pass_ipv6_fragment";
+    /// TCP segments outside the tracked window (sequence or
+    /// acknowledgement): forwarded, but they change no state and tear
+    /// nothing down (a blind attacker cannot move the flow's sequence).
+    TCP_OUT_OF_WINDOW = 29, "tcp_out_of_window";
     /// IPv6 with extension headers the program does not follow (a Routing
     /// header, ESP/AH, or a chain longer than `MAX_IPV6_EXT_HDRS`): passed,
     /// no state.
@@ -97,7 +108,7 @@ stats! {
     /// DSR: a packet that cannot be encapsulated (IPv6, 802.1Q, no
     /// headroom): passed unchanged.
     PASS_NO_ENCAP = 32, "pass_no_encap";
-    /// Flow entries created (two per NAT flow, one per DSR flow): the
+    /// Flows entered in a table (half-open and established): the
     /// controller's eviction count starts from it.
     ENTRIES_CREATED = 33, "entries_created";
     /// Frames whose L4 checksum was a partial seed (sent by a local stack
@@ -114,4 +125,65 @@ stats! {
     /// FIB lookups (next-hop cache misses: a slot empty, stale or taken by
     /// another neighbour).
     FIB_LOOKUPS = 37, "fib_lookups";
+    /// TCP segments the tracking refuses outright (a non-SYN without ACK, a
+    /// SYN-ACK that does not acknowledge the client's SYN): forwarded
+    /// unchanged in state.
+    TCP_INVALID = 38, "tcp_invalid";
+    /// ACKs of a half-open flow that do not acknowledge the backend's
+    /// SYN-ACK: forwarded, not promoted.
+    HANDSHAKE_UNVERIFIED = 39, "handshake_unverified";
+    /// SYNs scheduled by hash without creating any state (Maglev DNAT and
+    /// DSR services): a SYN flood creates nothing; the backend's SYN-ACK
+    /// creates the half-open flow.
+    STATELESS_SYN = 40, "stateless_syn";
+    /// A packet from a backend that belongs to no flow: dropped (a TCP one
+    /// answered with a RST to the backend), never forwarded with the
+    /// backend's address visible.
+    DROP_REPLY_NO_FLOW = 41, "drop_reply_no_flow";
+    /// Flows re-created from a backend's packet after their entry was lost
+    /// (evicted): the backend's own packet says where the flow goes.
+    REDERIVED = 42, "rederived";
+    /// New flows refused because their backend already has a flow from the
+    /// same client address and port through another VIP (DNAT): answered
+    /// with a RST, never mixed up.
+    REFUSED_COLLISION = 43, "refused_collision";
+    /// Full-NAT source ports taken back from flows that are gone (evicted,
+    /// closed): by the program, daemon or not.
+    PORT_RECLAIMED = 44, "port_reclaimed";
+    /// Backend packets forwarded without a flow entry, reverse-NATed from
+    /// the backend's service (a SYN-ACK of a stateless SYN, a RST or FIN of
+    /// a flow already gone).
+    REPLY_STATELESS = 45, "reply_stateless";
 }
+
+/// The counters that are verdicts: every packet the program sees adds one
+/// to exactly one of them (their sum is [`RX`]).
+pub const VERDICTS: [u32; 27] = [
+    PASS_NOT_IP,
+    PASS_NOT_SERVICE,
+    PASS_TRUNCATED,
+    PASS_IP_OPTIONS,
+    DROP_FRAGMENT,
+    DROP_MALFORMED,
+    PASS_NO_FLOW,
+    PASS_NO_BACKEND,
+    DROP_TABLE_FULL,
+    PASS_NO_NEIGH,
+    PASS_NO_ROUTE,
+    PASS_TTL,
+    PASS_NOT_MANAGED_IFACE,
+    TX,
+    REDIRECT,
+    PASS_OTHER_PROTO,
+    PASS_VLAN,
+    RST_REACTIVE,
+    RST_MISS,
+    DROP_GONE_BACKEND,
+    PASS_IPV6_EXT_HEADERS,
+    REFUSED_NO_PORT,
+    PASS_NO_ENCAP,
+    PASS_CSUM_TOO_LONG,
+    PASS_TOO_BIG,
+    DROP_REPLY_NO_FLOW,
+    REFUSED_COLLISION,
+];

@@ -1,6 +1,8 @@
 //! TCP flow state tracking as the data plane sees it: pure functions so the
 //! XDP program and the host tests share them.
 
+use crate::maps::{TCPD_LIBERAL, TCPD_SEEN, TCPD_WSCALE, TcpDir};
+
 /// UDP flows and unused entries.
 pub const STATE_NONE: u8 = 0;
 /// A SYN was seen; the handshake has not completed.
@@ -33,13 +35,6 @@ pub const fn next_state(cur: u8, flags: u8) -> u8 {
     }
 }
 
-/// A SYN for an existing flow whose previous life ended may start a new flow
-/// on the same 5-tuple (port reuse): it is scheduled afresh.
-#[inline(always)]
-pub const fn is_reusable(state: u8) -> bool {
-    state == STATE_FIN || state == STATE_CLOSED
-}
-
 /// Sequence number following a segment: SYN and FIN each take one.
 #[inline(always)]
 pub const fn segment_end(seq: u32, payload_len: u32, flags: u8) -> u32 {
@@ -57,6 +52,227 @@ pub const fn segment_end(seq: u32, payload_len: u32, flags: u8) -> u32 {
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
+}
+
+/// A TCP segment as the tracking sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub seq: u32,
+    pub ack: u32,
+    /// The window field as sent (unscaled).
+    pub win: u16,
+    pub flags: u8,
+    pub payload_len: u32,
+    /// The window scale option of a SYN or SYN-ACK, if any.
+    pub wscale: Option<u8>,
+}
+
+/// `track`'s verdicts.
+pub const TRACK_OK: u8 = 0;
+/// Outside the window (sequence or acknowledgement): nothing changed.
+pub const TRACK_OUT_OF_WINDOW: u8 = 1;
+/// Refused outright (no ACK on a non-SYN, a SYN-ACK that does not
+/// acknowledge the SYN): nothing changed.
+pub const TRACK_INVALID: u8 = 2;
+
+/// The largest window scale (RFC 7323), assumed for a side whose scale the
+/// data plane never saw (its windows are then bounded liberally).
+pub const MAX_WSCALE: u8 = 14;
+/// The kernel's floor for the acknowledgement window (`MAXACKWINCONST`).
+const MIN_ACK_WINDOW: u32 = 66_000;
+
+const fn before(a: u32, b: u32) -> bool {
+    seq_after(b, a)
+}
+
+/// Makes `d` the side that sent a SYN (or SYN-ACK) starting at `seq`.
+#[inline(always)]
+fn init_side(d: &mut TcpDir, seg: &Segment, end: u32) {
+    let win = if seg.win == 0 { 1 } else { seg.win as u32 };
+    d.end = end;
+    d.maxend = end;
+    d.maxwin = win;
+    d.state = STATE_SYN;
+    match seg.wscale {
+        Some(s) => {
+            d.wscale = if s > MAX_WSCALE { MAX_WSCALE } else { s };
+            d.flags = TCPD_SEEN | TCPD_WSCALE;
+        }
+        None => {
+            d.wscale = 0;
+            d.flags = TCPD_SEEN;
+        }
+    }
+}
+
+/// Tracks a segment from `sender` to `receiver`, as the kernel's conntrack
+/// does (`tcp_in_window`): per side, the highest sequence sent, the highest
+/// the other side allows, the largest window advertised. A segment is in
+/// the window when its sequence lies between what the receiver may still
+/// accept (`sender.maxend`) and what it can no longer need (`sender.end`
+/// minus the receiver's largest window), and its acknowledgement between
+/// what the receiver has sent (`receiver.end`) and an acknowledgement
+/// window below it. Only a segment in the window changes anything:
+/// retransmissions, reordering, SACK, zero-window probes and keep-alives
+/// are in it; a blind attacker's segment almost never is.
+///
+/// A side never seen (a flow picked up mid-stream, a half-open flow created
+/// from the SYN-ACK) is initialised from its first segment, and a window
+/// scale the data plane did not see is taken as the largest (liberal).
+#[inline(always)]
+pub fn track(sender: &mut TcpDir, receiver: &mut TcpDir, seg: &Segment) -> u8 {
+    let flags = seg.flags;
+    let end = segment_end(seg.seq, seg.payload_len, flags);
+    if flags & (FLAG_SYN | FLAG_RST | FLAG_ACK) == 0 {
+        // Only a SYN or a RST may come without ACK.
+        return TRACK_INVALID;
+    }
+    if flags & FLAG_SYN != 0 {
+        if flags & FLAG_ACK == 0 {
+            if sender.state > STATE_SYN {
+                // A SYN on a connection past its handshake (not closed
+                // both ways, or it would not be here): the backend answers
+                // it with a challenge ACK; it changes nothing here.
+                return TRACK_INVALID;
+            }
+            // The client's SYN (again: a retransmission or a new attempt).
+            init_side(sender, seg, end);
+            return TRACK_OK;
+        }
+        // The backend's SYN-ACK: it must acknowledge the client's SYN.
+        if receiver.flags & TCPD_SEEN != 0 && seg.ack != receiver.end {
+            return TRACK_INVALID;
+        }
+        init_side(sender, seg, end);
+        if receiver.flags & TCPD_SEEN == 0 {
+            // The client's SYN was not seen (stateless SYN): its sequence
+            // space is what this SYN-ACK acknowledges, its windows and
+            // scale are unknown.
+            receiver.end = seg.ack;
+            receiver.maxend = seg.ack;
+            receiver.maxwin = 0;
+            receiver.state = STATE_SYN;
+            receiver.wscale = MAX_WSCALE;
+            receiver.flags = TCPD_SEEN | TCPD_LIBERAL | TCPD_WSCALE;
+        }
+        if sender.flags & receiver.flags & TCPD_WSCALE == 0 {
+            // Scaling is in effect only when both sides offered it.
+            sender.wscale = 0;
+            receiver.wscale = 0;
+        }
+        // The SYN-ACK's window bounds what the client may send.
+        let right = seg.ack.wrapping_add(sender.maxwin);
+        if seq_after(right, receiver.maxend) {
+            receiver.maxend = right;
+        }
+        return TRACK_OK;
+    }
+    if sender.flags & TCPD_SEEN == 0 {
+        // First segment of a side never seen: it defines the side; its
+        // scale is unknown.
+        let win = (seg.win as u32) << MAX_WSCALE;
+        sender.end = end;
+        sender.maxwin = if win == 0 { 1 } else { win };
+        sender.maxend = end.wrapping_add(sender.maxwin);
+        sender.wscale = MAX_WSCALE;
+        sender.flags = TCPD_SEEN | TCPD_LIBERAL;
+        if sender.state == STATE_NONE {
+            sender.state = STATE_ESTABLISHED;
+        }
+    }
+    let win = (seg.win as u32) << sender.wscale;
+    let ack = if flags & FLAG_ACK != 0 { seg.ack } else { receiver.end };
+    let ack_window = if sender.maxwin > MIN_ACK_WINDOW { sender.maxwin } else { MIN_ACK_WINDOW };
+    let receiver_known = receiver.flags & TCPD_SEEN != 0;
+    // I: not beyond what the receiver allows.
+    let upper = !before(sender.maxend, seg.seq);
+    // II: not older than the receiver's largest window (unknown: no bound).
+    let lower = receiver.maxwin == 0 || !before(end, sender.end.wrapping_sub(receiver.maxwin));
+    // III and IV: the acknowledgement is of data the receiver sent.
+    let acked = !receiver_known || (!seq_after(ack, receiver.end) && !before(ack, receiver.end.wrapping_sub(ack_window)));
+    if !(upper && lower && acked) {
+        return TRACK_OUT_OF_WINDOW;
+    }
+    if win > sender.maxwin {
+        sender.maxwin = win;
+    }
+    if seq_after(end, sender.end) {
+        sender.end = end;
+    }
+    if flags & FLAG_ACK != 0 {
+        let right = ack.wrapping_add(if win == 0 { 1 } else { win });
+        if !receiver_known {
+            // The other side, never seen: it has sent up to what this
+            // acknowledges; its windows are unknown.
+            receiver.end = ack;
+            receiver.maxend = right;
+            receiver.maxwin = 0;
+            receiver.wscale = MAX_WSCALE;
+            receiver.flags = TCPD_SEEN | TCPD_LIBERAL;
+            if receiver.state == STATE_NONE {
+                receiver.state = STATE_ESTABLISHED;
+            }
+        } else if seq_after(right, receiver.maxend) {
+            receiver.maxend = right;
+        }
+    }
+    sender.state = next_state(sender.state, flags);
+    TRACK_OK
+}
+
+/// Whether a RST from `sender` carries exactly what the receiver expects
+/// (RFC 5961: only such a RST is accepted): the sender's next sequence
+/// number; or, before anything of the sender was seen (a RST answering a
+/// SYN), an acknowledgement of exactly what the receiver sent.
+#[inline(always)]
+pub const fn rst_is_exact(sender: &TcpDir, receiver: &TcpDir, seg: &Segment) -> bool {
+    if sender.flags & TCPD_SEEN != 0 {
+        return seg.seq == sender.end;
+    }
+    seg.flags & FLAG_ACK != 0 && receiver.flags & TCPD_SEEN != 0 && seg.ack == receiver.end
+}
+
+/// Whether an ACK from the client completes the handshake: the backend's
+/// SYN-ACK was seen and this acknowledges exactly it.
+#[inline(always)]
+pub const fn completes_handshake(orig: &TcpDir, reply: &TcpDir, seg: &Segment) -> bool {
+    seg.flags & (FLAG_SYN | FLAG_RST | FLAG_ACK) == FLAG_ACK
+        && orig.state == STATE_SYN
+        && reply.flags & TCPD_SEEN != 0
+        && reply.state == STATE_SYN
+        && seg.ack == reply.end
+}
+
+/// Both sides are done: each sent a FIN, or one sent a RST. Only then may
+/// the 5-tuple carry a new connection, and a full-NAT port go to another
+/// flow.
+#[inline(always)]
+pub const fn is_closed(orig: u8, reply: u8) -> bool {
+    orig == STATE_CLOSED || reply == STATE_CLOSED || (orig == STATE_FIN && reply == STATE_FIN)
+}
+
+/// The window scale option in a SYN's TCP options (`opts`: the bytes after
+/// the 20-byte header), if any. The data plane walks the packet the same
+/// way, within its bounds.
+pub fn parse_wscale(opts: &[u8]) -> Option<u8> {
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = *opts.get(i + 1)? as usize;
+                if len < 2 || i + len > opts.len() {
+                    return None;
+                }
+                if kind == 3 && len == 3 {
+                    return Some(opts[i + 2]);
+                }
+                i += len;
+            }
+        }
+    }
+    None
 }
 
 /// The flow's state for humans, combining both directions' entries.
@@ -86,6 +302,138 @@ pub const fn state_name(state: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seg(seq: u32, ack: u32, flags: u8, len: u32, win: u16) -> Segment {
+        Segment { seq, ack, win, flags, payload_len: len, wscale: None }
+    }
+
+    /// A handshake client ISN 1000, backend ISN 5000, both scaling by 7;
+    /// windows 512 << 7 = 65,536.
+    fn established() -> (TcpDir, TcpDir) {
+        let (mut c, mut b) = (TcpDir::default(), TcpDir::default());
+        let mut syn = seg(1000, 0, FLAG_SYN, 0, 65535);
+        syn.wscale = Some(7);
+        assert_eq!(track(&mut c, &mut b, &syn), TRACK_OK);
+        let mut synack = seg(5000, 1001, FLAG_SYN | FLAG_ACK, 0, 65535);
+        synack.wscale = Some(7);
+        assert_eq!(track(&mut b, &mut c, &synack), TRACK_OK);
+        let ack = seg(1001, 5001, FLAG_ACK, 0, 512);
+        assert!(completes_handshake(&c, &b, &ack));
+        assert_eq!(track(&mut c, &mut b, &ack), TRACK_OK);
+        assert_eq!(track(&mut b, &mut c, &seg(5001, 1001, FLAG_ACK, 0, 512)), TRACK_OK);
+        assert_eq!((c.state, b.state), (STATE_ESTABLISHED, STATE_ESTABLISHED));
+        assert_eq!((c.wscale, b.wscale), (7, 7));
+        (c, b)
+    }
+
+    #[test]
+    fn data_retransmissions_reordering_and_keepalives_stay_in_the_window() {
+        let (mut c, mut b) = established();
+        // 3 segments of 1000 bytes, the second arrives last.
+        for s in [1001, 3001, 2001] {
+            assert_eq!(track(&mut c, &mut b, &seg(s, 5001, FLAG_ACK, 1000, 512)), TRACK_OK, "segment {s}");
+        }
+        assert_eq!(c.end, 4001);
+        // A retransmission of the first, and a keep-alive (one byte before).
+        assert_eq!(track(&mut c, &mut b, &seg(1001, 5001, FLAG_ACK, 1000, 512)), TRACK_OK);
+        assert_eq!(track(&mut c, &mut b, &seg(4000, 5001, FLAG_ACK, 0, 512)), TRACK_OK);
+        assert_eq!(c.end, 4001, "nothing moves backwards");
+        // The backend acknowledges it all and closes its window: a one-byte
+        // zero-window probe is still in the window.
+        assert_eq!(track(&mut b, &mut c, &seg(5001, 4001, FLAG_ACK, 0, 0)), TRACK_OK);
+        assert_eq!(track(&mut c, &mut b, &seg(4001, 5001, FLAG_ACK, 1, 512)), TRACK_OK);
+    }
+
+    #[test]
+    fn a_syn_on_a_connection_past_its_handshake_changes_nothing() {
+        let (mut c, mut b) = established();
+        assert_eq!(track(&mut c, &mut b, &seg(1001, 5001, FLAG_ACK | FLAG_FIN, 0, 512)), TRACK_OK);
+        let before = (c, b);
+        assert_eq!(track(&mut c, &mut b, &seg(90_000, 0, FLAG_SYN, 0, 65535)), TRACK_INVALID);
+        assert_eq!((c, b), before, "a half-closed connection is not restarted by a SYN");
+        // A retransmitted SYN during the handshake is still a SYN.
+        let (mut c, mut b) = (TcpDir::default(), TcpDir::default());
+        assert_eq!(track(&mut c, &mut b, &seg(1000, 0, FLAG_SYN, 0, 65535)), TRACK_OK);
+        assert_eq!(track(&mut c, &mut b, &seg(1000, 0, FLAG_SYN, 0, 65535)), TRACK_OK);
+        assert_eq!((c.state, c.end), (STATE_SYN, 1001));
+    }
+
+    #[test]
+    fn a_blind_segment_changes_nothing_and_a_blind_rst_is_not_exact() {
+        let (mut c, mut b) = established();
+        let before = (c, b);
+        // Sequence numbers anywhere but near the window, with a plausible
+        // and an implausible acknowledgement.
+        for s in [1001u32.wrapping_add(1 << 31), 1001u32.wrapping_add(1 << 20), 1001u32.wrapping_sub(1 << 20)] {
+            for a in [5001u32, 5001u32.wrapping_add(1 << 31)] {
+                assert_eq!(track(&mut c, &mut b, &seg(s, a, FLAG_ACK, 1, 512)), TRACK_OUT_OF_WINDOW, "seq {s} ack {a}");
+            }
+        }
+        // In-window sequence but an acknowledgement of data never sent.
+        assert_eq!(track(&mut c, &mut b, &seg(1001, 9001, FLAG_ACK, 1, 512)), TRACK_OUT_OF_WINDOW);
+        assert_eq!((c, b), before, "nothing changed");
+        assert!(!rst_is_exact(&c, &b, &seg(1001u32.wrapping_add(1 << 31), 0, FLAG_RST, 0, 0)));
+        assert!(rst_is_exact(&c, &b, &seg(1001, 0, FLAG_RST, 0, 0)));
+        // Segments without ACK (other than SYN and RST) are refused.
+        assert_eq!(track(&mut c, &mut b, &seg(1001, 0, FLAG_FIN, 0, 512)), TRACK_INVALID);
+    }
+
+    #[test]
+    fn a_syn_ack_must_acknowledge_the_syn_and_an_ack_completes_only_with_the_isn() {
+        let (mut c, mut b) = (TcpDir::default(), TcpDir::default());
+        track(&mut c, &mut b, &seg(1000, 0, FLAG_SYN, 0, 65535));
+        assert_eq!(track(&mut b, &mut c, &seg(5000, 7777, FLAG_SYN | FLAG_ACK, 0, 65535)), TRACK_INVALID);
+        assert_eq!(b.flags & TCPD_SEEN, 0);
+        assert_eq!(track(&mut b, &mut c, &seg(5000, 1001, FLAG_SYN | FLAG_ACK, 0, 65535)), TRACK_OK);
+        assert!(!completes_handshake(&c, &b, &seg(1001, 5002, FLAG_ACK, 0, 512)), "a guessed ISN");
+        assert!(completes_handshake(&c, &b, &seg(1001, 5001, FLAG_ACK, 0, 512)));
+        // No scaling unless both offered it.
+        assert_eq!((c.wscale, b.wscale), (0, 0));
+    }
+
+    #[test]
+    fn a_syn_ack_without_the_syn_creates_the_client_side_liberally() {
+        let (mut c, mut b) = (TcpDir::default(), TcpDir::default());
+        let mut synack = seg(5000, 1001, FLAG_SYN | FLAG_ACK, 0, 65535);
+        synack.wscale = Some(7);
+        assert_eq!(track(&mut b, &mut c, &synack), TRACK_OK);
+        assert_eq!((c.end, c.flags & TCPD_LIBERAL), (1001, TCPD_LIBERAL));
+        let ack = seg(1001, 5001, FLAG_ACK, 0, 512);
+        assert!(completes_handshake(&c, &b, &ack));
+        assert_eq!(track(&mut c, &mut b, &ack), TRACK_OK);
+        // The client's data is bounded by the backend's window all the same.
+        assert_eq!(track(&mut c, &mut b, &seg(1001u32.wrapping_add(1 << 31), 5001, FLAG_ACK, 1, 512)), TRACK_OUT_OF_WINDOW);
+    }
+
+    #[test]
+    fn a_flow_picked_up_mid_stream_learns_each_side_from_its_first_segment() {
+        let (mut c, mut b) = (TcpDir::default(), TcpDir::default());
+        // The backend's packet re-creates the flow.
+        assert_eq!(track(&mut b, &mut c, &seg(90_000, 40_000, FLAG_ACK, 100, 1000)), TRACK_OK);
+        assert_eq!(b.end, 90_100);
+        assert_eq!(track(&mut c, &mut b, &seg(40_000, 90_100, FLAG_ACK, 50, 1000)), TRACK_OK);
+        assert_eq!(c.end, 40_050);
+        assert_eq!(track(&mut b, &mut c, &seg(90_100, 40_050, FLAG_ACK, 0, 1000)), TRACK_OK);
+    }
+
+    #[test]
+    fn simultaneous_close_and_rst_close_both_sides() {
+        let (mut c, mut b) = established();
+        assert_eq!(track(&mut c, &mut b, &seg(1001, 5001, FLAG_FIN | FLAG_ACK, 0, 512)), TRACK_OK);
+        assert_eq!(track(&mut b, &mut c, &seg(5001, 1001, FLAG_FIN | FLAG_ACK, 0, 512)), TRACK_OK);
+        assert!(!is_closed(c.state, STATE_ESTABLISHED), "one FIN is not closed");
+        assert!(is_closed(c.state, b.state));
+        assert_eq!((c.end, b.end), (1002, 5002));
+        assert!(is_closed(STATE_CLOSED, STATE_ESTABLISHED));
+    }
+
+    #[test]
+    fn window_scale_options_parse() {
+        assert_eq!(parse_wscale(&[2, 4, 5, 0xb4, 1, 3, 3, 7]), Some(7));
+        assert_eq!(parse_wscale(&[2, 4, 5, 0xb4, 0, 3, 3, 7]), None, "after the end of options");
+        assert_eq!(parse_wscale(&[3, 2, 7]), None, "bad length");
+        assert_eq!(parse_wscale(&[1, 1, 3]), None, "truncated");
+    }
 
     #[test]
     fn handshake_data_close() {

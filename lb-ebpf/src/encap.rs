@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     csum,
-    maps::{CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, FlowEntry, PROTO_TCP},
+    maps::{CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, NatTuple, PROTO_TCP},
     stats,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
@@ -24,7 +24,7 @@ const ETH_P_IP: u16 = 0x0800;
 /// client's segment is then completed (nobody else will, and the backend
 /// checks it after decapsulation).
 #[inline(always)]
-pub fn ipip(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, leaving: bool) -> Result<(), u32> {
+pub fn ipip(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, leaving: bool) -> Result<(), u32> {
     if pkt.v6 || pkt.vlan {
         return Err(stats::PASS_NO_ENCAP);
     }
@@ -49,8 +49,8 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, leaving: bool) -> Res
         o[6] = 0x40; // DF: the inner packet's own PMTU discovery decides
         o[8] = 64;
         o[9] = IPPROTO_IPIP;
-        o[12..16].copy_from_slice(&e.nat_src[3].to_ne_bytes());
-        o[16..20].copy_from_slice(&e.nat_dst[3].to_ne_bytes());
+        o[12..16].copy_from_slice(&t.src[3].to_ne_bytes());
+        o[16..20].copy_from_slice(&t.dst[3].to_ne_bytes());
         let mut sum = 0u32;
         let mut i = 0;
         while i < Ipv4Hdr::LEN {

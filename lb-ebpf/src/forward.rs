@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    maps::{Addr, DIR_TO_CLIENT, FlowEntry, NAT_ENCAP, NEXT_HOP_SLOTS, NEXT_HOP_TTL_NS, NextHop, addr_v4, neighbour_hash},
+    maps::{Addr, DIR_TO_CLIENT, NAT_ENCAP, NEXT_HOP_MANAGED, NEXT_HOP_SLOTS, NEXT_HOP_TTL, NatTuple, NextHop, addr_v4, neighbour_hash},
     stats,
 };
 use network_types::eth::EthHdr;
@@ -30,15 +30,15 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// The route of a packet that will leave with `e`'s tuple: the index of
+/// The route of a packet that will leave with tuple `t`: the index of
 /// this CPU's `XLB_NEXT_HOP` slot holding its next hop, or the pass verdict
 /// when XDP cannot forward it. Reads the packet, never writes it.
 /// `hop_memo`: where the neighbour towards a client is remembered (the
-/// entry's `hop`), when `e` is the table's own copy.
+/// flow's `hop`), when there is a flow entry to remember it in.
 #[inline(always)]
-pub fn route(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: Option<*mut u32>, now: u64) -> Result<u32, Verdict> {
+pub fn route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut u32>, now: u64) -> Result<u32, Verdict> {
     let memo = hop_memo.unwrap_or(core::ptr::null_mut());
-    match xlb_route(ctx.ctx, pkt, e, memo, now) {
+    match xlb_route(ctx.ctx, pkt, t, memo, now) {
         slot if slot < NEXT_HOP_SLOTS as u64 => Ok(slot as u32),
         v => Err(Verdict::from_bits(v)),
     }
@@ -49,44 +49,44 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: Option<*mu
 /// The slot index, or a pass verdict (`Verdict::to_bits`, always larger).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn xlb_route(ctx: *mut xdp_md, pkt: *const Packet, e: *const FlowEntry, memo: *mut u32, now: u64) -> u64 {
+pub extern "C" fn xlb_route(ctx: *mut xdp_md, pkt: *const Packet, t: *const NatTuple, memo: *mut u32, now: u64) -> u64 {
     let ctx = &XdpContext::new(ctx);
     // Global function arguments may be null as far as the verifier knows.
     // SAFETY: valid pointers from `route`, or null.
-    let (Some(pkt), Some(e)) = (unsafe { pkt.as_ref() }, unsafe { e.as_ref() }) else {
+    let (Some(pkt), Some(t)) = (unsafe { pkt.as_ref() }, unsafe { t.as_ref() }) else {
         return Verdict::pass(stats::PASS_NO_ROUTE).to_bits();
     };
-    match route_inline(ctx, pkt, e, memo, now) {
+    match route_inline(ctx, pkt, t, memo, now) {
         Ok(slot) => slot as u64,
         Err(v) => v.to_bits(),
     }
 }
 
 #[inline(always)]
-fn route_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: *mut u32, now: u64) -> Result<u32, Verdict> {
+fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32, now: u64) -> Result<u32, Verdict> {
     if pkt.vlan {
         // The egress may be another VLAN or none: the kernel's VLAN devices
         // know which tag (if any) the rewritten packet needs.
         return Err(Verdict::pass(stats::PASS_VLAN));
     }
-    let encap = e.nat_flags & NAT_ENCAP != 0;
+    let encap = t.flags & NAT_ENCAP != 0;
     let out_len = pkt.ip_len + if encap { crate::encap::OUTER_LEN as u32 } else { 0 };
     // Towards a backend: the slot of its address. Towards a client: the
     // slot of its next hop once known (shared by everything behind one
     // gateway), else of its address (right when it is on-link).
-    let to_client = e.direction == DIR_TO_CLIENT;
-    let key = if to_client && e.hop != 0 { e.hop } else { neighbour_hash(&e.nat_dst) };
+    let to_client = t.direction == DIR_TO_CLIENT;
+    let key = if to_client && t.hop != 0 { t.hop } else { neighbour_hash(&t.dst) };
     let (slot, hop) = match cached(key, now) {
         Some(h) => h,
         None => {
-            let (h, neighbour) = fib(ctx, pkt, e, out_len)?;
+            let (h, neighbour) = fib(ctx, pkt, t, out_len)?;
             let slot_key = if to_client { neighbour_hash(&neighbour) } else { key };
             let slot = slot_key & (NEXT_HOP_SLOTS - 1);
             let Some(p) = NEXT_HOP.get_ptr_mut(slot) else { return Err(Verdict::pass(stats::PASS_NO_ROUTE)) };
             // SAFETY: this CPU's slot.
             let p = unsafe { &mut *p };
-            *p = NextHop { hop: slot_key, expires_ns: now + NEXT_HOP_TTL_NS, ..h };
-            if to_client && slot_key != e.hop && !hop_memo.is_null() {
+            *p = NextHop { hop: slot_key, expires: now + NEXT_HOP_TTL, ..h };
+            if to_client && slot_key != t.hop && !hop_memo.is_null() {
                 // SAFETY: the entry's own field, in the map.
                 unsafe { *hop_memo = slot_key };
             }
@@ -97,9 +97,10 @@ fn route_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, hop_memo: *mut u3
         return Err(Verdict::pass(stats::PASS_TOO_BIG));
     }
     let same_iface = hop.ifindex == ctx.ingress_ifindex() as u32;
-    // The redirect target is checked before the packet is touched: once
-    // the MACs are rewritten the kernel would no longer accept it.
-    if !same_iface && DEVMAP.get(hop.ifindex).is_none() {
+    // The redirect target is known before the packet is touched (once the
+    // MACs are rewritten the kernel would no longer accept it); it was
+    // looked up when the slot was filled, not per packet.
+    if !same_iface && hop.flags & NEXT_HOP_MANAGED == 0 {
         return Err(Verdict::pass(stats::PASS_NOT_MANAGED_IFACE));
     }
     if !nat::ttl_allows_forwarding(ctx, pkt) {
@@ -116,7 +117,7 @@ fn cached(key: u32, now: u64) -> Option<(u32, &'static NextHop)> {
     let p = NEXT_HOP.get_ptr(slot)?;
     // SAFETY: this CPU's slot.
     let h = unsafe { &*p };
-    (h.hop == key && h.expires_ns > now).then_some((slot, h))
+    (h.hop == key && h.expires > now).then_some((slot, h))
 }
 
 /// Finishes a packet already rewritten to leave by next-hop slot `slot`
@@ -148,7 +149,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, slot: u32) -> Verdict {
 /// destination on-link). What XDP cannot finish (unresolved neighbour, no
 /// route, too big) is a counted pass to the kernel.
 #[inline(always)]
-fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, out_len: u32) -> Result<(NextHop, Addr), Verdict> {
+fn fib(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, out_len: u32) -> Result<(NextHop, Addr), Verdict> {
     crate::stats::count(stats::FIB_LOOKUPS);
     // In per-CPU scratch space: 64 bytes more on the stack would pass the
     // 512-byte limit of the deepest call chain.
@@ -163,15 +164,15 @@ fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, out_len: u32) -> Result<(N
     // The tuple as it is after the rewrite.
     if pkt.v6 {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = e.nat_src;
-        p.__bindgen_anon_4.ipv6_dst = e.nat_dst;
+        p.__bindgen_anon_3.ipv6_src = t.src;
+        p.__bindgen_anon_4.ipv6_dst = t.dst;
     } else {
         p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = e.nat_src[3];
-        p.__bindgen_anon_4.ipv4_dst = e.nat_dst[3];
+        p.__bindgen_anon_3.ipv4_src = t.src[3];
+        p.__bindgen_anon_4.ipv4_dst = t.dst[3];
     }
-    p.sport = e.nat_sport;
-    p.dport = e.nat_dport;
+    p.sport = t.sport;
+    p.dport = t.dport;
     p.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: helper call with a correctly sized, initialised struct.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, p as *mut FibParams, mem::size_of::<FibParams>() as i32, 0) };
@@ -182,7 +183,8 @@ fn fib(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, out_len: u32) -> Result<(N
         let neighbour = unsafe { if p.family == AF_INET6 { p.__bindgen_anon_4.ipv6_dst } else { addr_v4(p.__bindgen_anon_4.ipv4_dst) } };
         // SAFETY: as above.
         let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
-        Ok((NextHop { hop: 0, ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, mtu, _pad: [0; 2], expires_ns: 0 }, neighbour))
+        let flags = if DEVMAP.get(p.ifindex).is_some() { NEXT_HOP_MANAGED } else { 0 };
+        Ok((NextHop { hop: 0, ifindex: p.ifindex, smac: p.smac, dmac: p.dmac, mtu, flags, _pad: 0, expires: 0 }, neighbour))
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         Err(Verdict::pass(stats::PASS_NO_NEIGH))
     } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {

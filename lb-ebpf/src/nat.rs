@@ -1,12 +1,12 @@
 //! Address/port rewriting with incremental checksum updates (RFC 1624), for
-//! both families: a flow entry holds the whole tuple its packets leave with
-//! and says (`nat_flags`) which half to rewrite: the destination (DNAT,
+//! both families: a packet's `NatTuple` holds the whole tuple it leaves with
+//! and says (`flags`) which half to rewrite: the destination (DNAT,
 //! client → backend), the source (DNAT, backend → client), or both
 //! (full-NAT, either way).
 
 use lb_common::{
     csum,
-    maps::{Addr, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, FlowEntry, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, PROTO_TCP, addr_bytes},
+    maps::{Addr, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, NatTuple, PROTO_TCP, addr_bytes},
 };
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -26,14 +26,14 @@ use crate::{
 /// port fields rewritten on the way. A partial seed (`full` false) follows
 /// the addresses only: the ports are summed when it is completed.
 #[inline(always)]
-fn l4_check(pkt: &Packet, e: &FlowEntry, full: bool, check: u16, sport: &mut [u8; 2], dport: &mut [u8; 2]) -> u16 {
+fn l4_check(pkt: &Packet, t: &NatTuple, full: bool, check: u16, sport: &mut [u8; 2], dport: &mut [u8; 2]) -> u16 {
     // The seed is a checksum's complement: the same update, on its complement.
     let mut c = if full { check } else { !check };
-    if e.nat_flags & NAT_SRC != 0 {
-        c = rewrite_end(c, full, pkt.v6, &pkt.key.src_addr, &e.nat_src, sport, e.nat_sport);
+    if t.flags & NAT_SRC != 0 {
+        c = rewrite_end(c, full, pkt.v6, &pkt.key.src_addr, &t.src, sport, t.sport);
     }
-    if e.nat_flags & NAT_DST != 0 {
-        c = rewrite_end(c, full, pkt.v6, &pkt.key.dst_addr, &e.nat_dst, dport, e.nat_dport);
+    if t.flags & NAT_DST != 0 {
+        c = rewrite_end(c, full, pkt.v6, &pkt.key.dst_addr, &t.dst, dport, t.dport);
     }
     if full { c } else { !c }
 }
@@ -51,17 +51,17 @@ fn rewrite_end(check: u16, full: bool, v6: bool, old: &Addr, new: &Addr, port_fi
     c
 }
 
-/// Rewrites the packet to leave with the entry's tuple. `leaving`: it will
+/// Rewrites the packet to leave with tuple `t`. `leaving`: it will
 /// leave as an XDP frame (XDP_TX, redirect), else it is passed to the
 /// kernel. A partial checksum (see [`checksum_form`]) is kept a seed for
 /// the new addresses, and completed when the frame leaves as an XDP frame
 /// from a native-mode attachment. False when that completion was impossible
 /// (the frame must then be passed: the kernel completes it).
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, leaving: bool) -> bool {
+pub fn rewrite(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, leaving: bool) -> bool {
     // The completion runs here, not inside the global function: the
     // deepest call chain must stay within the 512-byte stack.
-    xlb_rewrite(ctx.ctx, pkt, e, leaving as u64) == 0 || crate::csum::complete(ctx, pkt, 0)
+    xlb_rewrite(ctx.ctx, pkt, t, leaving as u64) == 0 || crate::csum::complete(ctx, pkt, 0)
 }
 
 /// [`rewrite`] as a global BPF function (exported by the linker, see
@@ -71,20 +71,20 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry, leaving: bool) -> 
 /// frame from a native-mode attachment), else 0.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn xlb_rewrite(ctx: *mut xdp_md, pkt: *const Packet, e: *const FlowEntry, leaving: u64) -> u64 {
+pub extern "C" fn xlb_rewrite(ctx: *mut xdp_md, pkt: *const Packet, t: *const NatTuple, leaving: u64) -> u64 {
     let ctx = &XdpContext::new(ctx);
     // Global function arguments may be null as far as the verifier knows.
     // SAFETY: valid pointers from the callers (`rewrite`), or null.
-    let (Some(pkt), Some(e)) = (unsafe { pkt.as_ref() }, unsafe { e.as_ref() }) else { return 0 };
-    let form = rewrite_inline(ctx, pkt, e);
+    let (Some(pkt), Some(t)) = (unsafe { pkt.as_ref() }, unsafe { t.as_ref() }) else { return 0 };
+    let form = rewrite_inline(ctx, pkt, t);
     (leaving != 0 && form == CSUM_SEED_COMPLETE_ON_TX) as u64
 }
 
 /// The rewrite; returns the checksum form found (`CSUM_*`).
 #[inline(always)]
-fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> u8 {
-    let src = e.nat_flags & NAT_SRC != 0;
-    let dst = e.nat_flags & NAT_DST != 0;
+fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> u8 {
+    let src = t.flags & NAT_SRC != 0;
+    let dst = t.flags & NAT_DST != 0;
     let form;
     if pkt.key.proto == PROTO_TCP {
         let Some(tcp) = l4_hdr::<TcpHdr>(ctx, pkt) else { return CSUM_FULL };
@@ -92,14 +92,14 @@ fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> u8 {
         let tcp = unsafe { &mut *tcp };
         let old = u16::from_ne_bytes(tcp.check);
         form = checksum_form(ctx, pkt, old);
-        tcp.check = l4_check(pkt, e, form == CSUM_FULL, old, &mut tcp.source, &mut tcp.dest).to_ne_bytes();
+        tcp.check = l4_check(pkt, t, form == CSUM_FULL, old, &mut tcp.source, &mut tcp.dest).to_ne_bytes();
     } else {
         let Some(udp) = l4_hdr::<UdpHdr>(ctx, pkt) else { return CSUM_FULL };
         // SAFETY: bounds-checked just above.
         let udp = unsafe { &mut *udp };
         let old = u16::from_ne_bytes(udp.check);
         form = checksum_form(ctx, pkt, old);
-        let c = l4_check(pkt, e, form == CSUM_FULL, old, &mut udp.src, &mut udp.dst);
+        let c = l4_check(pkt, t, form == CSUM_FULL, old, &mut udp.src, &mut udp.dst);
         udp.check = if form == CSUM_FULL { csum::udp_fixup(old, c) } else { c }.to_ne_bytes();
     }
     if pkt.v6 {
@@ -107,10 +107,10 @@ fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> u8 {
         // SAFETY: bounds-checked just above.
         let ip = unsafe { &mut *ip };
         if src {
-            ip.src_addr = addr_bytes(&e.nat_src);
+            ip.src_addr = addr_bytes(&t.src);
         }
         if dst {
-            ip.dst_addr = addr_bytes(&e.nat_dst);
+            ip.dst_addr = addr_bytes(&t.dst);
         }
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return form };
@@ -118,12 +118,12 @@ fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, e: &FlowEntry) -> u8 {
         let ip = unsafe { &mut *ip };
         let mut c = u16::from_ne_bytes(ip.check);
         if src {
-            let new = e.nat_src[3].to_ne_bytes();
+            let new = t.src[3].to_ne_bytes();
             c = csum::update_addr(c, ip.src_addr, new);
             ip.src_addr = new;
         }
         if dst {
-            let new = e.nat_dst[3].to_ne_bytes();
+            let new = t.dst[3].to_ne_bytes();
             c = csum::update_addr(c, ip.dst_addr, new);
             ip.dst_addr = new;
         }

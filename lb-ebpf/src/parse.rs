@@ -1,19 +1,22 @@
 //! Header parsing. Every access is checked against `data_end`; every way a
 //! packet can fail to parse maps to a counted verdict.
 //!
-//! Policy for packets to or from xlb's addresses (see docs/architecture.md):
+//! Policy (see docs/architecture.md):
 //! - IPv4 options: passed to the kernel, never NATed (counted).
-//! - IPv4 fragments: dropped (counted): later fragments carry no ports, so
-//!   no flow can be found for them, and NATing only the first would
-//!   corrupt the datagram.
+//! - Fragments, IPv4 and IPv6 alike, to a VIP address or from a backend
+//!   address: dropped (counted): later fragments carry no ports, so no
+//!   flow can be found for them, NATing only the first would corrupt the
+//!   datagram, and passing one from a backend would leak its address.
+//!   Other fragments are the host's: passed.
 //! - IPv6 extension headers: Hop-by-Hop and Destination Options are
-//!   skipped (up to `MAX_IPV6_EXT_HDRS`); a Fragment header, a Routing
-//!   header, ESP/AH or a longer chain is passed to the kernel untouched
-//!   (counted), with no state created.
+//!   skipped (up to `MAX_IPV6_EXT_HDRS`); a Routing header, ESP/AH or a
+//!   longer chain is passed to the kernel untouched (counted), with no
+//!   state created.
 //! - Bad IHL, TCP data offset or lengths: dropped (counted); no state.
 //! Anything else that is not TCP/UDP over IPv4 or IPv6 (ARP, ICMP, ICMPv6
-//! neighbour discovery...), or not to/from a service or backend address,
-//! goes to the kernel untouched.
+//! neighbour discovery...) goes to the kernel untouched. Whether a TCP/UDP
+//! packet is xlb's business (to a service, or from a backend) is decided
+//! after parsing, by VIP:port and backend ip:port.
 
 use core::mem;
 
@@ -102,13 +105,15 @@ pub struct Packet {
     pub v6: bool,
     /// Addresses in map form (IPv4-mapped for IPv4).
     pub key: FlowKey,
-    /// `ADDR_VIP` when the destination is a VIP address, else `ADDR_BACKEND`
-    /// (the source is a backend address).
-    pub role: u32,
     /// TCP flags byte (`lb_common::tcp::FLAG_*`), 0 for UDP.
     pub tcp_flags: u8,
-    /// TCP sequence number, host order.
+    /// The window scale option of a SYN, `NO_WSCALE` if none (or not a SYN).
+    pub wscale: u8,
+    /// TCP window field (unscaled), host order.
+    pub win: u16,
+    /// TCP sequence and acknowledgement numbers, host order.
     pub seq: u32,
+    pub ack: u32,
     /// TCP payload length in bytes.
     pub payload_len: u32,
     /// IP total length (IPv6: header, extension headers and payload).
@@ -117,7 +122,15 @@ pub struct Packet {
     pub vlan: bool,
     /// L4 header and payload length in bytes.
     pub l4_len: u32,
+    /// A backend's packet: the key of its flow (client → VIP), once found.
+    pub flow_key: FlowKey,
 }
+
+/// `Packet::wscale` when the segment carries no window scale option.
+pub const NO_WSCALE: u8 = 0xff;
+/// TCP options walked in a SYN (Linux sends five; a SYN with more than this
+/// many before its window scale is treated as without one).
+const MAX_TCP_OPTIONS: usize = 8;
 
 /// Largest header offset the program reads at. Offsets travel between BPF
 /// functions on the stack, where the verifier loses their bounds; checking
@@ -201,32 +214,30 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     Ok(pkt)
 }
 
-/// What an address pair is to xlb: to a VIP, or from a backend.
+/// A fragment: dropped if it is xlb's (to a VIP address, or from a
+/// backend address), else the host's.
 #[inline(always)]
-fn role_of(src: &Addr, dst: &Addr) -> Result<u32, Verdict> {
-    if is_addr(dst, ADDR_VIP) {
-        Ok(ADDR_VIP)
-    } else if is_addr(src, ADDR_BACKEND) {
-        Ok(ADDR_BACKEND)
-    } else {
-        Err(Verdict::pass(stats::PASS_NOT_SERVICE))
-    }
+fn fragment(src: &Addr, dst: &Addr) -> Verdict {
+    if is_addr(dst, ADDR_VIP) || is_addr(src, ADDR_BACKEND) { Verdict::drop(stats::DROP_FRAGMENT) } else { Verdict::pass(stats::PASS_NOT_SERVICE) }
 }
 
 #[inline(always)]
-fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, role: u32, ip_len: usize) -> Packet {
+fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, ip_len: usize) -> Packet {
     Packet {
         l3_off: l3,
         l4_off: l4,
         v6,
-        key: FlowKey { src_addr: src, dst_addr: dst, src_port: 0, dst_port: 0, proto, _pad: [0; 3] },
-        role,
+        key: FlowKey::new(src, dst, 0, 0, proto),
         tcp_flags: 0,
+        wscale: NO_WSCALE,
+        win: 0,
         seq: 0,
+        ack: 0,
         payload_len: 0,
         ip_len: ip_len as u32,
         vlan: l3 != EthHdr::LEN,
         l4_len: 0,
+        flow_key: FlowKey::new([0; 4], [0; 4], 0, 0, 0),
     }
 }
 
@@ -240,7 +251,6 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     }
     let dst = addr_v4(u32::from_ne_bytes(dst));
     let src = addr_v4(u32::from_ne_bytes(src));
-    let role = role_of(&src, &dst)?;
 
     let ihl = vihl & 0x0f;
     if ihl < 5 {
@@ -253,7 +263,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let (frags, tot_len) = unsafe { ((*ip).frags, (*ip).tot_len) };
     let frags = u16::from_be_bytes(frags);
     if frags & (IP_MF | IP_OFFSET) != 0 {
-        return Err(Verdict::drop(stats::DROP_FRAGMENT));
+        return Err(fragment(&src, &dst));
     }
     let ip_len = u16::from_be_bytes(tot_len) as usize;
     if ip_len < Ipv4Hdr::LEN || ctx.data() + l3 + ip_len > ctx.data_end() {
@@ -263,7 +273,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
         PROTO_TCP | PROTO_UDP => {}
         _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
     }
-    Ok(new_packet(l3, l3 + Ipv4Hdr::LEN, false, src, dst, proto, role, ip_len))
+    Ok(new_packet(l3, l3 + Ipv4Hdr::LEN, false, src, dst, proto, ip_len))
 }
 
 #[inline(always)]
@@ -276,7 +286,6 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     }
     let dst = addr_from_bytes(dst);
     let src = addr_from_bytes(src);
-    let role = role_of(&src, &dst)?;
 
     // Payload length 0 would be a jumbogram (Hop-by-Hop option): never a
     // valid TCP/UDP packet here.
@@ -314,13 +323,13 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     let ext_len = unsafe { core::ptr::read_volatile(&ext_len) } & 0x1ff;
     match next {
         PROTO_TCP | PROTO_UDP => {}
-        NH_FRAGMENT => return Err(Verdict::pass(stats::PASS_IPV6_FRAGMENT)),
+        NH_FRAGMENT => return Err(fragment(&src, &dst)),
         NH_HOP_BY_HOP | NH_DEST_OPTS | NH_ROUTING | NH_ESP | NH_AH | NH_MOBILITY | NH_HIP | NH_SHIM6 => {
             return Err(Verdict::pass(stats::PASS_IPV6_EXT_HEADERS));
         }
         _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
     }
-    Ok(new_packet(l3, l3 + Ipv6Hdr::LEN + ext_len, true, src, dst, next, role, ip_len))
+    Ok(new_packet(l3, l3 + Ipv6Hdr::LEN + ext_len, true, src, dst, next, ip_len))
 }
 
 /// Ports and TCP fields; `l4_len` is what the IP header says the L4
@@ -332,9 +341,9 @@ fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Ver
     if pkt.key.proto == PROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
         // SAFETY: bounds checked by ptr_at.
-        let (doff, sport, dport, seq, flags) = unsafe {
+        let (doff, sport, dport, seq, ack, win, flags) = unsafe {
             let flags_byte = *((tcp as *const u8).add(13));
-            ((*tcp).doff() as usize, (*tcp).source, (*tcp).dest, (*tcp).seq, flags_byte)
+            ((*tcp).doff() as usize, (*tcp).source, (*tcp).dest, (*tcp).seq, (*tcp).ack_seq, (*tcp).window, flags_byte)
         };
         let hdr_len = doff * 4;
         if doff < 5 || hdr_len > l4_len {
@@ -344,7 +353,12 @@ fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Ver
         pkt.key.dst_port = u16::from_ne_bytes(dport);
         pkt.tcp_flags = flags;
         pkt.seq = u32::from_be_bytes(seq);
+        pkt.ack = u32::from_be_bytes(ack);
+        pkt.win = u16::from_be_bytes(win);
         pkt.payload_len = (l4_len - hdr_len) as u32;
+        if flags & lb_common::tcp::FLAG_SYN != 0 && hdr_len > TcpHdr::LEN {
+            pkt.wscale = syn_wscale(ctx, l4, hdr_len);
+        }
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
         // SAFETY: bounds checked by ptr_at.
@@ -359,8 +373,43 @@ fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Ver
     Ok(())
 }
 
+/// The window scale option among a SYN's options (header `hdr_len` bytes
+/// at `l4`), as `lb_common::tcp::parse_wscale` reads it.
 #[inline(always)]
-fn is_addr(addr: &Addr, role: u32) -> bool {
+fn syn_wscale(ctx: &XdpContext, l4: usize, hdr_len: usize) -> u8 {
+    let mut off = TcpHdr::LEN;
+    for _ in 0..MAX_TCP_OPTIONS {
+        // Three bytes at a time (an option with its length and a value):
+        // the window scale needs all three, and a one-byte read's bound
+        // compiles to a compare the verifier learns no range from.
+        if off + 3 > hdr_len {
+            break;
+        }
+        let Some(opt) = ptr_at::<[u8; 3]>(ctx, l4 + off) else { break };
+        // SAFETY: bounds-checked by ptr_at.
+        let opt = unsafe { *opt };
+        let kind = opt[0];
+        if kind == 0 {
+            break;
+        }
+        if kind == 1 {
+            off += 1;
+            continue;
+        }
+        let len = opt[1] as usize;
+        if len < 2 || off + len > hdr_len {
+            break;
+        }
+        if kind == 3 && len == 3 {
+            return opt[2];
+        }
+        off += len;
+    }
+    NO_WSCALE
+}
+
+#[inline(always)]
+pub fn is_addr(addr: &Addr, role: u32) -> bool {
     // SAFETY: read-only use of a value the controller writes whole.
     matches!(unsafe { ADDRS.get(addr) }, Some(flags) if flags & role != 0)
 }

@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::maps::{BACKEND_UP, Backend, FlowKey, RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, ServiceEntry};
 
-use crate::maps::{BACKEND_ACTIVE, BACKENDS, CURSOR, RING};
+use crate::maps::{BACKEND_ACTIVE, BACKENDS, CURSOR, GLOBALS, RING};
 
 /// Slots tried when the chosen backend is not up (the controller removes
 /// such backends from the ring; this covers the moment in between).
@@ -16,7 +16,7 @@ const MAX_PROBES: u32 = 4;
 /// chooses the slot from the 5-tuple alone, so every balancer with the same
 /// ring picks the same backend for a flow it has never seen.
 #[inline(always)]
-pub fn pick(svc: &ServiceEntry, key: &FlowKey, by_hash: bool) -> Option<(u32, Backend)> {
+pub fn pick(svc: &ServiceEntry, key: &FlowKey, by_hash: bool) -> Option<(u32, &'static Backend)> {
     let len = svc.ring_len;
     if len == 0 || len > RING_SLOTS {
         return None;
@@ -39,7 +39,7 @@ pub fn pick(svc: &ServiceEntry, key: &FlowKey, by_hash: bool) -> Option<(u32, Ba
         let Some(&id) = RING.get(base + slot) else { continue };
         let Some(b) = BACKENDS.get(id) else { continue };
         if b.state == BACKEND_UP {
-            return Some((id, *b));
+            return Some((id, b));
         }
     }
     None
@@ -61,10 +61,12 @@ fn next_cursor(service_id: u32, len: u32) -> Option<u32> {
     }
 }
 
-/// A fixed (seedless) hash of the 5-tuple: the same on every node.
+/// The keyed hash of the 5-tuple (`lb_common::sched_hash`): the same on
+/// every node sharing the key, unpredictable without it.
 #[inline(always)]
 pub fn flow_hash(k: &FlowKey) -> u32 {
-    lb_common::sched_hash::flow_hash(&k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto)
+    let key = GLOBALS.get(0).map_or([0, 0], |g| g.hash_key);
+    lb_common::sched_hash::flow_hash(&key, &k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto)
 }
 
 /// Least connections by sampling: `LC_CHOICES` slots of the weighted ring

@@ -17,31 +17,28 @@ pub fn count_n(idx: u32, n: u64) {
     }
 }
 
-/// Adds one packet of `bytes` to a service's and a backend's counters.
+/// Adds one packet of `bytes` to a backend's counters (the controller sums
+/// a service's from its backends': one per-CPU write per packet, not two).
 #[inline(always)]
-pub fn count_traffic(service_id: u32, backend_id: u32, to_backend: bool, bytes: u64, new_flow: bool) {
-    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
-        add(c, to_backend, bytes, new_flow);
-    }
+pub fn count_traffic(backend_id: u32, to_backend: bool, bytes: u64) {
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        add(c, to_backend, bytes, new_flow);
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        let c = unsafe { &mut *c };
+        if to_backend {
+            c.packets_in += 1;
+            c.bytes_in += bytes;
+        } else {
+            c.packets_out += 1;
+            c.bytes_out += bytes;
+        }
     }
 }
 
+/// Counts a new flow on its service and backend.
 #[inline(always)]
-fn add(c: *mut TrafficCounters, to_backend: bool, bytes: u64, new_flow: bool) {
-    // SAFETY: per-CPU slot, only this CPU writes it while we run.
-    let c = unsafe { &mut *c };
-    if to_backend {
-        c.packets_in += 1;
-        c.bytes_in += bytes;
-    } else {
-        c.packets_out += 1;
-        c.bytes_out += bytes;
-    }
-    if new_flow {
-        c.new_flows += 1;
-    }
+pub fn count_new_flow(service_id: u32, backend_id: u32) {
+    count(lb_common::stats::NEW_FLOWS);
+    count_event(service_id, backend_id, |c| c.new_flows += 1);
 }
 
 /// Counts a reactive RST on the flow's service and backend.

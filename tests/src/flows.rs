@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use lb_common::{
-    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowEntry, FlowKey, NAT_DST, NAT_SRC, PROTO_TCP, addr_from_ip},
+    maps::{FlowKey, FlowState, PROTO_TCP, TCPD_SEEN, TcpDir, addr_from_ip},
     tcp,
 };
 
@@ -15,34 +15,29 @@ pub fn net_port(p: u16) -> u16 {
 
 /// The map key of a packet from `src` to `dst`.
 pub fn key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: addr_from_ip(src.ip()),
-        dst_addr: addr_from_ip(dst.ip()),
-        src_port: net_port(src.port()),
-        dst_port: net_port(dst.port()),
-        proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(addr_from_ip(src.ip()), addr_from_ip(dst.ip()), net_port(src.port()), net_port(dst.port()), proto)
 }
 
-/// Both entries of an established DNAT TCP flow client → VIP → backend:
-/// (client → VIP key and entry, backend → client key and entry), with the
-/// given next expected sequence numbers.
-pub fn dnat_pair(client: SocketAddr, vip: SocketAddr, backend: SocketAddr, backend_id: u32, seq: (u32, u32)) -> [(FlowKey, FlowEntry); 2] {
-    let fkey = key(client, vip, PROTO_TCP);
-    let entry = |dir, to: (SocketAddr, SocketAddr), nat_flags, seq_next| FlowEntry {
-        nat_src: addr_from_ip(to.0.ip()),
-        nat_dst: addr_from_ip(to.1.ip()),
-        nat_sport: net_port(to.0.port()),
-        nat_dport: net_port(to.1.port()),
-        direction: dir,
-        tcp_state: tcp::STATE_ESTABLISHED,
-        nat_flags,
-        backend_id,
-        seq_next,
+/// One side of an established TCP flow: it sent up to `end`, the peer
+/// allows a 64 KiB window past it.
+fn side(end: u32) -> TcpDir {
+    TcpDir { end, maxend: end.wrapping_add(65_535), maxwin: 65_535, state: tcp::STATE_ESTABLISHED, flags: TCPD_SEEN, ..Default::default() }
+}
+
+/// The one entry of an established DNAT TCP flow client → VIP → backend
+/// `backend_id` of service `service_id`, at jiffies `now`, where the client
+/// sent up to `seq.0` and the backend up to `seq.1`.
+pub fn established(client: SocketAddr, vip: SocketAddr, service_id: u32, backend_id: u32, seq: (u32, u32), now: u32) -> (FlowKey, FlowState) {
+    let state = FlowState {
+        backend_id: backend_id as u16,
+        service_id: service_id as u8,
+        created: now,
+        last_seen: now,
+        packets_orig: 2,
+        packets_reply: 1,
+        orig: side(seq.0),
+        reply: side(seq.1),
         ..Default::default()
     };
-    let fwd = entry(DIR_TO_BACKEND, (client, backend), NAT_DST, seq.0);
-    let rev = entry(DIR_TO_CLIENT, (vip, client), NAT_SRC, seq.1);
-    [(fkey, fwd), (fwd.peer_key(PROTO_TCP), rev)]
+    (key(client, vip, PROTO_TCP), state)
 }

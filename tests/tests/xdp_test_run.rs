@@ -7,6 +7,12 @@
 //!   t0 10.0.0.1/24 fd00::1/64 (client side, client 10.0.0.2, fd00::2)
 //!   t1 10.1.1.1/24 fd01:1::1/64 (backend side, backend 10.1.1.2, fd01:1::2)
 //!   lo VIPs 10.99.0.1, fd99::1
+//!
+//! Services (id: VIP port → backend id, backend): 0: 80 → 0, 10.1.1.2:8080
+//! (Maglev DNAT of its own backend: SYNs scheduled without state); 1: UDP
+//! 53 → 1, :5353; 2: 81, no backends; 3: 82 → 2, hairpin 10.0.0.3:80; 4:
+//! 83 → 3, unresolved 10.1.1.9:80; 5: [fd99::1]:80 → 4, [fd01:1::2]:8080;
+//! 6: 84 → 5, full NAT to :8084; 7: 85 → 6, DSR to :85.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -15,7 +21,7 @@ use std::{
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::{
-    maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_FULL, NAT_SRC, addr_from_ip},
+    maps::{FLOW_DSR, FLOW_FULLNAT, FLOW_PICKED_UP, IFACE_GENERIC, IFACE_VIRTUAL, addr_from_ip},
     stats, tcp,
 };
 use testbed::{
@@ -27,7 +33,7 @@ use xlb::{
     api::Proto,
     controller::Controller,
     dataplane::FlowTable as _,
-    dataplane::{KernelDataPlane, LoadOptions},
+    dataplane::{Flow, KernelDataPlane, LoadOptions},
 };
 
 const XDP_DROP: u32 = 1;
@@ -101,7 +107,7 @@ fn rig() -> Rig {
     let vip6 = SocketAddr::new(VIP6.into(), 80);
     ctl.service_add(vip6, Proto::Tcp, &Default::default()).expect("ipv6 service");
     ctl.backend_add(vip6, Some(Proto::Tcp), SocketAddr::new(BACKEND6.into(), 8080), None).expect("ipv6 backend");
-    // Full NAT with a four-port pool: VIP:84 → 10.1.1.2:8080 (backend id 5).
+    // Full NAT with a four-port pool: VIP:84 → 10.1.1.2:8084 (backend id 5).
     let full = xlb::model::settings::ServiceOptions {
         mode: Some(xlb::model::settings::NatMode::Fullnat),
         snat_ports: Some(xlb::model::settings::PortRange(*SNAT_PORTS.start(), *SNAT_PORTS.end())),
@@ -109,7 +115,7 @@ fn rig() -> Rig {
         ..Default::default()
     };
     ctl.service_add(vip(84), Proto::Tcp, &full).expect("full-NAT service");
-    ctl.backend_add(vip(84), Some(Proto::Tcp), at(BACKEND, 8080), None).expect("full-NAT backend");
+    ctl.backend_add(vip(84), Some(Proto::Tcp), at(BACKEND, 8084), None).expect("full-NAT backend");
     // DSR: VIP:85 → 10.1.1.2:85 in IPIP from 10.1.1.1 (backend id 6).
     let dsr = xlb::model::settings::ServiceOptions {
         mode: Some(xlb::model::settings::NatMode::Dsr),
@@ -159,9 +165,15 @@ impl Rig {
         n
     }
 
-    fn flow<A: Into<IpAddr>>(&mut self, src: (A, u16), dst: (A, u16), proto: u8) -> Option<lb_common::maps::FlowEntry> {
+    /// The flow of client `src` → VIP `dst`, in either table.
+    fn flow<A: Into<IpAddr>>(&mut self, src: (A, u16), dst: (A, u16), proto: u8) -> Option<Flow> {
         let key = flows::key(SocketAddr::new(src.0.into(), src.1), SocketAddr::new(dst.0.into(), dst.1), proto);
         self.ctl.dataplane().flow_get(&key).expect("lookup")
+    }
+
+    /// Flows in (connection table, half-open table).
+    fn counts(&mut self) -> (u64, u64) {
+        self.ctl.dataplane().flow_counts().expect("counts")
     }
 
     /// Runs the DSR backends' decapsulation program once on `frame`.
@@ -224,29 +236,28 @@ fn to_backend(mut f: Frame, port: u16) -> Frame {
 }
 
 #[test]
-fn syn_to_vip_is_rewritten_exactly_and_creates_both_entries() {
+fn a_syn_is_scheduled_without_state_and_the_backends_syn_ack_starts_the_flow() {
     let mut r = rig();
     let syn = Frame::tcp((CLIENT, 40000), (VIP, 80), TCP_SYN, 1000, 0);
     let (verdict, out) = r.run(r.t0, &syn.build());
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_backend(syn, 8080).build(), "rewritten SYN differs from the expected frame");
     assert!(checksums_valid(&out, 14));
-
-    let fwd = r.flow((CLIENT, 40000), (VIP, 80), 6).expect("forward entry");
-    assert_eq!(fwd.direction, DIR_TO_BACKEND);
-    assert_eq!(fwd.nat_dst, addr_from_ip(BACKEND.into()));
-    assert_eq!(fwd.nat_src, addr_from_ip(CLIENT.into()), "DNAT keeps the client's address");
-    assert_eq!(fwd.nat_flags, NAT_DST);
-    assert_eq!(fwd.tcp_state, tcp::STATE_SYN);
-    assert_eq!(fwd.seq_next, 1001, "SYN takes one sequence number");
-    let rev = r.flow((BACKEND, 8080), (CLIENT, 40000), 6).expect("reverse entry");
-    assert_eq!(rev.direction, DIR_TO_CLIENT);
-    assert_eq!(rev.nat_src, addr_from_ip(VIP.into()));
-    assert_eq!(rev.nat_sport, flows::net_port(80));
-    assert_eq!(rev.nat_flags, NAT_SRC);
-    assert_eq!(r.flow_count(), 2);
-    assert_eq!(r.counter(stats::NEW_FLOWS), 1);
+    assert_eq!(r.flow_count(), 0, "a SYN of a Maglev service writes nothing");
+    assert_eq!(r.counter(stats::STATELESS_SYN), 1);
+    assert_eq!(r.counter(stats::NEW_FLOWS), 0);
     assert_eq!(r.counter(stats::REDIRECT), 1);
+
+    // The backend's SYN-ACK creates the half-open flow, keyed client → VIP.
+    let syn_ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40000), TCP_SYN | TCP_ACK, 9000, 1001);
+    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
+    let f = r.flow((CLIENT, 40000), (VIP, 80), 6).expect("the flow");
+    assert!(f.half_open, "waits for the client's ACK in the half-open table");
+    assert_eq!((f.state.service_id, f.state.backend_id, f.state.flags), (0, 0, 0), "service 0, backend 0, plain DNAT");
+    assert_eq!((f.state.reply.end, f.state.reply.state), (9001, tcp::STATE_SYN), "the SYN-ACK takes one sequence number");
+    assert_eq!(f.state.orig.end, 1001, "the client's side, from what the backend acknowledged");
+    assert_eq!(r.counts(), (0, 1));
+    assert_eq!(r.counter(stats::NEW_FLOWS), 1);
 }
 
 #[test]
@@ -267,22 +278,23 @@ fn replies_are_rewritten_to_the_vip_and_sequence_numbers_are_tracked() {
         *sport = 80;
     }
     assert_eq!(out, want.build(), "rewritten SYN-ACK differs");
-    assert_eq!(r.flow((BACKEND, 8080), (CLIENT, 40001), 6).expect("reverse").seq_next, 9001);
+    assert_eq!(r.flow((CLIENT, 40001), (VIP, 80), 6).expect("flow").state.reply.end, 9001);
 
     let mut data = Frame::tcp((CLIENT, 40001), (VIP, 80), TCP_ACK | TCP_PSH, 5001, 9001);
     data.payload = b"hello".to_vec();
     let (verdict, out) = r.run(r.t0, &data.build());
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_backend(data, 8080).build());
-    let fwd = r.flow((CLIENT, 40001), (VIP, 80), 6).expect("forward");
-    assert_eq!(fwd.seq_next, 5006, "the backend expects the byte after the payload");
-    assert_eq!(fwd.tcp_state, tcp::STATE_ESTABLISHED);
+    let f = r.flow((CLIENT, 40001), (VIP, 80), 6).expect("flow");
+    assert_eq!(f.state.orig.end, 5006, "the backend expects the byte after the payload");
+    assert_eq!(f.state.orig.state, tcp::STATE_ESTABLISHED);
+    assert!(!f.half_open, "the ACK of the SYN-ACK confirmed the flow");
 
     // An old retransmission does not move the expected sequence back.
     let mut old = Frame::tcp((CLIENT, 40001), (VIP, 80), TCP_ACK | TCP_PSH, 5001, 9001);
     old.payload = b"he".to_vec();
     assert_eq!(r.run(r.t0, &old.build()).0, XDP_REDIRECT);
-    assert_eq!(r.flow((CLIENT, 40001), (VIP, 80), 6).expect("forward").seq_next, 5006);
+    assert_eq!(r.flow((CLIENT, 40001), (VIP, 80), 6).expect("flow").state.orig.end, 5006);
 }
 
 #[test]
@@ -336,7 +348,7 @@ fn vlan_tagged_flows_are_natted_and_left_to_the_kernel_to_forward() {
     assert_eq!(out, want.build(), "tagged frame: addresses rewritten, tag/MACs/TTL left to the kernel");
     assert!(checksums_valid(&out, 18));
     assert_eq!(r.counter(stats::PASS_VLAN), 1);
-    assert_eq!(r.flow_count(), 2);
+    assert_eq!(r.counter(stats::STATELESS_SYN), 1, "scheduled like any SYN of the service");
 }
 
 #[test]
@@ -435,7 +447,7 @@ fn an_unresolved_neighbour_hands_the_rewritten_packet_to_the_kernel() {
     }
     assert_eq!(out, want.build());
     assert_eq!(r.counter(stats::PASS_NO_NEIGH), 1);
-    assert_eq!(r.flow_count(), 2, "the flow exists: the next packets follow it");
+    assert_eq!(r.flow_count(), 0, "a SYN of a Maglev service writes nothing: its retransmission hashes alike");
 }
 
 /// The RST the program must emit in answer to `seg` (arrived on the NIC
@@ -459,6 +471,8 @@ fn expected_rst(seg: &Frame, ack: Option<u32>, seg_end: u32) -> Vec<u8> {
     out
 }
 
+/// A completed handshake client:`port` → VIP:80 (ISNs 100 and 700): the
+/// flow is in the connection table.
 fn establish(r: &mut Rig, port: u16) {
     let syn = Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN, 100, 0);
     assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
@@ -466,6 +480,7 @@ fn establish(r: &mut Rig, port: u16) {
     assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
     let ack = Frame::tcp((CLIENT, port), (VIP, 80), TCP_ACK, 101, 701);
     assert_eq!(r.run(r.t0, &ack.build()).0, XDP_REDIRECT);
+    assert!(r.flow((CLIENT, port), (VIP, 80), 6).is_some_and(|f| !f.half_open), "the handshake confirmed the flow");
 }
 
 fn set_backend_state(r: &mut Rig, state: u8) {
@@ -475,26 +490,67 @@ fn set_backend_state(r: &mut Rig, state: u8) {
 }
 
 #[test]
-fn a_mid_flow_segment_without_state_is_answered_with_an_exact_rst() {
+fn a_mid_flow_segment_without_state_is_answered_with_an_exact_rst_where_it_cannot_be_hashed() {
     let mut r = rig();
-    let mut data = Frame::tcp((CLIENT, 40020), (VIP, 80), TCP_ACK | TCP_PSH, 5000, 9000);
+    // Full NAT: without its flow the segment has no source port to go with.
+    let mut data = Frame::tcp((CLIENT, 40020), (VIP, 84), TCP_ACK | TCP_PSH, 5000, 9000);
     data.payload = b"orphan".to_vec();
     let (verdict, out) = r.run(r.t0, &data.build());
     assert_eq!(verdict, 3, "XDP_TX");
-    assert_eq!(out, expected_rst(&data, Some(9000), 5006), "RST from VIP:80 with seq = the segment's ack");
+    assert_eq!(out, expected_rst(&data, Some(9000), 5006), "RST from VIP:84 with seq = the segment's ack");
     assert_eq!(r.counter(stats::RST_MISS), 1);
     assert_eq!(r.flow_count(), 0, "a miss creates no state");
     // A RST without state is neither answered nor recorded.
-    let rst = Frame::tcp((CLIENT, 40020), (VIP, 80), lb_common::tcp::FLAG_RST, 5006, 0);
+    let rst = Frame::tcp((CLIENT, 40020), (VIP, 84), lb_common::tcp::FLAG_RST, 5006, 0);
     assert_eq!(r.run(r.t0, &rst.build()).0, XDP_PASS);
+    assert_eq!(r.counter(stats::PASS_NO_FLOW), 1);
     assert_eq!(r.flow_count(), 0);
+    // Round robin with the default miss policy: the same.
+    let wrr = xlb::model::settings::ServiceOptions { scheduler: Some(xlb::model::settings::Scheduler::Wrr), ..Default::default() };
+    r.ctl.service_set(SocketAddr::new(VIP.into(), 80), Some(Proto::Tcp), &wrr).expect("round robin");
+    let data = Frame::tcp((CLIENT, 40021), (VIP, 80), TCP_ACK, 5000, 9000);
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, expected_rst(&data, Some(9000), 5000));
+    assert_eq!(r.counter(stats::RST_MISS), 2);
+}
+
+#[test]
+fn a_mid_flow_segment_of_a_maglev_service_goes_where_the_hash_says_and_the_backends_answer_restores_the_flow() {
+    let mut r = rig();
+    // A flow this balancer never saw (another node's, or a lost table).
+    let mut data = Frame::tcp((CLIENT, 40025), (VIP, 80), TCP_ACK | TCP_PSH, 5000, 9000);
+    data.payload = b"mid-flow".to_vec();
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_backend(data, 8080).build());
+    assert_eq!(r.counter(stats::REHASHED), 1);
+    assert_eq!(r.flow_count(), 0, "what a client sends creates nothing by itself");
+    // The backend has the connection and answers: the flow is re-created,
+    // established, from the backend's side.
+    let ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40025), TCP_ACK, 9000, 5008);
+    let (verdict, out) = r.run(r.t1, &ack.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_client(ack, VIP.into(), 80).build(), "from the VIP, never from the backend's address");
+    let f = r.flow((CLIENT, 40025), (VIP, 80), 6).expect("re-created");
+    assert!(!f.half_open);
+    assert_eq!(f.state.flags & FLOW_PICKED_UP, FLOW_PICKED_UP);
+    assert_eq!(r.counter(stats::REDERIVED), 1);
+    // The backend's end of a connection this balancer does not hold goes
+    // back to the client from the VIP and creates nothing.
+    let rst = Frame::tcp((BACKEND, 8080), (CLIENT, 40026), lb_common::tcp::FLAG_RST, 7000, 0);
+    let (verdict, out) = r.run(r.t1, &rst.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_client(rst, VIP.into(), 80).build());
+    assert_eq!(r.counter(stats::REPLY_STATELESS), 1);
+    assert_eq!(r.flow_count(), 1);
 }
 
 #[test]
 fn packets_of_a_flow_whose_backend_is_gone_get_a_rst_and_the_flow_goes() {
     let mut r = rig();
     establish(&mut r, 40021);
-    assert_eq!(r.flow_count(), 2);
+    assert_eq!(r.flow_count(), 1);
     set_backend_state(&mut r, lb_common::maps::BACKEND_REMOVED);
     let mut data = Frame::tcp((CLIENT, 40021), (VIP, 80), TCP_ACK | TCP_PSH, 101, 701);
     data.payload = b"into the void?".to_vec();
@@ -502,11 +558,12 @@ fn packets_of_a_flow_whose_backend_is_gone_get_a_rst_and_the_flow_goes() {
     assert_eq!(verdict, 3, "XDP_TX");
     assert_eq!(out, expected_rst(&data, Some(701), 115));
     assert_eq!(r.counter(stats::RST_REACTIVE), 1);
-    assert_eq!(r.flow_count(), 0, "both entries removed");
-    // The client's next segment (e.g. a retransmission) is a miss: reset again, no state.
+    assert_eq!(r.flow_count(), 0, "the flow removed");
+    // The client's next segment (e.g. a retransmission) finds no backend
+    // to hash to: the kernel (which holds the VIP and no socket) answers.
     let (verdict, _) = r.run(r.t0, &data.build());
-    assert_eq!(verdict, 3);
-    assert_eq!(r.counter(stats::RST_MISS), 1);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(r.counter(stats::PASS_NO_BACKEND), 1);
     assert_eq!(r.flow_count(), 0);
 }
 
@@ -530,13 +587,23 @@ fn only_a_rst_with_the_exact_expected_sequence_tears_a_flow_down() {
     for seq in [100u32, 102, 101 + 1000, 5] {
         let rst = Frame::tcp((CLIENT, 40024), (VIP, 80), lb_common::tcp::FLAG_RST, seq, 0);
         assert_eq!(r.run(r.t0, &rst.build()).0, XDP_REDIRECT, "forwarded: the backend decides (challenge ACK)");
-        assert_eq!(r.flow_count(), 2, "RST with seq {seq} removed the flow");
+        assert_eq!(r.flow_count(), 1, "RST with seq {seq} removed the flow");
     }
     assert_eq!(r.counter(stats::RST_IGNORED), 4);
     // From the backend's side, spoofed too.
     let rst = Frame::tcp((BACKEND, 8080), (CLIENT, 40024), lb_common::tcp::FLAG_RST, 9999, 0);
     assert_eq!(r.run(r.t1, &rst.build()).0, XDP_REDIRECT);
-    assert_eq!(r.flow_count(), 2);
+    assert_eq!(r.flow_count(), 1);
+    // Blind: an ACK far outside the window does not move what "exact" is.
+    for seq in [0x4000_0000u32, 0x4000_0000 + (1 << 31)] {
+        let ack = Frame::tcp((CLIENT, 40024), (VIP, 80), TCP_ACK, seq, 701);
+        assert_eq!(r.run(r.t0, &ack.build()).0, XDP_REDIRECT);
+        let rst = Frame::tcp((CLIENT, 40024), (VIP, 80), lb_common::tcp::FLAG_RST, seq, 0);
+        assert_eq!(r.run(r.t0, &rst.build()).0, XDP_REDIRECT);
+        assert_eq!(r.flow_count(), 1, "a blind ACK and RST at {seq} tore the flow down");
+    }
+    assert_eq!(r.counter(stats::TCP_OUT_OF_WINDOW), 2);
+    assert_eq!(r.flow((CLIENT, 40024), (VIP, 80), 6).expect("flow").state.orig.end, 101, "out-of-window segments moved nothing");
     // Exact: the backend's next sequence number.
     let rst = Frame::tcp((BACKEND, 8080), (CLIENT, 40024), lb_common::tcp::FLAG_RST, 701, 0);
     let (verdict, out) = r.run(r.t1, &rst.build());
@@ -544,9 +611,10 @@ fn only_a_rst_with_the_exact_expected_sequence_tears_a_flow_down() {
     assert!(checksums_valid(&out, 14));
     assert_eq!(r.counter(stats::RST_TEARDOWN), 1);
     assert_eq!(r.flow_count(), 0);
-    // Packets after the RST recreate nothing (the client is reset instead).
+    // Packets after the RST recreate nothing: hashed to the backend, whose
+    // stack resets them.
     let late = Frame::tcp((CLIENT, 40024), (VIP, 80), TCP_ACK, 101, 701);
-    assert_eq!(r.run(r.t0, &late.build()).0, 3);
+    assert_eq!(r.run(r.t0, &late.build()).0, XDP_REDIRECT);
     assert_eq!(r.flow_count(), 0);
 }
 
@@ -564,22 +632,30 @@ fn udp_flows_of_a_gone_backend_are_rescheduled() {
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(&out[14 + 16..14 + 20], &[10, 1, 1, 3], "rescheduled to the live backend");
     assert_eq!(r.counter(stats::UDP_RESCHEDULED), 1);
-    assert_eq!(r.flow_count(), 2, "the old entries replaced by the new flow's");
+    assert_eq!(r.flow_count(), 1, "the old flow replaced by the new one");
+    assert_eq!(r.flow((CLIENT, 5010), (VIP, 53), 17).expect("flow").state.backend_id, 7, "on the new backend (id 7)");
 }
 
 #[test]
-fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_remembers_it() {
+fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_the_backends_answer_restores_it() {
     let mut r = rig();
     let svc = SocketAddr::new(VIP.into(), 80);
-    let opts = xlb::model::settings::ServiceOptions { on_miss: Some(xlb::model::settings::MissPolicy::Rehash), ..Default::default() };
+    let opts = xlb::model::settings::ServiceOptions {
+        scheduler: Some(xlb::model::settings::Scheduler::Wrr),
+        on_miss: Some(xlb::model::settings::MissPolicy::Rehash),
+        ..Default::default()
+    };
     r.ctl.service_set(svc, Some(Proto::Tcp), &opts).expect("set on_miss");
     let data = Frame::tcp((CLIENT, 40030), (VIP, 80), TCP_ACK, 42, 43);
     let (verdict, out) = r.run(r.t0, &data.build());
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_backend(data, 8080).build());
     assert_eq!(r.counter(stats::REHASHED), 1);
-    let fwd = r.flow((CLIENT, 40030), (VIP, 80), 6).expect("entry created");
-    assert_eq!(fwd.tcp_state, tcp::STATE_ESTABLISHED);
+    assert_eq!(r.flow_count(), 0, "a client's segment alone creates nothing");
+    let ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40030), TCP_ACK, 43, 42);
+    assert_eq!(r.run(r.t1, &ack.build()).0, XDP_REDIRECT);
+    let f = r.flow((CLIENT, 40030), (VIP, 80), 6).expect("entry created by the backend's answer");
+    assert_eq!((f.half_open, f.state.orig.state, f.state.reply.state), (false, tcp::STATE_ESTABLISHED, tcp::STATE_ESTABLISHED));
 }
 
 #[test]
@@ -592,20 +668,31 @@ fn maglev_moves_only_the_removed_backends_flows() {
         r.ns.ip(&["neigh", "add", &b.ip().to_string(), "lladdr", &format!("02:00:00:00:02:{i:02x}"), "dev", "t1", "nud", "permanent"]).expect("neigh");
         r.ctl.backend_add(svc, Some(Proto::Tcp), *b, None).expect("backend");
     }
-    // 10k flows from distinct client ports; each SYN creates an entry whose
-    // backend we read back from the table.
+    // 10k flows from distinct client ports; each SYN goes where the hash
+    // sends it (read from the rewritten frame), and that backend's SYN-ACK
+    // enters the flow in the table.
     let flows: Vec<(Ipv4Addr, u16)> = (0..10_000u32).map(|i| (Ipv4Addr::new(10, 0, 0, 2 + (i / 50_000) as u8), 10_000 + i as u16)).collect();
     let map_all = |r: &mut Rig| -> Vec<lb_common::maps::Addr> {
         flows
             .iter()
             .map(|&(ip, port)| {
                 let syn = Frame::tcp((ip, port), (VIP, 90), TCP_SYN, 1, 0);
-                assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
-                r.flow((ip, port), (VIP, 90), 6).expect("entry").nat_dst
+                let (verdict, out) = r.run(r.t0, &syn.build());
+                assert_eq!(verdict, XDP_REDIRECT);
+                addr_from_ip(Ipv4Addr::new(out[30], out[31], out[32], out[33]).into())
             })
             .collect()
     };
     let before = map_all(&mut r);
+    let ip_of = |b: &lb_common::maps::Addr| lb_common::maps::addr_to_ip(b);
+    let mut id_of = std::collections::HashMap::new();
+    for (&(ip, port), b) in flows.iter().zip(&before) {
+        let IpAddr::V4(b) = ip_of(b) else { panic!("an IPv4 backend") };
+        let syn_ack = Frame::tcp((b, 80), (ip, port), TCP_SYN | TCP_ACK, 7, 2);
+        assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
+        id_of.insert(IpAddr::V4(b), r.flow((ip, port), (VIP, 90), 6).expect("the SYN-ACK's flow").state.backend_id);
+    }
+    assert_eq!(id_of.len(), 4, "every backend got flows");
     let removed = addr_from_ip(backends[1].ip());
     let share = before.iter().filter(|b| **b == removed).count();
     assert!((2000..3000).contains(&share), "backend 1 has {share} of 10k flows");
@@ -620,8 +707,8 @@ fn maglev_moves_only_the_removed_backends_flows() {
     let mut in_table = 0;
     for (&(ip, port), b) in flows.iter().zip(&before) {
         match r.flow((ip, port), (VIP, 90), 6) {
-            Some(e) => {
-                assert_eq!(e.nat_dst, *b, "a flow of a remaining backend moved in the table");
+            Some(f) => {
+                assert_eq!(Some(&f.state.backend_id), id_of.get(&ip_of(b)), "a flow of a remaining backend moved in the table");
                 in_table += 1;
             }
             None => assert_eq!(*b, removed, "a flow of a remaining backend left the table"),
@@ -654,29 +741,39 @@ fn a_tcp_flow_waits_in_the_half_open_table_until_its_handshake_completes() {
     let mut r = rig();
     let syn = Frame::tcp((CLIENT, 40040), (VIP, 80), TCP_SYN, 100, 0);
     assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
-    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (0, 2), "SYN: half-open only");
+    assert_eq!(r.counts(), (0, 0), "SYN: nothing");
     let syn_ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40040), TCP_SYN | TCP_ACK, 700, 101);
-    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT, "the reply finds its entry in the half-open table");
-    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (0, 2));
+    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
+    assert_eq!(r.counts(), (0, 1), "SYN-ACK: half-open");
+    // An ACK that does not acknowledge the backend's ISN + 1 confirms
+    // nothing (it is still forwarded: the backend's stack judges it).
+    for ack_no in [700u32, 702, 5] {
+        let bad = Frame::tcp((CLIENT, 40040), (VIP, 80), TCP_ACK, 101, ack_no);
+        assert_eq!(r.run(r.t0, &bad.build()).0, XDP_REDIRECT);
+        assert_eq!(r.counts(), (0, 1), "an ACK of {ack_no} promoted the flow");
+    }
+    assert_eq!(r.counter(stats::HANDSHAKE_UNVERIFIED), 3);
     let ack = Frame::tcp((CLIENT, 40040), (VIP, 80), TCP_ACK, 101, 701);
     let (verdict, out) = r.run(r.t0, &ack.build());
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_backend(ack, 8080).build());
-    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (2, 0), "ACK: promoted to the connection table");
+    assert_eq!(r.counts(), (1, 0), "ACK of the SYN-ACK: promoted to the connection table");
     assert_eq!(r.counter(stats::PROMOTED), 1);
-    let fwd = r.flow((CLIENT, 40040), (VIP, 80), 6).expect("forward");
-    assert_eq!((fwd.tcp_state, fwd.seq_next), (tcp::STATE_ESTABLISHED, 101));
-    let rev = r.flow((BACKEND, 8080), (CLIENT, 40040), 6).expect("reverse");
-    assert_eq!(rev.seq_next, 701, "the reverse entry kept its sequence tracking");
-    // UDP needs no handshake: straight to the connection table.
+    let f = r.flow((CLIENT, 40040), (VIP, 80), 6).expect("flow");
+    assert_eq!((f.state.orig.state, f.state.orig.end), (tcp::STATE_ESTABLISHED, 101));
+    assert_eq!(f.state.reply.end, 701, "the backend's side kept its tracking");
+    // UDP: half-open until the backend answers.
     assert_eq!(r.run(r.t0, &Frame::udp((CLIENT, 5050), (VIP, 53), b"x").build()).0, XDP_REDIRECT);
-    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (4, 0));
+    assert_eq!(r.counts(), (1, 1));
+    assert_eq!(r.run(r.t1, &Frame::udp((BACKEND, 5353), (CLIENT, 5050), b"y").build()).0, XDP_REDIRECT);
+    assert_eq!(r.counts(), (2, 0), "the answer confirmed the UDP flow");
 }
 
 #[test]
 fn a_tcp_flow_is_reported_new_when_its_handshake_completes_not_at_its_syn() {
     let mut r = rig();
-    r.ctl.dataplane().setting_set(lb_common::maps::SETTING_LOG_NEW_FLOWS, 1).expect("switch");
+    let g = r.ctl.dataplane().globals().expect("globals");
+    r.ctl.dataplane().globals_set(lb_common::maps::Globals { flags: lb_common::maps::GLOBAL_LOG_NEW_FLOWS, ..g }).expect("switch");
     let mut events = r.ctl.dataplane().take_flow_events().expect("ring buffer");
     let mut drain = || {
         let mut got = Vec::new();
@@ -697,33 +794,31 @@ fn a_tcp_flow_is_reported_new_when_its_handshake_completes_not_at_its_syn() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].reason, lb_common::maps::end_reason::NEW);
     assert_eq!(u16::from_be(got[0].key.src_port), 40060);
-    assert_eq!((got[0].to_backend.tcp_state, got[0].to_backend.direction), (tcp::STATE_ESTABLISHED, lb_common::maps::DIR_TO_BACKEND));
-    assert_eq!(got[0].to_client.direction, lb_common::maps::DIR_TO_CLIENT, "the reverse entry is in the record");
-    // UDP has no handshake: reported at its first datagram.
+    assert_eq!((got[0].state.orig.state, got[0].state.reply.end), (tcp::STATE_ESTABLISHED, 701), "both directions are in the record");
+    assert_eq!((got[0].backend, u16::from_be(got[0].backend_port)), (addr_from_ip(BACKEND.into()), 8080), "with its backend");
+    // UDP: reported when the backend answers.
     assert_eq!(r.run(r.t0, &Frame::udp((CLIENT, 5060), (VIP, 53), b"x").build()).0, XDP_REDIRECT);
+    assert!(drain().is_empty());
+    assert_eq!(r.run(r.t1, &Frame::udp((BACKEND, 5353), (CLIENT, 5060), b"y").build()).0, XDP_REDIRECT);
     let got = drain();
     assert_eq!((got.len(), got.first().map(|e| e.key.proto)), (1, Some(17)));
 }
 
 /// CLOCK_MONOTONIC_COARSE, the data plane's clock (`bpf_ktime_get_coarse_ns`).
-fn coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// An expiry decision made now for every flow of the rig's TCP service
-/// (as if it had been idle for 10 s past a 1 s timeout).
-fn expiry_plan(r: &mut Rig) -> xlb::table::Decisions {
+/// (as if it had been idle for 10 s past a 1 s timeout), and the data
+/// plane's clock when it was made.
+fn expiry_plan(r: &mut Rig) -> (xlb::table::Decisions, u32) {
     use xlb::model::settings::{Dur, Timeouts};
     let one = Dur(std::time::Duration::from_secs(1));
     let sid = r.ctl.resolve(SocketAddr::from((VIP, 80)), Some(Proto::Tcp)).expect("service");
     let timeouts = Timeouts { syn: one, established: one, closing: one, udp: one };
     let rules = xlb::table::Rules { services: [(0, xlb::table::ServiceRules { sid, timeouts, reset_on_idle: false })].into() };
-    let later = xlb::table::monotonic_ns() + 10_000_000_000;
-    let (_, d) = xlb::table::walk(&r.ctl.table(), &rules, later, &mut |_| {}).expect("walk");
-    d
+    let table = r.ctl.table();
+    let now = table.now().expect("clock");
+    let (_, d) = xlb::table::walk(&table, &rules, now.wrapping_add(10 * table.hz()), &mut |_| {}).expect("walk");
+    (d, now)
 }
 
 #[test]
@@ -737,26 +832,24 @@ fn a_flow_that_revives_or_is_replaced_after_an_expiry_plan_is_not_removed_by_it(
     handshake(&mut r, 40070); // revives
     handshake(&mut r, 40071); // is replaced by a new connection on its tuple
     handshake(&mut r, 40072); // stays idle
-    let plan = expiry_plan(&mut r);
+    let (plan, planned) = expiry_plan(&mut r);
     assert_eq!(plan.forget.len(), 3, "all three look idle to the plan");
-    // After the plan (a tick of the data plane's coarse clock later, as
-    // anything after an idle timeout is): 40070 sends a packet, 40071 ends
-    // and its client connects again from the same port.
-    let planned = coarse_ns();
-    testbed::wait_for("the coarse clock to tick", std::time::Duration::from_secs(1), || (coarse_ns() > planned).then_some(())).expect("clock");
+    // After the plan (a tick of the data plane's clock later, as anything
+    // after an idle timeout is): 40070 sends a packet, 40071 ends and its
+    // client connects again from the same port.
+    let table = r.ctl.table();
+    testbed::wait_for("the clock to tick", std::time::Duration::from_secs(1), || (table.now().ok()? != planned).then_some(())).expect("clock");
     assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40070), (VIP, 80), TCP_ACK, 101, 701).build()).0, XDP_REDIRECT);
     let old = r.flow((CLIENT, 40071), (VIP, 80), 6).expect("flow");
     let key = flows::key(SocketAddr::from((CLIENT, 40071)), SocketAddr::from((VIP, 80)), 6);
-    let rkey = flows::key(SocketAddr::from((BACKEND, 8080)), SocketAddr::from((CLIENT, 40071)), 6);
-    assert_eq!(r.ctl.table().remove_keys(&[key, rkey]).expect("end"), 2);
+    assert_eq!(r.ctl.table().remove_keys(&[key]).expect("end"), 1);
     handshake(&mut r, 40071);
-    assert_ne!(r.flow((CLIENT, 40071), (VIP, 80), 6).expect("new flow").created_ns, old.created_ns);
+    assert_ne!(r.flow((CLIENT, 40071), (VIP, 80), 6).expect("new flow").state.created, old.state.created);
     let expired = xlb::table::expire(&r.ctl.table(), &plan).expect("expire");
     assert_eq!(expired.forgotten.len(), 1, "only the flow still as the plan saw it");
     assert!(r.flow((CLIENT, 40070), (VIP, 80), 6).is_some(), "the revived flow stays");
     assert!(r.flow((CLIENT, 40071), (VIP, 80), 6).is_some(), "the new connection on the same tuple stays");
     assert!(r.flow((CLIENT, 40072), (VIP, 80), 6).is_none(), "the idle one went");
-    assert!(r.flow((BACKEND, 8080), (CLIENT, 40072), 6).is_none(), "with its reverse entry");
 }
 
 #[test]
@@ -791,14 +884,17 @@ fn clients_behind_one_gateway_share_its_next_hop() {
         let syn = Frame::tcp((*c, 41400 + i as u16), (VIP, 80), TCP_SYN, 1, 0);
         assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
     }
-    // Each client's first reply learns its next hop: the gateway.
+    // Each client's SYN-ACK enters its flow; the first reply of the flow
+    // learns its next hop: the gateway.
     for (i, c) in clients.iter().enumerate() {
-        let reply = Frame::tcp((BACKEND, 8080), (*c, 41400 + i as u16), TCP_SYN | TCP_ACK, 9, 2);
-        let (verdict, out) = r.run(r.t1, &reply.build());
-        assert_eq!(verdict, XDP_REDIRECT);
-        assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 0xfe], "sent to the gateway");
-        let rev = r.flow((BACKEND, 8080), (*c, 41400 + i as u16), 6).expect("reverse entry");
-        assert_eq!(rev.hop, lb_common::maps::neighbour_hash(&addr_from_ip(Ipv4Addr::new(10, 0, 0, 254).into())), "the entry remembers the gateway");
+        for (flags, seq) in [(TCP_SYN | TCP_ACK, 9), (TCP_ACK, 10)] {
+            let reply = Frame::tcp((BACKEND, 8080), (*c, 41400 + i as u16), flags, seq, 2);
+            let (verdict, out) = r.run(r.t1, &reply.build());
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 0xfe], "sent to the gateway");
+        }
+        let f = r.flow((*c, 41400 + i as u16), (VIP, 80), 6).expect("flow");
+        assert_eq!(f.state.hop, lb_common::maps::neighbour_hash(&addr_from_ip(Ipv4Addr::new(10, 0, 0, 254).into())), "the entry remembers the gateway");
     }
     // From then on every client's packets use the gateway's one slot: no
     // FIB lookup, however many clients there are.
@@ -860,8 +956,7 @@ fn ipv6_flows_are_rewritten_exactly_both_ways() {
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_backend6(syn).build(), "rewritten IPv6 SYN differs");
     assert!(checksums_valid(&out, 14));
-    let fwd = r.flow((CLIENT6, 40100), (VIP6, 80), 6).expect("forward entry");
-    assert_eq!((fwd.nat_dst, fwd.nat_flags), (addr_from_ip(BACKEND6.into()), NAT_DST));
+    assert_eq!(r.flow_count(), 0);
 
     let syn_ack = Frame::tcp((BACKEND6, 8080), (CLIENT6, 40100), TCP_SYN | TCP_ACK, 9000, 1001);
     let (verdict, out) = r.run(r.t1, &syn_ack.build());
@@ -876,6 +971,7 @@ fn ipv6_flows_are_rewritten_exactly_both_ways() {
     }
     assert_eq!(out, want.build(), "rewritten IPv6 SYN-ACK differs");
     assert!(checksums_valid(&out, 14));
+    assert_eq!(r.flow((CLIENT6, 40100), (VIP6, 80), 6).expect("flow").state.backend_id, 4);
 
     // A Hop-by-Hop Options header is skipped, the packet NATed behind it.
     let mut ack = Frame::tcp((CLIENT6, 40100), (VIP6, 80), TCP_ACK, 1001, 9001);
@@ -883,13 +979,17 @@ fn ipv6_flows_are_rewritten_exactly_both_ways() {
     let (verdict, out) = r.run(r.t0, &ack.build());
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_backend6(ack).build());
-    assert_eq!(r.flow_count(), 2);
+    assert_eq!(r.counts(), (1, 0), "confirmed");
     assert_eq!(r.counter(stats::NEW_FLOWS), 1);
 }
 
 #[test]
 fn an_ipv6_segment_without_state_is_answered_with_an_exact_ipv6_rst() {
     let mut r = rig();
+    // Round robin with the default miss policy: reset (a Maglev service
+    // would hash it).
+    let wrr = xlb::model::settings::ServiceOptions { scheduler: Some(xlb::model::settings::Scheduler::Wrr), ..Default::default() };
+    r.ctl.service_set(SocketAddr::new(VIP6.into(), 80), Some(Proto::Tcp), &wrr).expect("round robin");
     let mut data = Frame::tcp((CLIENT6, 40101), (VIP6, 80), TCP_ACK | TCP_PSH, 5000, 9000);
     data.payload = b"orphan".to_vec();
     let (verdict, out) = r.run(r.t0, &data.build());
@@ -913,8 +1013,9 @@ fn malformed_ipv6_gets_a_safe_verdict_and_creates_no_state() {
         ("five destination-options headers", with_ext(vec![(60, 8); 5]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
         ("a 264-byte options header", with_ext(vec![(60, 264)]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
         ("routing header", with_ext(vec![(43, 8)]), XDP_PASS, stats::PASS_IPV6_EXT_HEADERS),
-        ("fragment header", with_ext(vec![(44, 8)]), XDP_PASS, stats::PASS_IPV6_FRAGMENT),
-        ("fragment after hop-by-hop", with_ext(vec![(0, 8), (44, 8)]), XDP_PASS, stats::PASS_IPV6_FRAGMENT),
+        // Fragments of a VIP's traffic: dropped, as in IPv4.
+        ("fragment header", with_ext(vec![(44, 8)]), XDP_DROP, stats::DROP_FRAGMENT),
+        ("fragment after hop-by-hop", with_ext(vec![(0, 8), (44, 8)]), XDP_DROP, stats::DROP_FRAGMENT),
         (
             "icmpv6 (neighbour discovery)",
             {
@@ -958,20 +1059,21 @@ fn full_nat_rewrites_both_ends_with_a_pool_port_and_back() {
     let (verdict, out) = r.run(r.t0, &syn.build());
     assert_eq!(verdict, XDP_REDIRECT);
     assert!(checksums_valid(&out, 14));
-    let fwd = r.flow((CLIENT, 40200), (VIP, 84), 6).expect("forward entry");
-    assert_eq!(fwd.nat_flags, NAT_SRC | NAT_DST | NAT_FULL);
-    let port = u16::from_be_bytes(fwd.nat_sport.to_ne_bytes());
+    let f = r.flow((CLIENT, 40200), (VIP, 84), 6).expect("the flow");
+    assert!(f.half_open, "a full-NAT SYN holds a port: it has state from the start");
+    assert_eq!(f.state.flags & FLOW_FULLNAT, FLOW_FULLNAT);
+    let port = u16::from_be_bytes(f.state.snat_port.to_ne_bytes());
     assert!(SNAT_PORTS.contains(&port), "source port {port} is outside the pool");
-    let mut want = to_backend(syn.clone(), 8080);
+    let mut want = to_backend(syn.clone(), 8084);
     want.src = SNAT.into();
     if let L4::Tcp { sport, .. } = &mut want.l4 {
         *sport = port;
     }
     assert_eq!(out, want.build(), "client → backend: both ends rewritten");
-    assert_eq!(r.ports(), vec![(IpAddr::from(SNAT), port, SocketAddr::new(BACKEND.into(), 8080))], "the port is held for the flow");
+    assert_eq!(r.ports(), vec![(IpAddr::from(SNAT), port, SocketAddr::new(BACKEND.into(), 8084))], "the port is held for the flow");
 
     // The backend answers the balancer; the client gets it from the VIP.
-    let syn_ack = Frame::tcp((BACKEND, 8080), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 1001);
+    let syn_ack = Frame::tcp((BACKEND, 8084), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 1001);
     let (verdict, out) = r.run(r.t1, &syn_ack.build());
     assert_eq!(verdict, XDP_REDIRECT);
     let mut want = syn_ack.clone();
@@ -984,11 +1086,17 @@ fn full_nat_rewrites_both_ends_with_a_pool_port_and_back() {
         (*sport, *dport) = (84, 40200);
     }
     assert_eq!(out, want.build(), "backend → client: both ends rewritten back");
-    // An exact RST tears the flow down and gives the port back.
+    // An exact RST tears the flow down; its port is free for the next
+    // flow (taken over in place: the holder is gone).
     let rst = Frame::tcp((CLIENT, 40200), (VIP, 84), lb_common::tcp::FLAG_RST, 1001, 0);
     assert_eq!(r.run(r.t0, &rst.build()).0, XDP_REDIRECT);
     assert_eq!(r.flow_count(), 0);
-    assert!(r.ports().is_empty(), "the port outlived its flow");
+    for i in 0..SNAT_PORTS.count() as u16 {
+        let syn = Frame::tcp((CLIENT, 40210 + i), (VIP, 84), TCP_SYN, 1, 0);
+        assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT, "flow {i}: the whole pool is free again");
+    }
+    assert_eq!(r.counter(stats::PORT_RECLAIMED), 1, "the ended flow's port was reclaimed");
+    assert_eq!(r.counter(stats::REFUSED_NO_PORT), 0);
 }
 
 #[test]
@@ -1000,6 +1108,7 @@ fn full_nat_port_exhaustion_refuses_the_new_flow_and_leaves_the_others_alone() {
         assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT, "flow {i} within the pool");
     }
     let held: std::collections::HashSet<u16> = r.ports().into_iter().map(|(_, p, _)| p).collect();
+    // The same in the table: one port per flow.
     assert_eq!(held.len(), pool, "every flow holds its own port");
     let before = r.flow_count();
     // One more: refused with a RST (the default policy), counted, no state.
@@ -1016,8 +1125,9 @@ fn full_nat_port_exhaustion_refuses_the_new_flow_and_leaves_the_others_alone() {
         let (verdict, out) = r.run(r.t0, &ack.build());
         assert_eq!(verdict, XDP_REDIRECT);
         let sport = u16::from_be_bytes([out[14 + 20], out[14 + 21]]);
-        let fwd = r.flow((CLIENT, 40300 + i), (VIP, 84), 6).expect("entry");
-        assert_eq!(sport, u16::from_be_bytes(fwd.nat_sport.to_ne_bytes()));
+        let f = r.flow((CLIENT, 40300 + i), (VIP, 84), 6).expect("entry");
+        assert_eq!(sport, u16::from_be_bytes(f.state.snat_port.to_ne_bytes()));
+        assert!(held.contains(&sport));
     }
     // Drop policy: dropped instead of reset.
     let opts = xlb::model::settings::ServiceOptions { on_no_port: Some(xlb::model::settings::NoPortPolicy::Drop), ..Default::default() };
@@ -1052,9 +1162,7 @@ fn dsr_encapsulates_the_untouched_packet_and_the_backend_side_strips_it() {
     want.extend_from_slice(&outer);
     want.extend_from_slice(inner);
     assert_eq!(out, want, "encapsulated frame differs");
-    let fwd = r.flow((CLIENT, 40500), (VIP, 85), 6).expect("forward entry");
-    assert_eq!(fwd.nat_flags, lb_common::maps::NAT_ENCAP);
-    assert_eq!(r.flow_count(), 1, "DSR keeps one entry: replies do not come back through the balancer");
+    assert_eq!(r.flow_count(), 0, "a DSR SYN is scheduled without state");
     // The backend side: the outer header goes, the client's packet stays.
     let (verdict, back) = r.run_decap(&out);
     assert_eq!(verdict, XDP_PASS);
@@ -1063,10 +1171,14 @@ fn dsr_encapsulates_the_untouched_packet_and_the_backend_side_strips_it() {
     // Anything else passes the decapsulation program untouched.
     let plain = Frame::tcp((CLIENT, 40501), (BACKEND, 85), TCP_SYN, 1, 0).build();
     assert_eq!(r.run_decap(&plain), (XDP_PASS, plain.clone()));
-    // The client's handshake completes: one entry, moved to the table.
+    // The client's handshake completes: its ACK (the backend's answers do
+    // not come back through the balancer) enters the flow, established.
     let ack = Frame::tcp((CLIENT, 40500), (VIP, 85), TCP_ACK, 1004, 77);
     assert_eq!(r.run(r.t0, &ack.build()).0, XDP_REDIRECT);
-    assert_eq!(r.ctl.dataplane().flow_entry_counts().expect("counts"), (1, 0));
+    assert_eq!(r.counts(), (1, 0));
+    let f = r.flow((CLIENT, 40500), (VIP, 85), 6).expect("flow");
+    assert_eq!(f.state.flags & FLOW_DSR, FLOW_DSR);
+    assert_eq!((f.state.orig.end, f.state.reply.end), (1004, 77), "the client's sequence and what it acknowledged");
 }
 
 #[test]
@@ -1158,15 +1270,15 @@ fn partial_checksums_are_completed_in_full_nat_and_inside_dsr_encapsulation() {
     syn.payload = payload(1400);
     let (verdict, out) = r.run(r.t0, &syn.clone().partial().build());
     assert_eq!(verdict, XDP_REDIRECT);
-    let fwd = r.flow((CLIENT, 41100), (VIP, 84), 6).expect("forward entry");
-    let port = u16::from_be_bytes(fwd.nat_sport.to_ne_bytes());
-    let mut want = to_backend(syn, 8080);
+    let f = r.flow((CLIENT, 41100), (VIP, 84), 6).expect("the flow");
+    let port = u16::from_be_bytes(f.state.snat_port.to_ne_bytes());
+    let mut want = to_backend(syn, 8084);
     want.src = SNAT.into();
     if let L4::Tcp { sport, .. } = &mut want.l4 {
         *sport = port;
     }
     assert_eq!(out, want.build(), "full NAT towards the backend");
-    let mut reply = Frame::tcp((BACKEND, 8080), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 2401);
+    let mut reply = Frame::tcp((BACKEND, 8084), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 2401);
     reply.payload = payload(3);
     let (verdict, out) = r.run(r.t1, &reply.clone().partial().build());
     assert_eq!(verdict, XDP_REDIRECT);
@@ -1266,6 +1378,113 @@ fn a_full_checksum_that_equals_the_seed_is_only_taken_for_one_on_virtual_interfa
     assert_eq!(r.counter(stats::CSUM_PARTIAL), 1);
 }
 
+// ---- the table under attack (issue: a connection table no packet can corrupt) ----
+
+#[test]
+fn a_client_port_reused_towards_two_vips_sharing_a_backend_is_refused_not_mixed_up() {
+    let mut r = rig();
+    // VIP:88 shares 10.1.1.2:8080 with VIP:80: both check for collisions
+    // and schedule SYNs with state (the backend's answer alone could not
+    // say which VIP it belongs to).
+    let other = SocketAddr::new(VIP.into(), 88);
+    r.ctl.service_add(other, Proto::Tcp, &Default::default()).expect("service");
+    r.ctl.backend_add(other, Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8080), None).expect("shared backend");
+    let syn = Frame::tcp((CLIENT, 40700), (VIP, 80), TCP_SYN, 100, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    assert_eq!(r.counter(stats::STATELESS_SYN), 0);
+    assert_eq!(r.counts(), (0, 1), "a shared backend's SYN is entered at once");
+    // The same client port towards the other VIP: to the backend that
+    // would be the same connection.
+    let clash = Frame::tcp((CLIENT, 40700), (VIP, 88), TCP_SYN, 5000, 0);
+    let (verdict, out) = r.run(r.t0, &clash.build());
+    assert_eq!(verdict, 3, "XDP_TX: refused with a RST");
+    assert_eq!(out, expected_rst(&clash, None, 5001));
+    assert_eq!(r.counter(stats::REFUSED_COLLISION), 1);
+    assert_eq!(r.counts(), (0, 1), "the first flow is untouched");
+    // The backend's SYN-ACK belongs to VIP:80's flow and leaves from it.
+    let syn_ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40700), TCP_SYN | TCP_ACK, 700, 101);
+    let (verdict, out) = r.run(r.t1, &syn_ack.build());
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, to_client(syn_ack, VIP.into(), 80).build());
+    // Another client port towards VIP:88 is fine.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40701), (VIP, 88), TCP_SYN, 1, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.counts(), (0, 2));
+    // A backend's packet for neither flow, with two services to choose
+    // from, is never forwarded with the backend's address: refused.
+    let stray = Frame::tcp((BACKEND, 8080), (CLIENT, 40799), TCP_ACK, 1, 1);
+    let (verdict, out) = r.run(r.t1, &stray.build());
+    assert_eq!(verdict, 3, "XDP_TX: a RST back to the backend");
+    assert_eq!(out, expected_rst(&stray, Some(1), 1));
+    assert_eq!(r.counter(stats::DROP_REPLY_NO_FLOW), 1);
+}
+
+#[test]
+fn a_half_closed_flow_is_not_replaced_by_a_syn_on_its_tuple() {
+    let mut r = rig();
+    // Stateful SYNs (shared backend), where a SYN could reschedule.
+    let other = SocketAddr::new(VIP.into(), 88);
+    r.ctl.service_add(other, Proto::Tcp, &Default::default()).expect("service");
+    r.ctl.backend_add(other, Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8080), None).expect("shared backend");
+    establish(&mut r, 40710);
+    let fin = Frame::tcp((CLIENT, 40710), (VIP, 80), TCP_ACK | lb_common::tcp::FLAG_FIN, 101, 701);
+    assert_eq!(r.run(r.t0, &fin.build()).0, XDP_REDIRECT);
+    let syn = Frame::tcp((CLIENT, 40710), (VIP, 80), TCP_SYN, 90_000, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    let f = r.flow((CLIENT, 40710), (VIP, 80), 6).expect("flow");
+    assert!(!f.half_open, "the half-closed flow stays as it was");
+    assert_eq!((f.state.orig.state, f.state.reply.end), (tcp::STATE_FIN, 701));
+    assert_eq!(r.counts(), (1, 0), "a SYN on a half-closed tuple creates nothing");
+}
+
+#[test]
+fn the_flow_hash_is_keyed() {
+    let mut r = rig();
+    let svc = SocketAddr::new(VIP.into(), 90);
+    r.ctl.service_add(svc, Proto::Tcp, &Default::default()).expect("service");
+    for i in 0..4u8 {
+        let b = Ipv4Addr::new(10, 1, 1, 20 + i);
+        r.ns.ip(&["neigh", "add", &b.to_string(), "lladdr", &format!("02:00:00:00:02:{i:02x}"), "dev", "t1", "nud", "permanent"]).expect("neigh");
+        r.ctl.backend_add(svc, Some(Proto::Tcp), SocketAddr::new(b.into(), 80), None).expect("backend");
+    }
+    let backends = |r: &mut Rig| -> Vec<u8> {
+        (0..200u16)
+            .map(|i| {
+                let (verdict, out) = r.run(r.t0, &Frame::tcp((CLIENT, 30_000 + i), (VIP, 90), TCP_SYN, 1, 0).build());
+                assert_eq!(verdict, XDP_REDIRECT);
+                out[33]
+            })
+            .collect()
+    };
+    let g = r.ctl.dataplane().globals().expect("globals");
+    r.ctl.dataplane().globals_set(lb_common::maps::Globals { hash_key: [1, 2], ..g }).expect("key");
+    let first = backends(&mut r);
+    assert_eq!(backends(&mut r), first, "the same key schedules alike");
+    r.ctl.dataplane().globals_set(lb_common::maps::Globals { hash_key: [3, 4], ..g }).expect("key");
+    let other = backends(&mut r);
+    let moved = first.iter().zip(&other).filter(|(a, b)| a != b).count();
+    // With four backends a different key moves about 3/4 of the tuples.
+    assert!(moved > 100, "only {moved} of 200 tuples moved with another key: the hash ignores it");
+}
+
+#[test]
+fn fragments_of_a_backends_answer_are_dropped_in_both_families() {
+    let mut r = rig();
+    let mut v4 = Frame::tcp((BACKEND, 8080), (CLIENT, 40720), TCP_ACK, 1, 1).build();
+    v4[14 + 6] = 0x20; // MF
+    let mut v6 = Frame::tcp((BACKEND6, 8080), (CLIENT6, 40720), TCP_ACK, 1, 1);
+    v6.ext = vec![(44, 8)];
+    let cases = vec![
+        ("an IPv4 fragment from a backend", v4, XDP_DROP, stats::DROP_FRAGMENT),
+        ("an IPv6 fragment from a backend", v6.build(), XDP_DROP, stats::DROP_FRAGMENT),
+    ];
+    for (what, frame, want, counter) in &cases {
+        let before = r.counter(*counter);
+        let (verdict, _) = r.run(r.t1, frame);
+        assert_eq!(verdict, *want, "{what}: never forwarded un-NATed");
+        assert_eq!(r.counter(*counter), before + 1, "{what}");
+    }
+}
+
 #[test]
 fn the_verifier_accepts_the_program_with_headroom() {
     use std::os::fd::{AsFd, AsRawFd};
@@ -1275,6 +1494,7 @@ fn the_verifier_accepts_the_program_with_headroom() {
     let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
     let verified: u64 = fdinfo.lines().find_map(|l| l.strip_prefix("verified_insns:")).and_then(|v| v.trim().parse().ok()).expect("verified_insns");
     eprintln!("verifier processed {verified} instructions");
-    // The kernel refuses programs past 1,000,000; keep a margin for change.
-    assert!(verified < 900_000, "the verifier processed {verified} instructions: close to the 1M limit");
+    // The kernel refuses programs past 1,000,000; the goal is a quarter of
+    // that, leaving room for what is still to come (ICMP translation).
+    assert!(verified <= 250_000, "the verifier processed {verified} instructions: past the 250k goal");
 }

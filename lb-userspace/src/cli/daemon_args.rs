@@ -109,6 +109,11 @@ pub struct DaemonArgs {
     /// not an answer: the last one holds up to --dns-max-ttl.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub dns_misses: u32,
+    /// The flow hash's secret key: 32 hex digits (128 bits) in a file. Give
+    /// every balancer of a cluster the same one, so they schedule a flow
+    /// alike (default: a running data plane's key, else a random one).
+    #[arg(long, value_name = "FILE")]
+    pub flow_hash_key_file: Option<PathBuf>,
 }
 
 fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {

@@ -65,6 +65,7 @@ impl<D: DataPlane> Controller<D> {
                 cause: ResetCause::Unhealthy,
                 target: resets::Target::Backend(backend_id),
                 spread,
+                backends: Default::default(),
             });
         }
         Ok(())

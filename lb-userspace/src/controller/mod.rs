@@ -17,6 +17,7 @@
 //! peer).
 
 mod apply;
+mod endpoints;
 mod health;
 mod named;
 mod persist;
@@ -31,7 +32,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::maps::{ADDR_BACKEND, ADDR_VIP, FlowEnd, addr_from_ip};
+use lb_common::maps::{ADDR_BACKEND, ADDR_LOCAL, ADDR_VIP, FlowEnd, addr_from_ip};
 use thiserror::Error;
 
 pub use health::HealthTarget;
@@ -153,6 +154,10 @@ pub struct Controller<D: DataPlane = crate::dataplane::KernelDataPlane> {
     managed_neighbours: BTreeSet<Neighbour>,
     /// Counters kept elsewhere shown in `status` (the flow-log writer's).
     shared_counters: Vec<reports::SharedCounter>,
+    /// The host's own addresses (`ADDR_LOCAL`).
+    local_addrs: BTreeSet<IpAddr>,
+    /// `XLB_ENDPOINTS` as written.
+    endpoints: HashMap<lb_common::maps::EndpointKey, lb_common::maps::EndpointEntry>,
 }
 
 impl<D: DataPlane> Controller<D> {
@@ -185,6 +190,8 @@ impl<D: DataPlane> Controller<D> {
             host_changes: Vec::new(),
             managed_neighbours: BTreeSet::new(),
             shared_counters: Vec::new(),
+            local_addrs: BTreeSet::new(),
+            endpoints: HashMap::new(),
         }
     }
 
@@ -274,11 +281,31 @@ impl<D: DataPlane> Controller<D> {
         let e = self.addr_refs.entry(ip).or_insert((0, 0));
         e.0 = e.0.saturating_add_signed(vip);
         e.1 = e.1.saturating_add_signed(backend);
-        let flags = if e.0 > 0 { ADDR_VIP } else { 0 } | if e.1 > 0 { ADDR_BACKEND } else { 0 };
-        if flags == 0 {
+        let (v, b) = *e;
+        if v == 0 && b == 0 {
             self.addr_refs.remove(&ip);
         }
+        self.write_addr(ip, v, b)
+    }
+
+    /// Writes an address's role bits (`XLB_ADDRS`; 0 removes it).
+    fn write_addr(&mut self, ip: IpAddr, vips: u32, backends: u32) -> Result<()> {
+        let flags =
+            if vips > 0 { ADDR_VIP } else { 0 } | if backends > 0 { ADDR_BACKEND } else { 0 } | if self.local_addrs.contains(&ip) { ADDR_LOCAL } else { 0 };
         self.dp.addr_set(addr_from_ip(ip), flags)?;
+        Ok(())
+    }
+
+    /// The host's own addresses: a backend's packet to one of them that
+    /// belongs to no flow is the host's (a health check's answer), not a
+    /// flow's whose entry was lost.
+    pub fn set_local_addrs(&mut self, addrs: BTreeSet<IpAddr>) -> Result<()> {
+        let changed: Vec<IpAddr> = self.local_addrs.symmetric_difference(&addrs).copied().collect();
+        self.local_addrs = addrs;
+        for ip in changed {
+            let (v, b) = self.addr_refs.get(&ip).copied().unwrap_or((0, 0));
+            self.write_addr(ip, v, b)?;
+        }
         Ok(())
     }
 
@@ -321,12 +348,28 @@ impl<D: DataPlane> Controller<D> {
 
     /// Queues a reset job (or, when proactive resets are off, leaves the
     /// flows to the data plane's reactive resets).
-    fn queue_reset(&mut self, job: resets::Job) {
+    fn queue_reset(&mut self, mut job: resets::Job) {
         if !self.proactive_reset {
             tracing::debug!(service = %job.service, "proactive reset disabled: the data plane resets flows on their next packet");
             return;
         }
+        job.backends = self.backend_refs();
         self.jobs.push(job);
+    }
+
+    /// Every backend id the data plane may still have flows of, with its
+    /// addresses (flow records and RSTs name backends by address).
+    pub fn backend_refs(&self) -> HashMap<u32, crate::dataplane::BackendRef> {
+        let mut out = HashMap::new();
+        for svc in self.services.values() {
+            for b in svc.slots() {
+                out.insert(b.id, crate::dataplane::BackendRef::from(&b.entry(svc.id)));
+            }
+        }
+        for (_, service_id, b) in &self.retired {
+            out.insert(b.id, crate::dataplane::BackendRef::from(&b.entry(*service_id)));
+        }
+        out
     }
 
     /// Idle timeouts and settings of every service, by service id: what a

@@ -187,6 +187,7 @@ impl<D: DataPlane> Controller<D> {
             }
             self.rebuild_ring(sid)?;
         }
+        self.refresh_endpoints()?;
         tracing::info!(services = self.services.len(), "restored the saved state");
         Ok(())
     }

@@ -4,23 +4,23 @@
 //! controller: a status at a million flows costs what it costs at ten.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
 use lb_common::{
-    maps::{NAT_FULL, addr_from_ip, addr_to_ip},
+    maps::{addr_from_ip, addr_to_ip},
     stats, tcp,
 };
 
 use super::{Controller, Result};
 use crate::{
     api::{BackendStatus, FlowInfo, NamedStatus, PortUse, ServiceStatus, Status, TableStatus, Traffic},
-    dataplane::{DataPlane, FlowTable, TrafficOf},
+    dataplane::{BackendRef, DataPlane, FlowTable, TrafficOf},
     model::{Proto, ServiceId, be_port, port_from, settings::NatMode},
-    table::monotonic_ns,
+    table,
 };
 
 /// A counter kept outside the controller (the flow-log writer's), shown
@@ -47,12 +47,12 @@ impl<D: DataPlane> Controller<D> {
         // was evicted. Exact while this daemon has run since the data plane
         // was loaded; present as of the latest snapshot.
         let snap = &self.snapshot;
-        let present = snap.counts.established_entries + snap.counts.half_open_entries;
+        let present = snap.counts.established + snap.counts.half_open;
         let created = counters.get("entries_created").copied().unwrap_or(0);
         let removed = counters.get("entries_removed").copied().unwrap_or(0) + self.table.entries_removed() + present;
         counters.insert("table_evictions".into(), created.saturating_sub(removed));
         let now = Instant::now();
-        let ports = if self.services.values().any(|s| s.settings.mode == NatMode::Fullnat) { self.port_use()? } else { BTreeMap::new() };
+        let ports = &snap.ports;
         let mut services = Vec::new();
         for (sid, svc) in &self.services {
             let slots: Vec<&crate::model::BackendSlot> = svc.slots().collect();
@@ -60,6 +60,14 @@ impl<D: DataPlane> Controller<D> {
             let traffic = self.dp.traffic(TrafficOf::Backends, &ids)?;
             let mut backends = Vec::new();
             let mut active_total = 0;
+            // Packets and bytes are counted per backend in the data plane.
+            let mut svc_traffic = self.dp.traffic(TrafficOf::Services, &[svc.id])?.first().copied().unwrap_or_default();
+            for t in traffic.iter().chain(std::iter::once(&svc.freed_traffic)) {
+                svc_traffic.packets_in += t.packets_in;
+                svc_traffic.bytes_in += t.bytes_in;
+                svc_traffic.packets_out += t.packets_out;
+                svc_traffic.bytes_out += t.bytes_out;
+            }
             for (slot, t) in slots.iter().zip(traffic) {
                 let active = snap.backend(slot.id).active;
                 active_total += active;
@@ -81,7 +89,6 @@ impl<D: DataPlane> Controller<D> {
                     traffic: t.into(),
                 });
             }
-            let svc_traffic = self.dp.traffic(TrafficOf::Services, &[svc.id])?.first().copied().unwrap_or_default();
             services.push(ServiceStatus {
                 service: sid.addr,
                 proto: sid.proto,
@@ -111,9 +118,9 @@ impl<D: DataPlane> Controller<D> {
             sync: self.sync.as_ref().map(|s| crate::ha::SyncStatus { dropped_records: s.dropped.load(Ordering::Relaxed), ..s.status.clone() }),
             interfaces: self.dp.attachments(),
             table: TableStatus {
-                entries: snap.counts.established_entries,
+                entries: snap.counts.established,
                 capacity_flows: capacity as u64,
-                half_open_entries: snap.counts.half_open_entries,
+                half_open_entries: snap.counts.half_open,
                 half_open_capacity_flows: half_open_capacity as u64,
                 snapshot_age_s: snap.taken_at.map(|t| now.saturating_duration_since(t).as_secs_f64()),
             },
@@ -121,47 +128,39 @@ impl<D: DataPlane> Controller<D> {
             services,
         })
     }
-
-    /// Full-NAT ports held per backend (a walk of the port map: one entry
-    /// per full-NAT flow, and only when a service is full-NAT).
-    fn port_use(&self) -> Result<BTreeMap<(lb_common::maps::Addr, u16), u64>> {
-        let mut n = BTreeMap::new();
-        self.table.for_each_port(&mut |k, _| *n.entry((k.src_addr, k.src_port)).or_default() += 1)?;
-        Ok(n)
-    }
 }
 
 /// The flows of the table (of one service, if given), for `xlb flows`:
-/// walks the table through its own handle (call it off the controller).
-pub fn flows(table: &dyn FlowTable, filter: Option<ServiceId>) -> Result<Vec<FlowInfo>> {
-    let now = monotonic_ns();
+/// walks the table through its own handle (call it off the controller);
+/// `backends` names the backends by id.
+pub fn flows(table: &dyn FlowTable, filter: Option<ServiceId>, backends: &HashMap<u32, BackendRef>) -> Result<Vec<FlowInfo>> {
+    let now = table.now()?;
+    let hz = table.hz().max(1) as f64;
     let mut out = Vec::new();
-    table.walk(
-        &mut |f| {
-            let (k, v) = (f.key, f.fwd);
-            let Some(proto) = Proto::from_number(k.proto) else { return };
-            let service = SocketAddr::new(addr_to_ip(&k.dst_addr), port_from(k.dst_port));
-            if filter.is_some_and(|s| s.addr != service || s.proto != proto) {
-                return;
-            }
-            let state = match proto {
-                Proto::Udp => "none",
-                Proto::Tcp => tcp::state_name(f.combined_state()),
-            };
-            let secs = |t: u64| now.saturating_sub(t) as f64 / 1e9;
-            out.push(FlowInfo {
-                client: SocketAddr::new(addr_to_ip(&k.src_addr), port_from(k.src_port)),
-                service,
-                proto,
-                backend: SocketAddr::new(addr_to_ip(&v.nat_dst), port_from(v.nat_dport)),
-                snat: (v.nat_flags & NAT_FULL != 0).then(|| SocketAddr::new(addr_to_ip(&v.nat_src), port_from(v.nat_sport))),
-                state: state.into(),
-                age_s: secs(v.created_ns),
-                idle_s: secs(f.last_seen_ns()),
-            });
-        },
-        &mut |_, _| {},
-    )?;
+    table.walk(&mut |f| {
+        let k = f.key;
+        let Some(proto) = Proto::from_number(k.proto) else { return };
+        let service = SocketAddr::new(addr_to_ip(&k.dst_addr), port_from(k.dst_port));
+        if filter.is_some_and(|s| s.addr != service || s.proto != proto) {
+            return;
+        }
+        let state = match proto {
+            Proto::Udp => "none",
+            Proto::Tcp => tcp::state_name(f.combined_state()),
+        };
+        let b = backends.get(&f.backend_id()).copied().unwrap_or_default();
+        let secs = |t: u32| now.wrapping_sub(t) as f64 / hz;
+        out.push(FlowInfo {
+            client: SocketAddr::new(addr_to_ip(&k.src_addr), port_from(k.src_port)),
+            service,
+            proto,
+            backend: SocketAddr::new(addr_to_ip(&b.addr), port_from(b.port)),
+            snat: f.is_fullnat().then(|| SocketAddr::new(addr_to_ip(&b.snat), port_from(f.state.snat_port))),
+            state: state.into(),
+            age_s: secs(f.state.created),
+            idle_s: table::idle(f, now, hz as u32).as_secs_f64(),
+        });
+    })?;
     out.sort_by_key(|f| (f.service, f.client));
     Ok(out)
 }

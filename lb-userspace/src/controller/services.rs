@@ -81,10 +81,11 @@ impl<D: DataPlane> Controller<D> {
                 b.health = Tracker::default();
             }
         }
-        if let Err(e) = self.write_service_whole(sid) {
+        if let Err(e) = self.write_service_whole(sid).and_then(|()| self.refresh_endpoints()) {
             // Back as it was, in the model and (best effort) in the maps.
             self.services.insert(sid, old);
             let _ = self.write_service_whole(sid);
+            let _ = self.refresh_endpoints();
             return Err(e);
         }
         tracing::info!(service = %sid, settings = ?self.svc(&sid)?.settings, "service settings changed");
@@ -134,7 +135,16 @@ impl<D: DataPlane> Controller<D> {
             slot.drain = None;
             self.retired.push((sid, service_id, slot));
         }
-        self.queue_reset(resets::Job { service: sid, backend: None, cause: ResetCause::ServiceRemoved, target: resets::Target::Service(service_id), spread });
+        self.queue_reset(resets::Job {
+            service: sid,
+            backend: None,
+            cause: ResetCause::ServiceRemoved,
+            target: resets::Target::Service(service_id),
+            spread,
+            backends: Default::default(),
+        });
+        // Other services' backends may no longer be shared.
+        self.refresh_endpoints()?;
         tracing::info!(service = %sid, "service removed");
         self.dirty = true;
         Ok(sid)
@@ -152,6 +162,13 @@ impl<D: DataPlane> Controller<D> {
             }
             if svc.backends.len() >= RING_SLOTS as usize {
                 return Err(Refusal::Capacity(format!("{sid} already has {RING_SLOTS} backends, the most a service can have")).into());
+            }
+            let sharing = self.services.iter().filter(|(s, v)| s.proto == sid.proto && v.slots().any(|b| b.addr == backend)).count();
+            if sharing >= lb_common::maps::MAX_SERVICES_PER_ENDPOINT {
+                return Err(Refusal::Capacity(format!(
+                    "backend {backend} already serves {sharing} services, the most one backend ip:port may (its packets must tell their flows apart)"
+                ))
+                .into());
             }
             plan::snat_source(&svc.settings, backend.ip(), self.snat.as_ref())?
         };
@@ -183,6 +200,11 @@ impl<D: DataPlane> Controller<D> {
         self.used_backend_ids.insert(id);
         self.next_backend_id = (id + 1) % MAX_BACKENDS;
         self.svc_mut(&sid)?.backends.insert(backend, slot);
+        // Its packets must find their flows before a ring points at it.
+        if let Err(e) = self.refresh_endpoints() {
+            self.backend_unadd(sid, backend);
+            return Err(e);
+        }
         tracing::info!(service = %sid, %backend, id, weight, "backend added");
         self.dirty = true;
         Ok(id)
@@ -263,6 +285,7 @@ impl<D: DataPlane> Controller<D> {
                 cause: ResetCause::Removed,
                 target: resets::Target::Backend(id),
                 spread: svc.settings.reset_spread.0,
+                backends: Default::default(),
             };
             self.resetting.insert(id);
             self.queue_reset(job);
@@ -307,7 +330,18 @@ impl<D: DataPlane> Controller<D> {
     /// Frees a leaving backend whose flows are all gone: its id returns to
     /// the pool (last in line), its address's role goes.
     pub(super) fn free_backend(&mut self, id: u32) -> Result<()> {
+        // Its traffic stays its service's.
+        let traffic = self.dp.traffic(crate::dataplane::TrafficOf::Backends, &[id])?.first().copied().unwrap_or_default();
         self.dp.backend_set(id, Backend { state: BACKEND_UNUSED, ..Default::default() })?;
+        for svc in self.services.values_mut() {
+            if svc.leaving.iter().any(|b| b.id == id) {
+                let f = &mut svc.freed_traffic;
+                f.packets_in += traffic.packets_in;
+                f.bytes_in += traffic.bytes_in;
+                f.packets_out += traffic.packets_out;
+                f.bytes_out += traffic.bytes_out;
+            }
+        }
         let mut addr = None;
         for svc in self.services.values_mut() {
             if let Some(i) = svc.leaving.iter().position(|b| b.id == id) {
@@ -324,6 +358,6 @@ impl<D: DataPlane> Controller<D> {
             tracing::debug!(backend = %a, id, "backend id freed");
         }
         self.dirty = true;
-        Ok(())
+        self.refresh_endpoints()
     }
 }

@@ -12,14 +12,13 @@ use std::{
     },
 };
 
-use lb_common::maps::{DIR_TO_BACKEND, FlowEntry, addr_to_ip};
+use lb_common::maps::{FlowState, addr_to_ip};
 
 use super::{Controller, Result, bad};
 use crate::{
-    dataplane::{DataPlane, Flow, FlowTable},
+    dataplane::{BackendRef, DataPlane, Flow, FlowTable},
     ha::{Kind, Record, Role, SyncStatus},
     model::{Proto, ServiceId, port_from},
-    table::monotonic_ns,
 };
 
 /// This node's part in a pair.
@@ -71,7 +70,8 @@ impl<D: DataPlane> Controller<D> {
     /// As backup, installs or removes flows the peer sent. A flow of a
     /// service or backend this node does not have is skipped (counted).
     pub fn sync_install(&mut self, records: &[Record]) -> Result<()> {
-        let now = monotonic_ns();
+        let now = self.table.now()?;
+        let hz = self.table.hz() as u128;
         let mut ends = Vec::new();
         let (mut applied, mut unknown) = (0u64, 0u64);
         for r in records {
@@ -79,7 +79,6 @@ impl<D: DataPlane> Controller<D> {
             let key = f.key;
             if r.kind == Kind::End {
                 ends.push(key);
-                ends.push(f.to_backend.peer_key(key.proto));
                 applied += 1;
                 continue;
             }
@@ -88,23 +87,21 @@ impl<D: DataPlane> Controller<D> {
                 continue;
             };
             let sid = ServiceId { addr: SocketAddr::new(addr_to_ip(&key.dst_addr), port_from(key.dst_port)), proto };
-            let backend = SocketAddr::new(addr_to_ip(&f.to_backend.nat_dst), port_from(f.to_backend.nat_dport));
-            let ids = self.services.get(&sid).and_then(|svc| Some((svc.id, svc.slots().find(|b| b.addr == backend)?.id)));
-            let Some((service_id, backend_id)) = ids else {
+            let backend = SocketAddr::new(addr_to_ip(&f.backend), port_from(f.backend_port));
+            let found = self.services.get(&sid).and_then(|svc| {
+                let b = svc.slots().find(|b| b.addr == backend)?;
+                Some((svc.id, b.id, BackendRef::from(&b.entry(svc.id))))
+            });
+            let Some((service_id, backend_id, bref)) = found else {
                 unknown += 1;
                 continue;
             };
-            let last = now.saturating_sub(r.idle.as_nanos() as u64);
-            let fwd = FlowEntry { backend_id, service_id, created_ns: last, last_seen_ns: last, direction: DIR_TO_BACKEND, ..f.to_backend };
-            let mut rev = f.to_client;
-            if rev.direction == DIR_TO_BACKEND || rev == FlowEntry::default() {
-                rev.fill_reverse_of(&key, &fwd, last);
-            }
-            rev.backend_id = backend_id;
-            rev.service_id = service_id;
-            rev.created_ns = last;
-            rev.last_seen_ns = last;
-            self.table.install(&Flow::joined(key, fwd, Some(rev), false), now)?;
+            // Its times on this node's clock; ids and the next hop are this
+            // node's.
+            let last = now.wrapping_sub((r.idle.as_millis() * hz / 1000) as u32);
+            let state = FlowState { backend_id: backend_id as u16, service_id: service_id as u8, hop: 0, created: last, last_seen: last, ..f.state };
+            let flow = Flow { key, state, half_open: false };
+            self.table.install(&flow, flow.port_key(&bref))?;
             applied += 1;
         }
         if !ends.is_empty() {

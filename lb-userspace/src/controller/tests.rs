@@ -19,7 +19,7 @@ use crate::{
         ErrorCode,
         desired::{Desired, DesiredBackend, DesiredNamed, DesiredService},
     },
-    dataplane::{FlowTable, fake::FakeDataPlane},
+    dataplane::{BackendRef, DataPlane, FlowTable, fake::FakeDataPlane},
     model::{
         HostPort, Proto, ResetCause, Resolution, ServiceId,
         settings::{FlowPolicy, ServiceOptions, ServiceSettings},
@@ -45,9 +45,18 @@ fn sid() -> ServiceId {
     ServiceId { addr: sa(VIP), proto: Proto::Tcp }
 }
 
+/// The fake data plane's clock in these tests (jiffies, 1000 a second).
+const NOW: u32 = 10_000_000;
+
+/// The backend 10.1.1.2:8080 as records name it.
+fn backend_ref(n: u8) -> BackendRef {
+    BackendRef { addr: addr_from_ip(IpAddr::from([10, 1, 1, n])), port: 8080u16.to_be(), snat: [0; 4] }
+}
+
 /// A controller on a fresh fake, finding every source address at `SNAT`.
 fn controller() -> (Ctl, FakeDataPlane) {
     let dp = FakeDataPlane::new(1 << 16, 1 << 14);
+    dp.table().set_now(NOW);
     let snat: IpAddr = SNAT.parse().expect("address");
     let c = Controller::new(dp.clone()).with_snat_resolver(Box::new(move |_| Ok(snat)));
     (c, dp)
@@ -90,7 +99,7 @@ fn ring_ids(dp: &FakeDataPlane) -> Vec<u32> {
 
 /// A table walk as the walker makes it, handed to the controller.
 fn snapshot(c: &mut Ctl) -> table::Decisions {
-    let (snap, d) = table::walk(&c.table(), &c.walk_rules(), table::monotonic_ns(), &mut |_| {}).expect("walk");
+    let (snap, d) = table::walk(&c.table(), &c.walk_rules(), c.table().now().expect("clock"), &mut |_| {}).expect("walk");
     c.on_snapshot(snap).expect("snapshot applied");
     d
 }
@@ -181,10 +190,10 @@ fn removal_policies_reset_keep_or_drain_until_the_deadline() {
     }
     let ids: Vec<u32> = (1..=3).map(|n| backend_id(&c, be(n))).collect();
     // Each has one live flow.
-    let now = table::monotonic_ns();
+    let now = NOW;
     for (i, id) in ids.iter().enumerate() {
         let mut f = flow(1000 + i as u16, *id, tcp::STATE_ESTABLISHED, now);
-        f.fwd.service_id = i as u32;
+        f.state.service_id = i as u8;
         c.table().put(f);
     }
     snapshot(&mut c);
@@ -214,7 +223,7 @@ fn a_drain_ends_when_its_last_flow_does() {
     c.service_add(sa(VIP), Proto::Tcp, &options(|o| o.on_remove = Some(FlowPolicy::Drain(Duration::from_secs(600))))).expect("service");
     c.backend_add(sa(VIP), None, be(1), None).expect("backend");
     let id = backend_id(&c, be(1));
-    let f = flow(1000, id, tcp::STATE_ESTABLISHED, table::monotonic_ns());
+    let f = flow(1000, id, tcp::STATE_ESTABLISHED, NOW);
     c.table().put(f);
     snapshot(&mut c);
     c.backend_remove(sa(VIP), None, be(1)).expect("remove");
@@ -222,10 +231,8 @@ fn a_drain_ends_when_its_last_flow_does() {
     assert_eq!(state_of(&dp, id), BACKEND_DRAINING, "a flow is left");
     // The flow closes (both FINs): the drain is over, nothing to reset.
     let mut closed = f;
-    closed.fwd.tcp_state = tcp::STATE_FIN;
-    if let Some(r) = closed.rev.as_mut() {
-        r.tcp_state = tcp::STATE_FIN;
-    }
+    closed.state.orig.state = tcp::STATE_FIN;
+    closed.state.reply.state = tcp::STATE_FIN;
     c.table().put(closed);
     snapshot(&mut c);
     assert_eq!(state_of(&dp, id), BACKEND_REMOVED);
@@ -304,7 +311,7 @@ fn ids_are_freed_after_two_empty_snapshots_never_while_a_reset_runs() {
     c.service_add(sa(VIP), Proto::Tcp, &ServiceOptions::default()).expect("service");
     c.backend_add(sa(VIP), None, be(1), None).expect("be1");
     let id = backend_id(&c, be(1));
-    c.table().put(flow(1000, id, tcp::STATE_ESTABLISHED, table::monotonic_ns()));
+    c.table().put(flow(1000, id, tcp::STATE_ESTABLISHED, NOW));
     c.backend_remove(sa(VIP), None, be(1)).expect("remove");
     assert_eq!(c.take_jobs().len(), 1);
     // The reset runs: the table empties, but the id stays while it runs.
@@ -319,7 +326,7 @@ fn ids_are_freed_after_two_empty_snapshots_never_while_a_reset_runs() {
     snapshot(&mut c);
     assert_eq!(state_of(&dp, id), BACKEND_REMOVED, "one empty snapshot is not enough");
     // A flow seen again (it moved between tables during a walk) restarts the count.
-    c.table().put(flow(1001, id, tcp::STATE_ESTABLISHED, table::monotonic_ns()));
+    c.table().put(flow(1001, id, tcp::STATE_ESTABLISHED, NOW));
     snapshot(&mut c);
     c.table().remove_keys(&[flow(1001, id, 0, 0).key]).expect("remove");
     snapshot(&mut c);
@@ -337,7 +344,7 @@ fn least_connections_counts_and_status_come_from_the_snapshot_without_a_walk() {
     c.service_add(sa(VIP), Proto::Tcp, &ServiceOptions::default()).expect("service");
     c.backend_add(sa(VIP), None, be(1), None).expect("be1");
     let id = backend_id(&c, be(1));
-    let now = table::monotonic_ns();
+    let now = NOW;
     for p in 0..5 {
         c.table().put(flow(2000 + p, id, tcp::STATE_ESTABLISHED, now));
     }
@@ -347,7 +354,7 @@ fn least_connections_counts_and_status_come_from_the_snapshot_without_a_walk() {
     for _ in 0..3 {
         let st = c.status().expect("status");
         assert_eq!(st.services[0].backends[0].active_flows, 5);
-        assert_eq!(st.table.entries, 10);
+        assert_eq!(st.table.entries, 5, "one entry per flow");
         assert!(st.table.snapshot_age_s.is_some());
     }
     assert_eq!(dp.state().walks, walks, "status never walks the table");
@@ -453,20 +460,21 @@ fn synced_flows_are_installed_with_this_nodes_ids() {
     let (local_svc, local_be) = (1, backend_id(&c, SocketAddr::new(IpAddr::from([10, 1, 1, 2]), 8080)));
     // The peer's record: 10.1.1.2:8080 is its backend 0 of service 0.
     let f = flow(3000, 0, tcp::STATE_ESTABLISHED, 5);
-    let known = Record { kind: Kind::Live, idle: Duration::from_secs(1), flow: f.end_record(lb_common::maps::end_reason::NEW) };
+    let peer_backend = backend_ref(2);
+    let known = Record { kind: Kind::Live, idle: Duration::from_secs(1), flow: f.end_record(lb_common::maps::end_reason::NEW, &peer_backend) };
     let mut other = f;
     other.key.src_port = 3001u16.to_be();
-    other.fwd.nat_dport = 9999u16.to_be();
-    let unknown = Record { kind: Kind::Live, idle: Duration::ZERO, flow: other.end_record(lb_common::maps::end_reason::NEW) };
+    let unknown_backend = BackendRef { port: 9999u16.to_be(), ..peer_backend };
+    let unknown = Record { kind: Kind::Live, idle: Duration::ZERO, flow: other.end_record(lb_common::maps::end_reason::NEW, &unknown_backend) };
     c.sync_install(&[known, unknown]).expect("install");
     let got = c.table().get(&f.key).expect("installed");
-    assert_eq!((got.fwd.service_id, got.fwd.backend_id), (local_svc, local_be));
-    assert!(got.rev.is_some(), "both directions");
+    assert_eq!((got.state.service_id as u32, got.state.backend_id as u32), (local_svc, local_be));
+    assert_eq!(got.state.orig.end, f.state.orig.end, "the peer's tracking is kept");
     assert!(c.table().get(&other.key).is_none());
     let s = c.status().expect("status").sync.expect("sync status");
     assert_eq!((s.applied_records, s.unknown_records), (1, 1));
     // The peer says it ended.
-    let end = Record { kind: Kind::End, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::FIN) };
+    let end = Record { kind: Kind::End, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::FIN, &peer_backend) };
     c.sync_install(&[end]).expect("end");
     assert!(c.table().get(&f.key).is_none());
 }
@@ -494,8 +502,9 @@ fn a_replayed_sync_datagram_installs_nothing() {
     c.backend_add(sa(VIP), None, be(2), None).expect("backend");
     let key = b"0123456789abcdef0123456789abcdef";
     let f = flow(4000, 0, tcp::STATE_ESTABLISHED, 5);
-    let live = Record { kind: Kind::Live, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::NEW) };
-    let end = Record { kind: Kind::End, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::FIN) };
+    let peer_backend = backend_ref(2);
+    let live = Record { kind: Kind::Live, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::NEW, &peer_backend) };
+    let end = Record { kind: Kind::End, idle: Duration::ZERO, flow: f.end_record(lb_common::maps::end_reason::FIN, &peer_backend) };
     let mut peer = Sender::start();
     let (first, second) = (peer.seal(key, &[live]), peer.seal(key, &[end]));
     // The daemon's receiving path: decode, admit, install what was admitted.

@@ -44,7 +44,14 @@ impl<D: DataPlane> Controller<D> {
             let left = self.snapshot.backend(id).active;
             tracing::info!(service = %sid, backend = %addr, flows = left, "drain deadline reached: resetting the remaining flows");
             self.resetting.insert(id);
-            self.queue_reset(resets::Job { service: sid, backend: Some(addr), cause: ResetCause::DrainDeadline, target: resets::Target::Backend(id), spread });
+            self.queue_reset(resets::Job {
+                service: sid,
+                backend: Some(addr),
+                cause: ResetCause::DrainDeadline,
+                target: resets::Target::Backend(id),
+                spread,
+                backends: Default::default(),
+            });
         }
         Ok(())
     }
@@ -120,7 +127,10 @@ impl<D: DataPlane> Controller<D> {
             self.last_rst_sent = o.last_sent;
         }
         let reason = cause.end_reason();
-        self.outbox.extend(o.removed.iter().map(|f| f.end_record(reason)));
+        if !o.removed.is_empty() {
+            let refs = self.backend_refs();
+            self.outbox.extend(o.removed.iter().map(|f| f.end_record(reason, &refs.get(&f.backend_id()).copied().unwrap_or_default())));
+        }
         if o.done
             && let Some(id) = job_backend
         {
@@ -135,17 +145,18 @@ impl<D: DataPlane> Controller<D> {
     /// that decided it): per service counts and flow-log records.
     pub fn on_expired(&mut self, e: &table::Expired) {
         let mut by_service: HashMap<u32, u64> = HashMap::new();
+        let refs = if e.forgotten.is_empty() { HashMap::new() } else { self.backend_refs() };
         for (f, reason) in &e.forgotten {
             *by_service.entry(f.service_id()).or_default() += 1;
-            self.outbox.push(f.end_record(*reason));
+            self.outbox.push(f.end_record(*reason, &refs.get(&f.backend_id()).copied().unwrap_or_default()));
         }
         for svc in self.services.values_mut() {
             if let Some(n) = by_service.get(&svc.id) {
                 svc.resets.expired += n;
             }
         }
-        if !e.forgotten.is_empty() || e.orphans > 0 {
-            tracing::debug!(flows = e.forgotten.len(), orphans = e.orphans, ports = e.ports_released, "expired idle flows");
+        if !e.forgotten.is_empty() {
+            tracing::debug!(flows = e.forgotten.len(), "expired idle flows");
         }
     }
 
@@ -158,7 +169,14 @@ impl<D: DataPlane> Controller<D> {
         }
         for (sid, flows) in by_service {
             let spread = self.services.get(&sid).map_or(std::time::Duration::ZERO, |s| s.settings.reset_spread.0);
-            self.queue_reset(resets::Job { service: sid, backend: None, cause: ResetCause::Idle, target: resets::Target::Flows(flows), spread });
+            self.queue_reset(resets::Job {
+                service: sid,
+                backend: None,
+                cause: ResetCause::Idle,
+                target: resets::Target::Flows(flows),
+                spread,
+                backends: Default::default(),
+            });
         }
     }
 }

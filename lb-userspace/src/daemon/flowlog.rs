@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::maps::{Addr, FlowEnd, FlowKey, NAT_FULL, addr_to_ip, end_reason};
+use lb_common::maps::{Addr, FLOW_FULLNAT, FlowEnd, FlowKey, addr_to_ip, end_reason};
 use serde::Serialize;
 
 use crate::api::Proto;
@@ -37,6 +37,8 @@ pub struct FlowLog {
     /// Records written and records lost to write errors.
     pub written: u64,
     pub write_errors: u64,
+    /// The data plane's clock: (now in jiffies, jiffies per second).
+    clock: Box<dyn FnMut() -> Option<(u32, u32)> + Send>,
 }
 
 #[derive(Serialize)]
@@ -64,16 +66,14 @@ fn addr(a: &Addr, p: u16) -> SocketAddr {
     SocketAddr::new(addr_to_ip(a), u16::from_be_bytes(p.to_ne_bytes()))
 }
 
-/// (CLOCK_MONOTONIC ns, wall seconds) now, to turn data-plane times into
-/// wall-clock times.
-fn clocks() -> (u64, f64) {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    let wall = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    (mono, wall)
+/// Wall seconds now.
+fn wall_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
+
+/// The sampling hash's key: fixed, so every balancer samples the same
+/// flows (nothing secret about which flows are logged).
+const SAMPLE_KEY: [u64; 2] = [0x5851_f42d_4c95_7f2d, 0x1405_7b7e_f767_814f];
 
 impl FlowLog {
     /// `path` "-" is stdout; a file is appended to. `sample`: 1 in N (≥ 1).
@@ -87,11 +87,17 @@ impl FlowLog {
     }
 
     pub fn to_writer(out: Box<dyn Write + Send>, sample: u32) -> FlowLog {
-        FlowLog { out: std::io::BufWriter::new(out), sample: sample.max(1), new_flows: true, written: 0, write_errors: 0 }
+        FlowLog { out: std::io::BufWriter::new(out), sample: sample.max(1), new_flows: true, written: 0, write_errors: 0, clock: Box::new(|| None) }
     }
 
     fn sampled(&self, k: &FlowKey) -> bool {
-        self.sample == 1 || lb_common::sched_hash::flow_hash(&k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto).is_multiple_of(self.sample)
+        self.sample == 1 || lb_common::sched_hash::flow_hash(&SAMPLE_KEY, &k.src_addr, &k.dst_addr, k.src_port, k.dst_port, k.proto).is_multiple_of(self.sample)
+    }
+
+    /// Reads the data plane's clock with `clock` (flow times are jiffies).
+    pub fn with_clock(mut self, clock: Box<dyn FnMut() -> Option<(u32, u32)> + Send>) -> FlowLog {
+        self.clock = clock;
+        self
     }
 
     /// Whether new-flow records are logged (default: yes).
@@ -106,9 +112,10 @@ impl FlowLog {
             return;
         }
         let Some(proto) = Proto::from_number(ev.key.proto) else { return };
-        let (mono, wall) = clocks();
-        let to_wall = |t: u64| wall - (mono.saturating_sub(t) as f64 / 1e9);
-        let start = ev.to_backend.created_ns;
+        let wall = wall_now();
+        let st = &ev.state;
+        // The flow's age, from the data plane's clock.
+        let age = (self.clock)().map_or(0.0, |(now, hz)| now.wrapping_sub(st.created) as f64 / hz.max(1) as f64);
         let r = Record {
             ts: wall,
             event: if ev.reason == end_reason::NEW { "new" } else { "end" },
@@ -116,14 +123,14 @@ impl FlowLog {
             // The key is the client's own tuple in both modes.
             client: addr(&ev.key.src_addr, ev.key.src_port),
             vip: addr(&ev.key.dst_addr, ev.key.dst_port),
-            backend: addr(&ev.to_backend.nat_dst, ev.to_backend.nat_dport),
-            snat: (ev.to_backend.nat_flags & NAT_FULL != 0).then(|| addr(&ev.to_backend.nat_src, ev.to_backend.nat_sport)),
-            packets_in: ev.to_backend.packets,
-            bytes_in: ev.to_backend.bytes,
-            packets_out: ev.to_client.packets,
-            bytes_out: ev.to_client.bytes,
-            start: to_wall(start),
-            duration_s: mono.saturating_sub(start) as f64 / 1e9,
+            backend: addr(&ev.backend, ev.backend_port),
+            snat: (st.flags & FLOW_FULLNAT != 0).then(|| addr(&ev.snat, st.snat_port)),
+            packets_in: st.packets_orig as u64,
+            bytes_in: st.bytes_orig,
+            packets_out: st.packets_reply as u64,
+            bytes_out: st.bytes_reply,
+            start: wall - age,
+            duration_s: age,
             reason: if ev.reason == end_reason::NEW { "" } else { end_reason::name(ev.reason) },
         };
         let line = serde_json::to_string(&r).map(|mut l| {
@@ -214,22 +221,17 @@ pub fn start(mut log: FlowLog) -> std::io::Result<(Sender, Counters)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lb_common::maps::{FlowEntry, PROTO_TCP, addr_v4};
+    use lb_common::maps::{FlowState, PROTO_TCP, addr_v4};
 
     fn ev(port: u16) -> FlowEnd {
         FlowEnd {
-            key: FlowKey {
-                src_addr: addr_v4(0x0200000a),
-                dst_addr: addr_v4(0x0100630a),
-                src_port: port.to_be(),
-                dst_port: 80u16.to_be(),
-                proto: PROTO_TCP,
-                _pad: [0; 3],
-            },
+            key: FlowKey::new(addr_v4(0x0200000a), addr_v4(0x0100630a), port.to_be(), 80u16.to_be(), PROTO_TCP),
             reason: end_reason::IDLE,
+            backend_port: 8080u16.to_be(),
             _pad: 0,
-            to_backend: FlowEntry { packets: 3, bytes: 180, nat_dst: addr_v4(0x0201010a), nat_dport: 8080u16.to_be(), ..Default::default() },
-            to_client: FlowEntry { packets: 2, bytes: 120, ..Default::default() },
+            backend: addr_v4(0x0201010a),
+            snat: [0; 4],
+            state: FlowState { packets_orig: 3, bytes_orig: 180, packets_reply: 2, bytes_reply: 120, created: 1000, ..Default::default() },
         }
     }
 
@@ -258,7 +260,8 @@ mod tests {
                 Ok(())
             }
         }
-        let mut one = FlowLog::to_writer(Box::new(W(buf.clone())), 1);
+        // The flow was created 1.5 s before the clock reading (1000 Hz).
+        let mut one = FlowLog::to_writer(Box::new(W(buf.clone())), 1).with_clock(Box::new(|| Some((2500, 1000))));
         one.record(&ev(40000));
         one.flush();
         let text = String::from_utf8(buf.lock().expect("lock").clone()).expect("utf8");
@@ -269,6 +272,7 @@ mod tests {
         assert!(v.get("snat").is_none(), "DNAT records name no balancer source");
         assert_eq!((v["packets_in"].as_u64(), v["bytes_in"].as_u64(), v["bytes_out"].as_u64()), (Some(3), Some(180), Some(120)));
         assert_eq!(v["reason"], "idle");
+        assert!((v["duration_s"].as_f64().unwrap_or(0.0) - 1.5).abs() < 1e-9, "{v}");
         assert!(text.ends_with('\n'));
     }
 }

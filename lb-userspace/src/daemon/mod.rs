@@ -95,20 +95,20 @@ pub async fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
 
     // Loading and attaching block (the BPF syscalls, netlink): off the
     // async workers.
+    let hash_key = match &args.flow_hash_key_file {
+        Some(p) => Some(read_hash_key(p)?),
+        None => None,
+    };
     let started = {
         let args = args.clone();
         let dns = DnsSettings { enabled: resolver.is_some(), ttl, misses: args.dns_misses };
-        tokio::task::spawn_blocking(move || start(&args, desired.as_ref(), dns)).await.context("the start-up thread panicked")??
+        // New-flow records are a data-plane switch (off unless asked): flow
+        // logs with --flow-log-new, and state sync, need them.
+        let log_new = args.flow_log_new || sync_cfg.is_some();
+        tokio::task::spawn_blocking(move || start(&args, desired.as_ref(), dns, hash_key, log_new)).await.context("the start-up thread panicked")??
     };
     let Started { mut ctl, events, program_id } = started;
 
-    // New-flow records are a data-plane switch (off unless asked): flow
-    // logs with --flow-log-new, and state sync, need them.
-    let on = u32::from(args.flow_log_new || sync_cfg.is_some());
-    if let Err(e) = ctl.dataplane().setting_set(lb_common::maps::SETTING_LOG_NEW_FLOWS, on) {
-        hand_back(&mut ctl);
-        return Err(anyhow::Error::from(e).context("setting the new-flow log switch"));
-    }
     let flow_log = match flow_log {
         Some(l) => match flowlog::start(l) {
             Ok((sender, counters)) => {
@@ -145,8 +145,8 @@ pub async fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
         std::thread::Builder::new().name("xlb-walker".into()).spawn(move || workers::walker(table, handle, stop)).context("starting the table walker")?
     };
     if let Some(out) = outbound.clone() {
-        let (table, stop) = (table.clone(), stop_walker.clone());
-        std::thread::Builder::new().name("xlb-refresh".into()).spawn(move || workers::refresher(table, out, stop)).context("starting the sync refresher")?;
+        let (table, stop, h) = (table.clone(), stop_walker.clone(), handle.clone());
+        std::thread::Builder::new().name("xlb-refresh".into()).spawn(move || workers::refresher(table, out, h, stop)).context("starting the sync refresher")?;
     }
     {
         let (table, handle, rst) = (table.clone(), handle.clone(), Arc::new(rst));
@@ -160,6 +160,7 @@ pub async fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
     let mut tasks = vec![
         tokio::spawn(server::serve(listener, server::Context { ctl: handle.clone(), resolver: resolver.clone(), table: table.clone(), program_id })),
         tokio::spawn(tasks::upkeep(handle.clone())),
+        tokio::spawn(tasks::local_addresses(handle.clone())),
         tokio::spawn(tasks::flow_events(events, flow_log, outbound.clone())),
     ];
     if let Some(r) = resolver {
@@ -257,7 +258,7 @@ fn hand_back(ctl: &mut Ctl) {
 /// Loads (or takes over) the data plane, sets up the host, attaches, and
 /// builds the model: from the saved state when the data plane was running,
 /// else from the config file. A failure leaves nothing new behind.
-fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings) -> anyhow::Result<Started> {
+fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings, hash_key: Option<[u64; 2]>, log_new: bool) -> anyhow::Result<Started> {
     let dp = KernelDataPlane::load(LoadOptions {
         conn_capacity: args.conn_capacity,
         half_open_capacity: args.half_open_capacity,
@@ -290,6 +291,7 @@ fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings) -> anyh
     let mut ctl = Controller::new(dp).with_neighbour_warming().with_dns(dns);
     let res = (|| -> anyhow::Result<(aya::maps::RingBuf<aya::maps::MapData>, u32)> {
         host_setup(args, &mut ctl)?;
+        globals(&mut ctl, restored, hash_key, log_new)?;
         if args.test_disable_proactive_reset {
             tracing::warn!("proactive resets disabled (test switch): flows of gone backends are reset on their next packet only");
             ctl.set_proactive_reset(false);
@@ -329,6 +331,50 @@ fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings) -> anyh
             Err(e)
         }
     }
+}
+
+/// The data plane's settings, before the first packet: the flow-hash key
+/// (given; else the running data plane's, so a restart schedules alike;
+/// else a fresh random one), the CPU count, the new-flow records switch.
+fn globals(ctl: &mut Ctl, restored: bool, given: Option<[u64; 2]>, log_new: bool) -> anyhow::Result<()> {
+    let running = if restored { ctl.dataplane().globals().ok().map(|g| g.hash_key).filter(|k| *k != [0, 0]) } else { None };
+    let hash_key = match (given, running) {
+        (Some(k), Some(r)) if k != r => {
+            tracing::warn!("--flow-hash-key-file differs from the running data plane's key: flows without state are scheduled anew");
+            k
+        }
+        (Some(k), _) => k,
+        (None, Some(r)) => r,
+        (None, None) => random_key().context("generating a flow-hash key")?,
+    };
+    let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")? as u32;
+    let flags = if log_new { lb_common::maps::GLOBAL_LOG_NEW_FLOWS } else { 0 };
+    ctl.dataplane().globals_set(lb_common::maps::Globals { hash_key, ncpus, flags }).context("writing the data plane's settings")?;
+    Ok(())
+}
+
+/// A random 128-bit key (the kernel's random source).
+fn random_key() -> std::io::Result<[u64; 2]> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok([u64::from_le_bytes(b[..8].try_into().unwrap_or_default()), u64::from_le_bytes(b[8..].try_into().unwrap_or_default())])
+}
+
+/// Reads a flow-hash key file: 32 hex digits (128 bits), whitespace
+/// around them ignored.
+pub fn read_hash_key(path: &Path) -> anyhow::Result<[u64; 2]> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the flow-hash key file {}", path.display()))?;
+    parse_hash_key(text.trim()).with_context(|| format!("flow-hash key file {}", path.display()))
+}
+
+/// Parses 32 hex digits into a SipHash key.
+pub fn parse_hash_key(hex: &str) -> anyhow::Result<[u64; 2]> {
+    if hex.len() != 32 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!("expected 32 hex digits (128 bits), e.g. the output of `head -c 16 /dev/urandom | xxd -p`");
+    }
+    let word = |s: &str| u64::from_str_radix(s, 16).context("hex digits");
+    Ok([word(&hex[..16])?, word(&hex[16..])?])
 }
 
 /// What the data plane needs from the host, before the first packet: set

@@ -81,8 +81,9 @@ pub async fn handle(cx: &Context, req: Request) -> Response {
                 },
                 None => None,
             };
+            let Some(backends) = cx.ctl.call(|c| c.backend_refs()).await else { return gone() };
             let table = cx.table.clone();
-            let walked = tokio::task::spawn_blocking(move || crate::controller::flows(&table, filter)).await;
+            let walked = tokio::task::spawn_blocking(move || crate::controller::flows(&table, filter, &backends)).await;
             match walked {
                 Ok(Ok(mut flows)) => {
                     if let Some(b) = backend {

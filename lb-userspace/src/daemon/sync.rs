@@ -18,7 +18,7 @@ use lb_common::maps::{FlowEnd, end_reason};
 use super::actor::Handle;
 use crate::{
     cli::DaemonArgs,
-    dataplane::Flow,
+    dataplane::{BackendRef, Flow},
     ha::{Kind, PER_DATAGRAM, QueueError, QueueRx, QueueTx, Receiver, Record, Sender, SyncConfig},
 };
 
@@ -52,8 +52,8 @@ impl Outbound {
 
     /// A live flow, for a refresh: waits while the refresh lane is full
     /// (from the refresher's thread). False once the sender is gone.
-    pub fn refresh(&self, f: &Flow, now_ns: u64) -> bool {
-        let r = Record { kind: Kind::Live, idle: Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns())), flow: f.end_record(end_reason::NEW) };
+    pub fn refresh(&self, f: &Flow, idle: Duration, b: &BackendRef) -> bool {
+        let r = Record { kind: Kind::Live, idle, flow: f.end_record(end_reason::NEW, b) };
         self.tx.send_refresh_blocking(r).is_ok()
     }
 

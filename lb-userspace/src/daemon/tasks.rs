@@ -163,6 +163,39 @@ pub async fn next_hops(ctl: Handle) {
     }
 }
 
+/// Keeps the data plane's list of this host's own addresses current
+/// (`ADDR_LOCAL`: a backend's packet to one of them that belongs to no flow
+/// is the host's, e.g. a health check's answer): now and every 2 s.
+pub async fn local_addresses(ctl: Handle) {
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<BTreeSet<IpAddr>> = None;
+    loop {
+        every.tick().await;
+        let found = tokio::task::spawn_blocking(|| neighbours::Netlink::open()?.local_addresses()).await;
+        let addrs: BTreeSet<IpAddr> = match found {
+            Ok(Ok(a)) => a.into_iter().collect(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading this host's addresses failed");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the address task panicked");
+                continue;
+            }
+        };
+        if last.as_ref() == Some(&addrs) {
+            continue;
+        }
+        last = Some(addrs.clone());
+        let Some(r) = ctl.call(move |c| c.set_local_addrs(addrs)).await else { return };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "writing this host's addresses to the data plane failed");
+            last = None;
+        }
+    }
+}
+
 /// Reads the data plane's flow events (new flows, flows it removed) into
 /// the flow log and, as master, to the sync peer; the controller is not
 /// involved. Always drained (even with neither) so the buffer never stays

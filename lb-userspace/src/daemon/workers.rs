@@ -27,7 +27,15 @@ pub fn walker(table: KernelTable, ctl: Handle, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let Some((rules, interval)) = ctl.call_blocking(|c| (c.walk_rules(), c.walk_interval())) else { return };
-        match table::walk(&table, &rules, table::monotonic_ns(), &mut |_| {}) {
+        let now = match table.now() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the data plane's clock failed: no walk");
+                pause_until(started + interval, &stop);
+                continue;
+            }
+        };
+        match table::walk(&table, &rules, now, &mut |_| {}) {
             Ok((snap, decisions)) => {
                 // Removed only if still as the walk saw them (re-checked
                 // per flow): a flow that revived meanwhile stays.
@@ -58,7 +66,7 @@ pub fn walker(table: KernelTable, ctl: Handle, stop: Arc<AtomicBool>) {
 /// fifth of a CPU). Flows in their handshake are not sent: a SYN flood on
 /// the master must not reach the standby's table. Waits for room on the
 /// queue's refresh lane rather than dropping.
-pub fn refresher(table: KernelTable, out: super::sync::Outbound, stop: Arc<AtomicBool>) {
+pub fn refresher(table: KernelTable, out: super::sync::Outbound, ctl: Handle, stop: Arc<AtomicBool>) {
     let mut wait = REFRESH;
     while !stop.load(Ordering::Relaxed) {
         pause_until(Instant::now() + wait, &stop);
@@ -66,16 +74,25 @@ pub fn refresher(table: KernelTable, out: super::sync::Outbound, stop: Arc<Atomi
             continue;
         }
         let started = Instant::now();
-        let now = table::monotonic_ns();
+        // Backends are named by address in records (ids differ between nodes).
+        let Some(backends) = ctl.call_blocking(|c| c.backend_refs()) else { return };
+        let now = match table.now() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the data plane's clock failed: no sync refresh");
+                continue;
+            }
+        };
+        let hz = table.hz();
         let mut open = true;
-        let walked = table.walk(
-            &mut |f| {
-                if open && !f.half_open {
-                    open = out.refresh(f, now);
-                }
-            },
-            &mut |_, _| {},
-        );
+        let walked = table.walk(&mut |f| {
+            if open
+                && !f.half_open
+                && let Some(b) = backends.get(&f.backend_id())
+            {
+                open = out.refresh(f, table::idle(f, now, hz), b);
+            }
+        });
         if let Err(e) = walked {
             tracing::warn!(error = %e, "walking the table for a sync refresh failed");
         }

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use lb_common::maps::{Addr, Backend, FlowKey, NAT_FULL, ServiceEntry, ServiceKey, TrafficCounters};
+use lb_common::maps::{Addr, Backend, EndpointEntry, EndpointKey, FlowKey, Globals, PortOwner, ServiceEntry, ServiceKey, TrafficCounters};
 
 use super::{Attachment, DataPlane, DataplaneError, Flow, FlowRef, FlowTable, Result, TableCounts, TrafficOf};
 
@@ -21,15 +21,18 @@ pub struct FakeState {
     pub backends: BTreeMap<u32, Backend>,
     /// Ring slots per service id (as long as the longest ring written).
     pub rings: HashMap<u32, Vec<u32>>,
-    pub settings: HashMap<u32, u32>,
+    pub globals: Globals,
+    pub endpoints: HashMap<EndpointKey, EndpointEntry>,
     pub active: HashMap<u32, u64>,
     pub counters: Vec<u64>,
     pub service_traffic: HashMap<u32, TrafficCounters>,
     pub backend_traffic: HashMap<u32, TrafficCounters>,
     /// Flows by their client → VIP key.
     pub flows: BTreeMap<FlowKeyOrd, Flow>,
-    /// Full-NAT ports held: port key → allocation time.
-    pub ports: HashMap<FlowKey, u64>,
+    /// Full-NAT ports: backend → balancer key → holder.
+    pub ports: HashMap<FlowKey, PortOwner>,
+    /// The data plane's clock (jiffies; the fake runs at 1000 Hz).
+    pub now: u32,
     pub removed_entries: u64,
     /// Operation names that fail next time (`ring_write`, `backend_set`,
     /// `service_set`, `addr_set`, ...), each once.
@@ -153,10 +156,24 @@ impl DataPlane for FakeDataPlane {
         r[..new.len()].copy_from_slice(new);
         Ok(())
     }
-    fn setting_set(&mut self, index: u32, value: u32) -> Result<()> {
+    fn globals_set(&mut self, g: Globals) -> Result<()> {
         let mut s = self.state();
-        s.check("setting_set")?;
-        s.settings.insert(index, value);
+        s.check("globals_set")?;
+        s.globals = g;
+        Ok(())
+    }
+    fn endpoint_set(&mut self, key: EndpointKey, entry: Option<EndpointEntry>) -> Result<()> {
+        let mut s = self.state();
+        s.check("endpoint_set")?;
+        match entry {
+            Some(e) => {
+                s.log.push(format!("endpoint_set {}", e.count));
+                s.endpoints.insert(key, e);
+            }
+            None => {
+                s.endpoints.remove(&key);
+            }
+        }
         Ok(())
     }
     fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
@@ -198,6 +215,11 @@ impl FakeTable {
         lock(&self.state)
     }
 
+    /// Sets the data plane's clock (jiffies, 1000 a second).
+    pub fn set_now(&self, now: u32) {
+        self.state().now = now;
+    }
+
     /// Puts a flow in the table as the data plane would (tests).
     pub fn put(&self, f: Flow) {
         self.state().flows.insert((&f.key).into(), f);
@@ -218,7 +240,7 @@ impl FakeTable {
 }
 
 impl FlowTable for FakeTable {
-    fn walk(&self, f: &mut dyn FnMut(&Flow), _orphans: &mut dyn FnMut(&FlowKey, &lb_common::maps::FlowEntry)) -> Result<TableCounts> {
+    fn walk(&self, f: &mut dyn FnMut(&Flow)) -> Result<TableCounts> {
         // Copied out first: `f` may call back into the table.
         let flows: Vec<Flow> = {
             let mut s = self.state();
@@ -227,11 +249,10 @@ impl FlowTable for FakeTable {
         };
         let mut counts = TableCounts::default();
         for fl in &flows {
-            let n = if fl.is_dsr() || fl.rev.is_none() { 1 } else { 2 };
             if fl.half_open {
-                counts.half_open_entries += n;
+                counts.half_open += 1;
             } else {
-                counts.established_entries += n;
+                counts.established += 1;
             }
             f(fl);
         }
@@ -246,10 +267,7 @@ impl FlowTable for FakeTable {
             let Some(now) = s.flows.get(&k).copied() else { continue };
             if d.flow.unchanged_in(&now, d.idle) {
                 s.flows.remove(&k);
-                s.removed_entries += now.keys().count() as u64;
-                if now.fwd.nat_flags & NAT_FULL != 0 {
-                    s.ports.remove(&now.reverse_key);
-                }
+                s.removed_entries += 1;
                 gone.push(now);
             }
         }
@@ -257,38 +275,31 @@ impl FlowTable for FakeTable {
     }
     fn remove_keys(&self, keys: &[FlowKey]) -> Result<usize> {
         let mut s = self.state();
-        let mut n = 0;
-        for k in keys {
-            if let Some(f) = s.flows.remove(&k.into()) {
-                n += f.keys().count();
-                s.ports.remove(&f.reverse_key);
-            }
-        }
+        let n = keys.iter().filter(|k| s.flows.remove(&(*k).into()).is_some()).count();
         s.removed_entries += n as u64;
         Ok(n)
     }
-    fn install(&self, flow: &Flow, now_ns: u64) -> Result<()> {
+    fn install(&self, flow: &Flow, port: Option<FlowKey>) -> Result<()> {
         let mut s = self.state();
         s.check("install")?;
-        if flow.fwd.nat_flags & NAT_FULL != 0 {
-            s.ports.insert(flow.reverse_key, now_ns);
+        if let Some(p) = port {
+            s.ports.insert(p, PortOwner { flow: flow.key, claimed: flow.state.created, _pad: 0 });
         }
         s.flows.insert((&flow.key).into(), *flow);
         Ok(())
     }
-    fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, u64)) -> Result<()> {
-        let ports: Vec<(FlowKey, u64)> = self.state().ports.iter().map(|(k, v)| (*k, *v)).collect();
+    fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, &PortOwner)) -> Result<()> {
+        let ports: Vec<(FlowKey, PortOwner)> = self.state().ports.iter().map(|(k, v)| (*k, *v)).collect();
         for (k, v) in ports {
-            f(&k, v);
+            f(&k, &v);
         }
         Ok(())
     }
-    fn port_in_use(&self, key: &FlowKey) -> Result<bool> {
-        Ok(self.state().flows.values().any(|f| f.reverse_key == *key))
+    fn now(&self) -> Result<u32> {
+        Ok(self.state().now)
     }
-    fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
-        let mut s = self.state();
-        Ok(keys.iter().filter(|k| s.ports.remove(k).is_some()).count())
+    fn hz(&self) -> u32 {
+        1000
     }
     fn entries_removed(&self) -> u64 {
         self.state().removed_entries

@@ -26,13 +26,14 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        Addr, Backend, DIR_TO_BACKEND, FlowEntry, FlowKey, IFACE_GENERIC, IFACE_VIRTUAL, NAT_FULL, RING_SLOTS, ServiceEntry, ServiceKey, TrafficCounters, names,
+        Addr, Backend, EndpointEntry, EndpointKey, FlowKey, FlowState, Globals, IFACE_GENERIC, IFACE_VIRTUAL, PortOwner, RING_SLOTS, ServiceEntry, ServiceKey,
+        TrafficCounters, names,
     },
     stats,
 };
 use thiserror::Error;
 
-use super::{DataPlane, Flow, FlowRef, FlowTable, TableCounts, TrafficOf, batch, iface};
+use super::{DataPlane, Flow, FlowRef, FlowTable, TableCounts, TrafficOf, batch, clock::Clock, iface};
 
 /// The compiled XDP object (built by build.rs from lb-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
@@ -43,6 +44,8 @@ pub const PROGRAM: &str = "xlb";
 pub const PASS_PROGRAM: &str = "xlb_pass";
 /// Name of the DSR backends' decapsulation program.
 pub const DECAP_PROGRAM: &str = "xlb_decap";
+/// Name of the clock program (run by the controller, never attached).
+pub const CLOCK_PROGRAM: &str = "xlb_clock";
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -136,9 +139,10 @@ impl KernelDataPlane {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::EmptyObject);
         }
-        let entries = opts.conn_capacity.saturating_mul(2).max(2);
+        // One entry per flow.
+        let entries = opts.conn_capacity.max(1);
         let half_open = opts.half_open_capacity.unwrap_or((opts.conn_capacity / 4).max(1024));
-        let half_open_entries = half_open.saturating_mul(2).max(2);
+        let half_open_entries = half_open.max(1);
         let mut restored = false;
         if let Some(dir) = &opts.pin_dir {
             prepare_pin_dir(dir)?;
@@ -162,7 +166,7 @@ impl KernelDataPlane {
             loader.map_pin_path(name, path.as_path());
         }
         let loaded = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load).and_then(|mut ebpf| {
-            for prog in [PROGRAM, PASS_PROGRAM, DECAP_PROGRAM] {
+            for prog in [PROGRAM, PASS_PROGRAM, DECAP_PROGRAM, CLOCK_PROGRAM] {
                 load_program(&mut ebpf, prog)?;
             }
             Ok(ebpf)
@@ -194,7 +198,7 @@ impl KernelDataPlane {
             table: None,
         })
         .and_then(|mut dp| {
-            dp.table = Some(KernelTable::open(&dp)?);
+            dp.table = Some(KernelTable::open(&mut dp)?);
             Ok(dp)
         })
     }
@@ -463,11 +467,29 @@ impl KernelDataPlane {
         aya::maps::RingBuf::try_from(map).map_err(map_err("opening", names::FLOW_EVENTS))
     }
 
-    /// Sets a global switch (`SETTING_*`).
-    pub fn setting_set(&mut self, index: u32, value: u32) -> Result<()> {
-        let map = self.map_mut(names::SETTINGS)?;
-        let mut m: Array<_, u32> = Array::try_from(map).map_err(map_err("opening", names::SETTINGS))?;
-        m.set(index, value, 0).map_err(map_err("writing", names::SETTINGS))
+    /// Sets the data plane's settings (`Globals`).
+    pub fn globals_set(&mut self, g: Globals) -> Result<()> {
+        let map = self.map_mut(names::GLOBALS)?;
+        let mut m: Array<_, Globals> = Array::try_from(map).map_err(map_err("opening", names::GLOBALS))?;
+        m.set(0, g, 0).map_err(map_err("writing", names::GLOBALS))
+    }
+
+    /// The data plane's settings as they are (a taken-over data plane keeps
+    /// its flow-hash key).
+    pub fn globals(&self) -> Result<Globals> {
+        let map = self.map(names::GLOBALS)?;
+        let m: Array<_, Globals> = Array::try_from(map).map_err(map_err("opening", names::GLOBALS))?;
+        m.get(&0, 0).map_err(map_err("reading", names::GLOBALS))
+    }
+
+    /// Sets (or with `None` removes) a backend endpoint's services.
+    pub fn endpoint_set(&mut self, key: EndpointKey, entry: Option<EndpointEntry>) -> Result<()> {
+        let map = self.map_mut(names::ENDPOINTS)?;
+        let mut m: HashMap<_, EndpointKey, EndpointEntry> = HashMap::try_from(map).map_err(map_err("opening", names::ENDPOINTS))?;
+        match entry {
+            Some(e) => m.insert(key, e, 0).map_err(map_err("inserting into", names::ENDPOINTS)),
+            None => ignore_not_found(m.remove(&key)).map_err(map_err("removing from", names::ENDPOINTS)),
+        }
     }
 
     /// Sets a backend's active-flow count (least-connections input).
@@ -551,18 +573,18 @@ impl KernelDataPlane {
 
     // ---- connection table (tests and benchmarks; the controller uses `table()`) ----
 
-    /// Calls `f` for every entry of the connection table and of the
+    /// Calls `f` for every flow of the connection table and of the
     /// half-open table (batched walks).
-    pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &FlowEntry)) -> Result<()> {
+    pub fn for_each_flow(&self, mut f: impl FnMut(&FlowKey, &FlowState)) -> Result<()> {
         self.for_each_flow_tagged(|_, k, v| f(k, v))
     }
 
-    /// As [`KernelDataPlane::for_each_flow`], saying for each entry whether it
-    /// is in the half-open table.
-    pub fn for_each_flow_tagged(&self, mut f: impl FnMut(bool, &FlowKey, &FlowEntry)) -> Result<()> {
+    /// As [`KernelDataPlane::for_each_flow`], saying for each flow whether
+    /// it is in the half-open table.
+    pub fn for_each_flow_tagged(&self, mut f: impl FnMut(bool, &FlowKey, &FlowState)) -> Result<()> {
         for (half_open, name) in [(false, names::CONNS), (true, names::HALF_OPEN)] {
             let fd = batch::fd_of(self.map_data(name)?);
-            batch::for_each::<FlowKey, FlowEntry>(fd, 4096, |k, v| f(half_open, k, v)).map_err(|cause| DataplaneError::Syscall {
+            batch::for_each::<FlowKey, FlowState>(fd, 4096, |k, v| f(half_open, k, v)).map_err(|cause| DataplaneError::Syscall {
                 op: "walking",
                 map: name,
                 cause,
@@ -571,28 +593,33 @@ impl KernelDataPlane {
         Ok(())
     }
 
-    /// Entries in (connection table, half-open table).
-    pub fn flow_entry_counts(&self) -> Result<(u64, u64)> {
+    /// Flows in (connection table, half-open table).
+    pub fn flow_counts(&self) -> Result<(u64, u64)> {
         let mut counts = (0u64, 0u64);
         self.for_each_flow_tagged(|half_open, _, _| if half_open { counts.1 += 1 } else { counts.0 += 1 })?;
         Ok(counts)
     }
 
-    /// The entry of `key` in either table.
-    pub fn flow_get(&self, key: &FlowKey) -> Result<Option<FlowEntry>> {
-        self.table_ref()?.entry(key).map(|e| e.map(|(v, _)| v))
+    /// The flow of `key` in either table.
+    pub fn flow_get(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        self.table_ref()?.current(key)
     }
 
-    /// Inserts a flow entry directly into the connection table (benchmarks
-    /// and tests that need a populated table without traffic).
-    pub fn flow_insert(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
+    /// The data plane's clock: jiffies, low 32 bits, as flows record them.
+    pub fn now(&self) -> Result<u32> {
+        self.table_ref()?.now()
+    }
+
+    /// Inserts a flow directly into the connection table (benchmarks and
+    /// tests that need a populated table without traffic).
+    pub fn flow_insert(&mut self, key: FlowKey, state: FlowState) -> Result<()> {
         let fd = batch::fd_of(self.map_data(names::CONNS)?);
-        batch::update(fd, &key, &entry).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::CONNS, cause })
+        batch::update(fd, &key, &state).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::CONNS, cause })
     }
 
-    /// Full-NAT ports held per backend (address and port as the maps hold
-    /// them), counted in one batched walk.
-    pub fn ports_in_use(&self) -> Result<StdHashMap<(Addr, u16), u64>> {
+    /// Full-NAT port entries per backend (address and port as the maps hold
+    /// them), holders gone or not, counted in one batched walk.
+    pub fn port_entries(&self) -> Result<StdHashMap<(Addr, u16), u64>> {
         let mut n: StdHashMap<(Addr, u16), u64> = StdHashMap::new();
         self.table_ref()?.for_each_port(&mut |k, _| *n.entry((k.src_addr, k.src_port)).or_default() += 1)?;
         Ok(n)
@@ -605,10 +632,17 @@ impl KernelDataPlane {
     // ---- counters ----
 
     /// Global counters summed over CPUs, indexed by `lb_common::stats`.
+    /// `rx` is the sum of the verdicts (the program does not count it).
     pub fn global_counters(&self) -> Result<Vec<u64>> {
         let map = self.map(names::STATS)?;
         let m: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err("opening", names::STATS))?;
-        (0..stats::COUNT).map(|i| m.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err("reading", names::STATS))).collect()
+        let mut c: Vec<u64> =
+            (0..stats::COUNT).map(|i| m.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err("reading", names::STATS))).collect::<Result<_>>()?;
+        let rx = stats::VERDICTS.iter().map(|i| c.get(*i as usize).copied().unwrap_or(0)).sum();
+        if let Some(r) = c.get_mut(stats::RX as usize) {
+            *r = rx;
+        }
+        Ok(c)
     }
 
     pub fn service_counters(&self, id: u32) -> Result<TrafficCounters> {
@@ -654,8 +688,11 @@ impl DataPlane for KernelDataPlane {
     fn ring_write(&mut self, service_id: u32, old: &[u32], new: &[u32]) -> Result<()> {
         KernelDataPlane::ring_write(self, service_id, old, new)
     }
-    fn setting_set(&mut self, index: u32, value: u32) -> Result<()> {
-        KernelDataPlane::setting_set(self, index, value)
+    fn globals_set(&mut self, g: Globals) -> Result<()> {
+        KernelDataPlane::globals_set(self, g)
+    }
+    fn endpoint_set(&mut self, key: EndpointKey, entry: Option<EndpointEntry>) -> Result<()> {
+        KernelDataPlane::endpoint_set(self, key, entry)
     }
     fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
         KernelDataPlane::backend_active_set(self, id, count)
@@ -694,6 +731,7 @@ impl Drop for KernelDataPlane {
 #[derive(Clone)]
 pub struct KernelTable {
     fds: Option<Arc<TableFds>>,
+    clock: Option<Clock>,
     removed: Arc<AtomicU64>,
 }
 
@@ -704,7 +742,7 @@ struct TableFds {
 }
 
 impl KernelTable {
-    fn open(dp: &KernelDataPlane) -> Result<KernelTable> {
+    fn open(dp: &mut KernelDataPlane) -> Result<KernelTable> {
         let dup = |name: &'static str| -> Result<OwnedFd> {
             batch::fd_of(dp.map_data(name)?).try_clone_to_owned().map_err(|cause| DataplaneError::Syscall {
                 op: "duplicating the descriptor of",
@@ -712,45 +750,47 @@ impl KernelTable {
                 cause,
             })
         };
-        Ok(KernelTable {
-            fds: Some(Arc::new(TableFds { conns: dup(names::CONNS)?, half_open: dup(names::HALF_OPEN)?, ports: dup(names::PORTS)? })),
-            removed: Arc::new(AtomicU64::new(0)),
-        })
+        let fds = TableFds { conns: dup(names::CONNS)?, half_open: dup(names::HALF_OPEN)?, ports: dup(names::PORTS)? };
+        let prog = dp.xdp(CLOCK_PROGRAM)?;
+        let fd = prog
+            .fd()
+            .map_err(|cause| DataplaneError::Program { op: "opening", prog: CLOCK_PROGRAM, cause })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|cause| DataplaneError::Syscall { op: "duplicating the program descriptor for", map: CLOCK_PROGRAM, cause })?;
+        // A few ticks at the slowest rate tell the rates apart.
+        let clock = Clock::new(fd, std::time::Duration::from_millis(60)).map_err(|cause| DataplaneError::Syscall {
+            op: "reading the data plane's clock through",
+            map: CLOCK_PROGRAM,
+            cause,
+        })?;
+        tracing::debug!(hz = clock.hz(), "data plane clock");
+        Ok(KernelTable { fds: Some(Arc::new(fds)), clock: Some(clock), removed: Arc::new(AtomicU64::new(0)) })
     }
 
     fn none() -> KernelTable {
-        KernelTable { fds: None, removed: Arc::new(AtomicU64::new(0)) }
+        KernelTable { fds: None, clock: None, removed: Arc::new(AtomicU64::new(0)) }
     }
 
     fn fds(&self) -> Result<&TableFds> {
         self.fds.as_deref().ok_or(DataplaneError::MissingMap(names::CONNS))
     }
 
-    /// The entry of `key` and whether it is in the half-open table.
-    fn entry(&self, key: &FlowKey) -> Result<Option<(FlowEntry, bool)>> {
+    /// The flow of `key` as the table holds it now.
+    pub fn current(&self, key: &FlowKey) -> Result<Option<Flow>> {
         let f = self.fds()?;
         for (half_open, name, fd) in [(false, names::CONNS, &f.conns), (true, names::HALF_OPEN, &f.half_open)] {
-            if let Some(v) =
-                batch::lookup::<FlowKey, FlowEntry>(fd.as_fd(), key).map_err(|cause| DataplaneError::Syscall { op: "reading", map: name, cause })?
+            if let Some(state) =
+                batch::lookup::<FlowKey, FlowState>(fd.as_fd(), key).map_err(|cause| DataplaneError::Syscall { op: "reading", map: name, cause })?
             {
-                return Ok(Some((v, half_open)));
+                return Ok(Some(Flow { key: *key, state, half_open }));
             }
         }
         Ok(None)
     }
 
-    /// The flow whose client → VIP key is `key`, as the table holds it now.
-    fn current(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        let Some((fwd, half_open)) = self.entry(key)? else { return Ok(None) };
-        if fwd.direction != DIR_TO_BACKEND {
-            return Ok(None);
-        }
-        let rev = self.entry(&fwd.peer_key(key.proto))?.map(|(v, _)| v);
-        Ok(Some(Flow::joined(*key, fwd, rev, half_open)))
-    }
-
-    /// Deletes `keys` from whichever table holds them (batched) and gives
-    /// back the full-NAT ports among them. Returns the entries deleted.
+    /// Deletes `keys` from whichever table holds them (batched). Returns
+    /// the flows deleted.
     fn delete_keys(&self, keys: &[FlowKey]) -> Result<usize> {
         let f = self.fds()?;
         let (mut deleted, missing) =
@@ -760,41 +800,24 @@ impl KernelTable {
                 batch::delete(f.half_open.as_fd(), &missing).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::HALF_OPEN, cause })?.0;
         }
         self.removed.fetch_add(deleted as u64, Ordering::Relaxed);
-        // A flow's port is keyed like its backend → balancer entry, which
-        // is among `keys`; DNAT keys are simply not found there.
-        self.ports_release(keys)?;
         Ok(deleted)
     }
 }
 
 impl FlowTable for KernelTable {
-    fn walk(&self, f: &mut dyn FnMut(&Flow), orphans: &mut dyn FnMut(&FlowKey, &FlowEntry)) -> Result<TableCounts> {
+    fn walk(&self, f: &mut dyn FnMut(&Flow)) -> Result<TableCounts> {
         let fds = self.fds()?;
         let mut counts = TableCounts::default();
-        // Forward entries in order, reverse ones by key, then joined.
-        let mut forward: Vec<(FlowKey, FlowEntry, bool)> = Vec::new();
-        let mut reverse: StdHashMap<FlowKey, FlowEntry> = StdHashMap::new();
         for (half_open, name, fd) in [(false, names::CONNS, &fds.conns), (true, names::HALF_OPEN, &fds.half_open)] {
-            batch::for_each::<FlowKey, FlowEntry>(fd.as_fd(), 4096, |k, v| {
+            batch::for_each::<FlowKey, FlowState>(fd.as_fd(), 4096, |k, v| {
                 if half_open {
-                    counts.half_open_entries += 1;
+                    counts.half_open += 1;
                 } else {
-                    counts.established_entries += 1;
+                    counts.established += 1;
                 }
-                if v.direction == DIR_TO_BACKEND {
-                    forward.push((*k, *v, half_open));
-                } else {
-                    reverse.insert(*k, *v);
-                }
+                f(&Flow { key: *k, state: *v, half_open });
             })
             .map_err(|cause| DataplaneError::Syscall { op: "walking", map: name, cause })?;
-        }
-        for (key, fwd, half_open) in forward {
-            let rev = reverse.remove(&fwd.peer_key(key.proto));
-            f(&Flow::joined(key, fwd, rev, half_open));
-        }
-        for (k, v) in reverse {
-            orphans(&k, &v);
         }
         Ok(counts)
     }
@@ -809,7 +832,7 @@ impl FlowTable for KernelTable {
             if !d.flow.unchanged_in(&now, d.idle) {
                 continue;
             }
-            keys.extend(now.keys());
+            keys.push(now.key);
             gone.push(now);
         }
         if !keys.is_empty() {
@@ -822,52 +845,31 @@ impl FlowTable for KernelTable {
         self.delete_keys(keys)
     }
 
-    fn install(&self, flow: &Flow, now_ns: u64) -> Result<()> {
+    fn install(&self, flow: &Flow, port: Option<FlowKey>) -> Result<()> {
         let f = self.fds()?;
-        // Reverse first, as the data plane does: the backend's first reply
-        // can never miss.
-        if let Some(rev) = flow.rev.filter(|_| !flow.is_dsr()) {
-            batch::update(f.conns.as_fd(), &flow.reverse_key, &rev).map_err(|cause| DataplaneError::Syscall {
-                op: "inserting into",
-                map: names::CONNS,
-                cause,
-            })?;
+        // The port first: the backend's first answer finds its flow.
+        if let Some(p) = port {
+            let owner = PortOwner { flow: flow.key, claimed: flow.state.created, _pad: 0 };
+            batch::update(f.ports.as_fd(), &p, &owner).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::PORTS, cause })?;
         }
-        batch::update(f.conns.as_fd(), &flow.key, &flow.fwd).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::CONNS, cause })?;
-        if flow.fwd.nat_flags & NAT_FULL != 0 {
-            batch::update(f.ports.as_fd(), &flow.reverse_key, &now_ns).map_err(|cause| DataplaneError::Syscall {
-                op: "inserting into",
-                map: names::PORTS,
-                cause,
-            })?;
-        }
-        Ok(())
+        batch::update(f.conns.as_fd(), &flow.key, &flow.state).map_err(|cause| DataplaneError::Syscall { op: "inserting into", map: names::CONNS, cause })
     }
 
-    fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, u64)) -> Result<()> {
-        batch::for_each::<FlowKey, u64>(self.fds()?.ports.as_fd(), 4096, |k, v| f(k, *v)).map_err(|cause| DataplaneError::Syscall {
+    fn for_each_port(&self, f: &mut dyn FnMut(&FlowKey, &PortOwner)) -> Result<()> {
+        batch::for_each::<FlowKey, PortOwner>(self.fds()?.ports.as_fd(), 4096, |k, v| f(k, v)).map_err(|cause| DataplaneError::Syscall {
             op: "walking",
             map: names::PORTS,
             cause,
         })
     }
 
-    fn port_in_use(&self, key: &FlowKey) -> Result<bool> {
-        // The half-open table first: a flow being promoted is inserted into
-        // the connection table before it leaves the half-open one.
-        let f = self.fds()?;
-        for (name, fd) in [(names::HALF_OPEN, &f.half_open), (names::CONNS, &f.conns)] {
-            if batch::lookup::<FlowKey, FlowEntry>(fd.as_fd(), key).map_err(|cause| DataplaneError::Syscall { op: "reading", map: name, cause })?.is_some() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+    fn now(&self) -> Result<u32> {
+        let c = self.clock.as_ref().ok_or(DataplaneError::MissingProgram(CLOCK_PROGRAM))?;
+        c.now().map(|j| j as u32).map_err(|cause| DataplaneError::Syscall { op: "reading the clock through", map: CLOCK_PROGRAM, cause })
     }
 
-    fn ports_release(&self, keys: &[FlowKey]) -> Result<usize> {
-        let (released, _) =
-            batch::delete(self.fds()?.ports.as_fd(), keys).map_err(|cause| DataplaneError::Syscall { op: "deleting from", map: names::PORTS, cause })?;
-        Ok(released)
+    fn hz(&self) -> u32 {
+        self.clock.as_ref().map_or(250, Clock::hz)
     }
 
     fn entries_removed(&self) -> u64 {
@@ -917,9 +919,9 @@ fn check_layout(dir: &Path, conn_entries: u32, half_open_entries: u32, ports_ent
         let want = (def.key_size(), def.value_size(), want_entries);
         if got != want {
             let hint = if name == names::CONNS && got.0 == want.0 && got.1 == want.1 {
-                format!(" (the pinned table holds {} flows: start with --conn-capacity {})", got.2 / 2, got.2 / 2)
+                format!(" (the pinned table holds {} flows: start with --conn-capacity {})", got.2, got.2)
             } else if name == names::HALF_OPEN && got.0 == want.0 && got.1 == want.1 {
-                format!(" (the pinned half-open table holds {} flows: start with --half-open-capacity {})", got.2 / 2, got.2 / 2)
+                format!(" (the pinned half-open table holds {} flows: start with --half-open-capacity {})", got.2, got.2)
             } else {
                 String::new()
             };

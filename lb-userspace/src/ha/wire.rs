@@ -191,10 +191,9 @@ mod tests {
     use lb_common::maps::{FlowKey, addr_v4};
 
     fn flow(port: u16) -> FlowEnd {
-        let key =
-            FlowKey { src_addr: addr_v4(0x0200000a), dst_addr: addr_v4(0x0100630a), src_port: port.to_be(), dst_port: 80u16.to_be(), proto: 6, _pad: [0; 3] };
+        let key = FlowKey::new(addr_v4(0x0200000a), addr_v4(0x0100630a), port.to_be(), 80u16.to_be(), 6);
         let mut f = FlowEnd { key, ..Default::default() };
-        f.to_backend.packets = 7;
+        f.state.packets_orig = 7;
         f
     }
 

@@ -5,8 +5,10 @@
 
 use std::io;
 
+use netlink_packet_core::NLM_F_DUMP;
 use netlink_packet_route::{
     RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkMessage, LinkXdp},
 };
 
@@ -52,5 +54,23 @@ impl Netlink {
             }
         }
         Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface with index {ifindex}")))
+    }
+
+    /// Every address of this host (in the current network namespace), both
+    /// families.
+    pub fn local_addresses(&mut self) -> io::Result<Vec<std::net::IpAddr>> {
+        let mut out = Vec::new();
+        for a in self.request(RouteNetlinkMessage::GetAddress(AddressMessage::default()), NLM_F_DUMP)? {
+            if let RouteNetlinkMessage::NewAddress(m) = a {
+                for attr in &m.attributes {
+                    if let AddressAttribute::Local(ip) | AddressAttribute::Address(ip) = attr
+                        && !out.contains(ip)
+                    {
+                        out.push(*ip);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }

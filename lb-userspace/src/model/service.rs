@@ -9,7 +9,10 @@ use std::{
 };
 
 use lb_common::{
-    maps::{RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, ServiceEntry},
+    maps::{
+        RING_SLOTS, SCHED_LEAST_CONN, SCHED_MAGLEV, SCHED_WRR, SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS,
+        SVC_F_STATELESS_SYN, ServiceEntry,
+    },
     sched,
 };
 
@@ -32,11 +35,27 @@ pub struct Service {
     pub resets: ResetCounts,
     /// Backends given by DNS name, and the addresses each one registered.
     pub named: BTreeMap<HostPort, NamedBackend>,
+    /// Traffic of backends freed since (the data plane counts packets per
+    /// backend; a service's are its backends', these included).
+    pub freed_traffic: lb_common::maps::TrafficCounters,
+    /// One of its backend endpoints also serves another service (set by
+    /// the controller from the endpoints).
+    pub shared_backends: bool,
 }
 
 impl Service {
     pub fn new(id: u32, settings: ServiceSettings) -> Service {
-        Service { id, ring: Vec::new(), settings, backends: BTreeMap::new(), leaving: Vec::new(), resets: ResetCounts::default(), named: BTreeMap::new() }
+        Service {
+            id,
+            ring: Vec::new(),
+            settings,
+            backends: BTreeMap::new(),
+            leaving: Vec::new(),
+            resets: ResetCounts::default(),
+            named: BTreeMap::new(),
+            freed_traffic: Default::default(),
+            shared_backends: false,
+        }
     }
 
     /// Every backend slot: registered ones, then leaving ones.
@@ -102,7 +121,11 @@ impl Service {
             flags: if s.on_miss == MissPolicy::Rehash { SVC_F_MISS_REHASH } else { 0 }
                 | if s.mode == NatMode::Fullnat { SVC_F_FULLNAT } else { 0 }
                 | if s.on_no_port == NoPortPolicy::Drop { SVC_F_NO_PORT_DROP } else { 0 }
-                | if s.mode == NatMode::Dsr { SVC_F_DSR } else { 0 },
+                | if s.mode == NatMode::Dsr { SVC_F_DSR } else { 0 }
+                // SYNs without state where a hash schedules them: Maglev,
+                // not full NAT (a port is state), backends of its own.
+                | if s.scheduler == Scheduler::Maglev && s.mode != NatMode::Fullnat && !self.shared_backends { SVC_F_STATELESS_SYN } else { 0 }
+                | if self.shared_backends { SVC_F_SHARED_BACKENDS } else { 0 },
             _pad: 0,
             syn_timeout_s: s.timeouts.syn.0.as_secs() as u32,
             established_timeout_s: s.timeouts.established.0.as_secs() as u32,

@@ -137,6 +137,22 @@ pub fn plan_apply(services: &BTreeMap<ServiceId, Service>, usage: &Usage, want: 
         return Err(Refusal::Capacity(format!("{} services, at most {MAX_SERVICES}", want.services.len())));
     }
     let mut seen = HashSet::new();
+    // One backend ip:port may serve a few services, no more (its packets
+    // find their flow among them).
+    let mut sharing: BTreeMap<(SocketAddr, crate::model::Proto), usize> = BTreeMap::new();
+    for (i, s) in want.services.iter().enumerate() {
+        for (j, b) in s.backends.iter().enumerate() {
+            let n = sharing.entry((b.backend, s.proto)).or_default();
+            *n += 1;
+            if *n > lb_common::maps::MAX_SERVICES_PER_ENDPOINT {
+                return Err(Refusal::Capacity(format!(
+                    "services[{i}].backends[{j}].backend: {} would serve more than {} services",
+                    b.backend,
+                    lb_common::maps::MAX_SERVICES_PER_ENDPOINT
+                )));
+            }
+        }
+    }
     // Backend ids: those in use stay in use (leaving backends keep theirs
     // until their flows are gone); every new backend needs one more.
     let mut ids_needed = usage.backend_ids_in_use;

@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    dataplane::{Flow, FlowRef, FlowTable},
+    dataplane::{BackendRef, Flow, FlowRef, FlowTable},
     model::{ResetCause, ServiceId},
 };
 
@@ -40,6 +40,9 @@ pub struct Job {
     pub cause: ResetCause,
     pub target: Target,
     pub spread: Duration,
+    /// The addresses of the backends whose flows the job may reset, by id
+    /// (the RST to a backend is addressed from the model, not the table).
+    pub backends: HashMap<u32, BackendRef>,
 }
 
 /// What (part of) a job did.
@@ -93,14 +96,11 @@ pub fn run(table: &dyn FlowTable, sender: Option<&rst::RstSender>, job: &Job, re
 
 fn collect(table: &dyn FlowTable, keep: impl Fn(&Flow) -> bool) -> Vec<FlowRef> {
     let mut out = Vec::new();
-    let walked = table.walk(
-        &mut |f| {
-            if keep(f) {
-                out.push(FlowRef { flow: *f, idle: false });
-            }
-        },
-        &mut |_, _| {},
-    );
+    let walked = table.walk(&mut |f| {
+        if keep(f) {
+            out.push(FlowRef { flow: *f, idle: false });
+        }
+    });
     if let Err(e) = walked {
         tracing::warn!(error = %e, "walking the table for a reset failed");
     }
@@ -124,8 +124,10 @@ fn reset_part(table: &dyn FlowTable, sender: Option<&rst::RstSender>, job: &Job,
             rsts.push(f.client_rst());
             // A DSR backend is reached only through the tunnel: it learns on
             // its next packet (the data plane answers it).
-            if !f.is_dsr() {
-                rsts.push(f.backend_rst());
+            if !f.is_dsr()
+                && let Some(r) = job.backends.get(&f.backend_id()).and_then(|b| f.backend_rst(b))
+            {
+                rsts.push(r);
             }
             *o.reset_by_backend.entry(f.backend_id()).or_default() += 1;
         }
@@ -160,6 +162,7 @@ mod tests {
             cause: ResetCause::Removed,
             target,
             spread: Duration::ZERO,
+            backends: HashMap::new(),
         }
     }
 
@@ -193,7 +196,7 @@ mod tests {
             if !replaced {
                 // A new connection takes one of the remaining 5-tuples.
                 let mut f = crate::table::tests_support::flow(19, 1, tcp::STATE_SYN, 9);
-                f.fwd.created_ns = 9;
+                f.state.created = 9;
                 t.put(f);
                 replaced = true;
             }

@@ -1,22 +1,23 @@
 //! The table snapshot: one walker reads the whole connection table
 //! (batched, on its own thread, never the controller's), and from that one
 //! pass come the figures every report reads (flows and active flows per
-//! backend, entries per table), the expiry decisions and, for a sync
-//! master, the refresh. Reports never walk the table on demand: a
-//! `status` or a metrics scrape at a million flows costs what it costs at
-//! ten.
+//! backend, flows per table, full-NAT ports held) and the expiry
+//! decisions. Reports never walk the table on demand: a `status` or a
+//! metrics scrape at a million flows costs what it costs at ten.
 //!
 //! Expiry removes flows with [`FlowTable::remove_if_unchanged`]: a flow
 //! that saw a packet after the walk (it revived) or a new connection on the
 //! same 5-tuple is never removed by a decision made about the old one.
+//! Full-NAT ports need no expiry: the data plane takes a port back when it
+//! finds its holder gone.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     time::{Duration, Instant},
 };
 
 use lb_common::{
-    maps::{FlowKey, PORTS_GRACE_NS, end_reason},
+    maps::{Addr, FlowKey, end_reason},
     tcp,
 };
 
@@ -60,6 +61,9 @@ pub struct Snapshot {
     pub flows: u64,
     /// By backend id.
     pub by_backend: HashMap<u32, BackendFlows>,
+    /// Full-NAT ports held by live flows, by backend (address and port as
+    /// the maps hold them).
+    pub ports: HashMap<(Addr, u16), u64>,
 }
 
 impl Snapshot {
@@ -76,12 +80,6 @@ pub struct Decisions {
     /// Established TCP flows idle past their timeout whose service resets
     /// them (both ends get a RST).
     pub reset: Vec<(ServiceId, FlowRef)>,
-    /// Entries whose flow's other half is gone, idle past the established
-    /// timeout (or of no service).
-    pub orphans: Vec<FlowKey>,
-    /// Full-NAT ports no flow of the walk held, past the grace of a flow
-    /// being created: to confirm and give back.
-    pub stale_ports: Vec<FlowKey>,
 }
 
 /// The idle limit of `flow` under `rules`.
@@ -90,6 +88,8 @@ fn limit(flow: &Flow, t: &Timeouts) -> Duration {
         CLOSED_LINGER
     } else if !flow.is_tcp() {
         t.udp.0
+    } else if flow.half_open {
+        t.syn.0
     } else {
         match flow.combined_state() {
             tcp::STATE_SYN | tcp::STATE_NONE => t.syn.0,
@@ -99,55 +99,59 @@ fn limit(flow: &Flow, t: &Timeouts) -> Duration {
     }
 }
 
+/// How long `f` has been idle at `now` (jiffies, `hz` a second).
+pub fn idle(f: &Flow, now: u32, hz: u32) -> Duration {
+    let ticks = now.wrapping_sub(f.last_seen());
+    // A flow stamped after `now` was read (it revived during the walk).
+    if ticks > u32::MAX / 2 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(ticks as u64 * 1000 / hz.max(1) as u64)
+}
+
 /// Walks the table once: the snapshot, the expiry decisions, and every
-/// flow handed to `each` (a sync refresh, a listing). `now_ns` is
-/// `CLOCK_MONOTONIC` (the data plane's clock).
-pub fn walk(table: &dyn FlowTable, rules: &Rules, now_ns: u64, each: &mut dyn FnMut(&Flow)) -> Result<(Snapshot, Decisions)> {
+/// flow handed to `each` (a listing). `now` is the data plane's clock.
+pub fn walk(table: &dyn FlowTable, rules: &Rules, now: u32, each: &mut dyn FnMut(&Flow)) -> Result<(Snapshot, Decisions)> {
     let started = Instant::now();
+    let hz = table.hz();
     let mut snap = Snapshot { taken_at: Some(started), ..Snapshot::default() };
     let mut d = Decisions::default();
-    let mut reverse_keys: HashSet<FlowKey> = HashSet::new();
-    let mut orphan_entries = Vec::new();
-    let counts = table.walk(
-        &mut |f: &Flow| {
-            snap.flows += 1;
-            let b = snap.by_backend.entry(f.backend_id()).or_default();
-            b.total += 1;
-            let active = f.is_active();
-            if active {
-                b.active += 1;
-            }
-            reverse_keys.insert(f.reverse_key);
-            each(f);
-            let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
-            let decided = FlowRef { flow: *f, idle: true };
-            let Some(r) = rules.services.get(&f.service_id()) else {
-                // A flow of a service that is gone.
-                d.forget.push((FlowRef { flow: *f, idle: false }, end_reason::SERVICE_REMOVED));
-                return;
-            };
-            if idle <= limit(f, &r.timeouts) {
-                return;
-            }
-            if active && f.is_tcp() && r.reset_on_idle {
-                d.reset.push((r.sid, decided));
-            } else {
-                d.forget.push((decided, if active { end_reason::IDLE } else { end_reason::FIN }));
-            }
-        },
-        &mut |k, v| orphan_entries.push((*k, *v)),
-    )?;
-    for (k, v) in orphan_entries {
-        let limit = rules.services.get(&v.service_id).map_or(Duration::ZERO, |r| r.timeouts.established.0);
-        if Duration::from_nanos(now_ns.saturating_sub(v.last_seen_ns)) > limit {
-            d.orphans.push(k);
+    // Full-NAT flows by key: which port each holds (to count live ports).
+    let mut holders: HashMap<FlowKey, (u32, u16)> = HashMap::new();
+    let counts = table.walk(&mut |f: &Flow| {
+        snap.flows += 1;
+        let b = snap.by_backend.entry(f.backend_id()).or_default();
+        b.total += 1;
+        let active = f.is_active();
+        if active {
+            b.active += 1;
         }
-    }
-    table.for_each_port(&mut |k, allocated_ns| {
-        if now_ns.saturating_sub(allocated_ns) > PORTS_GRACE_NS && !reverse_keys.contains(k) {
-            d.stale_ports.push(*k);
+        if f.is_fullnat() && active {
+            holders.insert(f.key, (f.backend_id(), f.state.snat_port));
+        }
+        each(f);
+        let decided = FlowRef { flow: *f, idle: true };
+        let Some(r) = rules.services.get(&f.service_id()) else {
+            // A flow of a service that is gone.
+            d.forget.push((FlowRef { flow: *f, idle: false }, end_reason::SERVICE_REMOVED));
+            return;
+        };
+        if idle(f, now, hz) <= limit(f, &r.timeouts) {
+            return;
+        }
+        if active && f.is_tcp() && !f.half_open && r.reset_on_idle {
+            d.reset.push((r.sid, decided));
+        } else {
+            d.forget.push((decided, if active { end_reason::IDLE } else { end_reason::FIN }));
         }
     })?;
+    if !holders.is_empty() {
+        table.for_each_port(&mut |k, owner| {
+            if holders.get(&owner.flow).is_some_and(|(_, port)| *port == k.dst_port) {
+                *snap.ports.entry((k.src_addr, k.src_port)).or_default() += 1;
+            }
+        })?;
+    }
     snap.counts = counts;
     snap.took = started.elapsed();
     Ok((snap, d))
@@ -156,82 +160,48 @@ pub fn walk(table: &dyn FlowTable, rules: &Rules, now_ns: u64, each: &mut dyn Fn
 /// What an expiry pass removed.
 #[derive(Clone, Debug, Default)]
 pub struct Expired {
-    /// Flows forgotten, with their flow-log reason, by service id.
+    /// Flows forgotten, with their flow-log reason.
     pub forgotten: Vec<(Flow, u32)>,
-    pub orphans: usize,
-    pub ports_released: usize,
 }
 
 /// Carries out the quiet part of `d` (the resets go to the reset worker):
 /// each flow is removed only if it is still as the walk saw it.
 pub fn expire(table: &dyn FlowTable, d: &Decisions) -> Result<Expired> {
     let mut out = Expired::default();
+    let reasons: HashMap<FlowKey, u32> = d.forget.iter().map(|(r, why)| (r.flow.key, *why)).collect();
     let refs: Vec<FlowRef> = d.forget.iter().map(|(r, _)| *r).collect();
     for chunk in refs.chunks(4096) {
         for f in table.remove_if_unchanged(chunk)? {
-            let reason = d.forget.iter().find(|(r, _)| r.flow.key == f.key).map_or(end_reason::IDLE, |(_, why)| *why);
+            let reason = reasons.get(&f.key).copied().unwrap_or(end_reason::IDLE);
             out.forgotten.push((f, reason));
         }
     }
-    if !d.orphans.is_empty() {
-        out.orphans = table.remove_keys(&d.orphans)?;
-    }
-    let mut stale = Vec::new();
-    for k in &d.stale_ports {
-        if !table.port_in_use(k)? {
-            stale.push(*k);
-        }
-    }
-    if !stale.is_empty() {
-        out.ports_released = table.ports_release(&stale)?;
-    }
     Ok(out)
-}
-
-/// The monotonic clock the data plane stamps flows with
-/// (`bpf_ktime_get_coarse_ns` reads `CLOCK_MONOTONIC`).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Flows for tests.
 #[cfg(test)]
 pub mod tests_support {
     use super::*;
-    use lb_common::maps::{DIR_TO_BACKEND, DIR_TO_CLIENT, FlowEntry, PROTO_TCP, addr_v4};
+    use lb_common::maps::{FlowState, PROTO_TCP, TCPD_SEEN, TcpDir, addr_v4};
 
     /// A DNAT flow from 10.0.0.2:`port` to 10.99.0.1:80 on backend
-    /// `backend_id` (10.1.1.2:8080) of service id 0, created at 1 ns.
-    pub fn flow(port: u16, backend_id: u32, state: u8, last_seen_ns: u64) -> Flow {
-        let key = FlowKey {
-            src_addr: addr_v4(0x0200000a),
-            dst_addr: addr_v4(0x0100630a),
-            src_port: port.to_be(),
-            dst_port: 80u16.to_be(),
-            proto: PROTO_TCP,
-            _pad: [0; 3],
+    /// `backend_id` of service id 0, both sides in TCP `state`, created at
+    /// jiffy 1, last seen at `last_seen` (jiffies).
+    pub fn flow(port: u16, backend_id: u32, state: u8, last_seen: u32) -> Flow {
+        let key = FlowKey::new(addr_v4(0x0200000a), addr_v4(0x0100630a), port.to_be(), 80u16.to_be(), PROTO_TCP);
+        let side = |end: u32| TcpDir { end, maxend: end + 65535, maxwin: 65535, state, wscale: 0, flags: TCPD_SEEN, _pad: 0 };
+        let state = FlowState {
+            backend_id: backend_id as u16,
+            created: 1,
+            last_seen,
+            packets_orig: 3,
+            packets_reply: 2,
+            orig: side(1001),
+            reply: side(5001),
+            ..FlowState::default()
         };
-        let fwd = FlowEntry {
-            nat_src: key.src_addr,
-            nat_dst: addr_v4(0x0201010a),
-            nat_sport: key.src_port,
-            nat_dport: 8080u16.to_be(),
-            direction: DIR_TO_BACKEND,
-            tcp_state: state,
-            backend_id,
-            service_id: 0,
-            created_ns: 1,
-            last_seen_ns,
-            ..Default::default()
-        };
-        let mut rev = FlowEntry::default();
-        rev.fill_reverse_of(&key, &fwd, last_seen_ns);
-        rev.tcp_state = state;
-        rev.direction = DIR_TO_CLIENT;
-        Flow::joined(key, fwd, Some(rev), false)
+        Flow { key, state, half_open: false }
     }
 }
 
@@ -253,18 +223,22 @@ mod tests {
         FakeDataPlane::new(1024, 1024).table()
     }
 
+    /// The fake's clock runs at 1000 Hz: a jiffy is a millisecond.
+    const S: u32 = 1000;
+
     #[test]
     fn a_walk_counts_flows_per_backend_and_decides_what_expires() {
         let t = table();
-        let now = 1_000 * 1_000_000_000u64;
-        t.put(flow(1, 7, tcp::STATE_ESTABLISHED, now - 1_000_000_000));
-        t.put(flow(2, 7, tcp::STATE_ESTABLISHED, now - 400 * 1_000_000_000));
-        t.put(flow(3, 8, tcp::STATE_FIN, now - 3 * 1_000_000_000));
+        let now = 1_000 * S;
+        t.put(flow(1, 7, tcp::STATE_ESTABLISHED, now - S));
+        t.put(flow(2, 7, tcp::STATE_ESTABLISHED, now - 400 * S));
+        t.put(flow(3, 8, tcp::STATE_FIN, now - 3 * S));
         let (snap, d) = walk(&t, &rules(), now, &mut |_| {}).expect("walk");
         assert_eq!(snap.flows, 3);
         assert_eq!(snap.backend(7), BackendFlows { active: 2, total: 2 });
         assert_eq!(snap.backend(8), BackendFlows { active: 0, total: 1 }, "both FINs: over");
-        let forgotten: Vec<u16> = d.forget.iter().map(|(r, _)| u16::from_be(r.flow.key.src_port)).collect();
+        let mut forgotten: Vec<u16> = d.forget.iter().map(|(r, _)| u16::from_be(r.flow.key.src_port)).collect();
+        forgotten.sort_unstable();
         assert_eq!(forgotten, vec![2, 3], "idle past 350 s, and closed past the linger");
         let e = expire(&t, &d).expect("expire");
         assert_eq!(e.forgotten.len(), 2);
@@ -274,23 +248,29 @@ mod tests {
     #[test]
     fn a_flow_that_revived_or_was_replaced_after_the_walk_is_not_removed() {
         let t = table();
-        let now = 1_000 * 1_000_000_000u64;
-        t.put(flow(1, 7, tcp::STATE_ESTABLISHED, now - 400 * 1_000_000_000));
-        t.put(flow(2, 7, tcp::STATE_FIN, now - 10 * 1_000_000_000));
+        let now = 1_000 * S;
+        t.put(flow(1, 7, tcp::STATE_ESTABLISHED, now - 400 * S));
+        t.put(flow(2, 7, tcp::STATE_FIN, now - 10 * S));
         let (_, d) = walk(&t, &rules(), now, &mut |_| {}).expect("walk");
         assert_eq!(d.forget.len(), 2);
         // After the walk: flow 1 sees a packet, flow 2's 5-tuple is reused
-        // by a new connection.
-        // (The data plane counts every packet; it moves `last_seen` only
-        // every so often: the count is what tells.)
-        let mut revived = flow(1, 7, tcp::STATE_ESTABLISHED, now - 400 * 1_000_000_000);
-        revived.fwd.packets += 1;
+        // by a new connection. (The data plane counts every packet; it
+        // moves `last_seen` only every so often: the count is what tells.)
+        let mut revived = flow(1, 7, tcp::STATE_ESTABLISHED, now - 400 * S);
+        revived.state.packets_orig += 1;
         t.put(revived);
         let mut new = flow(2, 7, tcp::STATE_SYN, now + 1);
-        new.fwd.created_ns = now + 1;
+        new.state.created = now + 1;
         t.put(new);
         let e = expire(&t, &d).expect("expire");
         assert!(e.forgotten.is_empty(), "{:?}", e.forgotten);
         assert_eq!(t.len(), 2, "the revived flow and the new connection stay");
+    }
+
+    #[test]
+    fn idle_time_survives_the_clock_wrapping() {
+        let f = flow(1, 7, tcp::STATE_ESTABLISHED, u32::MAX - 500);
+        assert_eq!(idle(&f, 499, 1000), Duration::from_secs(1));
+        assert_eq!(idle(&f, u32::MAX - 600, 1000), Duration::ZERO, "seen after the walk's clock reading");
     }
 }

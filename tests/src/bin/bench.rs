@@ -103,19 +103,20 @@ fn ms(d: Duration) -> f64 {
 /// Returns (time to the last RST sent, time until the table is clean).
 fn reset_once(ns: &Netns, flows: u32, send_rsts: bool) -> anyhow::Result<(Duration, Duration)> {
     in_netns(&ns.name, || -> anyhow::Result<(Duration, Duration)> {
-        let dp = KernelDataPlane::load(LoadOptions { conn_capacity: flows * 2, half_open_capacity: None, pin_dir: None })?;
+        let dp = KernelDataPlane::load(LoadOptions { conn_capacity: flows + 1024, half_open_capacity: None, pin_dir: None })?;
         let mut ctl = Controller::new(dp);
         let sender = if send_rsts { Some(RstSender::new().context("raw socket")?) } else { None };
         let vip = SocketAddr::from(([10, 99, 0, 1], 80));
         let backend = SocketAddr::from(([10, 1, 0, 2], 8080));
         ctl.service_add(vip, Proto::Tcp, &Default::default())?;
         let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
+        // The only service of a fresh controller: id 0.
+        let now = ctl.dataplane().now()?;
         for i in 0..flows {
             let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i / 50_000);
             let client = SocketAddr::new(client.into(), 10_000 + (i % 50_000) as u16);
-            for (k, e) in flows::dnat_pair(client, vip, backend, id, (i, i.wrapping_mul(7))) {
-                ctl.dataplane().flow_insert(k, e)?;
-            }
+            let (k, e) = flows::established(client, vip, 0, id, (i, i.wrapping_mul(7)), now);
+            ctl.dataplane().flow_insert(k, e)?;
         }
         let start = Instant::now();
         ctl.backend_remove(vip, Some(Proto::Tcp), backend)?;
@@ -213,11 +214,12 @@ fn loaded(r: &Rig, capacity: u32, half_open: u32, established: u32) -> anyhow::R
         let backend = SocketAddr::from(([10, 1, 1, 2], 8080));
         ctl.service_add(vip, Proto::Tcp, &Default::default())?;
         let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
+        // The only service of a fresh controller: id 0.
+        let now = ctl.dataplane().now()?;
         for i in 0..established {
             let (ip, port) = client(i);
-            for (k, e) in flows::dnat_pair(SocketAddr::new(ip.into(), port), vip, backend, id, (1, 1)) {
-                ctl.dataplane().flow_insert(k, e)?;
-            }
+            let (k, e) = flows::established(SocketAddr::new(ip.into(), port), vip, 0, id, (1, 1), now);
+            ctl.dataplane().flow_insert(k, e)?;
         }
         Ok(ctl)
     })?
@@ -341,11 +343,12 @@ fn next_hop_cost(r: &Rig, clients: u32) -> anyhow::Result<serde_json::Value> {
         let backend = SocketAddr::from(([10, 1, 1, 2], 8080));
         ctl.service_add(vip, Proto::Tcp, &Default::default())?;
         let (_, id) = ctl.backend_add(vip, Some(Proto::Tcp), backend, None)?;
+        // The only service of a fresh controller: id 0.
+        let now = ctl.dataplane().now()?;
         for i in 0..clients {
             let (ip, port) = client(i);
-            for (k, e) in flows::dnat_pair(SocketAddr::new(ip.into(), port), vip, backend, id, (1, 1)) {
-                ctl.dataplane().flow_insert(k, e)?;
-            }
+            let (k, e) = flows::established(SocketAddr::new(ip.into(), port), vip, 0, id, (1, 1), now);
+            ctl.dataplane().flow_insert(k, e)?;
         }
         Ok(ctl)
     })??;

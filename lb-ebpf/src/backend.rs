@@ -1,0 +1,208 @@
+//! Packets from a backend (backend ip:port → a client, or the balancer's
+//! full-NAT address): the flow is found through the backend's services
+//! (`XLB_ENDPOINTS`: in DNAT the client is the packet's destination, so
+//! the flow's key follows from the VIP) or its full-NAT port (`XLB_PORTS`:
+//! the port's holder).
+//!
+//! Without a flow, a backend's packet is never forwarded with the
+//! backend's address visible: it is reverse-NATed from its only service
+//! when there is one (a SYN-ACK then creates the half-open flow, any other
+//! segment re-creates the lost flow: the backend, trusted, says where it
+//! goes), handed to the kernel when it is for the balancer itself, and
+//! otherwise dropped (a TCP one answered with a RST so the backend lets
+//! its connection go).
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    maps::{
+        ADDR_LOCAL, DIR_TO_CLIENT, EndpointEntry, EndpointService, FLOW_PICKED_UP, FlowKey, FlowState, MAX_SERVICES_PER_ENDPOINT, NAT_SRC, NatTuple, PROTO_TCP,
+        SVC_F_FULLNAT, TcpDir, backend_is_gone,
+    },
+    stats as stat, tcp,
+};
+
+use crate::{
+    conntrack::{self, Table},
+    flow,
+    maps::{BACKENDS, PORTS, SCRATCH},
+    parse::{Packet, Verdict, is_addr},
+    ports, reset, stats,
+};
+
+/// The flow of a backend's packet: its entry (null if none), its key
+/// written to `pkt.flow_key` and `flow::packet`'s mode to `mode`. A
+/// separate BPF function returning the map value (see `client::find`).
+#[inline(never)]
+pub fn find(pkt: &mut Packet, ep: &EndpointEntry, mode: &mut u64) -> *mut FlowState {
+    match find_in(pkt, ep) {
+        Some((e, table)) => {
+            *mode = flow::mode(table, false);
+            e
+        }
+        None => core::ptr::null_mut(),
+    }
+}
+
+#[inline(always)]
+fn find_in(pkt: &mut Packet, ep: &EndpointEntry) -> Option<(*mut FlowState, Table)> {
+    // A SYN-ACK belongs to a flow still in its handshake.
+    let synack = pkt.key.proto == PROTO_TCP && pkt.tcp_flags & tcp::FLAG_SYN != 0;
+    if ep.any_fullnat != 0 {
+        // SAFETY: read-only use of a map value; the key is copied out.
+        if let Some(owner) = unsafe { PORTS.get(&pkt.key) } {
+            pkt.flow_key = owner.flow;
+            if let Some((e, table)) = lookup(&pkt.flow_key, synack) {
+                // SAFETY: map value pointer from the kernel.
+                let st = unsafe { &*e };
+                // The holder still holds this port towards this backend.
+                if holds_here(st, ep, pkt.key.dst_port) {
+                    return Some((e, table));
+                }
+            }
+        }
+    }
+    for i in 0..MAX_SERVICES_PER_ENDPOINT {
+        if i as u32 >= ep.count {
+            break;
+        }
+        let s = &ep.services[i];
+        if s.flags & SVC_F_FULLNAT != 0 {
+            continue;
+        }
+        pkt.flow_key = FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto);
+        if let Some((e, table)) = lookup(&pkt.flow_key, synack) {
+            // SAFETY: map value pointer from the kernel.
+            if unsafe { (*e).backend_id } == s.backend_id {
+                return Some((e, table));
+            }
+        }
+    }
+    None
+}
+
+/// A flow by key: a SYN-ACK looks in the half-open table first.
+#[inline(always)]
+fn lookup(key: &FlowKey, synack: bool) -> Option<(*mut FlowState, Table)> {
+    let (first, second) = if synack { (Table::HalfOpen, Table::Established) } else { (Table::Established, Table::HalfOpen) };
+    if let Some(e) = conntrack::get(first, key) {
+        return Some((e, first));
+    }
+    conntrack::get(second, key).map(|e| (e, second))
+}
+
+/// Whether full-NAT flow `st` holds `port` towards this endpoint (as one of
+/// its services' backends).
+#[inline(always)]
+fn holds_here(st: &FlowState, ep: &EndpointEntry, port: u16) -> bool {
+    for i in 0..MAX_SERVICES_PER_ENDPOINT {
+        if i as u32 >= ep.count {
+            break;
+        }
+        let s = &ep.services[i];
+        if s.service_id == st.service_id && ports::holds(st, s.backend_id, port) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A backend's packet that belongs to no flow in the table
+/// (`Verdict::to_bits`: a BPF function cannot return a struct). A separate
+/// BPF function.
+#[inline(never)]
+pub fn no_flow(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry) -> u64 {
+    no_flow_verdict(ctx, pkt, ep, conntrack::now() as u32).to_bits()
+}
+
+#[inline(always)]
+fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32) -> Verdict {
+    if is_addr(&pkt.key.dst_addr, ADDR_LOCAL) {
+        // For the balancer itself (health checks, a full-NAT port whose
+        // flow is gone): the kernel's business.
+        return Verdict::pass(stat::PASS_NOT_SERVICE);
+    }
+    let is_tcp = pkt.key.proto == PROTO_TCP;
+    // Only an endpoint of a single DNAT service says which flow it is.
+    let s = &ep.services[0];
+    if ep.count != 1 || s.flags & SVC_F_FULLNAT != 0 {
+        return refuse(ctx, pkt);
+    }
+    let Some(b) = BACKENDS.get(s.backend_id as u32) else { return refuse(ctx, pkt) };
+    if backend_is_gone(b.state) {
+        return refuse(ctx, pkt);
+    }
+    let key = FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto);
+    let flags = pkt.tcp_flags;
+    if is_tcp && flags & (tcp::FLAG_RST | tcp::FLAG_FIN) != 0 && flags & tcp::FLAG_SYN == 0 {
+        // The end of a flow already gone: told to the client, nothing made.
+        stats::count(stat::REPLY_STATELESS);
+        let t = NatTuple {
+            src: key.dst_addr,
+            dst: key.src_addr,
+            sport: key.dst_port,
+            dport: key.src_port,
+            flags: NAT_SRC,
+            direction: DIR_TO_CLIENT,
+            _pad: 0,
+            hop: 0,
+        };
+        return flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64);
+    }
+    if is_tcp && flags & tcp::FLAG_SYN != 0 && flags & tcp::FLAG_ACK == 0 {
+        // A backend does not open connections through a VIP.
+        return refuse(ctx, pkt);
+    }
+    // A SYN-ACK starts the half-open flow (its SYN created nothing); any
+    // other segment, or a UDP answer, re-creates a lost flow as
+    // established.
+    let synack = is_tcp && flags & tcp::FLAG_SYN != 0;
+    create(ctx, pkt, &key, s, if synack { Table::HalfOpen } else { Table::Established }, now)
+}
+
+/// Creates the flow of a backend's packet in `table` and forwards the
+/// packet to the client.
+#[inline(always)]
+fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, table: Table, now: u32) -> Verdict {
+    let Some(st) = SCRATCH.get_ptr_mut(0) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
+    // SAFETY: this CPU's scratch slot; every field is written.
+    let st = unsafe { &mut *st };
+    st.backend_id = s.backend_id;
+    st.service_id = s.service_id;
+    st.flags = if table == Table::Established { FLOW_PICKED_UP } else { 0 };
+    st.snat_port = 0;
+    st._pad = 0;
+    st.hop = 0;
+    st.created = now;
+    st.last_seen = now;
+    st.packets_orig = 0;
+    st.packets_reply = 0;
+    st.orig = TcpDir::default();
+    st.reply = TcpDir::default();
+    st.bytes_orig = 0;
+    st.bytes_reply = 0;
+    if pkt.key.proto == PROTO_TCP {
+        let _ = tcp::track(&mut st.reply, &mut st.orig, &flow::segment(pkt));
+    }
+    if !conntrack::insert(table, key, st) {
+        return Verdict::drop(stat::DROP_TABLE_FULL);
+    }
+    stats::count_new_flow(s.service_id as u32, s.backend_id as u32);
+    if table == Table::Established {
+        stats::count(stat::REDERIVED);
+        conntrack::report_new(key, st);
+    }
+    conntrack::touch(st, false, pkt.ip_len, now);
+    let Some(b) = BACKENDS.get(s.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
+    let t = flow::tuple(key, st, b, false);
+    flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64)
+}
+
+/// Drops a backend's packet that belongs to no flow; a TCP one (not a RST)
+/// is answered with a RST, so the backend lets the connection go.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    if pkt.key.proto == PROTO_TCP {
+        return reset::answer(ctx, pkt, stat::DROP_REPLY_NO_FLOW);
+    }
+    Verdict::drop(stat::DROP_REPLY_NO_FLOW)
+}

@@ -804,8 +804,6 @@ fn a_tcp_flow_is_reported_new_when_its_handshake_completes_not_at_its_syn() {
     assert_eq!((got.len(), got.first().map(|e| e.key.proto)), (1, Some(17)));
 }
 
-/// CLOCK_MONOTONIC_COARSE, the data plane's clock (`bpf_ktime_get_coarse_ns`).
-
 /// An expiry decision made now for every flow of the rig's TCP service
 /// (as if it had been idle for 10 s past a 1 s timeout), and the data
 /// plane's clock when it was made.

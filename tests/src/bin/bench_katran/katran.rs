@@ -53,8 +53,8 @@ pub const VIP0_CNTR: u32 = 0;
 /// New connections per second per CPU above which Katran stops writing its LRU.
 pub const MAX_CONN_RATE: u64 = 125_000;
 /// sizeof(struct flow_key), sizeof(struct real_pos_lru).
-const FLOW_KEY: u32 = 40;
-const REAL_POS_LRU: u32 = 16;
+pub const FLOW_KEY: u32 = 40;
+pub const REAL_POS_LRU: u32 = 16;
 
 type VipDefinition = [u8; 20];
 type VipMeta = [u8; 8];
@@ -137,6 +137,15 @@ pub fn load(path: &Path, lru_size: u32, router_mac: [u8; 6], cpu: usize) -> anyh
 impl Katran {
     pub fn program(&self) -> anyhow::Result<&Xdp> {
         self.ebpf.program(PROGRAM).context("Katran's program")?.try_into().context("Katran's program as XDP")
+    }
+
+    /// Kernel memory charged to CPU `cpu`'s LRU (`memlock` in its fdinfo;
+    /// read only, for the report).
+    pub fn lru_memlock(&self, cpu: usize) -> Option<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.lrus.get(cpu)?.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
     }
 
     /// Entries in CPU `cpu`'s LRU (one batched walk).

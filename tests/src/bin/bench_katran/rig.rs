@@ -5,7 +5,7 @@
 //!      10.0.0.254 is a permanent neighbour, and 10.100.0.0/16, where the
 //!      clients are, is routed through it)
 //!   t1 10.1.1.1/24 (the backends' side, 10.1.1.2-4 permanent neighbours)
-//!   lo xlb's VIP
+//!   lo xlb's VIPs (10.99.0.1, and .2-.3 of the stateful SYN row)
 //!
 //! Katran needs none of it (it returns XDP_TX), but both programs get the
 //! same ingress ifindex (t0), so they are timed on the same footing.
@@ -45,7 +45,6 @@ pub struct Rig {
 pub fn rig() -> anyhow::Result<Rig> {
     let ns = Netns::new(&format!("{}-katran", unique_prefix()))?;
     let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    let vip = format!("{}/32", xlb_side::VIP);
     let router = ROUTER.to_string();
     let mut cmds: Vec<Vec<String>> = vec![
         vec!["link".into(), "add".into(), "t0".into(), "type".into(), "veth".into(), "peer".into(), "name".into(), "t1".into()],
@@ -53,12 +52,14 @@ pub fn rig() -> anyhow::Result<Rig> {
         vec!["link".into(), "set".into(), "t1".into(), "address".into(), mac(T1_MAC)],
         vec!["addr".into(), "add".into(), "10.0.0.1/24".into(), "dev".into(), "t0".into()],
         vec!["addr".into(), "add".into(), "10.1.1.1/24".into(), "dev".into(), "t1".into()],
-        vec!["addr".into(), "add".into(), vip, "dev".into(), "lo".into()],
         vec!["link".into(), "set".into(), "t0".into(), "up".into()],
         vec!["link".into(), "set".into(), "t1".into(), "up".into()],
         vec!["neigh".into(), "add".into(), router.clone(), "lladdr".into(), mac(ROUTER_MAC), "dev".into(), "t0".into(), "nud".into(), "permanent".into()],
         vec!["route".into(), "add".into(), "10.100.0.0/16".into(), "via".into(), router],
     ];
+    for v in [xlb_side::VIP, xlb_side::VIP_SHARED, xlb_side::VIP_SHARED_PEER] {
+        cmds.push(vec!["addr".into(), "add".into(), format!("{v}/32"), "dev".into(), "lo".into()]);
+    }
     for b in xlb_side::BACKENDS {
         cmds.push(vec![
             "neigh".into(),

@@ -183,15 +183,19 @@ fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, ta
     if pkt.key.proto == PROTO_TCP {
         let _ = tcp::track(&mut st.reply, &mut st.orig, &flow::segment(pkt));
     }
+    // Counted, and marked reported, in the entry (the scratch copy is what
+    // gets inserted).
+    conntrack::touch(st, false, pkt.ip_len, now);
+    if table == Table::Established {
+        conntrack::report_new(key, st);
+    }
     if !conntrack::insert(table, key, st) {
         return Verdict::drop(stat::DROP_TABLE_FULL);
     }
     stats::count_new_flow(s.service_id as u32, s.backend_id as u32);
     if table == Table::Established {
         stats::count(stat::REDERIVED);
-        conntrack::report_new(key, st);
     }
-    conntrack::touch(st, false, pkt.ip_len, now);
     let Some(b) = BACKENDS.get(s.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
     let t = flow::tuple(key, st, b, false);
     flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64)

@@ -9,7 +9,10 @@
 //! The pool is split between the CPUs (port `lo + cpu + k × ncpus`): only
 //! one CPU ever takes a given port over, and one CPU runs one packet at a
 //! time, so the check "its holder is gone" and the takeover cannot race:
-//! two live flows never share a port.
+//! two live flows never share a port. A CPU whose own share is all held
+//! may still claim another CPU's port that was never taken (the exclusive
+//! insert decides), so a small pool is not cut in pieces while it has
+//! never-used ports.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -73,6 +76,20 @@ pub fn allocate(svc: &ServiceEntry, backend_id: u16, backend: &Backend, owner: &
         k += 1;
         if k >= share {
             k = 0;
+        }
+    }
+    // This CPU's share is held: a port never taken, anywhere in the pool.
+    // SAFETY: helper without arguments.
+    let mut p = unsafe { bpf_get_prandom_u32() } % n;
+    for _ in 0..SNAT_PORT_PROBES {
+        let port = ((lo + p) as u16).to_be();
+        let key = port_key(backend, owner.proto, port);
+        if PORTS.get_ptr_mut(&key).is_none() && PORTS.insert(&key, &claim, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
+        }
+        p += 1;
+        if p >= n {
+            p = 0;
         }
     }
     None

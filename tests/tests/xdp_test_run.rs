@@ -804,8 +804,6 @@ fn a_tcp_flow_is_reported_new_when_its_handshake_completes_not_at_its_syn() {
     assert_eq!((got.len(), got.first().map(|e| e.key.proto)), (1, Some(17)));
 }
 
-/// CLOCK_MONOTONIC_COARSE, the data plane's clock (`bpf_ktime_get_coarse_ns`).
-
 /// An expiry decision made now for every flow of the rig's TCP service
 /// (as if it had been idle for 10 s past a 1 s timeout), and the data
 /// plane's clock when it was made.
@@ -1416,6 +1414,13 @@ fn a_client_port_reused_towards_two_vips_sharing_a_backend_is_refused_not_mixed_
     assert_eq!(verdict, 3, "XDP_TX: a RST back to the backend");
     assert_eq!(out, expected_rst(&stray, Some(1), 1));
     assert_eq!(r.counter(stats::DROP_REPLY_NO_FLOW), 1);
+    // So a client's segment without a flow is not hashed to such a backend
+    // (its answer could not be mapped back): it is reset.
+    let miss = Frame::tcp((CLIENT, 40798), (VIP, 88), TCP_ACK, 5, 6);
+    let (verdict, out) = r.run(r.t0, &miss.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, expected_rst(&miss, Some(6), 5));
+    assert_eq!(r.counter(stats::RST_MISS), 1);
 }
 
 #[test]

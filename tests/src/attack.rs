@@ -648,14 +648,14 @@ impl Connecting {
         let deadline = self.started + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("not connected after {timeout:?}")));
-            }
             let mut p = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 100) as i32) };
+            // SAFETY: one valid pollfd (a last look without waiting once the time is up).
+            let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(100) as i32) };
             if n > 0 {
                 break;
+            }
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("not connected after {timeout:?}")));
             }
         }
         let mut err: libc::c_int = 0;
@@ -792,3 +792,4 @@ pub fn listen_with_backlog(ns: &str, bind: SocketAddr, backlog: i32) -> anyhow::
     .with_context(|| format!("listening on {bind} in {ns}"))?;
     Ok(std::net::TcpListener::from(fd))
 }
+

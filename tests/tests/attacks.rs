@@ -613,3 +613,62 @@ fn two_vips_sharing_a_backend_from_one_client_port_each_see_only_their_own_vip()
     eprintln!("reverse-key collision: ports {p1} and {p2}; counters {}", s["counters"]);
     assert!(problems.is_empty(), "two VIPs sharing a backend, one client port toward both: {}", problems.join("; "));
 }
+
+#[test]
+fn full_nat_with_a_64_port_pool_serves_10000_sequential_connections_with_the_daemon_stopped() {
+    const CONNECTIONS: usize = 10_000;
+    let _turn = one_at_a_time();
+    attack::require_root().expect("root");
+    let topo = Topology::new(TopologyOptions { backends: 1, isolated_backends: true, ..Default::default() }).expect("topology");
+    let mut daemon = Daemon::start_persistent(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    // A server that wakes on each connection (poll): 10,000 in seconds.
+    let _server = PushServer::start(&topo.backends[0].name, "b0", "0.0.0.0:8080".parse().expect("addr")).expect("server");
+    let vip = topo.vip_sock(80);
+    service(&daemon, &topo, vip, PORT, &["--mode", "fullnat", "--snat-ports", "40000-40063"]);
+    let mut setup = LineClient::connect(&topo.client.name, vip).expect("connect while the daemon runs");
+    assert_eq!(setup.ask("setup").expect("full NAT serves"), "b0");
+    setup.stream().shutdown(Shutdown::Write).expect("close");
+    drop(setup);
+    // Setup done: the daemon goes, the data plane stays (no --detach-on-exit).
+    let status = daemon.stop().expect("stop");
+    assert!(status.success(), "{}", daemon.log_text());
+    let link = topo.lb.ip(&["link", "show", "l0"]).expect("link");
+    assert!(link.contains("xdp"), "the program must stay attached without a daemon: {link}");
+    // Open, one exchange, orderly close (the backend's FIN read to the
+    // end), one after another; the first failures end the run.
+    let started = Instant::now();
+    let (ok, failures) = in_netns(&topo.client.name, || {
+        let deadline = started + Duration::from_secs(100);
+        let (mut ok, mut failures) = (0usize, Vec::new());
+        for i in 0..CONNECTIONS {
+            if failures.len() >= 10 || Instant::now() > deadline {
+                break;
+            }
+            let one = || -> std::io::Result<()> {
+                let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+                let answer = ask_on(&s, &format!("n {i}")).map_err(std::io::Error::other)?;
+                if answer != format!("b0 n {i}") {
+                    return Err(std::io::Error::other(format!("answer {answer:?}")));
+                }
+                s.shutdown(Shutdown::Write)?;
+                let mut rest = Vec::new();
+                (&s).read_to_end(&mut rest)?;
+                Ok(())
+            };
+            match one() {
+                Ok(()) => ok += 1,
+                Err(e) => failures.push((i, e.to_string())),
+            }
+        }
+        (ok, failures)
+    })
+    .expect("client namespace");
+    let took = started.elapsed();
+    eprintln!("full NAT, 64 ports, no daemon: {ok} of {CONNECTIONS} connections in {took:?}");
+    assert!(
+        ok == CONNECTIONS,
+        "full NAT with a 64-port pool and the daemon stopped: {ok} of {CONNECTIONS} sequential connections succeeded in {took:?} \
+         (the run stops at 10 failures or 100 s); failures: {}",
+        first(&failures)
+    );
+}

@@ -306,7 +306,13 @@ impl Capture {
             let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
             // SAFETY: valid socket and program (it outlives the call; the kernel copies it).
             let rc = unsafe {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_ATTACH_FILTER, (&prog as *const libc::sock_fprog).cast(), size_of::<libc::sock_fprog>() as libc::socklen_t)
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_ATTACH_FILTER,
+                    (&prog as *const libc::sock_fprog).cast(),
+                    size_of::<libc::sock_fprog>() as libc::socklen_t,
+                )
             };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
@@ -315,7 +321,13 @@ impl Capture {
             let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
             // SAFETY: valid socket and option buffer.
             unsafe {
-                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as libc::socklen_t)
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    size_of::<libc::timeval>() as libc::socklen_t,
+                )
             };
             Ok(())
         })?;
@@ -792,4 +804,3 @@ pub fn listen_with_backlog(ns: &str, bind: SocketAddr, backlog: i32) -> anyhow::
     .with_context(|| format!("listening on {bind} in {ns}"))?;
     Ok(std::net::TcpListener::from(fd))
 }
-

@@ -83,11 +83,21 @@ fn find_in(pkt: &mut Packet, ep: &EndpointEntry) -> Option<(*mut FlowState, Tabl
 /// A flow by key: a SYN-ACK looks in the half-open table first.
 #[inline(always)]
 fn lookup(key: &FlowKey, synack: bool) -> Option<(*mut FlowState, Table)> {
-    let (first, second) = if synack { (Table::HalfOpen, Table::Established) } else { (Table::Established, Table::HalfOpen) };
-    if let Some(e) = conntrack::get(first, key) {
-        return Some((e, first));
+    if synack {
+        if let Some(e) = conntrack::get(Table::HalfOpen, key) {
+            return Some((e, Table::HalfOpen));
+        }
+        // A closed connection's entry (lingering) is not the new
+        // connection on its tuple: the SYN-ACK starts a flow of its own.
+        // SAFETY: map value pointer from the kernel.
+        return conntrack::get(Table::Established, key)
+            .filter(|e| !tcp::is_closed(unsafe { (**e).orig.state }, unsafe { (**e).reply.state }))
+            .map(|e| (e, Table::Established));
     }
-    conntrack::get(second, key).map(|e| (e, second))
+    if let Some(e) = conntrack::get(Table::Established, key) {
+        return Some((e, Table::Established));
+    }
+    conntrack::get(Table::HalfOpen, key).map(|e| (e, Table::HalfOpen))
 }
 
 /// Whether full-NAT flow `st` holds `port` towards this endpoint (as one of
@@ -148,27 +158,33 @@ fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32)
         };
         return flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64);
     }
-    if is_tcp && flags & tcp::FLAG_SYN != 0 && flags & tcp::FLAG_ACK == 0 {
-        // A backend does not open connections through a VIP.
+    if is_tcp && flags & tcp::FLAG_ACK == 0 {
+        // A backend does not open connections through a VIP (a SYN), and
+        // every other segment of a connection carries an ACK.
+        if flags & tcp::FLAG_SYN == 0 {
+            return Verdict::drop(stat::TCP_INVALID);
+        }
         return refuse(ctx, pkt);
     }
     // A SYN-ACK starts the half-open flow (its SYN created nothing); any
-    // other segment, or a UDP answer, re-creates a lost flow as
-    // established.
-    let synack = is_tcp && flags & tcp::FLAG_SYN != 0;
-    create(ctx, pkt, &key, s, if synack { Table::HalfOpen } else { Table::Established }, now)
+    // other segment, or a UDP answer, re-creates a lost flow (picked up).
+    // Either waits in the half-open table until the client's side confirms
+    // it: anyone can claim a backend's source address, so what it alone
+    // says never reaches the connection table.
+    let picked_up = !(is_tcp && flags & tcp::FLAG_SYN != 0);
+    create(ctx, pkt, &key, s, picked_up, now)
 }
 
-/// Creates the flow of a backend's packet in `table` and forwards the
-/// packet to the client.
+/// Creates the half-open flow of a backend's packet (`picked_up`: of a
+/// connection already under way) and forwards the packet to the client.
 #[inline(always)]
-fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, table: Table, now: u32) -> Verdict {
+fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, picked_up: bool, now: u32) -> Verdict {
     let Some(st) = SCRATCH.get_ptr_mut(0) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
     // SAFETY: this CPU's scratch slot; every field is written.
     let st = unsafe { &mut *st };
     st.backend_id = s.backend_id;
     st.service_id = s.service_id;
-    st.flags = if table == Table::Established { FLOW_PICKED_UP } else { 0 };
+    st.flags = if picked_up { FLOW_PICKED_UP } else { 0 };
     st.snat_port = 0;
     st._pad = 0;
     st.hop = 0;
@@ -183,15 +199,15 @@ fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, ta
     if pkt.key.proto == PROTO_TCP {
         let _ = tcp::track(&mut st.reply, &mut st.orig, &flow::segment(pkt));
     }
-    if !conntrack::insert(table, key, st) {
+    // Counted in the entry (the scratch copy is what gets inserted).
+    conntrack::touch(st, false, pkt.ip_len, now);
+    if !conntrack::insert(Table::HalfOpen, key, st) {
         return Verdict::drop(stat::DROP_TABLE_FULL);
     }
     stats::count_new_flow(s.service_id as u32, s.backend_id as u32);
-    if table == Table::Established {
+    if picked_up {
         stats::count(stat::REDERIVED);
-        conntrack::report_new(key, st);
     }
-    conntrack::touch(st, false, pkt.ip_len, now);
     let Some(b) = BACKENDS.get(s.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
     let t = flow::tuple(key, st, b, false);
     flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64)

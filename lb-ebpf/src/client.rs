@@ -117,7 +117,10 @@ pub fn unknown(pkt: &Packet, svc: &ServiceEntry) -> Unknown {
         // reset it).
         return Unknown::New;
     }
-    let hashable = svc.flags & SVC_F_FULLNAT == 0 && (svc.scheduler == SCHED_MAGLEV || svc.flags & SVC_F_MISS_REHASH != 0);
+    // Not where the backend's answer could not be mapped back: full NAT
+    // (no source port) and backends shared with another service (which
+    // VIP would the answer be from?).
+    let hashable = svc.flags & (SVC_F_FULLNAT | SVC_F_SHARED_BACKENDS) == 0 && (svc.scheduler == SCHED_MAGLEV || svc.flags & SVC_F_MISS_REHASH != 0);
     if !hashable {
         return Unknown::Reset;
     }
@@ -233,6 +236,8 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
     // A DSR flow cannot be confirmed (the backend's answers go straight to
     // the client): it starts established.
     let table = if svc.flags & SVC_F_DSR != 0 { Table::Established } else { Table::HalfOpen };
+    // Counted in the entry (the scratch copy is what gets inserted).
+    conntrack::touch(st, true, pkt.ip_len, now);
     if !conntrack::insert(table, key, st) {
         if fullnat {
             ports::release(b, key.proto, snat_port);
@@ -241,7 +246,6 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
     }
     stats::count_new_flow(svc.id, backend_id);
     schedule::count_active(backend_id);
-    conntrack::touch(st, true, pkt.ip_len, now);
     let t = flow::tuple(key, st, b, true);
     flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now as u64)
 }

@@ -6,8 +6,8 @@
 
 use lb_common::{
     maps::{
-        BACKEND_DOWN, Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NAT_SRC, NatTuple, PROTO_TCP,
-        TCPD_SEEN, backend_is_gone, end_reason,
+        BACKEND_DOWN, Backend, DIR_TO_BACKEND, DIR_TO_CLIENT, FLOW_DSR, FLOW_FULLNAT, FLOW_PICKED_UP, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NAT_SRC,
+        NatTuple, PROTO_TCP, TCPD_SEEN, backend_is_gone, end_reason,
     },
     stats as stat,
     tcp::{self, Segment},
@@ -150,8 +150,17 @@ fn packet_verdict(
                 stats::count(stat::RST_IGNORED);
             }
         } else {
-            let completes = to_backend && table == Table::HalfOpen && tcp::completes_handshake(&st.orig, &st.reply, &seg);
-            let unverified = to_backend && table == Table::HalfOpen && pkt.tcp_flags & tcp::FLAG_SYN == 0 && !completes;
+            // A half-open flow is confirmed by the client: its ACK of the
+            // SYN-ACK, or, for a flow picked up from a backend's segment,
+            // a segment of the client's in the window that acknowledges
+            // all the backend sent.
+            let picked_up = st.flags & FLOW_PICKED_UP != 0;
+            // What the backend has sent, as known before this segment (a
+            // side the client's own segment defines confirms nothing).
+            let reply_end = if st.reply.flags & TCPD_SEEN != 0 { Some(st.reply.end) } else { None };
+            let confirming = to_backend && table == Table::HalfOpen;
+            let completes = confirming && !picked_up && tcp::completes_handshake(&st.orig, &st.reply, &seg);
+            let unverified = confirming && !picked_up && pkt.tcp_flags & tcp::FLAG_SYN == 0 && !completes;
             if unverified {
                 // A client's ACK during the handshake that does not
                 // acknowledge the SYN-ACK: forwarded (the backend's stack
@@ -161,7 +170,9 @@ fn packet_verdict(
             } else {
                 let r = if to_backend { tcp::track(&mut st.orig, &mut st.reply, &seg) } else { tcp::track(&mut st.reply, &mut st.orig, &seg) };
                 if r == tcp::TRACK_OK {
-                    promote = completes;
+                    // A picked-up flow: the client acknowledges exactly
+                    // what the backend has sent (a blind guess: 1 in 2^32).
+                    promote = completes || (confirming && picked_up && pkt.tcp_flags & tcp::FLAG_ACK != 0 && reply_end == Some(pkt.ack));
                 } else if r == tcp::TRACK_OUT_OF_WINDOW {
                     stats::count(stat::TCP_OUT_OF_WINDOW);
                 } else {
@@ -170,8 +181,10 @@ fn packet_verdict(
             }
         }
     } else {
-        // UDP: a flow is confirmed by the backend's answer.
-        promote = !to_backend && table == Table::HalfOpen;
+        // UDP: a flow is confirmed by the other side's datagram (the
+        // backend's answer; for one picked up from the backend, the
+        // client's next datagram).
+        promote = table == Table::HalfOpen && to_backend == (st.flags & FLOW_PICKED_UP != 0);
     }
     conntrack::touch(st, to_backend, pkt.ip_len, now);
     let t = tuple(key, st, b, to_backend);

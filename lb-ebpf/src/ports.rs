@@ -9,7 +9,10 @@
 //! The pool is split between the CPUs (port `lo + cpu + k × ncpus`): only
 //! one CPU ever takes a given port over, and one CPU runs one packet at a
 //! time, so the check "its holder is gone" and the takeover cannot race:
-//! two live flows never share a port.
+//! two live flows never share a port. A CPU whose own share is all held
+//! may still claim another CPU's port that was never taken (the exclusive
+//! insert decides), so a small pool is not cut in pieces while it has
+//! never-used ports.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -34,6 +37,32 @@ pub fn allocate(svc: &ServiceEntry, backend_id: u16, backend: &Backend, owner: &
     if lo == 0 || hi < lo {
         return None;
     }
+    let claim = PortOwner { flow: *owner, claimed: now, _pad: 0 };
+    if let Some(port) = from_own_share(lo, hi, backend_id, backend, owner, &claim, now) {
+        return Some(port);
+    }
+    let n = hi - lo + 1;
+    // This CPU's share is held: a port never taken, anywhere in the pool.
+    // SAFETY: helper without arguments.
+    let Some(mut p) = unsafe { bpf_get_prandom_u32() }.checked_rem(n) else { return None };
+    for _ in 0..SNAT_PORT_PROBES {
+        let port = ((lo + p) as u16).to_be();
+        let key = port_key(backend, owner.proto, port);
+        if PORTS.get_ptr_mut(&key).is_none() && PORTS.insert(&key, &claim, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
+        }
+        p += 1;
+        if p >= n {
+            p = 0;
+        }
+    }
+    None
+}
+
+/// A port of this CPU's share of the pool `lo..=hi` (see the module doc):
+/// never taken, or taken over from a holder that is gone.
+#[inline(always)]
+fn from_own_share(lo: u32, hi: u32, backend_id: u16, backend: &Backend, owner: &FlowKey, claim: &PortOwner, now: u32) -> Option<u16> {
     let ncpus = GLOBALS.get(0).map_or(1, |g| if g.ncpus == 0 { 1 } else { g.ncpus });
     // SAFETY: helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
@@ -48,13 +77,12 @@ pub fn allocate(svc: &ServiceEntry, backend_id: u16, backend: &Backend, owner: &
     }
     // SAFETY: helper without arguments.
     let mut k = unsafe { bpf_get_prandom_u32() } % share;
-    let claim = PortOwner { flow: *owner, claimed: now, _pad: 0 };
     for _ in 0..SNAT_PORT_PROBES {
         let port = ((lo + cpu + k * ncpus) as u16).to_be();
         let key = port_key(backend, owner.proto, port);
         match PORTS.get_ptr_mut(&key) {
             None => {
-                if PORTS.insert(&key, &claim, BPF_NOEXIST as u64).is_ok() {
+                if PORTS.insert(&key, claim, BPF_NOEXIST as u64).is_ok() {
                     return Some(port);
                 }
             }

@@ -177,10 +177,15 @@ impl Fabric {
     pub fn start_daemon(&mut self, i: usize) -> anyhow::Result<()> {
         let lb = &self.lbs[i];
         let (include, sock) = (lb.include.to_string_lossy().into_owned(), lb.bird_socket.to_string_lossy().into_owned());
+        // One flow-hash key for the cluster: either node schedules a flow
+        // it never saw where the other did.
+        let key = self.dir.join("flow-hash.key");
+        std::fs::write(&key, "000102030405060708090a0b0c0d0e0f\n")?;
+        let key = key.to_string_lossy().into_owned();
         let d = Daemon::start(
             &lb.ns,
             &["xf".to_string()],
-            &["--xdp-mode", "generic", "--bird-include", &include, "--bird-socket", &sock, "--withdraw-grace", "2s"],
+            &["--xdp-mode", "generic", "--bird-include", &include, "--bird-socket", &sock, "--withdraw-grace", "2s", "--flow-hash-key-file", &key],
         )?;
         self.lbs[i].daemon = Some(d);
         Ok(())

@@ -6,6 +6,7 @@
 //! drop (also when a test panics). Waiting is always on a condition with a
 //! deadline, never a bare sleep.
 
+pub mod attack;
 pub mod daemon;
 pub mod ecmp;
 pub mod flows;
@@ -17,7 +18,7 @@ pub mod topology;
 
 pub use daemon::Daemon;
 pub use netns::{Netns, in_netns};
-pub use servers::{BulkServer, HttpStatusServer, LineClient, Outcome, TcpNameServer, UdpNameServer, download, watch_idle};
+pub use servers::{BulkServer, HttpStatusServer, LineClient, Outcome, PushServer, TcpNameServer, UdpNameServer, download, watch_idle};
 pub use topology::{Topology, TopologyOptions};
 
 use std::time::{Duration, Instant};

@@ -36,6 +36,12 @@ pub struct TcpNameServer {
 impl TcpNameServer {
     pub fn start(ns: &str, name: &str, bind: SocketAddr) -> anyhow::Result<TcpNameServer> {
         let listener = in_netns(ns, || TcpListener::bind(bind))??;
+        TcpNameServer::start_on(listener, name)
+    }
+
+    /// Serves on a listener made by the caller (e.g. one with a small
+    /// backlog, whose queue was filled before it started accepting).
+    pub fn start_on(listener: TcpListener, name: &str) -> anyhow::Result<TcpNameServer> {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Seen::default());
@@ -377,4 +383,114 @@ pub fn download(ns: &str, to: SocketAddr, n: usize, timeout: Duration) -> anyhow
     }
     anyhow::ensure!(got.iter().enumerate().all(|(i, b)| *b == bulk_byte(i)), "download from {to}: corrupted data");
     Ok(())
+}
+
+/// A TCP line server that also speaks first, as servers that push
+/// (notifications, keepalives, streaming) do: answers each line `L` with
+/// `NAME L` and, on [`PushServer::push`], writes `NAME push K` to every
+/// connection it holds. One thread, many connections (poll).
+pub struct PushServer {
+    pub name: String,
+    /// Pushes asked for and pushes done (the thread catches up).
+    asked: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+    /// Connections written to by the latest push.
+    last_pushed: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PushServer {
+    pub fn start(ns: &str, name: &str, bind: SocketAddr) -> anyhow::Result<PushServer> {
+        use std::{io::Read, os::fd::AsRawFd};
+        let listener = in_netns(ns, || TcpListener::bind(bind))??;
+        listener.set_nonblocking(true)?;
+        let asked = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let last_pushed = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, d, lp, cn, sp, nm) = (asked.clone(), done.clone(), last_pushed.clone(), connections.clone(), stop.clone(), name.to_owned());
+        let thread = std::thread::spawn(move || {
+            // Each connection with what it has read of its current line.
+            let mut conns: Vec<(TcpStream, Vec<u8>)> = Vec::new();
+            while !sp.load(Ordering::Relaxed) {
+                while let Ok((s, _)) = listener.accept() {
+                    if s.set_nonblocking(true).is_ok() {
+                        cn.fetch_add(1, Ordering::Relaxed);
+                        conns.push((s, Vec::new()));
+                    }
+                }
+                let want = a.load(Ordering::Relaxed);
+                if d.load(Ordering::Relaxed) < want {
+                    let line = format!("{nm} push {want}\n");
+                    let n = conns.iter().filter(|(s, _)| (&*s).write_all(line.as_bytes()).is_ok()).count();
+                    lp.store(n as u64, Ordering::Relaxed);
+                    d.store(want, Ordering::Relaxed);
+                }
+                let mut fds: Vec<libc::pollfd> = conns.iter().map(|(s, _)| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+                fds.push(libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                // SAFETY: valid array of pollfd.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+                if n <= 0 {
+                    continue;
+                }
+                let mut closed = Vec::new();
+                for (i, p) in fds[..conns.len()].iter().enumerate() {
+                    if p.revents == 0 {
+                        continue;
+                    }
+                    let (s, buf) = &mut conns[i];
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        match s.read(&mut chunk) {
+                            Ok(0) => {
+                                closed.push(i);
+                                break;
+                            }
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(_) => {
+                                closed.push(i);
+                                break;
+                            }
+                        }
+                    }
+                    while let Some(j) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=j).collect();
+                        let mut out = format!("{nm} ").into_bytes();
+                        out.extend_from_slice(&line);
+                        let _ = s.write_all(&out);
+                    }
+                }
+                for i in closed.into_iter().rev() {
+                    conns.swap_remove(i);
+                }
+            }
+        });
+        Ok(PushServer { name: name.to_owned(), asked, done, last_pushed, connections, stop, thread: Some(thread) })
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Writes one push line to every connection the server holds; returns
+    /// how many took it.
+    pub fn push(&self) -> anyhow::Result<u64> {
+        let want = self.asked.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::wait_for("the push to be written", Duration::from_secs(10), || (self.done.load(Ordering::Relaxed) >= want).then_some(()))?;
+        Ok(self.last_pushed.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for PushServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -113,7 +113,14 @@ fn an_exhausted_port_pool_refuses_the_next_flow_and_leaves_the_others_alone() {
     let kind = refused.downcast_ref::<std::io::Error>().map(|e| e.kind());
     assert_eq!(kind, Some(ErrorKind::ConnectionRefused), "{refused:#}");
     assert!(start.elapsed() < Duration::from_secs(1), "refusal took {:?}", start.elapsed());
-    let status = daemon.json(&["status"]).expect("status");
+    // Port use comes from the table walker's snapshot: one taken after the
+    // four flows.
+    let since = Instant::now();
+    let status = wait_for("a table snapshot taken after the four flows", Duration::from_secs(5), || {
+        let s = daemon.json(&["status"]).ok()?;
+        (s["table"]["snapshot_age_s"].as_f64()? < since.elapsed().as_secs_f64()).then_some(s)
+    })
+    .expect("snapshot");
     assert!(status["counters"]["refused_no_port"].as_u64().unwrap_or(0) >= 1, "{status:#}");
     assert!(status["services"][0]["backends"][0]["traffic"]["refused_no_port"].as_u64().unwrap_or(0) >= 1, "{status:#}");
     assert_eq!(status["services"][0]["backends"][0]["snat_ports"], serde_json::json!({ "in_use": 4, "pool": 4 }), "{status:#}");

@@ -79,15 +79,17 @@ fn a_bounded_syn_flood_into_a_small_table_breaks_no_established_flow() {
         (Duration::from_secs_f64(age) < flood_over.elapsed()).then_some(s)
     })
     .expect("snapshot");
-    let new_flows = s["counters"]["new_flows"].as_u64().unwrap_or(0);
     // Not every SYN reaches XDP (a veth drops what its backlog cannot take),
-    // but the flood is many times the half-open table.
-    assert!(new_flows >= 5_000, "counters must show the flood: new_flows {new_flows} of {sent} sent");
-    assert_eq!(s["table"]["entries"], 200, "the connection table holds exactly the 100 established flows: {s:#}");
+    // but the flood is many times the half-open table. Its SYNs write
+    // nothing; the backend's SYN-ACKs (or cookies) create half-open flows.
+    let syns = s["counters"]["stateless_syn"].as_u64().unwrap_or(0);
+    assert!(syns >= 5_000, "counters must show the flood: stateless_syn {syns} of {sent} sent");
+    let new_flows = s["counters"]["new_flows"].as_u64().unwrap_or(0);
+    assert_eq!(s["table"]["entries"], 100, "the connection table holds exactly the 100 established flows: {s:#}");
     assert!(s["table"]["half_open_entries"].as_u64().unwrap_or(0) <= 512, "{s:#}");
     // The flood went through the half-open table and was evicted from it.
     let evictions = s["counters"]["table_evictions"].as_u64().unwrap_or(0);
-    assert!(evictions >= new_flows, "evictions {evictions} for {new_flows} new flows into a 256-flow half-open table");
+    assert!(evictions + 100 + 512 >= new_flows, "evictions {evictions} for {new_flows} new flows into a 256-flow half-open table");
     // New connections still work after the flood.
     let mut c = LineClient::connect(&topo.client.name, topo.vip_sock(80)).expect("connect after the flood");
     c.ask("after").expect("a new flow after the flood");
@@ -140,7 +142,9 @@ fn idle_flows_expire_reset_on_idle_resets_both_ends_and_closed_flows_leave_withi
     let s = daemon.json(&["status"]).expect("status");
     assert_eq!(s["services"][0]["resets"]["idle"], 1, "{s:#}");
     assert_eq!(s["services"][1]["resets"]["expired"], 2, "{s:#}"); // the idle one and the closed one
-    // The silently forgotten flow is not a black hole: its next write gets a RST.
+    // The silently forgotten flow is not a black hole: its next write gets
+    // a RST (the two services share their backend, so its answer could
+    // not be mapped back to a VIP: the segment is not hashed to it).
     silent.send("anyone?").expect("write");
     let o = testbed::watch_idle(&[silent.stream()], Instant::now(), Duration::from_secs(2));
     assert!(matches!(o[0], testbed::Outcome::Reset(_)), "{o:?}");

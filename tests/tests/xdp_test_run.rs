@@ -533,9 +533,18 @@ fn a_mid_flow_segment_of_a_maglev_service_goes_where_the_hash_says_and_the_backe
     assert_eq!(verdict, XDP_REDIRECT);
     assert_eq!(out, to_client(ack, VIP.into(), 80).build(), "from the VIP, never from the backend's address");
     let f = r.flow((CLIENT, 40025), (VIP, 80), 6).expect("re-created");
-    assert!(!f.half_open);
+    assert!(f.half_open, "what a backend's address alone says waits in the half-open table");
     assert_eq!(f.state.flags & FLOW_PICKED_UP, FLOW_PICKED_UP);
     assert_eq!(r.counter(stats::REDERIVED), 1);
+    // A client segment out of line with the backend's (acknowledging
+    // data the backend never sent) confirms nothing...
+    let wild = Frame::tcp((CLIENT, 40025), (VIP, 80), TCP_ACK, 5008, 9000 + (1 << 30));
+    assert_eq!(r.run(r.t0, &wild.build()).0, XDP_REDIRECT);
+    assert!(r.flow((CLIENT, 40025), (VIP, 80), 6).expect("flow").half_open);
+    // ...the client's next real segment does.
+    let next = Frame::tcp((CLIENT, 40025), (VIP, 80), TCP_ACK, 5008, 9000);
+    assert_eq!(r.run(r.t0, &next.build()).0, XDP_REDIRECT);
+    assert!(!r.flow((CLIENT, 40025), (VIP, 80), 6).expect("flow").half_open, "confirmed by the client");
     // The backend's end of a connection this balancer does not hold goes
     // back to the client from the VIP and creates nothing.
     let rst = Frame::tcp((BACKEND, 8080), (CLIENT, 40026), lb_common::tcp::FLAG_RST, 7000, 0);
@@ -655,7 +664,9 @@ fn rehash_policy_schedules_a_mid_flow_segment_by_hash_and_the_backends_answer_re
     let ack = Frame::tcp((BACKEND, 8080), (CLIENT, 40030), TCP_ACK, 43, 42);
     assert_eq!(r.run(r.t1, &ack.build()).0, XDP_REDIRECT);
     let f = r.flow((CLIENT, 40030), (VIP, 80), 6).expect("entry created by the backend's answer");
-    assert_eq!((f.half_open, f.state.orig.state, f.state.reply.state), (false, tcp::STATE_ESTABLISHED, tcp::STATE_ESTABLISHED));
+    assert_eq!((f.half_open, f.state.orig.state, f.state.reply.state), (true, tcp::STATE_ESTABLISHED, tcp::STATE_ESTABLISHED));
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40030), (VIP, 80), TCP_ACK, 42, 43).build()).0, XDP_REDIRECT);
+    assert!(!r.flow((CLIENT, 40030), (VIP, 80), 6).expect("flow").half_open, "the client's next segment confirms it");
 }
 
 #[test]
@@ -1414,6 +1425,13 @@ fn a_client_port_reused_towards_two_vips_sharing_a_backend_is_refused_not_mixed_
     assert_eq!(verdict, 3, "XDP_TX: a RST back to the backend");
     assert_eq!(out, expected_rst(&stray, Some(1), 1));
     assert_eq!(r.counter(stats::DROP_REPLY_NO_FLOW), 1);
+    // So a client's segment without a flow is not hashed to such a backend
+    // (its answer could not be mapped back): it is reset.
+    let miss = Frame::tcp((CLIENT, 40798), (VIP, 88), TCP_ACK, 5, 6);
+    let (verdict, out) = r.run(r.t0, &miss.build());
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, expected_rst(&miss, Some(6), 5));
+    assert_eq!(r.counter(stats::RST_MISS), 1);
 }
 
 #[test]
@@ -1481,6 +1499,34 @@ fn fragments_of_a_backends_answer_are_dropped_in_both_families() {
         assert_eq!(verdict, *want, "{what}: never forwarded un-NATed");
         assert_eq!(r.counter(*counter), before + 1, "{what}");
     }
+}
+
+#[test]
+fn a_new_connection_on_the_tuple_of_a_closed_one_gets_its_own_flow() {
+    let mut r = rig();
+    establish(&mut r, 40730);
+    // FIN both ways: closed, lingering in the connection table.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40730), (VIP, 80), TCP_ACK | lb_common::tcp::FLAG_FIN, 101, 701).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, 40730), TCP_ACK | lb_common::tcp::FLAG_FIN, 701, 102).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40730), (VIP, 80), TCP_ACK, 102, 702).build()).0, XDP_REDIRECT);
+    assert_eq!(r.counts(), (1, 0));
+    // The client connects again from the same port.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40730), (VIP, 80), TCP_SYN, 50_000, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, 40730), TCP_SYN | TCP_ACK, 90_000, 50_001).build()).0, XDP_REDIRECT);
+    assert_eq!(r.counts(), (1, 1), "the SYN-ACK starts a flow of its own beside the closed one");
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40730), (VIP, 80), TCP_ACK, 50_001, 90_001).build()).0, XDP_REDIRECT);
+    let f = r.flow((CLIENT, 40730), (VIP, 80), 6).expect("flow");
+    assert_eq!((f.half_open, f.state.orig.end, f.state.reply.end), (false, 50_001, 90_001), "the new connection replaced the closed one");
+    assert_eq!(r.counter(stats::TCP_INVALID), 0);
+}
+
+#[test]
+fn a_backends_segment_without_ack_and_without_a_flow_is_dropped() {
+    let mut r = rig();
+    let bogus = Frame::tcp((BACKEND, 8080), (CLIENT, 40740), TCP_PSH, 1, 0);
+    assert_eq!(r.run(r.t1, &bogus.build()).0, XDP_DROP);
+    assert_eq!(r.counter(stats::TCP_INVALID), 1);
+    assert_eq!(r.flow_count(), 0);
 }
 
 #[test]

@@ -99,6 +99,13 @@ pub async fn run(args: DaemonArgs, socket: PathBuf) -> anyhow::Result<()> {
         Some(p) => Some(read_hash_key(p)?),
         None => None,
     };
+    if hash_key.is_none() && (args.bird_include.is_some() || sync_cfg.is_some()) {
+        // Behind ECMP or beside a sync peer, another node may take this
+        // node's flows: only the same key sends them to the same backends.
+        tracing::warn!(
+            "no --flow-hash-key-file: this node's flow-hash key is its own, so another balancer taking its flows (ECMP, failover) schedules those without state elsewhere; give every node the same key file"
+        );
+    }
     let started = {
         let args = args.clone();
         let dns = DnsSettings { enabled: resolver.is_some(), ttl, misses: args.dns_misses };

@@ -12,6 +12,7 @@
 extern crate alloc;
 
 pub mod csum;
+pub mod icmp;
 pub mod maps;
 pub mod rst;
 /// Ring building runs in the controller only (it allocates).

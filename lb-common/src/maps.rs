@@ -497,6 +497,9 @@ pub struct Globals {
 /// `Globals::flags`: report new flows through the flow-event ring buffer
 /// (flow logs with new records, state sync).
 pub const GLOBAL_LOG_NEW_FLOWS: u32 = 1;
+/// `Globals::flags`: ICMP errors about flows are not translated (passed to
+/// the kernel as they come; a diagnostic switch, `--icmp-translation off`).
+pub const GLOBAL_NO_ICMP: u32 = 2;
 
 /// Jiffies between two refreshes of a flow's `last_seen` (64-640 ms for
 /// HZ 1000-100): an established flow's pure ACKs leave its entry clean.

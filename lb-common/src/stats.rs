@@ -154,11 +154,30 @@ stats! {
     /// the backend's service (a SYN-ACK of a stateless SYN, a RST or FIN of
     /// a flow already gone).
     REPLY_STATELESS = 45, "reply_stateless";
+    /// ICMP/ICMPv6 errors to a VIP (fragmentation needed, packet too big,
+    /// unreachable, time exceeded, parameter problem) quoting a flow:
+    /// translated for its backend (outer destination, the quoted header
+    /// and ports, every checksum) and forwarded to it.
+    ICMP_TO_BACKEND = 46, "icmp_to_backend";
+    /// ICMP/ICMPv6 errors about a flow's packets to its backend (the
+    /// backend's port unreachable, a router's host unreachable in front of
+    /// it): translated for the client (from the VIP, quoting the VIP) and
+    /// forwarded to it.
+    ICMP_TO_CLIENT = 47, "icmp_to_client";
+    /// An ICMP error to a VIP quoting no flow: passed to the kernel (which
+    /// has no socket for it), nothing created.
+    PASS_ICMP_NO_FLOW = 48, "pass_icmp_no_flow";
+    /// An ICMP error quoting a backend's packet of no flow: dropped
+    /// (forwarding it would show the client a backend's address).
+    DROP_ICMP_NO_FLOW = 49, "drop_icmp_no_flow";
+    /// An ICMP error to a VIP whose quote is truncated or inconsistent (not
+    /// an IPv4/IPv6 header with TCP/UDP ports): dropped.
+    DROP_ICMP_BAD_QUOTE = 50, "drop_icmp_bad_quote";
 }
 
 /// The counters that are verdicts: every packet the program sees adds one
 /// to exactly one of them (their sum is [`RX`]).
-pub const VERDICTS: [u32; 27] = [
+pub const VERDICTS: [u32; 30] = [
     PASS_NOT_IP,
     PASS_NOT_SERVICE,
     PASS_TRUNCATED,
@@ -186,4 +205,7 @@ pub const VERDICTS: [u32; 27] = [
     PASS_TOO_BIG,
     DROP_REPLY_NO_FLOW,
     REFUSED_COLLISION,
+    PASS_ICMP_NO_FLOW,
+    DROP_ICMP_NO_FLOW,
+    DROP_ICMP_BAD_QUOTE,
 ];

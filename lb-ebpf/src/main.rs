@@ -17,6 +17,7 @@ mod csum;
 mod encap;
 mod flow;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -53,6 +54,9 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 /// the 512-byte BPF stack.
 #[inline(always)]
 fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
+    if pkt.icmp != lb_common::icmp::NOT_ERROR {
+        return icmp::packet(ctx, pkt);
+    }
     let k = &pkt.key;
     let skey = ServiceKey { addr: k.dst_addr, port: k.dst_port, proto: k.proto, _pad: 0 };
     let mut mode = 0u64;

@@ -124,6 +124,13 @@ pub struct Packet {
     pub l4_len: u32,
     /// A backend's packet: the key of its flow (client → VIP), once found.
     pub flow_key: FlowKey,
+    /// An ICMP/ICMPv6 error quoting a TCP/UDP packet: `key` is then the
+    /// quoted packet's tuple reversed (the key of the flow it is about, as
+    /// a packet of the other direction would carry it), `l4_off` the ICMP
+    /// header and `inner_l3` the quoted IP header.
+    /// (`lb_common::icmp::NOT_ERROR`, `ERROR_TO_VIP`, `ERROR_OTHER`.)
+    pub icmp: u8,
+    pub inner_l3: usize,
 }
 
 /// `Packet::wscale` when the segment carries no window scale option.
@@ -176,17 +183,16 @@ pub const PARSED: u64 = u64::MAX;
 /// locals do not add to the stack frames of the paths that follow.
 #[inline(never)]
 pub fn parse_into(ctx: &XdpContext, out: &mut Packet) -> u64 {
-    match parse(ctx) {
-        Ok(p) => {
-            *out = p;
-            PARSED
-        }
+    match parse(ctx, out) {
+        Ok(()) => PARSED,
         Err(v) => v.to_bits(),
     }
 }
 
+/// Parses into `pkt` (written in place: the packet lives in a per-CPU
+/// slot, and a copy would not fit this function's stack frame).
 #[inline(always)]
-fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
@@ -202,16 +208,74 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
     // SAFETY: a plain read of a local.
     let l3 = unsafe { core::ptr::read_volatile(&l3) } & 0x1f;
     // A second tag (QinQ) lands in the "not IP" branch: not ours.
-    let mut pkt = if ether_type == ETH_P_IP {
-        parse_v4(ctx, l3)?
+    if ether_type == ETH_P_IP {
+        parse_v4(ctx, l3, pkt)?
     } else if ether_type == ETH_P_IPV6 {
-        parse_v6(ctx, l3)?
+        parse_v6(ctx, l3, pkt)?
     } else {
         return Err(Verdict::pass(stats::PASS_NOT_IP));
     };
     let l4_len = pkt.ip_len as usize - (pkt.l4_off - l3);
-    parse_l4(ctx, &mut pkt, l4_len)?;
-    Ok(pkt)
+    if pkt.key.proto == PROTO_ICMP || pkt.key.proto == PROTO_ICMPV6 {
+        return parse_icmp(ctx, pkt, l4_len);
+    }
+    parse_l4(ctx, pkt, l4_len)
+}
+
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+
+/// An ICMP/ICMPv6 error (what a router or host sends about a packet it
+/// could not deliver) quoting a TCP/UDP packet: the quote's tuple,
+/// reversed, becomes the key (see [`Packet::icmp`]). Anything else of ICMP
+/// (echo, neighbour discovery, ...) is the kernel's. A quote that cannot
+/// be followed: dropped when the error is addressed to a VIP (it is about
+/// xlb's traffic, but names nothing usable), else the kernel's.
+#[inline(always)]
+fn parse_icmp(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Verdict> {
+    let l4 = pkt.l4_off;
+    let hdr: *const [u8; 8] = ptr_at(ctx, l4).ok_or(Verdict::pass(stats::PASS_OTHER_PROTO))?;
+    // SAFETY: bounds checked by ptr_at.
+    let ty = unsafe { (*hdr)[0] };
+    if !lb_common::icmp::is_error(pkt.v6, ty) || l4_len < 8 {
+        return Err(Verdict::pass(stats::PASS_OTHER_PROTO));
+    }
+    let to_vip = is_addr(&pkt.key.dst_addr, ADDR_VIP);
+    let bad = if to_vip { Verdict::drop(stats::DROP_ICMP_BAD_QUOTE) } else { Verdict::pass(stats::PASS_OTHER_PROTO) };
+    let inner = l4 + 8;
+    let (src, dst, proto, inner_l4) = if pkt.v6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, inner).ok_or(bad)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (vcf0, next, s, d) = unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+        if vcf0 >> 4 != 6 {
+            return Err(bad);
+        }
+        (addr_from_bytes(s), addr_from_bytes(d), next, inner + Ipv6Hdr::LEN)
+    } else {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, inner).ok_or(bad)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (vihl, p, s, d) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+        // A quoted header with options is not followed (rare: xlb never
+        // sends one).
+        if vihl != 0x45 {
+            return Err(bad);
+        }
+        (addr_v4(u32::from_ne_bytes(s)), addr_v4(u32::from_ne_bytes(d)), p, inner + Ipv4Hdr::LEN)
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(bad);
+    }
+    // The first 8 bytes of the quoted segment: its ports (and a UDP
+    // checksum), what every ICMP error carries at least.
+    let ports: *const [u8; 8] = ptr_at(ctx, inner_l4).ok_or(bad)?;
+    // SAFETY: bounds checked by ptr_at.
+    let p = unsafe { *ports };
+    let (sport, dport) = (u16::from_ne_bytes([p[0], p[1]]), u16::from_ne_bytes([p[2], p[3]]));
+    pkt.key = FlowKey::new(dst, src, dport, sport, proto);
+    pkt.icmp = if to_vip { lb_common::icmp::ERROR_TO_VIP } else { lb_common::icmp::ERROR_OTHER };
+    pkt.inner_l3 = inner;
+    pkt.l4_len = l4_len as u32;
+    Ok(())
 }
 
 /// A fragment: dropped if it is xlb's (to a VIP address, or from a
@@ -221,28 +285,30 @@ fn fragment(src: &Addr, dst: &Addr) -> Verdict {
     if is_addr(dst, ADDR_VIP) || is_addr(src, ADDR_BACKEND) { Verdict::drop(stats::DROP_FRAGMENT) } else { Verdict::pass(stats::PASS_NOT_SERVICE) }
 }
 
+/// Writes every field of `pkt` for a packet whose headers were checked.
 #[inline(always)]
-fn new_packet(l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, ip_len: usize) -> Packet {
-    Packet {
-        l3_off: l3,
-        l4_off: l4,
-        v6,
-        key: FlowKey::new(src, dst, 0, 0, proto),
-        tcp_flags: 0,
-        wscale: NO_WSCALE,
-        win: 0,
-        seq: 0,
-        ack: 0,
-        payload_len: 0,
-        ip_len: ip_len as u32,
-        vlan: l3 != EthHdr::LEN,
-        l4_len: 0,
-        flow_key: FlowKey::new([0; 4], [0; 4], 0, 0, 0),
-    }
+#[allow(clippy::too_many_arguments)]
+fn new_packet(pkt: &mut Packet, l3: usize, l4: usize, v6: bool, src: Addr, dst: Addr, proto: u8, ip_len: usize) {
+    pkt.l3_off = l3;
+    pkt.l4_off = l4;
+    pkt.v6 = v6;
+    pkt.key = FlowKey::new(src, dst, 0, 0, proto);
+    pkt.tcp_flags = 0;
+    pkt.wscale = NO_WSCALE;
+    pkt.win = 0;
+    pkt.seq = 0;
+    pkt.ack = 0;
+    pkt.payload_len = 0;
+    pkt.ip_len = ip_len as u32;
+    pkt.vlan = l3 != EthHdr::LEN;
+    pkt.l4_len = 0;
+    pkt.flow_key = FlowKey::new([0; 4], [0; 4], 0, 0, 0);
+    pkt.icmp = lb_common::icmp::NOT_ERROR;
+    pkt.inner_l3 = 0;
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
+fn parse_v4(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Result<(), Verdict> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at (the 20-byte base header).
     let (vihl, dst, src, proto) = unsafe { ((*ip).vihl, (*ip).dst_addr, (*ip).src_addr, (*ip).proto) };
@@ -270,14 +336,15 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
         return Err(Verdict::drop(stats::DROP_MALFORMED));
     }
     match proto {
-        PROTO_TCP | PROTO_UDP => {}
+        PROTO_TCP | PROTO_UDP | PROTO_ICMP => {}
         _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
     }
-    Ok(new_packet(l3, l3 + Ipv4Hdr::LEN, false, src, dst, proto, ip_len))
+    new_packet(pkt, l3, l3 + Ipv4Hdr::LEN, false, src, dst, proto, ip_len);
+    Ok(())
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
+fn parse_v6(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Result<(), Verdict> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at (the 40-byte fixed header).
     let (vcf0, plen, next, src, dst) = unsafe { ((*ip).vcf[0], (*ip).payload_len, (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
@@ -322,14 +389,15 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Verdict> {
     // SAFETY: a plain read of a local.
     let ext_len = unsafe { core::ptr::read_volatile(&ext_len) } & 0x1ff;
     match next {
-        PROTO_TCP | PROTO_UDP => {}
+        PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => {}
         NH_FRAGMENT => return Err(fragment(&src, &dst)),
         NH_HOP_BY_HOP | NH_DEST_OPTS | NH_ROUTING | NH_ESP | NH_AH | NH_MOBILITY | NH_HIP | NH_SHIM6 => {
             return Err(Verdict::pass(stats::PASS_IPV6_EXT_HEADERS));
         }
         _ => return Err(Verdict::pass(stats::PASS_OTHER_PROTO)),
     }
-    Ok(new_packet(l3, l3 + Ipv6Hdr::LEN + ext_len, true, src, dst, next, ip_len))
+    new_packet(pkt, l3, l3 + Ipv6Hdr::LEN + ext_len, true, src, dst, next, ip_len);
+    Ok(())
 }
 
 /// Ports and TCP fields; `l4_len` is what the IP header says the L4

@@ -1529,6 +1529,165 @@ fn a_backends_segment_without_ack_and_without_a_flow_is_dropped() {
     assert_eq!(r.flow_count(), 0);
 }
 
+// ---- ICMP errors ----
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+
+/// An Ethernet frame `dst_mac` ← `src_mac` around an IPv4 or IPv6 packet.
+fn eth(src_mac: [u8; 6], dst_mac: [u8; 6], v6: bool, l3: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&(if v6 { 0x86ddu16 } else { 0x0800 }).to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+/// An ICMP error (IPv4: `ty`/`code` from `src` to `dst`, hop limit `ttl`)
+/// quoting the first `quoted` bytes of the IP packet `about`.
+fn icmp4_error(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, ty: u8, code: u8, about: &Frame, quoted: usize) -> Vec<u8> {
+    let inner = about.build();
+    let icmp = testbed::attack::icmp4(ty, code, [0, 0, 0x05, 0x78], &inner[14..14 + quoted]);
+    let mut ip = testbed::attack::ipv4_packet(src, dst, 1, &icmp);
+    ip[8] = ttl;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = lb_common::csum::checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    ip
+}
+
+fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, hops: u8, ty: u8, code: u8, about: &Frame, quoted: usize) -> Vec<u8> {
+    let inner = about.build();
+    let icmp = testbed::attack::icmp6(src, dst, ty, code, [0, 0, 0x05, 0x78], &inner[14..14 + quoted]);
+    let mut ip = testbed::attack::ipv6_packet(src, dst, 58, &icmp);
+    ip[7] = hops;
+    ip
+}
+
+/// A segment of `len` payload bytes, TTL 61 (as a router further on saw it).
+fn seg(src: (IpAddr, u16), dst: (IpAddr, u16), len: usize) -> Frame {
+    let mut f = Frame::tcp(src, dst, TCP_ACK | TCP_PSH, 701, 101);
+    f.payload = payload(len);
+    f.ttl = 61;
+    f
+}
+
+#[test]
+fn fragmentation_needed_from_the_clients_path_reaches_the_backend_quoting_its_own_segment() {
+    let mut r = rig();
+    establish(&mut r, 40800);
+    let before = r.flow((CLIENT, 40800), (VIP, 80), 6).expect("flow").state;
+    // What xlb sent the client (VIP:80 → client), and what the backend had
+    // sent (backend:8080 → client): the same segment before the rewrite.
+    let sent = seg((VIP.into(), 80), (CLIENT.into(), 40800), 1400);
+    let original = seg((BACKEND.into(), 8080), (CLIENT.into(), 40800), 1400);
+    // Quotes of 28 bytes (IP header + 8: ports, no TCP checksum) and of 48
+    // (with the TCP checksum, which must be updated too).
+    for quoted in [28usize, 48] {
+        let err = icmp4_error(ROUTER, VIP, 64, 3, 4, &sent, quoted);
+        let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &err));
+        assert_eq!(verdict, XDP_REDIRECT, "quote of {quoted} bytes");
+        let want = icmp4_error(ROUTER, BACKEND, 63, 3, 4, &original, quoted);
+        assert_eq!(out, eth(T1_MAC, BACKEND_MAC, false, &want), "quote of {quoted} bytes: every checksum recomputed");
+    }
+    assert_eq!(r.counter(stats::ICMP_TO_BACKEND), 2);
+    assert_eq!(r.flow((CLIENT, 40800), (VIP, 80), 6).expect("flow").state, before, "ICMP changes no flow state");
+}
+
+#[test]
+fn a_backends_port_unreachable_reaches_the_client_from_the_vip_quoting_the_vip() {
+    let mut r = rig();
+    // A UDP flow client:5070 → VIP:53 → backend:5353.
+    let dgram = Frame::udp((CLIENT, 5070), (VIP, 53), b"anyone?");
+    assert_eq!(r.run(r.t0, &dgram.build()).0, XDP_REDIRECT);
+    let mut to_backend = to_backend(dgram.clone(), 5353);
+    to_backend.ttl = 63;
+    let mut as_sent = dgram;
+    as_sent.ttl = 63;
+    for quoted in [28usize, 35] {
+        let err = icmp4_error(BACKEND, CLIENT, 64, 3, 3, &to_backend, quoted);
+        let (verdict, out) = r.run(r.t1, &eth(BACKEND_MAC, T1_MAC, false, &err));
+        assert_eq!(verdict, XDP_REDIRECT);
+        let want = icmp4_error(VIP, CLIENT, 63, 3, 3, &as_sent, quoted);
+        assert_eq!(out, eth(T0_MAC, CLIENT_MAC, false, &want), "from the VIP, quoting the client's own datagram (UDP checksum included)");
+    }
+    assert_eq!(r.counter(stats::ICMP_TO_CLIENT), 2);
+    assert_eq!(r.counts(), (0, 1), "nothing created, nothing promoted");
+}
+
+#[test]
+fn packet_too_big_over_ipv6_and_full_nat_errors_are_translated_both_ways() {
+    let mut r = rig();
+    // IPv6 DNAT: [fd99::1]:80 → [fd01:1::2]:8080.
+    let syn = Frame::tcp((CLIENT6, 40810), (VIP6, 80), TCP_SYN, 100, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    let syn_ack = Frame::tcp((BACKEND6, 8080), (CLIENT6, 40810), TCP_SYN | TCP_ACK, 700, 101);
+    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
+    let sent = seg((VIP6.into(), 80), (CLIENT6.into(), 40810), 1400);
+    let original = seg((BACKEND6.into(), 8080), (CLIENT6.into(), 40810), 1400);
+    for quoted in [48usize, 68] {
+        let err = icmp6_error(ROUTER6, VIP6, 64, 2, 0, &sent, quoted);
+        let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, true, &err));
+        assert_eq!(verdict, XDP_REDIRECT);
+        let want = icmp6_error(ROUTER6, BACKEND6, 63, 2, 0, &original, quoted);
+        assert_eq!(out, eth(T1_MAC, BACKEND_MAC, true, &want), "ICMPv6 packet too big, quote of {quoted} bytes");
+    }
+    // Full NAT: VIP:84 → backend:8084 from SNAT:port.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40811), (VIP, 84), TCP_SYN, 100, 0).build()).0, XDP_REDIRECT);
+    let port = u16::from_be_bytes(r.flow((CLIENT, 40811), (VIP, 84), 6).expect("flow").state.snat_port.to_ne_bytes());
+    // Towards the backend: quoted as backend:8084 → SNAT:port.
+    let sent = seg((VIP.into(), 84), (CLIENT.into(), 40811), 1000);
+    let original = seg((BACKEND.into(), 8084), (SNAT.into(), port), 1000);
+    let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &icmp4_error(ROUTER, VIP, 64, 3, 4, &sent, 48)));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, eth(T1_MAC, BACKEND_MAC, false, &icmp4_error(ROUTER, BACKEND, 63, 3, 4, &original, 48)), "full NAT, to the backend");
+    // Towards the client: the backend's error about SNAT:port → backend,
+    // quoted as client → VIP:84, from the VIP.
+    let mut to_backend = Frame::tcp((SNAT, port), (BACKEND, 8084), TCP_ACK, 101, 701);
+    to_backend.ttl = 63;
+    let mut as_sent = Frame::tcp((CLIENT, 40811), (VIP, 84), TCP_ACK, 101, 701);
+    as_sent.ttl = 63;
+    let (verdict, out) = r.run(r.t1, &eth(BACKEND_MAC, T1_MAC, false, &icmp4_error(BACKEND, SNAT, 64, 3, 1, &to_backend, 40)));
+    assert_eq!(verdict, XDP_REDIRECT);
+    assert_eq!(out, eth(T0_MAC, CLIENT_MAC, false, &icmp4_error(VIP, CLIENT, 63, 3, 1, &as_sent, 40)), "full NAT, to the client");
+    assert_eq!((r.counter(stats::ICMP_TO_BACKEND), r.counter(stats::ICMP_TO_CLIENT)), (3, 1));
+}
+
+#[test]
+fn icmp_errors_about_unknown_flows_or_with_bad_quotes_get_a_safe_verdict_and_create_nothing() {
+    let mut r = rig();
+    establish(&mut r, 40820);
+    let before = r.flow((CLIENT, 40820), (VIP, 80), 6).expect("flow").state;
+    let sent = seg((VIP.into(), 80), (CLIENT.into(), 40820), 100);
+    // About no flow: to a VIP, passed (the kernel has no socket); about a
+    // backend's packet of no flow, dropped (never shown to a client).
+    let unknown = seg((VIP.into(), 80), (CLIENT.into(), 40821), 100);
+    let frame = eth(CLIENT_MAC, T0_MAC, false, &icmp4_error(ROUTER, VIP, 64, 3, 4, &unknown, 28));
+    assert_eq!(r.run(r.t0, &frame), (XDP_PASS, frame.clone()));
+    assert_eq!(r.counter(stats::PASS_ICMP_NO_FLOW), 1);
+    let stray = Frame::tcp((CLIENT, 40822), (BACKEND, 8080), TCP_ACK, 1, 1);
+    let frame = eth(BACKEND_MAC, T1_MAC, false, &icmp4_error(BACKEND, CLIENT, 64, 3, 3, &stray, 28));
+    assert_eq!(r.run(r.t1, &frame).0, XDP_DROP);
+    assert_eq!(r.counter(stats::DROP_ICMP_NO_FLOW), 1);
+    // A quote that is not an IPv4 header with ports: dropped.
+    let mut bogus = icmp4_error(ROUTER, VIP, 64, 3, 4, &sent, 28);
+    bogus[28] = 0x46; // quoted IHL 6
+    assert_eq!(r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &bogus)).0, XDP_DROP);
+    assert_eq!(r.counter(stats::DROP_ICMP_BAD_QUOTE), 1);
+    // Not an error (echo): the kernel's.
+    let echo = testbed::attack::ipv4_packet(ROUTER, VIP, 1, &testbed::attack::icmp4(8, 0, [0, 1, 0, 1], b"ping"));
+    assert_eq!(r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &echo)).0, XDP_PASS);
+    // A real error cut at every length: a safe verdict, no state.
+    let full = eth(CLIENT_MAC, T0_MAC, false, &icmp4_error(ROUTER, VIP, 64, 3, 4, &sent, 48));
+    for len in 14..full.len() {
+        let (verdict, _) = r.run(r.t0, &full[..len]);
+        assert!(verdict == XDP_PASS || verdict == XDP_DROP, "cut at {len}: verdict {verdict}");
+    }
+    assert_eq!(r.counts(), (1, 0), "ICMP created nothing");
+    assert_eq!(r.flow((CLIENT, 40820), (VIP, 80), 6).expect("flow").state, before, "and changed no flow");
+}
+
 #[test]
 fn the_verifier_accepts_the_program_with_headroom() {
     use std::os::fd::{AsFd, AsRawFd};

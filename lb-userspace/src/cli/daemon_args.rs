@@ -109,6 +109,12 @@ pub struct DaemonArgs {
     /// not an answer: the last one holds up to --dns-max-ttl.
     #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub dns_misses: u32,
+    /// ICMP and ICMPv6 errors about flows (fragmentation needed, packet
+    /// too big, unreachables) translated to the flow's other end: `on`
+    /// (default; path MTU discovery through the balancer needs it) or
+    /// `off` (passed to the kernel untouched: a diagnostic switch).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub icmp_translation: String,
     /// The flow hash's secret key: 32 hex digits (128 bits) in a file. Give
     /// every balancer of a cluster the same one, so they schedule a flow
     /// alike (default: a running data plane's key, else a random one).

@@ -298,7 +298,7 @@ fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings, hash_ke
     let mut ctl = Controller::new(dp).with_neighbour_warming().with_dns(dns);
     let res = (|| -> anyhow::Result<(aya::maps::RingBuf<aya::maps::MapData>, u32)> {
         host_setup(args, &mut ctl)?;
-        globals(&mut ctl, restored, hash_key, log_new)?;
+        globals(&mut ctl, restored, hash_key, log_new, args.icmp_translation == "on")?;
         if args.test_disable_proactive_reset {
             tracing::warn!("proactive resets disabled (test switch): flows of gone backends are reset on their next packet only");
             ctl.set_proactive_reset(false);
@@ -343,7 +343,7 @@ fn start(args: &DaemonArgs, desired: Option<&Desired>, dns: DnsSettings, hash_ke
 /// The data plane's settings, before the first packet: the flow-hash key
 /// (given; else the running data plane's, so a restart schedules alike;
 /// else a fresh random one), the CPU count, the new-flow records switch.
-fn globals(ctl: &mut Ctl, restored: bool, given: Option<[u64; 2]>, log_new: bool) -> anyhow::Result<()> {
+fn globals(ctl: &mut Ctl, restored: bool, given: Option<[u64; 2]>, log_new: bool, icmp: bool) -> anyhow::Result<()> {
     let running = if restored { ctl.dataplane().globals().ok().map(|g| g.hash_key).filter(|k| *k != [0, 0]) } else { None };
     let hash_key = match (given, running) {
         (Some(k), Some(r)) if k != r => {
@@ -355,7 +355,7 @@ fn globals(ctl: &mut Ctl, restored: bool, given: Option<[u64; 2]>, log_new: bool
         (None, None) => random_key().context("generating a flow-hash key")?,
     };
     let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")? as u32;
-    let flags = if log_new { lb_common::maps::GLOBAL_LOG_NEW_FLOWS } else { 0 };
+    let flags = if log_new { lb_common::maps::GLOBAL_LOG_NEW_FLOWS } else { 0 } | if icmp { 0 } else { lb_common::maps::GLOBAL_NO_ICMP };
     ctl.dataplane().globals_set(lb_common::maps::Globals { hash_key, ncpus, flags }).context("writing the data plane's settings")?;
     Ok(())
 }

@@ -1,0 +1,113 @@
+//! ICMP errors through the balancer, with real kernel stacks: a router
+//! between the client and the balancer whose link to the client has an
+//! MTU of 1400 (every endpoint has 1500), so the backends' full-size
+//! segments need path MTU discovery through the VIP; and a backend's port
+//! unreachable reaching a UDP client.
+//!
+//! ```text
+//!  client2 k0 10.60.0.2 (1500) ── r1 10.60.0.1 (MTU 1400) router (the
+//!  topology's client namespace, forwarding) c0 10.0.0.2 ── l0 lb ── backend
+//! ```
+
+use std::{net::UdpSocket, time::Duration};
+
+use testbed::{BulkServer, Daemon, Netns, Topology, TopologyOptions, download, in_netns, netns::unique_prefix};
+
+/// The topology with a router in front: its client namespace forwards to
+/// a second client behind a 1400-byte link.
+struct Path {
+    topo: Topology,
+    client: Netns,
+}
+
+fn path() -> Path {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 1, ..Default::default() }).expect("topology");
+    let client = Netns::new(&format!("{}-c2", unique_prefix())).expect("netns");
+    let router = &topo.client;
+    router.ip(&["link", "add", "r1", "type", "veth", "peer", "name", "k0", "netns", &client.name]).expect("veth");
+    router.ip(&["addr", "add", "10.60.0.1/24", "dev", "r1"]).expect("addr");
+    router.ip(&["addr", "add", "fd60::1/64", "dev", "r1", "nodad"]).expect("addr");
+    // The bottleneck: the router's side of the client's link.
+    router.ip(&["link", "set", "r1", "mtu", "1400", "up"]).expect("up");
+    router.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
+    router.sysctl("net.ipv6.conf.all.forwarding", "1").expect("forwarding");
+    client.ip(&["addr", "add", "10.60.0.2/24", "dev", "k0"]).expect("addr");
+    client.ip(&["addr", "add", "fd60::2/64", "dev", "k0", "nodad"]).expect("addr");
+    client.ip(&["link", "set", "k0", "up"]).expect("up");
+    client.ip(&["link", "set", "lo", "up"]).expect("lo");
+    client.ip(&["route", "add", "default", "via", "10.60.0.1"]).expect("route");
+    client.ip(&["-6", "route", "add", "default", "via", "fd60::1", "dev", "k0", "onlink"]).expect("route");
+    // The balancer and the backend reach the second client via the router.
+    topo.lb.ip(&["route", "add", "10.60.0.0/24", "via", "10.0.0.2"]).expect("route");
+    topo.lb.ip(&["-6", "route", "add", "fd60::/64", "via", "fd00::2", "dev", "l0"]).expect("route");
+    Path { topo, client }
+}
+
+/// Services: VIP:80 DNAT, VIP:81 full NAT, [VIP6]:80 DNAT, all to the
+/// backend's bulk server on 8080.
+fn services(d: &Daemon, topo: &Topology) {
+    for (vip, extra) in [(topo.vip_of(false, 80), vec![]), (topo.vip_of(false, 81), vec!["--mode", "fullnat"]), (topo.vip_of(true, 80), vec![])] {
+        let v = vip.to_string();
+        let mut args = vec!["service", "add", v.as_str()];
+        args.extend(extra);
+        d.ok(&args).expect("service");
+        d.ok(&["backend", "add", &v, &topo.backend_of(vip.is_ipv6(), 0, 8080).to_string()]).expect("backend");
+    }
+}
+
+const SIZE: usize = 200_000;
+
+#[test]
+fn downloads_through_a_smaller_path_mtu_complete_in_dnat_and_full_nat_over_ipv4_and_ipv6() {
+    let p = path();
+    let d = Daemon::start(&p.topo.lb, &p.topo.lb_ifaces, &[]).expect("daemon");
+    let _server = BulkServer::start(&p.topo.backends[0].name, "[::]:8080".parse().expect("addr")).expect("server");
+    services(&d, &p.topo);
+    for (what, vip) in [("IPv4 DNAT", p.topo.vip_of(false, 80)), ("IPv4 full NAT", p.topo.vip_of(false, 81)), ("IPv6 DNAT", p.topo.vip_of(true, 80))] {
+        download(&p.client.name, vip, SIZE, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    }
+    let s = d.json(&["status"]).expect("status");
+    let to_backend = s["counters"]["icmp_to_backend"].as_u64().unwrap_or(0);
+    assert!(to_backend >= 3, "each download needed the router's error translated: {:#}", s["counters"]);
+}
+
+#[test]
+fn without_translation_the_same_download_stalls() {
+    let p = path();
+    let d = Daemon::start(&p.topo.lb, &p.topo.lb_ifaces, &["--icmp-translation", "off"]).expect("daemon");
+    let _server = BulkServer::start(&p.topo.backends[0].name, "[::]:8080".parse().expect("addr")).expect("server");
+    services(&d, &p.topo);
+    let got = download(&p.client.name, p.topo.vip_of(false, 80), SIZE, Duration::from_secs(8));
+    assert!(got.is_err(), "the download completed without ICMP translation: the test would prove nothing");
+    let s = d.json(&["status"]).expect("status");
+    assert_eq!(s["counters"]["icmp_to_backend"], 0, "{:#}", s["counters"]);
+}
+
+#[test]
+fn a_udp_datagram_to_a_closed_backend_port_gets_connection_refused_from_the_vip() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 1, ..Default::default() }).expect("topology");
+    let d = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    let vip = topo.vip_sock(9999);
+    d.ok(&["service", "add", &vip.to_string(), "--proto", "udp"]).expect("service");
+    d.ok(&["backend", "add", &vip.to_string(), &topo.backend(0, 9999).to_string()]).expect("backend");
+    let refused = in_netns(&topo.client.name, || -> std::io::Result<std::io::ErrorKind> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(vip)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send(b"anyone there?")?;
+        let mut buf = [0u8; 64];
+        // The error arrives as ECONNREFUSED on the connected socket (its
+        // quote names VIP:9999, the socket's peer).
+        match s.recv(&mut buf) {
+            Ok(_) => Ok(std::io::ErrorKind::Other),
+            Err(e) => Ok(e.kind()),
+        }
+    })
+    .expect("netns")
+    .expect("socket");
+    assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
+    let s = d.json(&["status"]).expect("status");
+    assert!(s["counters"]["icmp_to_client"].as_u64().unwrap_or(0) >= 1, "{:#}", s["counters"]);
+}

@@ -498,7 +498,9 @@ pub struct Globals {
 /// (flow logs with new records, state sync).
 pub const GLOBAL_LOG_NEW_FLOWS: u32 = 1;
 /// `Globals::flags`: ICMP errors about flows are not translated (passed to
-/// the kernel as they come; a diagnostic switch, `--icmp-translation off`).
+/// the kernel as they come) and packets too big for their egress are not
+/// answered (passed rewritten): a diagnostic switch, `--icmp-translation
+/// off`.
 pub const GLOBAL_NO_ICMP: u32 = 2;
 
 /// Jiffies between two refreshes of a flow's `last_seen` (64-640 ms for

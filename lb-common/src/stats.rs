@@ -173,11 +173,15 @@ stats! {
     /// An ICMP error to a VIP whose quote is truncated or inconsistent (not
     /// an IPv4/IPv6 header with TCP/UDP ports): dropped.
     DROP_ICMP_BAD_QUOTE = 50, "drop_icmp_bad_quote";
+    /// A packet larger than its egress MTU after NAT or encapsulation, with
+    /// DF set (IPv6: always), answered in place with fragmentation needed
+    /// / packet too big from the VIP carrying the usable MTU (XDP_TX).
+    ICMP_TOO_BIG_SENT = 51, "icmp_too_big_sent";
 }
 
 /// The counters that are verdicts: every packet the program sees adds one
 /// to exactly one of them (their sum is [`RX`]).
-pub const VERDICTS: [u32; 30] = [
+pub const VERDICTS: [u32; 31] = [
     PASS_NOT_IP,
     PASS_NOT_SERVICE,
     PASS_TRUNCATED,
@@ -208,4 +212,5 @@ pub const VERDICTS: [u32; 30] = [
     PASS_ICMP_NO_FLOW,
     DROP_ICMP_NO_FLOW,
     DROP_ICMP_BAD_QUOTE,
+    ICMP_TOO_BIG_SENT,
 ];

@@ -226,8 +226,24 @@ pub fn dsr_track(st: &mut FlowState, seg: &Segment) {
 /// in the first case: see `nat::checksum_form`).
 #[inline(always)]
 pub fn nat_and_forward(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut u32>, backend_id: u32, now: u64) -> Verdict {
+    let route = match forward::route(ctx, pkt, t, hop_memo, now) {
+        Err(v) if v.stat & forward::TOO_BIG_STAT_MASK == stat::PASS_TOO_BIG => {
+            if crate::too_big::answerable(ctx, pkt) {
+                // Answered by the program's top (a shallower call chain),
+                // from the VIP: the client's packets' destination, the
+                // backend's packets' new source. Nothing rewritten.
+                let vip = if t.direction == DIR_TO_BACKEND { pkt.key.dst_addr } else { t.src };
+                if let Some(p) = crate::maps::PACKET.get_ptr_mut(0) {
+                    // SAFETY: this CPU's packet slot (`pkt` itself).
+                    unsafe { (*p).answer_from = vip };
+                    return v;
+                }
+            }
+            Err(Verdict::pass(stat::PASS_TOO_BIG))
+        }
+        r => r,
+    };
     stats::count_traffic(backend_id, t.direction == DIR_TO_BACKEND, pkt.ip_len as u64);
-    let route = forward::route(ctx, pkt, t, hop_memo, now);
     let leaving = route.is_ok();
     if t.flags & NAT_ENCAP != 0 {
         if let Err(stat) = encap::ipip(ctx, pkt, t, leaving) {

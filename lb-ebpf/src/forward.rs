@@ -33,6 +33,11 @@ const AF_INET6: u8 = 10;
 /// The route of a packet that will leave with tuple `t`: the index of
 /// this CPU's `XLB_NEXT_HOP` slot holding its next hop, or the pass verdict
 /// when XDP cannot forward it. Reads the packet, never writes it.
+/// In a `PASS_TOO_BIG` verdict from [`route`], the usable MTU is the
+/// stat's bits from here up (strip with [`TOO_BIG_STAT_MASK`]).
+pub const TOO_BIG_MTU_SHIFT: u32 = 16;
+pub const TOO_BIG_STAT_MASK: u32 = (1 << TOO_BIG_MTU_SHIFT) - 1;
+
 /// `hop_memo`: where the neighbour towards a client is remembered (the
 /// flow's `hop`), when there is a flow entry to remember it in.
 #[inline(always)]
@@ -94,7 +99,10 @@ fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32
         }
     };
     if hop.mtu != 0 && out_len > hop.mtu as u32 {
-        return Err(Verdict::pass(stats::PASS_TOO_BIG));
+        // The MTU usable by the packet as it came (the egress MTU less the
+        // encapsulation) rides in the verdict for `too_big::answer`.
+        let usable = hop.mtu as u32 - (out_len - pkt.ip_len);
+        return Err(Verdict::pass(stats::PASS_TOO_BIG | usable << TOO_BIG_MTU_SHIFT));
     }
     let same_iface = hop.ifindex == ctx.ingress_ifindex() as u32;
     // The redirect target is known before the packet is touched (once the
@@ -188,7 +196,12 @@ fn fib(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, out_len: u32) -> Result<(Ne
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         Err(Verdict::pass(stats::PASS_NO_NEIGH))
     } else if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        Err(Verdict::pass(stats::PASS_TOO_BIG))
+        // The route's MTU (the kernel sets it for this verdict), less what
+        // the encapsulation adds: what the packet as it came may use.
+        // SAFETY: a plain read of a union of integers.
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+        let usable = mtu.saturating_sub(out_len - pkt.ip_len);
+        Err(Verdict::pass(stats::PASS_TOO_BIG | usable << TOO_BIG_MTU_SHIFT))
     } else {
         Err(Verdict::pass(stats::PASS_NO_ROUTE))
     }

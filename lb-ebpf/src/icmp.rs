@@ -93,7 +93,9 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
 /// becomes `t.src` (the VIP: a client never sees a backend's address).
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: bool) -> Verdict {
-    let route = forward::route(ctx, pkt, t, None, 0);
+    // (An ICMP error larger than the egress MTU is the kernel's: it may
+    // fragment it.)
+    let route = forward::route(ctx, pkt, t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
     if rewrite(ctx, pkt, t, from_vip as u64) == 0 {
         return Verdict::drop(stat::DROP_ICMP_BAD_QUOTE);
     }

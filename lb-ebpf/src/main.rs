@@ -25,6 +25,7 @@ mod ports;
 mod reset;
 mod schedule;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
@@ -41,7 +42,13 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     // writes it whole before anything reads it.
     let pkt = unsafe { &mut *pkt };
     let parsed = parse::parse_into(&ctx, pkt);
-    let v = if parsed != parse::PARSED { Verdict::from_bits(parsed) } else { Verdict::from_bits(dispatch(&ctx, pkt)) };
+    let mut v = if parsed != parse::PARSED { Verdict::from_bits(parsed) } else { Verdict::from_bits(dispatch(&ctx, pkt)) };
+    if v.stat & forward::TOO_BIG_STAT_MASK == stat::PASS_TOO_BIG && v.stat >> forward::TOO_BIG_MTU_SHIFT != 0 {
+        // Too big and not rewritten (`flow::nat_and_forward`): answered
+        // with the ICMP error; if it cannot be built, dropped (the packet
+        // is still the client's or the backend's, addressed as it came).
+        v = too_big::answer(&ctx, pkt, &pkt.answer_from, v.stat >> forward::TOO_BIG_MTU_SHIFT).unwrap_or(Verdict::drop(stat::PASS_TOO_BIG));
+    }
     stats::count(v.stat);
     v.action
 }

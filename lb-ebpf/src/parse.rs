@@ -131,6 +131,9 @@ pub struct Packet {
     /// (`lb_common::icmp::NOT_ERROR`, `ERROR_TO_VIP`, `ERROR_OTHER`.)
     pub icmp: u8,
     pub inner_l3: usize,
+    /// A packet too big for its egress, to be answered by the program's
+    /// top: the VIP the error comes from (see `too_big`).
+    pub answer_from: Addr,
 }
 
 /// `Packet::wscale` when the segment carries no window scale option.
@@ -305,6 +308,7 @@ fn new_packet(pkt: &mut Packet, l3: usize, l4: usize, v6: bool, src: Addr, dst: 
     pkt.flow_key = FlowKey::new([0; 4], [0; 4], 0, 0, 0);
     pkt.icmp = lb_common::icmp::NOT_ERROR;
     pkt.inner_l3 = 0;
+    pkt.answer_from = [0; 4];
 }
 
 #[inline(always)]

@@ -84,6 +84,41 @@ fn without_translation_the_same_download_stalls() {
     assert_eq!(s["counters"]["icmp_to_backend"], 0, "{:#}", s["counters"]);
 }
 
+/// The balancer's own link to the client narrower than the endpoints'
+/// (the far end, the client's, and the backend's links stay at 1500): the
+/// backend's full-size segments do not fit it after NAT.
+fn narrow_lb_link(extra: &[&str]) -> (Topology, Daemon, BulkServer) {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 1, ..Default::default() }).expect("topology");
+    topo.lb.ip(&["link", "set", "l0", "mtu", "1400"]).expect("mtu");
+    let d = Daemon::start(&topo.lb, &topo.lb_ifaces, extra).expect("daemon");
+    let server = BulkServer::start(&topo.backends[0].name, "[::]:8080".parse().expect("addr")).expect("server");
+    for v6 in [false, true] {
+        let vip = topo.vip_of(v6, 80).to_string();
+        d.ok(&["service", "add", &vip]).expect("service");
+        d.ok(&["backend", "add", &vip, &topo.backend_of(v6, 0, 8080).to_string()]).expect("backend");
+    }
+    (topo, d, server)
+}
+
+#[test]
+fn a_segment_too_big_for_the_balancers_egress_is_answered_from_the_vip_and_the_download_completes() {
+    let (topo, d, _server) = narrow_lb_link(&[]);
+    for v6 in [false, true] {
+        download(&topo.client.name, topo.vip_of(v6, 80), SIZE, Duration::from_secs(20)).unwrap_or_else(|e| panic!("IPv6 {v6}: {e:#}"));
+    }
+    let s = d.json(&["status"]).expect("status");
+    assert!(s["counters"]["icmp_too_big_sent"].as_u64().unwrap_or(0) >= 2, "{:#}", s["counters"]);
+    // Without the answer the kernel gets the rewritten segment and its
+    // error goes to the VIP, itself: the download stalls.
+    drop(d);
+    let (topo, _d, _server) = narrow_lb_link(&["--icmp-translation", "off"]);
+    assert!(
+        download(&topo.client.name, topo.vip_of(false, 80), SIZE, Duration::from_secs(8)).is_err(),
+        "completed without the answer: the test proves nothing"
+    );
+}
+
 #[test]
 fn a_udp_datagram_to_a_closed_backend_port_gets_connection_refused_from_the_vip() {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");

@@ -927,22 +927,93 @@ fn clients_behind_one_gateway_share_its_next_hop() {
     assert_eq!(&r.run(r.t1, &data.build()).1[0..6], &[2, 0, 0, 0, 0, 0xfd], "another client behind the same gateway follows at once");
 }
 
+/// The "fragmentation needed" / "packet too big" xlb answers `frame`
+/// (arrived from `mac`) with, from `vip`, quoting its IP header and first
+/// 8 bytes: built here from scratch, checksums included.
+fn too_big_answer(frame: &[u8], vip: IpAddr, mtu: u32) -> Vec<u8> {
+    let (l3, v6) = (&frame[14..], frame[12] == 0x86);
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&frame[12..14]);
+    match vip {
+        IpAddr::V4(vip) => {
+            let sender = Ipv4Addr::new(l3[12], l3[13], l3[14], l3[15]);
+            let icmp = testbed::attack::icmp4(3, 4, [0, 0, (mtu >> 8) as u8, mtu as u8], &l3[..28]);
+            let mut ip = testbed::attack::ipv4_packet(vip, sender, 1, &icmp);
+            ip[4..6].copy_from_slice(&[0, 0]);
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = lb_common::csum::checksum(&ip[..20]);
+            ip[10..12].copy_from_slice(&c.to_ne_bytes());
+            out.extend_from_slice(&ip);
+        }
+        IpAddr::V6(vip) => {
+            assert!(v6);
+            let mut sender = [0u8; 16];
+            sender.copy_from_slice(&l3[8..24]);
+            let sender = Ipv6Addr::from(sender);
+            let icmp = testbed::attack::icmp6(vip, sender, 2, 0, mtu.to_be_bytes(), &l3[..48]);
+            out.extend_from_slice(&testbed::attack::ipv6_packet(vip, sender, 58, &icmp));
+        }
+    }
+    out
+}
+
 #[test]
-fn a_packet_larger_than_the_egress_mtu_is_passed_to_the_kernel() {
+fn a_packet_larger_than_the_egress_mtu_is_answered_with_fragmentation_needed_from_the_vip() {
     let mut r = rig();
     r.ns.ip(&["link", "set", "t1", "mtu", "1400"]).expect("mtu");
     let mut small = Frame::tcp((CLIENT, 41500), (VIP, 80), TCP_SYN, 1, 0);
     small.payload = payload(1360);
     assert_eq!(r.run(r.t0, &small.build()).0, XDP_REDIRECT, "1400 bytes fit");
-    // Cached or not, a larger one goes to the kernel (a GSO frame in
-    // generic mode: the kernel segments it; else it answers with ICMP).
+    // Cached or not, a larger one with DF is answered, quoting the packet
+    // as the client sent it (to the VIP), with the MTU it may use.
     for _ in 0..2 {
         let mut big = Frame::tcp((CLIENT, 41500), (VIP, 80), TCP_ACK, 1, 1);
         big.payload = payload(1361);
-        let (verdict, out) = r.run(r.t0, &big.build());
-        assert_eq!(verdict, XDP_PASS);
-        assert_eq!(&out[14 + 16..14 + 20], &BACKEND.octets(), "passed already rewritten");
+        let input = big.build();
+        let (verdict, out) = r.run(r.t0, &input);
+        assert_eq!(verdict, 3, "XDP_TX");
+        assert_eq!(out, too_big_answer(&input, VIP.into(), 1400));
     }
+    assert_eq!(r.counter(stats::ICMP_TOO_BIG_SENT), 2);
+    // IPv6: always (no fragmentation by routers), never below 1280.
+    r.ns.ip(&["link", "set", "t1", "mtu", "1300"]).expect("mtu");
+    let mut big6 = Frame::tcp((CLIENT6, 41501), (VIP6, 80), TCP_SYN, 1, 0);
+    big6.payload = payload(1300);
+    let input = big6.build();
+    let (verdict, out) = r.run(r.t0, &input);
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, too_big_answer(&input, VIP6.into(), 1300));
+    // The backend's packet too big for the client's link: answered to the
+    // backend, from the VIP, quoting the backend's own segment.
+    // (The MTU set before the flow's next hop is first cached: a changed
+    // MTU is picked up when the slot is refreshed, within 256 jiffies.)
+    r.ns.ip(&["link", "set", "t0", "mtu", "1400"]).expect("mtu");
+    establish(&mut r, 41502);
+    let mut reply = Frame::tcp((BACKEND, 8080), (CLIENT, 41502), TCP_ACK, 701, 101);
+    reply.payload = payload(1400);
+    let input = reply.build();
+    let (verdict, out) = r.run(r.t1, &input);
+    assert_eq!(verdict, 3, "XDP_TX");
+    assert_eq!(out, too_big_answer(&input, VIP.into(), 1400));
+    assert_eq!(r.counter(stats::ICMP_TOO_BIG_SENT), 4);
+    // DF clear, or generic mode (a GSO frame the kernel segments): passed,
+    // already rewritten, as before.
+    let mut no_df = Frame::tcp((CLIENT, 41503), (VIP, 80), TCP_SYN, 1, 0);
+    no_df.payload = payload(1400);
+    let mut input = no_df.build();
+    input[14 + 6] = 0;
+    input[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = lb_common::csum::checksum(&input[14..34]);
+    input[14 + 10..14 + 12].copy_from_slice(&c.to_ne_bytes());
+    let (verdict, out) = r.run(r.t0, &input);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(&out[14 + 16..14 + 20], &BACKEND.octets(), "passed already rewritten");
+    r.ctl.dataplane().iface_flags_set(r.t0, IFACE_VIRTUAL | IFACE_GENERIC).expect("flags");
+    let mut big = Frame::tcp((CLIENT, 41504), (VIP, 80), TCP_SYN, 1, 0);
+    big.payload = payload(1400);
+    assert_eq!(r.run(r.t0, &big.build()).0, XDP_PASS);
     assert_eq!(r.counter(stats::PASS_TOO_BIG), 2);
 }
 

@@ -33,8 +33,9 @@ pub mod names {
     pub const PORTS: &str = "XLB_PORTS";
     pub const IFACES: &str = "XLB_IFACES";
     pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
+    pub const PORT_FILTER: &str = "XLB_PORT_FILTER";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -53,6 +54,7 @@ pub mod names {
         PORTS,
         IFACES,
         ENDPOINTS,
+        PORT_FILTER,
     ];
 }
 
@@ -438,6 +440,67 @@ pub struct NatTuple {
 /// it. Same layout as [`ServiceKey`].
 pub type EndpointKey = ServiceKey;
 
+/// `XLB_PORT_FILTER` (one entry, written by the controller): one bit per
+/// (set, protocol, port): whether some service listens on that destination
+/// port, whether some backend endpoint sends from that source port. The
+/// program tests it (an inlined array read) before the `XLB_SERVICES` and
+/// `XLB_ENDPOINTS` hash lookups, so traffic of neither costs no hash lookup.
+/// A bit may be set with nothing behind it (the controller sets bits before
+/// the entries they stand for and clears them after): a set bit only means
+/// "look".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortFilter {
+    pub bits: [u64; PORT_FILTER_WORDS],
+}
+
+/// Two sets × two protocols × 65,536 ports, 64 per word.
+pub const PORT_FILTER_WORDS: usize = (2 * 2 * 65_536) / 64;
+/// `PortFilter` set: services, by destination port.
+pub const FILTER_SERVICE: usize = 0;
+/// `PortFilter` set: backend endpoints, by source port.
+pub const FILTER_ENDPOINT: usize = 1;
+
+impl Default for PortFilter {
+    fn default() -> Self {
+        PortFilter { bits: [0; PORT_FILTER_WORDS] }
+    }
+}
+
+impl PortFilter {
+    /// The word and bit of (`set`, `proto`, `port`: network byte order, as
+    /// keys hold it). TCP and UDP have their own bits; other protocols
+    /// share UDP's (they never have services).
+    #[inline(always)]
+    pub const fn position(set: usize, proto: u8, port: u16) -> (usize, u64) {
+        let port = u16::from_be(port) as usize;
+        let p = if proto == PROTO_TCP { 0 } else { 1 };
+        let i = ((set & 1) << 17) | (p << 16) | port;
+        (i >> 6, 1 << (i & 63))
+    }
+
+    pub fn insert(&mut self, set: usize, proto: u8, port: u16) {
+        let (w, b) = Self::position(set, proto, port);
+        self.bits[w] |= b;
+    }
+
+    #[inline(always)]
+    pub fn contains(&self, set: usize, proto: u8, port: u16) -> bool {
+        let (w, b) = Self::position(set, proto, port);
+        // (`get`: a bound the verifier sees; the word is always in range.)
+        matches!(self.bits.get(w), Some(x) if x & b != 0)
+    }
+
+    /// Both filters' bits.
+    pub fn union(&self, other: &PortFilter) -> PortFilter {
+        let mut out = *self;
+        for (o, x) in out.bits.iter_mut().zip(other.bits.iter()) {
+            *o |= x;
+        }
+        out
+    }
+}
+
 /// A service a backend endpoint belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -683,6 +746,7 @@ mod pod {
     // SAFETY: all are repr(C), integer-only, with no implicit padding (see
     // the size asserts above), so every bit pattern is valid.
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for PortFilter {}
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
@@ -700,6 +764,33 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_filter_keeps_sets_protocols_and_ports_apart() {
+        let mut f = PortFilter::default();
+        let port = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
+        f.insert(FILTER_SERVICE, PROTO_TCP, port(80));
+        f.insert(FILTER_ENDPOINT, PROTO_UDP, port(5353));
+        assert!(f.contains(FILTER_SERVICE, PROTO_TCP, port(80)));
+        assert!(!f.contains(FILTER_SERVICE, PROTO_UDP, port(80)), "another protocol");
+        assert!(!f.contains(FILTER_ENDPOINT, PROTO_TCP, port(80)), "another set");
+        assert!(!f.contains(FILTER_SERVICE, PROTO_TCP, port(81)), "another port");
+        assert!(f.contains(FILTER_ENDPOINT, PROTO_UDP, port(5353)));
+        for p in [0u16, 1, 63, 64, 65_535] {
+            for set in [FILTER_SERVICE, FILTER_ENDPOINT] {
+                for proto in [PROTO_TCP, PROTO_UDP] {
+                    let (w, _) = PortFilter::position(set, proto, port(p));
+                    assert!(w < PORT_FILTER_WORDS);
+                }
+            }
+        }
+        let mut g = PortFilter::default();
+        g.insert(FILTER_SERVICE, PROTO_TCP, port(443));
+        let u = f.union(&g);
+        assert!(u.contains(FILTER_SERVICE, PROTO_TCP, port(443)) && u.contains(FILTER_SERVICE, PROTO_TCP, port(80)));
+    }
+
     use super::*;
 
     #[test]

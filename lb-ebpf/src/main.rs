@@ -29,7 +29,7 @@ mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    maps::{EndpointKey, ServiceKey},
+    maps::{EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, ServiceKey},
     stats as stat,
 };
 
@@ -65,10 +65,14 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
         return icmp::packet(ctx, pkt);
     }
     let k = &pkt.key;
-    let skey = ServiceKey { addr: k.dst_addr, port: k.dst_port, proto: k.proto, _pad: 0 };
     let mut mode = 0u64;
+    // The port filter first (an inlined array read): traffic to no
+    // service's port and from no backend's port costs no hash lookup.
+    let filter = maps::PORT_FILTER.get(0);
+    let maybe_service = filter.is_none_or(|f| f.contains(FILTER_SERVICE, k.proto, k.dst_port));
+    let skey = ServiceKey { addr: k.dst_addr, port: k.dst_port, proto: k.proto, _pad: 0 };
     // SAFETY: read-only use of a value the controller writes whole.
-    if let Some(svc) = unsafe { maps::SERVICES.get(&skey) } {
+    if let Some(svc) = if maybe_service { unsafe { maps::SERVICES.get(&skey) } } else { None } {
         let e = client::find(pkt, svc, &mut mode);
         if !e.is_null() {
             let v = flow::packet(ctx, pkt, &pkt.key, e, mode);
@@ -83,6 +87,9 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
             client::Unknown::Reset => client::reset_miss(ctx, pkt),
             client::Unknown::Pass => Verdict::pass(stat::PASS_NO_FLOW).to_bits(),
         };
+    }
+    if filter.is_some_and(|f| !f.contains(FILTER_ENDPOINT, k.proto, k.src_port)) {
+        return Verdict::pass(stat::PASS_NOT_SERVICE).to_bits();
     }
     let ekey = EndpointKey { addr: k.src_addr, port: k.src_port, proto: k.proto, _pad: 0 };
     // SAFETY: as above.

@@ -116,6 +116,11 @@ pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpu
 /// Per-CPU scratch space where a new flow is built (it would not fit the
 /// 512-byte BPF stack beside the packet's state on the deepest path). Not
 /// pinned: its contents never outlive one packet.
+/// Which (protocol, port)s may have a service or a backend endpoint: tested
+/// before those hash lookups (`lb_common::maps::PortFilter`).
+#[map(name = "XLB_PORT_FILTER")]
+pub static PORT_FILTER: aya_ebpf::maps::Array<lb_common::maps::PortFilter> = aya_ebpf::maps::Array::with_max_entries(1, 0);
+
 /// The packet being processed, as parsed (per CPU: off the 512-byte BPF
 /// stack, which the call chain down to the route and rewrite needs).
 #[map(name = "XLB_PACKET")]

@@ -1760,6 +1760,21 @@ fn icmp_errors_about_unknown_flows_or_with_bad_quotes_get_a_safe_verdict_and_cre
 }
 
 #[test]
+fn the_port_filter_is_read_before_the_service_and_endpoint_lookups() {
+    let mut r = rig();
+    let syn = Frame::tcp((CLIENT, 40900), (VIP, 80), TCP_SYN, 1, 0).build();
+    assert_eq!(r.run(r.t0, &syn).0, XDP_REDIRECT, "the controller's filter has the service's bit");
+    let reply = Frame::tcp((BACKEND, 8080), (CLIENT, 40900), TCP_SYN | TCP_ACK, 7, 2).build();
+    // With every bit clear nothing is looked up: both pass untouched, as
+    // the host's own traffic.
+    r.ctl.dataplane().port_filter_set(&lb_common::maps::PortFilter::default()).expect("clear");
+    assert_eq!(r.run(r.t0, &syn), (XDP_PASS, syn.clone()));
+    assert_eq!(r.run(r.t1, &reply), (XDP_PASS, reply.clone()));
+    assert_eq!(r.counter(stats::PASS_NOT_SERVICE), 2);
+    assert_eq!(r.flow_count(), 0);
+}
+
+#[test]
 fn the_verifier_accepts_the_program_with_headroom() {
     use std::os::fd::{AsFd, AsRawFd};
     let mut r = rig();

@@ -11,7 +11,9 @@
 
 use std::collections::HashMap;
 
-use lb_common::maps::{EndpointEntry, EndpointKey, EndpointService, MAX_SERVICES_PER_ENDPOINT, SVC_F_DSR, SVC_F_FULLNAT, addr_from_ip};
+use lb_common::maps::{
+    EndpointEntry, EndpointKey, EndpointService, FILTER_ENDPOINT, FILTER_SERVICE, MAX_SERVICES_PER_ENDPOINT, PortFilter, SVC_F_DSR, SVC_F_FULLNAT, addr_from_ip,
+};
 
 use super::{Controller, Result};
 use crate::{
@@ -21,7 +23,7 @@ use crate::{
 
 impl<D: DataPlane> Controller<D> {
     /// The endpoints the model calls for.
-    fn wanted_endpoints(&self) -> HashMap<EndpointKey, EndpointEntry> {
+    pub(super) fn wanted_endpoints(&self) -> HashMap<EndpointKey, EndpointEntry> {
         let mut out: HashMap<EndpointKey, EndpointEntry> = HashMap::new();
         let all = self.services.iter().map(|(sid, s)| (sid, s.id, s.entry().flags, s.slots().collect::<Vec<_>>()));
         let retired = self.retired.iter().map(|(sid, id, b)| (sid, *id, 0u8, vec![b]));
@@ -65,6 +67,10 @@ impl<D: DataPlane> Controller<D> {
     /// follow from them.
     pub(super) fn refresh_endpoints(&mut self) -> Result<()> {
         let wanted = self.wanted_endpoints();
+        // The port filter's bits for every endpoint there will be or still
+        // is, before any entry changes; the exact set once they have.
+        let f = self.port_filter(None, wanted.keys().chain(self.endpoints.keys()));
+        self.write_port_filter(f)?;
         let shared = Self::shared_services(&wanted);
         let mut changed: Vec<ServiceId> = Vec::new();
         for (sid, svc) in self.services.iter_mut() {
@@ -89,6 +95,29 @@ impl<D: DataPlane> Controller<D> {
         for k in gone {
             self.dp.endpoint_set(k, None)?;
             self.endpoints.remove(&k);
+        }
+        let f = self.port_filter(None, wanted.keys());
+        self.write_port_filter(f)
+    }
+
+    /// The port filter for the model's services (and `extra`, about to be
+    /// added) and the endpoints `endpoints`.
+    pub(super) fn port_filter<'a>(&self, extra: Option<&ServiceId>, endpoints: impl Iterator<Item = &'a EndpointKey>) -> PortFilter {
+        let mut f = PortFilter::default();
+        for sid in self.services.keys().chain(extra) {
+            f.insert(FILTER_SERVICE, sid.proto.number(), be_port(sid.addr.port()));
+        }
+        for k in endpoints {
+            f.insert(FILTER_ENDPOINT, k.proto, k.port);
+        }
+        f
+    }
+
+    /// Writes `f` if it differs from what the data plane has.
+    pub(super) fn write_port_filter(&mut self, f: PortFilter) -> Result<()> {
+        if *self.port_filter != f {
+            self.dp.port_filter_set(&f)?;
+            *self.port_filter = f;
         }
         Ok(())
     }

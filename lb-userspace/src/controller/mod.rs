@@ -158,6 +158,8 @@ pub struct Controller<D: DataPlane = crate::dataplane::KernelDataPlane> {
     local_addrs: BTreeSet<IpAddr>,
     /// `XLB_ENDPOINTS` as written.
     endpoints: HashMap<lb_common::maps::EndpointKey, lb_common::maps::EndpointEntry>,
+    /// The port filter as last written (`PortFilter`, 32 KiB).
+    port_filter: Box<lb_common::maps::PortFilter>,
 }
 
 impl<D: DataPlane> Controller<D> {
@@ -192,6 +194,7 @@ impl<D: DataPlane> Controller<D> {
             shared_counters: Vec::new(),
             local_addrs: BTreeSet::new(),
             endpoints: HashMap::new(),
+            port_filter: Box::default(),
         }
     }
 

@@ -171,6 +171,11 @@ impl<D: DataPlane> Controller<D> {
                 self.addr_ref(r.backend.ip(), 0, 1)?;
             }
         }
+        // The port filter's bits before the entries they stand for (the
+        // endpoints' with them: the rings point at backends below).
+        let wanted = self.wanted_endpoints();
+        let f = self.port_filter(None, wanted.keys());
+        self.write_port_filter(f)?;
         // Address roles, backend slots, service entries and rings.
         let sids: Vec<ServiceId> = self.services.keys().copied().collect();
         for sid in sids {

@@ -38,6 +38,9 @@ impl<D: DataPlane> Controller<D> {
             .ok_or_else(|| Refusal::Capacity(format!("cannot add {sid}: all {MAX_SERVICES} service slots are in use")))?;
         let svc = Service::new(id, settings);
         self.dp.reset_traffic(Some(id), None)?;
+        // Its port's bit before its entry (a clear bit skips the lookup).
+        let f = self.port_filter(Some(&sid), self.endpoints.keys());
+        self.write_port_filter(f)?;
         self.dp.service_set(service_key(&sid), svc.entry())?;
         if let Err(e) = self.addr_ref(sid.addr.ip(), 1, 0) {
             let _ = self.dp.service_remove(&service_key(&sid));

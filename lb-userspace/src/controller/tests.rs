@@ -527,3 +527,34 @@ fn a_replayed_sync_datagram_installs_nothing() {
     receiver.report(&mut figures);
     assert_eq!(figures.replayed_datagrams, 1);
 }
+
+#[test]
+fn the_port_filter_has_a_bit_for_every_service_and_endpoint_before_its_entry() {
+    use lb_common::maps::{FILTER_ENDPOINT, FILTER_SERVICE, PROTO_TCP};
+    let (mut c, dp) = controller();
+    let port = |p: u16| u16::from_ne_bytes(p.to_be_bytes());
+    c.service_add(sa(VIP), Proto::Tcp, &ServiceOptions::default()).expect("service");
+    assert!(dp.state().port_filter.contains(FILTER_SERVICE, PROTO_TCP, port(sa(VIP).port())), "the service's port");
+    assert!(!dp.state().port_filter.contains(FILTER_SERVICE, PROTO_TCP, port(sa(VIP).port() + 1)));
+    c.backend_add(sa(VIP), Some(Proto::Tcp), be(1), None).expect("backend");
+    assert!(dp.state().port_filter.contains(FILTER_ENDPOINT, PROTO_TCP, port(be(1).port())), "the backend's port");
+    // Removed and freed (no flows): the bit goes with the endpoint.
+    let id = backend_id(&c, be(1));
+    c.backend_remove(sa(VIP), Some(Proto::Tcp), be(1)).expect("remove");
+    // What the reset worker does with the (empty) job, then two snapshots
+    // with no flow of it: the id is freed.
+    let table = c.table();
+    for job in c.take_jobs() {
+        let mut outcomes = Vec::new();
+        crate::resets::run(&table, None, &job, &mut |o| outcomes.push(o));
+        for o in outcomes {
+            c.on_reset(o, Some(id));
+        }
+    }
+    for _ in 0..3 {
+        let _ = snapshot(&mut c);
+    }
+    assert!(dp.state().endpoints.is_empty(), "the backend was freed: its endpoint went");
+    assert!(!dp.state().port_filter.contains(FILTER_ENDPOINT, PROTO_TCP, port(be(1).port())), "and its bit with it");
+    assert!(dp.state().port_filter.contains(FILTER_SERVICE, PROTO_TCP, port(sa(VIP).port())), "the service's stays");
+}

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use lb_common::maps::{Addr, Backend, EndpointEntry, EndpointKey, FlowKey, Globals, PortOwner, ServiceEntry, ServiceKey, TrafficCounters};
+use lb_common::maps::{Addr, Backend, EndpointEntry, EndpointKey, FlowKey, Globals, PortFilter, PortOwner, ServiceEntry, ServiceKey, TrafficCounters};
 
 use super::{Attachment, DataPlane, DataplaneError, Flow, FlowRef, FlowTable, Result, TableCounts, TrafficOf};
 
@@ -23,6 +23,7 @@ pub struct FakeState {
     pub rings: HashMap<u32, Vec<u32>>,
     pub globals: Globals,
     pub endpoints: HashMap<EndpointKey, EndpointEntry>,
+    pub port_filter: Box<PortFilter>,
     pub active: HashMap<u32, u64>,
     pub counters: Vec<u64>,
     pub service_traffic: HashMap<u32, TrafficCounters>,
@@ -160,6 +161,12 @@ impl DataPlane for FakeDataPlane {
         let mut s = self.state();
         s.check("globals_set")?;
         s.globals = g;
+        Ok(())
+    }
+    fn port_filter_set(&mut self, f: &PortFilter) -> Result<()> {
+        let mut s = self.state();
+        s.check("port_filter_set")?;
+        *s.port_filter = *f;
         Ok(())
     }
     fn endpoint_set(&mut self, key: EndpointKey, entry: Option<EndpointEntry>) -> Result<()> {

@@ -26,8 +26,8 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        Addr, Backend, EndpointEntry, EndpointKey, FlowKey, FlowState, Globals, IFACE_GENERIC, IFACE_VIRTUAL, PortOwner, RING_SLOTS, ServiceEntry, ServiceKey,
-        TrafficCounters, names,
+        Addr, Backend, EndpointEntry, EndpointKey, FlowKey, FlowState, Globals, IFACE_GENERIC, IFACE_VIRTUAL, PortFilter, PortOwner, RING_SLOTS, ServiceEntry,
+        ServiceKey, TrafficCounters, names,
     },
     stats,
 };
@@ -474,6 +474,14 @@ impl KernelDataPlane {
         m.set(0, g, 0).map_err(map_err("writing", names::GLOBALS))
     }
 
+    /// Sets the port filter (`PortFilter`: which ports may have a service
+    /// or an endpoint).
+    pub fn port_filter_set(&mut self, f: &PortFilter) -> Result<()> {
+        let map = self.map_mut(names::PORT_FILTER)?;
+        let mut m: Array<_, PortFilter> = Array::try_from(map).map_err(map_err("opening", names::PORT_FILTER))?;
+        m.set(0, *f, 0).map_err(map_err("writing", names::PORT_FILTER))
+    }
+
     /// The data plane's settings as they are (a taken-over data plane keeps
     /// its flow-hash key).
     pub fn globals(&self) -> Result<Globals> {
@@ -693,6 +701,9 @@ impl DataPlane for KernelDataPlane {
     }
     fn endpoint_set(&mut self, key: EndpointKey, entry: Option<EndpointEntry>) -> Result<()> {
         KernelDataPlane::endpoint_set(self, key, entry)
+    }
+    fn port_filter_set(&mut self, f: &PortFilter) -> Result<()> {
+        KernelDataPlane::port_filter_set(self, f)
     }
     fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()> {
         KernelDataPlane::backend_active_set(self, id, count)

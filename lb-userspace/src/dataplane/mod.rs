@@ -23,8 +23,8 @@ pub mod kernel;
 
 use lb_common::{
     maps::{
-        Addr, Backend, EndpointEntry, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowEnd, FlowKey, FlowState, Globals, PROTO_TCP, PortOwner, ServiceEntry,
-        ServiceKey, TCPD_SEEN, TrafficCounters,
+        Addr, Backend, EndpointEntry, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowEnd, FlowKey, FlowState, Globals, PROTO_TCP, PortFilter, PortOwner,
+        ServiceEntry, ServiceKey, TCPD_SEEN, TrafficCounters,
     },
     rst::Rst,
     tcp,
@@ -64,6 +64,9 @@ pub trait DataPlane: Send + 'static {
     /// Sets how a backend endpoint's packets find their flows (`None`
     /// removes it).
     fn endpoint_set(&mut self, key: EndpointKey, entry: Option<EndpointEntry>) -> Result<()>;
+    /// Sets which ports may have a service or an endpoint (a set bit only
+    /// means "look"; see `PortFilter`).
+    fn port_filter_set(&mut self, f: &PortFilter) -> Result<()>;
     /// Sets a backend's active-flow count (least-connections input).
     fn backend_active_set(&mut self, id: u32, count: u64) -> Result<()>;
     /// Zeroes a service's or a backend's traffic counters (ids are reused).

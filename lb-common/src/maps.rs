@@ -791,8 +791,6 @@ mod tests {
         assert!(u.contains(FILTER_SERVICE, PROTO_TCP, port(443)) && u.contains(FILTER_SERVICE, PROTO_TCP, port(80)));
     }
 
-    use super::*;
-
     #[test]
     fn ipv4_neighbour_hashes_never_collide_and_are_never_zero() {
         // A bijection on 32 bits (0 maps to 0, sent to 1: checked apart).

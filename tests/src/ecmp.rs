@@ -95,6 +95,8 @@ impl Fabric {
         for i in 0..2 {
             let ns = Netns::new(&format!("{prefix}-lb{i}"))?;
             f.plug(&ns, "xf", &format!("pl{i}"), &format!("{}/24", lb_addr(i)))?;
+            // A balancer node's own way to clients (its resets go there).
+            ns.ip(&["route", "add", "default", "via", "10.2.0.1"])?;
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             let include = f.dir.join(format!("lb{i}-vips.conf"));
             std::fs::write(&include, xlb::ha::bgp::include_text(&[]))?;

@@ -104,3 +104,45 @@ fn configure(f: &Fabric, i: usize) {
         d.ok(&["backend", "add", &vip, &format!("{}:{PORT}", ecmp::backend_addr(b))]).expect("backend");
     }
 }
+
+#[test]
+fn dsr_red_black_resets_every_idle_client_within_a_second_without_it_sending() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let mut f = Fabric::new(2).expect("fabric");
+    f.set_up_backends().expect("backend setup (decapsulation, VIP on lo)");
+    let _servers: Vec<TcpNameServer> =
+        f.backends.iter().enumerate().map(|(i, b)| TcpNameServer::start(&b.name, &format!("b{i}"), ([0, 0, 0, 0], PORT).into()).expect("server")).collect();
+    // One node, routed to statically (no BGP needed for this).
+    f.router.ip(&["route", "add", &format!("{}/32", ecmp::VIP), "via", &ecmp::lb_addr(0).to_string()]).expect("route");
+    f.start_daemon(0).expect("daemon");
+    configure(&f, 0);
+    let vip = SocketAddr::new(ecmp::VIP.into(), PORT);
+    let mut clients: Vec<LineClient> = (0..100)
+        .map(|i| {
+            let mut c = LineClient::connect(&f.client.name, vip).unwrap_or_else(|e| panic!("connect through DSR: {e}\n{}", f.diagnostics()));
+            c.ask(&format!("hello {i}")).expect("answer");
+            c
+        })
+        .collect();
+    // Each client's ACK of the answer has reached the balancer (it tracks
+    // what the client acknowledged: the backend's next sequence number).
+    let d = f.lbs[0].daemon.as_ref().expect("daemon");
+    wait_for("the 100 flows in the table", Duration::from_secs(5), || (d.json(&["flows"]).ok()?.as_array()?.len() == 100).then_some(())).expect("flows");
+    // Red/black: both backends removed; the clients send nothing.
+    let start = Instant::now();
+    for b in 0..2 {
+        d.ok(&["backend", "remove", &vip.to_string(), &format!("{}:{PORT}", ecmp::backend_addr(b))]).expect("remove");
+    }
+    let streams: Vec<&std::net::TcpStream> = clients.iter_mut().map(|c| c.stream()).collect();
+    let outcomes = testbed::watch_idle(&streams, start, Duration::from_secs(3));
+    let reset_in_time = outcomes.iter().filter(|o| matches!(o, testbed::Outcome::Reset(t) if *t < Duration::from_secs(1))).count();
+    let s = d.json(&["status"]).expect("status");
+    assert_eq!(
+        reset_in_time,
+        100,
+        "idle DSR clients told within 1 s: {reset_in_time}/100; outcomes {:?}; counters {}; services {}",
+        &outcomes[..outcomes.len().min(5)],
+        s["counters"],
+        s["services"]
+    );
+}

@@ -29,8 +29,8 @@ mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    maps::{EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, ServiceKey},
-    stats as stat,
+    maps::{EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, PROTO_TCP, ServiceKey},
+    stats as stat, tcp,
 };
 
 use crate::parse::{Packet, Verdict};
@@ -70,6 +70,24 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
     // service's port and from no backend's port costs no hash lookup.
     let filter = maps::PORT_FILTER.get(0);
     let maybe_service = filter.is_none_or(|f| f.contains(FILTER_SERVICE, k.proto, k.dst_port));
+    // An established flow's packet (anything but a bare SYN) needs only
+    // its entry: looked up first, the service's entry is not needed. (A
+    // SYN, a miss, a closed flow or a rescheduled UDP flow take the
+    // service path below.)
+    let bare_syn = k.proto == PROTO_TCP && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN;
+    if maybe_service && !bare_syn {
+        if let Some(e) = maps::CONNS.get_ptr_mut(&pkt.key) {
+            // SAFETY: map value pointer from the kernel.
+            let live = !unsafe { tcp::is_closed((*e).orig.state, (*e).reply.state) };
+            if live {
+                let v = flow::packet(ctx, pkt, &pkt.key, e, flow::mode(conntrack::Table::Established, true));
+                if v != flow::RESCHEDULE {
+                    return v;
+                }
+            }
+        }
+    }
+    let k = &pkt.key;
     let skey = ServiceKey { addr: k.dst_addr, port: k.dst_port, proto: k.proto, _pad: 0 };
     // SAFETY: read-only use of a value the controller writes whole.
     if let Some(svc) = if maybe_service { unsafe { maps::SERVICES.get(&skey) } } else { None } {

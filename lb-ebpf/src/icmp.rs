@@ -24,16 +24,16 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum,
     icmp::ERROR_TO_VIP,
-    maps::{EndpointKey, FLOW_DSR, FlowState, GLOBAL_NO_ICMP, NatTuple, PROTO_TCP},
+    maps::{DIR_TO_BACKEND, EndpointKey, FLOW_DSR, FlowState, GLOBAL_NO_ICMP, NAT_ENCAP, NatTuple, PROTO_TCP, SVC_F_DSR, ServiceKey},
     stats as stat,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     backend, flow, forward,
-    maps::{BACKENDS, CONNS, ENDPOINTS, GLOBALS, HALF_OPEN},
+    maps::{BACKENDS, CONNS, ENDPOINTS, GLOBALS, HALF_OPEN, SERVICES},
     parse::{Packet, Verdict, ptr_at},
-    stats,
+    schedule, stats,
 };
 
 /// An ICMP error (`pkt.icmp` set): translated and forwarded, or a safe
@@ -54,15 +54,15 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
             Some(e) => e,
             None => match HALF_OPEN.get_ptr_mut(&pkt.key) {
                 Some(e) => e,
-                None => return Verdict::pass(stat::PASS_ICMP_NO_FLOW),
+                None => return no_flow_to_vip(ctx, pkt),
             },
         };
         // SAFETY: map value pointer from the kernel; only read.
         let st: &FlowState = unsafe { &*e };
-        if st.flags & FLOW_DSR != 0 {
-            return Verdict::pass(stat::PASS_ICMP_NO_FLOW);
-        }
         let Some(b) = BACKENDS.get(st.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
+        if st.flags & FLOW_DSR != 0 {
+            return to_dsr_backend(ctx, pkt, b);
+        }
         let t = flow::tuple(&pkt.key, st, b, true);
         stats::count(stat::ICMP_TO_BACKEND);
         return forward(ctx, pkt, &t, false);
@@ -86,6 +86,39 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
     let t = flow::tuple(&pkt.flow_key, st, b, false);
     stats::count(stat::ICMP_TO_CLIENT);
     forward(ctx, pkt, &t, true)
+}
+
+/// An error to a VIP quoting no flow: a DSR service's (its backends send
+/// from the VIP, so routers' errors about their packets come here) goes to
+/// the backend the keyed hash picks, the one every node picks; any other
+/// is passed (the kernel has no socket for it).
+#[inline(always)]
+fn no_flow_to_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    let skey = ServiceKey { addr: pkt.key.dst_addr, port: pkt.key.dst_port, proto: pkt.key.proto, _pad: 0 };
+    // SAFETY: read-only use of a value the controller writes whole.
+    if let Some(svc) = unsafe { SERVICES.get(&skey) }
+        && svc.flags & SVC_F_DSR != 0
+        && let Some((_, b)) = schedule::pick(svc, &pkt.key, true)
+    {
+        return to_dsr_backend(ctx, pkt, b);
+    }
+    Verdict::pass(stat::PASS_ICMP_NO_FLOW)
+}
+
+/// DSR: the error goes to backend `b` as it came, inside the tunnel (the
+/// backend sent the quoted packet from the VIP itself: nothing to
+/// translate).
+#[inline(always)]
+fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend) -> Verdict {
+    let t = NatTuple { src: b.snat_addr, dst: b.addr, sport: 0, dport: 0, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 };
+    let route = forward::route(ctx, pkt, &t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
+    let Ok(slot) = route else { return Verdict::pass(stat::PASS_ICMP_NO_FLOW) };
+    // (Not "leaving": an ICMP checksum is never a partial one.)
+    if let Err(stat) = crate::encap::ipip(ctx, pkt, &t, false) {
+        return Verdict::pass(stat);
+    }
+    stats::count(stat::ICMP_TO_BACKEND);
+    forward::send(ctx, pkt, slot)
 }
 
 /// Routes, rewrites and sends the error along `t` (the tuple the flow's

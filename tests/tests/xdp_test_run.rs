@@ -1775,6 +1775,32 @@ fn the_port_filter_is_read_before_the_service_and_endpoint_lookups() {
 }
 
 #[test]
+fn an_icmp_error_about_a_dsr_flow_goes_to_its_backend_through_the_tunnel_untouched() {
+    let mut r = rig();
+    // A DSR flow VIP:85 → 10.1.1.2:85 (entered at the client's ACK).
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40830), (VIP, 85), TCP_ACK, 1000, 77).build()).0, XDP_REDIRECT);
+    // The backend sent its segment from the VIP itself: the quote needs
+    // no translation, the error just goes into the tunnel.
+    for (what, client_port) in [("with its flow", 40830u16), ("without (by the hash)", 40831)] {
+        let sent = seg((VIP.into(), 85), (CLIENT.into(), client_port), 1400);
+        let err = icmp4_error(ROUTER, VIP, 64, 3, 4, &sent, 48);
+        let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &err));
+        assert_eq!(verdict, XDP_REDIRECT, "{what}");
+        let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 63, 4, 0, 0];
+        outer[2..4].copy_from_slice(&((20 + err.len()) as u16).to_be_bytes());
+        outer.extend_from_slice(&SNAT.octets());
+        outer.extend_from_slice(&BACKEND.octets());
+        let c = lb_common::csum::checksum(&outer);
+        outer[10..12].copy_from_slice(&c.to_ne_bytes());
+        let mut l3 = outer;
+        l3.extend_from_slice(&err);
+        assert_eq!(out, eth(T1_MAC, BACKEND_MAC, false, &l3), "{what}: the error itself, inside IPIP");
+    }
+    assert_eq!(r.counter(stats::ICMP_TO_BACKEND), 2);
+    assert_eq!(r.counts(), (1, 0), "nothing created");
+}
+
+#[test]
 fn the_verifier_accepts_the_program_with_headroom() {
     use std::os::fd::{AsFd, AsRawFd};
     let mut r = rig();

@@ -16,7 +16,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     maps::{
         ADDR_LOCAL, DIR_TO_CLIENT, EndpointEntry, EndpointService, FLOW_PICKED_UP, FlowKey, FlowState, MAX_SERVICES_PER_ENDPOINT, NAT_SRC, NatTuple, PROTO_TCP,
-        SVC_F_FULLNAT, TcpDir, backend_is_gone,
+        SVC_F_FULLNAT, backend_is_gone,
     },
     stats as stat, tcp,
 };
@@ -24,7 +24,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, Table},
     flow,
-    maps::{BACKENDS, PORTS, SCRATCH},
+    maps::{BACKENDS, PORTS},
     parse::{Packet, Verdict, is_addr},
     ports, reset, stats,
 };
@@ -179,23 +179,8 @@ fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32)
 /// connection already under way) and forwards the packet to the client.
 #[inline(always)]
 fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, picked_up: bool, now: u32) -> Verdict {
-    let Some(st) = SCRATCH.get_ptr_mut(0) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
-    // SAFETY: this CPU's scratch slot; every field is written.
-    let st = unsafe { &mut *st };
-    st.backend_id = s.backend_id;
-    st.service_id = s.service_id;
-    st.flags = if picked_up { FLOW_PICKED_UP } else { 0 };
-    st.snat_port = 0;
-    st._pad = 0;
-    st.hop = 0;
-    st.created = now;
-    st.last_seen = now;
-    st.packets_orig = 0;
-    st.packets_reply = 0;
-    st.orig = TcpDir::default();
-    st.reply = TcpDir::default();
-    st.bytes_orig = 0;
-    st.bytes_reply = 0;
+    let flags = if picked_up { FLOW_PICKED_UP } else { 0 };
+    let Some(st) = conntrack::scratch(s.backend_id, s.service_id, flags, 0, now) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
     if pkt.key.proto == PROTO_TCP {
         let _ = tcp::track(&mut st.reply, &mut st.orig, &flow::segment(pkt));
     }

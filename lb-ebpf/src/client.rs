@@ -19,7 +19,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     maps::{
         Backend, DIR_TO_BACKEND, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NatTuple, PROTO_TCP, SCHED_MAGLEV, SVC_F_DSR,
-        SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS, SVC_F_STATELESS_SYN, ServiceEntry, TcpDir,
+        SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS, SVC_F_STATELESS_SYN, ServiceEntry,
     },
     stats as stat,
     tcp::{self},
@@ -28,7 +28,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, Table},
     flow,
-    maps::{CONNS, ENDPOINTS, HALF_OPEN, SCRATCH},
+    maps::{CONNS, ENDPOINTS, HALF_OPEN},
     parse::{Packet, Verdict},
     ports, reset, schedule, stats,
 };
@@ -38,8 +38,12 @@ use crate::{
 /// returning the map value itself: the entry's processing (`flow::packet`)
 /// is then called from the program's top, not from here, which keeps the
 /// call chain within the 512-byte BPF stack.
+///
+/// A non-SYN's connection-table entry was looked up by the program's top
+/// already (a live one never gets here): `closed_entry` is it, if it is
+/// closed, else null.
 #[inline(never)]
-pub fn find(pkt: &Packet, svc: &ServiceEntry, mode: &mut u64) -> *mut FlowState {
+pub fn find(pkt: &Packet, svc: &ServiceEntry, mode: &mut u64, closed_entry: *mut FlowState) -> *mut FlowState {
     let key = &pkt.key;
     let syn = key.proto == PROTO_TCP && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN;
     if syn {
@@ -59,23 +63,17 @@ pub fn find(pkt: &Packet, svc: &ServiceEntry, mode: &mut u64) -> *mut FlowState 
         *mode = flow::mode(Table::HalfOpen, true);
         return HALF_OPEN.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
     }
-    match CONNS.get_ptr_mut(key) {
-        // SAFETY: map value pointer from the kernel.
-        Some(e) if !closed(unsafe { &*e }) => {
-            *mode = flow::mode(Table::Established, true);
-            e
+    match HALF_OPEN.get_ptr_mut(key) {
+        // A flow in its handshake, or a new connection on the 5-tuple of a
+        // closed one.
+        Some(h) => {
+            *mode = flow::mode(Table::HalfOpen, true);
+            h
         }
-        est => match HALF_OPEN.get_ptr_mut(key) {
-            // A new connection on the 5-tuple of a closed one.
-            Some(h) => {
-                *mode = flow::mode(Table::HalfOpen, true);
-                h
-            }
-            None => {
-                *mode = flow::mode(Table::Established, true);
-                est.unwrap_or(core::ptr::null_mut())
-            }
-        },
+        None => {
+            *mode = flow::mode(Table::Established, true);
+            closed_entry
+        }
     }
 }
 
@@ -202,30 +200,14 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
     } else {
         0
     };
-    let Some(st) = SCRATCH.get_ptr_mut(0) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this
-    // packet. Every field is written.
-    let st = unsafe { &mut *st };
-    st.backend_id = backend_id as u16;
-    st.service_id = svc.id as u8;
-    st.flags = if fullnat {
+    let flags = if fullnat {
         FLOW_FULLNAT
     } else if svc.flags & SVC_F_DSR != 0 {
         FLOW_DSR
     } else {
         0
     };
-    st.snat_port = snat_port;
-    st._pad = 0;
-    st.hop = 0;
-    st.created = now;
-    st.last_seen = now;
-    st.packets_orig = 0;
-    st.packets_reply = 0;
-    st.orig = TcpDir::default();
-    st.reply = TcpDir::default();
-    st.bytes_orig = 0;
-    st.bytes_reply = 0;
+    let Some(st) = conntrack::scratch(backend_id as u16, svc.id as u8, flags, snat_port, now) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
     if is_tcp {
         if svc.flags & SVC_F_DSR != 0 {
             flow::dsr_track(st, &flow::segment(pkt));

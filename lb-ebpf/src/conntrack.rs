@@ -5,9 +5,9 @@
 //! creation, promotion, removal, and the records sent to the controller.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_jiffies64};
-use lb_common::maps::{Backend, FlowEnd, FlowKey, FlowState, GLOBAL_LOG_NEW_FLOWS, LAST_SEEN_STEP, end_reason};
+use lb_common::maps::{Backend, FlowEnd, FlowKey, FlowState, GLOBAL_LOG_NEW_FLOWS, LAST_SEEN_STEP, TcpDir, end_reason};
 
-use crate::maps::{BACKENDS, CONNS, FLOW_EVENTS, GLOBALS, HALF_OPEN};
+use crate::maps::{BACKENDS, CONNS, FLOW_EVENTS, GLOBALS, HALF_OPEN, SCRATCH};
 
 /// The data plane's clock: jiffies (one load: the verifier inlines the
 /// helper). Flow times are its low 32 bits; the controller maps them to
@@ -29,6 +29,32 @@ pub enum Table {
 #[inline(always)]
 pub fn get(table: Table, key: &FlowKey) -> Option<*mut FlowState> {
     if table == Table::Established { CONNS.get_ptr_mut(key) } else { HALF_OPEN.get_ptr_mut(key) }
+}
+
+/// A new flow's state, built in this CPU's scratch slot (an entry would
+/// not fit the BPF stack beside the packet's state): every field written,
+/// nothing of either side seen yet.
+#[inline(always)]
+pub fn scratch(backend_id: u16, service_id: u8, flags: u8, snat_port: u16, now: u32) -> Option<&'static mut FlowState> {
+    let st = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this
+    // packet.
+    let st = unsafe { &mut *st };
+    st.backend_id = backend_id;
+    st.service_id = service_id;
+    st.flags = flags;
+    st.snat_port = snat_port;
+    st._pad = 0;
+    st.hop = 0;
+    st.created = now;
+    st.last_seen = now;
+    st.packets_orig = 0;
+    st.packets_reply = 0;
+    st.orig = TcpDir::default();
+    st.reply = TcpDir::default();
+    st.bytes_orig = 0;
+    st.bytes_reply = 0;
+    Some(st)
 }
 
 /// Enters a new flow (`state`, usually in per-CPU scratch space) in

@@ -221,22 +221,11 @@ fn rewrite_v4_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: boo
     inner.src_addr = ns;
     inner.dst_addr = nd;
     inner.check = new_check.to_ne_bytes();
-    ic = csum::update_u16(csum::update_addr(csum::update_addr(ic, os, ns), od, nd), old_check, new_check);
-    let inner_l4 = pkt.inner_l3 + Ipv4Hdr::LEN;
-    let Some(ports) = quoted_ports(ctx, inner_l4, t) else { return false };
-    ic = csum::update_port(csum::update_port(ic, ports.0, ports.2), ports.1, ports.3);
-    if let Some((p, old)) = quoted_check(ctx, pkt, inner_l4) {
-        let c = csum::update_addr(csum::update_addr(old, os, ns), od, nd);
-        ic = set_quoted_check(pkt, p, old, c, ports, ic);
-    }
-    let Some(h) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
-    // SAFETY: bounds checked by ptr_at.
-    let b = ic.to_ne_bytes();
-    unsafe {
-        (*h)[2] = b[0];
-        (*h)[3] = b[1];
-    }
-    true
+    // One delta for the ICMP checksum and the quoted segment's (both cover
+    // these addresses).
+    let delta = addr4_delta(os, ns) + addr4_delta(od, nd);
+    ic = csum::update_u16(apply(ic, delta), old_check, new_check);
+    finish_quote(ctx, pkt, t, pkt.inner_l3 + Ipv4Hdr::LEN, ic, delta)
 }
 
 #[inline(never)]
@@ -266,9 +255,16 @@ fn rewrite_v6_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: boo
     // and the quoted segment's (both cover these addresses).
     let delta = replace(&mut inner.src_addr, &t.dst) + replace(&mut inner.dst_addr, &t.src);
     ic = apply(ic, delta);
-    let inner_l4 = pkt.inner_l3 + Ipv6Hdr::LEN;
+    finish_quote(ctx, pkt, t, pkt.inner_l3 + Ipv6Hdr::LEN, ic, delta)
+}
+
+/// The end of both families' rewrite: the quoted ports, the quoted
+/// segment's checksum (its addresses changed by `delta`), and the ICMP
+/// checksum `ic` updated for them and written.
+#[inline(always)]
+fn finish_quote(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, inner_l4: usize, ic: u16, delta: u32) -> bool {
     let Some(ports) = quoted_ports(ctx, inner_l4, t) else { return false };
-    ic = csum::update_port(csum::update_port(ic, ports.0, ports.2), ports.1, ports.3);
+    let mut ic = csum::update_port(csum::update_port(ic, ports.0, ports.2), ports.1, ports.3);
     if let Some((p, old)) = quoted_check(ctx, pkt, inner_l4) {
         ic = set_quoted_check(pkt, p, old, apply(old, delta), ports, ic);
     }
@@ -280,6 +276,14 @@ fn rewrite_v6_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: boo
         (*h)[3] = b[1];
     }
     true
+}
+
+/// The one's complement delta (`~m + m'` per 16-bit word, unfolded) of
+/// replacing IPv4 address `old` with `new` (packet bytes).
+#[inline(always)]
+fn addr4_delta(old: [u8; 4], new: [u8; 4]) -> u32 {
+    let w = |a: u8, b: u8| u16::from_ne_bytes([a, b]) as u32;
+    (0xffff - w(old[0], old[1])) + (0xffff - w(old[2], old[3])) + w(new[0], new[1]) + w(new[2], new[3])
 }
 
 /// Replaces the 16 address bytes at `field` (in the packet) with `new`;

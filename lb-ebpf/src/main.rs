@@ -75,6 +75,9 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
     // SYN, a miss, a closed flow or a rescheduled UDP flow take the
     // service path below.)
     let bare_syn = k.proto == PROTO_TCP && pkt.tcp_flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN;
+    // A closed entry found here is handed to `client::find` (not looked up
+    // twice).
+    let mut closed_entry = core::ptr::null_mut();
     if maybe_service && !bare_syn {
         if let Some(e) = maps::CONNS.get_ptr_mut(&pkt.key) {
             // SAFETY: map value pointer from the kernel.
@@ -84,6 +87,9 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
                 if v != flow::RESCHEDULE {
                     return v;
                 }
+                // Rescheduled: the entry is gone.
+            } else {
+                closed_entry = e;
             }
         }
     }
@@ -91,7 +97,7 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
     let skey = ServiceKey { addr: k.dst_addr, port: k.dst_port, proto: k.proto, _pad: 0 };
     // SAFETY: read-only use of a value the controller writes whole.
     if let Some(svc) = if maybe_service { unsafe { maps::SERVICES.get(&skey) } } else { None } {
-        let e = client::find(pkt, svc, &mut mode);
+        let e = client::find(pkt, svc, &mut mode, closed_entry);
         if !e.is_null() {
             let v = flow::packet(ctx, pkt, &pkt.key, e, mode);
             if v != flow::RESCHEDULE {

@@ -28,6 +28,53 @@ pub const fn is_error(v6: bool, ty: u8) -> bool {
     }
 }
 
+/// Kinds of error, as counted (both families: ICMPv6 packet too big is
+/// IPv4's fragmentation needed). `Packet::icmp_kind` in the data plane.
+pub const KIND_TOO_BIG: u8 = 0;
+/// Destination unreachable, other than fragmentation needed (host, port,
+/// network unreachable, administratively prohibited...).
+pub const KIND_UNREACHABLE: u8 = 1;
+pub const KIND_TIME_EXCEEDED: u8 = 2;
+pub const KIND_PARAM_PROBLEM: u8 = 3;
+/// `(kind, label)` of every kind, for status and metrics.
+pub const KINDS: [(u8, &str); 4] =
+    [(KIND_TOO_BIG, "too_big"), (KIND_UNREACHABLE, "unreachable"), (KIND_TIME_EXCEEDED, "time_exceeded"), (KIND_PARAM_PROBLEM, "parameter_problem")];
+
+/// What became of an error about a flow xlb handles (or claims to be):
+/// translated and forwarded to the flow's backend.
+pub const OUTCOME_TO_BACKEND: u8 = 0;
+/// Translated and forwarded to the flow's client.
+pub const OUTCOME_TO_CLIENT: u8 = 1;
+/// To a VIP, quoting no flow: passed to the kernel.
+pub const OUTCOME_PASSED_NO_FLOW: u8 = 2;
+/// Quoting a backend's packet of no flow: dropped.
+pub const OUTCOME_DROPPED_NO_FLOW: u8 = 3;
+/// To a VIP with a truncated or inconsistent quote: dropped.
+pub const OUTCOME_DROPPED_BAD_QUOTE: u8 = 4;
+/// `(outcome, label)` of every outcome, for status and metrics.
+pub const OUTCOMES: [(u8, &str); 5] = [
+    (OUTCOME_TO_BACKEND, "to_backend"),
+    (OUTCOME_TO_CLIENT, "to_client"),
+    (OUTCOME_PASSED_NO_FLOW, "passed_no_flow"),
+    (OUTCOME_DROPPED_NO_FLOW, "dropped_no_flow"),
+    (OUTCOME_DROPPED_BAD_QUOTE, "dropped_bad_quote"),
+];
+
+/// The counted kind of an error of ICMP type `ty` and code `code`
+/// (ICMPv6 when `v6`), one that [`is_error`] accepts.
+pub const fn kind(v6: bool, ty: u8, code: u8) -> u8 {
+    match (v6, ty) {
+        (false, V4_DEST_UNREACH) if code == V4_CODE_FRAG_NEEDED => KIND_TOO_BIG,
+        (false, V4_DEST_UNREACH) | (true, V6_DEST_UNREACH) => KIND_UNREACHABLE,
+        (true, V6_PACKET_TOO_BIG) => KIND_TOO_BIG,
+        (false, V4_TIME_EXCEEDED) | (true, V6_TIME_EXCEEDED) => KIND_TIME_EXCEEDED,
+        _ => KIND_PARAM_PROBLEM,
+    }
+}
+
+/// ICMP destination unreachable code: fragmentation needed and DF set.
+pub const V4_CODE_FRAG_NEEDED: u8 = 4;
+
 /// `Packet::icmp` in the data plane: not an ICMP error.
 pub const NOT_ERROR: u8 = 0;
 /// An ICMP error addressed to a VIP: about a packet xlb sent to a client.
@@ -56,5 +103,38 @@ mod tests {
         for ty in [128, 129, 133, 134, 135, 136, 137] {
             assert!(!is_error(true, ty));
         }
+    }
+
+    #[test]
+    fn kinds_follow_type_and_code() {
+        assert_eq!(kind(false, 3, 4), KIND_TOO_BIG);
+        assert_eq!(kind(true, 2, 0), KIND_TOO_BIG);
+        for code in [0, 1, 3, 13] {
+            assert_eq!(kind(false, 3, code), KIND_UNREACHABLE, "code {code}");
+            assert_eq!(kind(true, 1, code), KIND_UNREACHABLE, "code {code}");
+        }
+        // ICMPv6 code 4 of destination unreachable is "port unreachable".
+        assert_eq!(kind(true, 1, 4), KIND_UNREACHABLE);
+        assert_eq!(kind(false, 11, 0), KIND_TIME_EXCEEDED);
+        assert_eq!(kind(true, 3, 1), KIND_TIME_EXCEEDED);
+        assert_eq!(kind(false, 12, 0), KIND_PARAM_PROBLEM);
+        assert_eq!(kind(true, 4, 2), KIND_PARAM_PROBLEM);
+    }
+
+    #[test]
+    fn every_kind_and_outcome_has_its_own_counter() {
+        use crate::stats;
+        let mut seen = [false; (stats::COUNT - stats::NAMED) as usize];
+        for (k, _) in KINDS {
+            for (o, _) in OUTCOMES {
+                let i = stats::icmp_error(k, o);
+                assert!((stats::NAMED..stats::COUNT).contains(&i));
+                let slot = &mut seen[(i - stats::NAMED) as usize];
+                assert!(!*slot, "kind {k} outcome {o} shares counter {i}");
+                *slot = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s), "every counter read by one pair");
+        assert!(stats::LABELS.iter().all(|(i, _)| *i < stats::NAMED), "named counters come first");
     }
 }

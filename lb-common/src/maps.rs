@@ -34,6 +34,9 @@ pub mod names {
     pub const IFACES: &str = "XLB_IFACES";
     pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
     pub const PORT_FILTER: &str = "XLB_PORT_FILTER";
+    /// Backend hosts only (`xlb_mss_clamp`): VIP → the largest MSS its
+    /// SYN-ACKs may announce. Not pinned, not the balancer's.
+    pub const MSS_CLAMP: &str = "XLB_MSS_CLAMP";
     /// Every map the controller pins, in a stable order.
     pub const ALL: [&str; 19] = [
         SERVICES,
@@ -565,6 +568,9 @@ pub const GLOBAL_LOG_NEW_FLOWS: u32 = 1;
 /// answered (passed rewritten): a diagnostic switch, `--icmp-translation
 /// off`.
 pub const GLOBAL_NO_ICMP: u32 = 2;
+
+/// VIPs a backend host clamps the MSS of (`XLB_MSS_CLAMP`).
+pub const MAX_MSS_CLAMP_VIPS: u32 = 256;
 
 /// Jiffies between two refreshes of a flow's `last_seen` (64-640 ms for
 /// HZ 1000-100): an established flow's pure ACKs leave its entry clean.

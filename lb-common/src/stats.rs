@@ -4,10 +4,11 @@
 macro_rules! stats {
     ($($(#[$doc:meta])* $name:ident = $idx:literal, $label:literal;)*) => {
         $($(#[$doc])* pub const $name: u32 = $idx;)*
-        /// Number of counters.
-        pub const COUNT: u32 = [$($idx),*].len() as u32;
-        /// `(index, metric label)` of every counter, for the controller.
-        pub const LABELS: [(u32, &str); COUNT as usize] = [$(($name, $label)),*];
+        /// Number of named counters (the per-ICMP-kind ones follow them).
+        pub const NAMED: u32 = [$($idx),*].len() as u32;
+        /// `(index, metric label)` of every named counter, for the
+        /// controller.
+        pub const LABELS: [(u32, &str); NAMED as usize] = [$(($name, $label)),*];
     };
 }
 
@@ -177,6 +178,20 @@ stats! {
     /// DF set (IPv6: always), answered in place with fragmentation needed
     /// / packet too big from the VIP carrying the usable MTU (XDP_TX).
     ICMP_TOO_BIG_SENT = 51, "icmp_too_big_sent";
+}
+
+/// First of the ICMP error counters by kind and outcome
+/// ([`icmp_error`]), after the named ones.
+pub const ICMP_ERRORS: u32 = NAMED;
+/// Number of counters in `XLB_STATS`.
+pub const COUNT: u32 = ICMP_ERRORS + (crate::icmp::KINDS.len() * crate::icmp::OUTCOMES.len()) as u32;
+
+/// The counter of ICMP errors of kind `kind` (`icmp::KIND_*`) that ended
+/// with `outcome` (`icmp::OUTCOME_*`): one more per error xlb handles, next
+/// to the per-direction totals above. Out-of-range arguments give an index
+/// past the table (the bump is then a no-op).
+pub const fn icmp_error(kind: u8, outcome: u8) -> u32 {
+    ICMP_ERRORS + kind as u32 * crate::icmp::OUTCOMES.len() as u32 + outcome as u32
 }
 
 /// The counters that are verdicts: every packet the program sees adds one

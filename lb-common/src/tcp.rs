@@ -275,6 +275,43 @@ pub fn parse_wscale(opts: &[u8]) -> Option<u8> {
     None
 }
 
+/// TCP option kind: maximum segment size (length 4).
+pub const OPT_MSS: u8 = 2;
+/// Option bytes walked at most (a header's options are at most 40 bytes:
+/// one step per byte covers even a header of NOPs).
+pub const MAX_OPTION_STEPS: usize = 40;
+
+/// The MSS option of a TCP header of `hdr_len` bytes: the offset of its
+/// value from the header's start, and the value. `read(off)` gives the two
+/// header bytes at `off` (`None` past the packet): the data plane reads
+/// the packet with it, the tests a slice. A malformed option list (a length
+/// below 2 or past the header, an MSS option of another length) has none.
+pub fn find_mss(hdr_len: usize, mut read: impl FnMut(usize) -> Option<[u8; 2]>) -> Option<(usize, u16)> {
+    let mut off = 20;
+    for _ in 0..MAX_OPTION_STEPS {
+        // An MSS option needs 4 bytes; a last byte can only be padding.
+        if off + 4 > hdr_len {
+            return None;
+        }
+        let [kind, len] = read(off)?;
+        match kind {
+            0 => return None,
+            1 => off += 1,
+            _ => {
+                let len = len as usize;
+                if len < 2 || off + len > hdr_len {
+                    return None;
+                }
+                if kind == OPT_MSS {
+                    return if len == 4 { read(off + 2).map(|v| (off + 2, u16::from_be_bytes(v))) } else { None };
+                }
+                off += len;
+            }
+        }
+    }
+    None
+}
+
 /// The flow's state for humans, combining both directions' entries.
 pub const fn combined_state(to_backend: u8, to_client: u8) -> u8 {
     if to_backend == STATE_CLOSED || to_client == STATE_CLOSED {
@@ -480,5 +517,38 @@ mod tests {
         assert_eq!(combined_state(STATE_FIN, STATE_CLOSED), STATE_CLOSED);
         assert_eq!(combined_state(STATE_ESTABLISHED, STATE_SYN), STATE_ESTABLISHED);
         assert_eq!(combined_state(STATE_SYN, STATE_SYN), STATE_SYN);
+    }
+
+    #[test]
+    fn the_mss_option_is_found_behind_any_options_and_never_past_the_header() {
+        let header = |opts: &[u8]| {
+            let mut h = [0u8; 60];
+            h[20..20 + opts.len()].copy_from_slice(opts);
+            (h, 20 + opts.len())
+        };
+        let find = |h: &[u8], hdr_len: usize| find_mss(hdr_len, |o| h.get(o..o + 2).map(|b| [b[0], b[1]]));
+        // Linux's SYN-ACK: MSS first, then SACK permitted, timestamps, NOP, window scale.
+        let (linux, n) = header(&[2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7]);
+        assert_eq!(find(&linux[..n], n), Some((22, 1460)));
+        // Behind NOPs at an odd offset, and behind window scale.
+        let (odd, n) = header(&[1, 2, 4, 0x05, 0x78, 1, 1, 1]);
+        assert_eq!(find(&odd[..n], n), Some((23, 1400)));
+        let (late, n) = header(&[1, 3, 3, 7, 2, 4, 0x02, 0x18]);
+        assert_eq!(find(&late[..n], n), Some((26, 536)));
+        // None: no MSS, end of options before it, a bad length, an MSS
+        // option of the wrong length or cut by the header's end, 40 NOPs.
+        for (opts, why) in [
+            (&[1u8, 3, 3, 7][..], "no MSS"),
+            (&[0, 0, 0, 0, 2, 4, 5, 0xb4], "end of options first"),
+            (&[8, 1, 0, 0, 2, 4, 5, 0xb4], "a length below 2"),
+            (&[2, 3, 5, 0xb4], "an MSS option of length 3"),
+            (&[1; 40], "40 NOPs"),
+        ] {
+            let (h, n) = header(opts);
+            assert_eq!(find(&h[..n], n), None, "{why}");
+        }
+        assert_eq!(find(&linux, 23), None, "the header ends inside the option");
+        // Cut packets: `read` past the end ends the walk.
+        assert_eq!(find(&linux[..21], 40), None);
     }
 }

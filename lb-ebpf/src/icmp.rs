@@ -23,7 +23,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum,
-    icmp::ERROR_TO_VIP,
+    icmp::{self, ERROR_TO_VIP},
     maps::{DIR_TO_BACKEND, EndpointKey, FLOW_DSR, FlowState, GLOBAL_NO_ICMP, NAT_ENCAP, NatTuple, PROTO_TCP, SVC_F_DSR, ServiceKey},
     stats as stat,
 };
@@ -40,7 +40,28 @@ use crate::{
 /// verdict. A separate BPF function.
 #[inline(never)]
 pub fn packet(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
-    verdict(ctx, pkt).to_bits()
+    let v = verdict(ctx, pkt);
+    // The outcomes a verdict names; the forwarded ones are counted where
+    // they are decided (`forwarded`).
+    let outcome = match v.stat {
+        stat::PASS_ICMP_NO_FLOW => Some(icmp::OUTCOME_PASSED_NO_FLOW),
+        stat::DROP_ICMP_NO_FLOW => Some(icmp::OUTCOME_DROPPED_NO_FLOW),
+        stat::DROP_ICMP_BAD_QUOTE => Some(icmp::OUTCOME_DROPPED_BAD_QUOTE),
+        _ => None,
+    };
+    if let Some(o) = outcome {
+        stats::count(stat::icmp_error(pkt.icmp_kind, o));
+    }
+    v.to_bits()
+}
+
+/// Counts an error translated for the flow's backend (`to_backend`) or
+/// client: the direction's total and the kind's.
+#[inline(always)]
+fn forwarded(pkt: &Packet, to_backend: bool) {
+    let (total, outcome) = if to_backend { (stat::ICMP_TO_BACKEND, icmp::OUTCOME_TO_BACKEND) } else { (stat::ICMP_TO_CLIENT, icmp::OUTCOME_TO_CLIENT) };
+    stats::count(total);
+    stats::count(stat::icmp_error(pkt.icmp_kind, outcome));
 }
 
 #[inline(always)]
@@ -64,7 +85,7 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
             return to_dsr_backend(ctx, pkt, b);
         }
         let t = flow::tuple(&pkt.key, st, b, true);
-        stats::count(stat::ICMP_TO_BACKEND);
+        forwarded(pkt, true);
         return forward(ctx, pkt, &t, false);
     }
     // About a packet to a backend? The quote reversed reads like the
@@ -84,7 +105,7 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
     }
     let Some(b) = BACKENDS.get(st.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
     let t = flow::tuple(&pkt.flow_key, st, b, false);
-    stats::count(stat::ICMP_TO_CLIENT);
+    forwarded(pkt, false);
     forward(ctx, pkt, &t, true)
 }
 
@@ -117,7 +138,7 @@ fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend) 
     if let Err(stat) = crate::encap::ipip(ctx, pkt, &t, false) {
         return Verdict::pass(stat);
     }
-    stats::count(stat::ICMP_TO_BACKEND);
+    forwarded(pkt, true);
     forward::send(ctx, pkt, slot)
 }
 

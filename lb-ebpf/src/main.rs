@@ -19,6 +19,7 @@ mod flow;
 mod forward;
 mod icmp;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod ports;
@@ -27,7 +28,11 @@ mod schedule;
 mod stats;
 mod too_big;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
     maps::{EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, PROTO_TCP, ServiceKey},
     stats as stat, tcp,
@@ -137,6 +142,16 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_decap(ctx: XdpContext) -> u32 {
     encap::decap(&ctx)
+}
+
+/// On DSR backends (`xlb backend-setup`, TC egress): lowers the MSS the
+/// host's SYN-ACKs from a VIP announce to what fits the tunnel (see
+/// `mss`). Hands every packet on (`TC_ACT_UNSPEC`: the next program, or
+/// the default action).
+#[classifier]
+pub fn xlb_mss_clamp(ctx: TcContext) -> i32 {
+    mss::clamp(&ctx);
+    TC_ACT_UNSPEC
 }
 
 /// The data plane's clock for the controller: writes jiffies and

@@ -85,6 +85,11 @@ pub static NEXT_HOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_H
 #[map(name = "XLB_FLOW_EVENTS")]
 pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 
+/// On DSR backend hosts (`xlb backend-setup`, program `xlb_mss_clamp`): a
+/// VIP → the largest MSS the host's SYN-ACKs from it may announce.
+#[map(name = "XLB_MSS_CLAMP")]
+pub static MSS_CLAMP: HashMap<Addr, u16> = HashMap::with_max_entries(lb_common::maps::MAX_MSS_CLAMP_VIPS, 0);
+
 /// Settings of the whole data plane (`Globals`), written by the controller.
 #[map(name = "XLB_GLOBALS")]
 pub static GLOBALS: Array<Globals> = Array::with_max_entries(1, 0);

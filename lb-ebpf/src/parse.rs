@@ -130,6 +130,8 @@ pub struct Packet {
     /// header and `inner_l3` the quoted IP header.
     /// (`lb_common::icmp::NOT_ERROR`, `ERROR_TO_VIP`, `ERROR_OTHER`.)
     pub icmp: u8,
+    /// The error's counted kind (`lb_common::icmp::KIND_*`).
+    pub icmp_kind: u8,
     pub inner_l3: usize,
     /// A packet too big for its egress, to be answered by the program's
     /// top: the VIP the error comes from (see `too_big`).
@@ -239,13 +241,25 @@ fn parse_icmp(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), V
     let l4 = pkt.l4_off;
     let hdr: *const [u8; 8] = ptr_at(ctx, l4).ok_or(Verdict::pass(stats::PASS_OTHER_PROTO))?;
     // SAFETY: bounds checked by ptr_at.
-    let ty = unsafe { (*hdr)[0] };
+    let (ty, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     if !lb_common::icmp::is_error(pkt.v6, ty) || l4_len < 8 {
         return Err(Verdict::pass(stats::PASS_OTHER_PROTO));
     }
+    pkt.icmp_kind = lb_common::icmp::kind(pkt.v6, ty, code);
     let to_vip = is_addr(&pkt.key.dst_addr, ADDR_VIP);
+    let quote = parse_quote(ctx, pkt, l4_len, to_vip);
+    if quote.is_err() && to_vip {
+        crate::stats::count(stats::icmp_error(pkt.icmp_kind, lb_common::icmp::OUTCOME_DROPPED_BAD_QUOTE));
+    }
+    quote
+}
+
+/// The quoted packet of an ICMP error (after its 8-byte header at
+/// `pkt.l4_off`), see [`parse_icmp`].
+#[inline(always)]
+fn parse_quote(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize, to_vip: bool) -> Result<(), Verdict> {
     let bad = if to_vip { Verdict::drop(stats::DROP_ICMP_BAD_QUOTE) } else { Verdict::pass(stats::PASS_OTHER_PROTO) };
-    let inner = l4 + 8;
+    let inner = pkt.l4_off + 8;
     let (src, dst, proto, inner_l4) = if pkt.v6 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, inner).ok_or(bad)?;
         // SAFETY: bounds checked by ptr_at.

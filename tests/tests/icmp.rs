@@ -2,14 +2,21 @@
 //! between the client and the balancer whose link to the client has an
 //! MTU of 1400 (every endpoint has 1500), so the backends' full-size
 //! segments need path MTU discovery through the VIP; and a backend's port
-//! unreachable reaching a UDP client.
+//! unreachable reaching a UDP client. In DSR mode, the same narrow path
+//! (the router's error reaches the backend through the tunnel) and the
+//! backends' MSS clamp (clients' segments fit the tunnel without ICMP).
 //!
 //! ```text
 //!  client2 k0 10.60.0.2 (1500) ── r1 10.60.0.1 (MTU 1400) router (the
 //!  topology's client namespace, forwarding) c0 10.0.0.2 ── l0 lb ── backend
 //! ```
 
-use std::{net::UdpSocket, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
 
 use testbed::{BulkServer, Daemon, Netns, Topology, TopologyOptions, download, in_netns, netns::unique_prefix};
 
@@ -21,8 +28,14 @@ struct Path {
 }
 
 fn path() -> Path {
+    path_to(TopologyOptions { backends: 1, ..Default::default() })
+}
+
+/// [`path`] with backends as `opts` say (DSR backends sit behind a switch:
+/// their own XDP program, the decapsulation, is on their link).
+fn path_to(opts: TopologyOptions) -> Path {
     assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
-    let topo = Topology::new(TopologyOptions { backends: 1, ..Default::default() }).expect("topology");
+    let topo = Topology::new(opts).expect("topology");
     let client = Netns::new(&format!("{}-c2", unique_prefix())).expect("netns");
     let router = &topo.client;
     router.ip(&["link", "add", "r1", "type", "veth", "peer", "name", "k0", "netns", &client.name]).expect("veth");
@@ -145,4 +158,120 @@ fn a_udp_datagram_to_a_closed_backend_port_gets_connection_refused_from_the_vip(
     assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
     let s = d.json(&["status"]).expect("status");
     assert!(s["counters"]["icmp_to_client"].as_u64().unwrap_or(0) >= 1, "{:#}", s["counters"]);
+}
+
+/// Backend 0 as a DSR backend: set up by `xlb backend-setup` with `clamp`
+/// (`--mss-clamp`), a bulk server on port 80; dropped, the setup undone.
+struct DsrBackend<'a> {
+    topo: &'a Topology,
+    pins: String,
+    _server: BulkServer,
+}
+
+impl<'a> DsrBackend<'a> {
+    fn start(topo: &'a Topology, clamp: &str) -> DsrBackend<'a> {
+        let vip = topo.vip_of(false, 80);
+        let pins = format!("/sys/fs/bpf/{}-dsr", topo.prefix);
+        let b = &topo.backends[0];
+        b.exec(
+            &testbed::daemon::xlb_bin().to_string_lossy(),
+            &["backend-setup", "--iface", "b0", "--vip", &vip.ip().to_string(), "--pin-dir", &pins, "--mss-clamp", clamp],
+        )
+        .expect("backend-setup");
+        let server = BulkServer::start(&b.name, "0.0.0.0:80".parse().expect("addr")).expect("server");
+        DsrBackend { topo, pins, _server: server }
+    }
+}
+
+fn dsr_service(d: &Daemon, topo: &Topology) {
+    let vip = topo.vip_of(false, 80).to_string();
+    d.ok(&["service", "add", &vip, "--mode", "dsr"]).expect("service");
+    d.ok(&["backend", "add", &vip, &topo.backend_of(false, 0, 80).to_string()]).expect("backend");
+}
+
+impl Drop for DsrBackend<'_> {
+    fn drop(&mut self) {
+        let _ =
+            self.topo.backends[0].exec(&testbed::daemon::xlb_bin().to_string_lossy(), &["backend-setup", "--iface", "b0", "--remove", "--pin-dir", &self.pins]);
+        let _ = std::fs::remove_dir(&self.pins);
+    }
+}
+
+fn too_big_to_backend(d: &Daemon) -> u64 {
+    let s = d.json(&["status"]).expect("status");
+    s["icmp_errors"]["too_big"]["to_backend"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn dsr_downloads_through_a_smaller_path_mtu_complete_the_routers_error_reaching_the_backend_in_the_tunnel() {
+    for translate in [true, false] {
+        let p = path_to(TopologyOptions { backends: 1, switched: true, ..Default::default() });
+        let extra: &[&str] = if translate { &[] } else { &["--icmp-translation", "off"] };
+        let d = Daemon::start(&p.topo.lb, &p.topo.lb_ifaces, extra).expect("daemon");
+        dsr_service(&d, &p.topo);
+        let _backend = DsrBackend::start(&p.topo, "auto");
+        // The backend answers the client itself (through the balancer's
+        // kernel, then the router): its full-size segments meet the
+        // 1400-byte link, and the router's error goes to the VIP.
+        let got = download(&p.client.name, p.topo.vip_of(false, 80), SIZE, Duration::from_secs(if translate { 20 } else { 8 }));
+        if translate {
+            got.unwrap_or_else(|e| panic!("DSR download: {e:#}\n{}", d.log_text()));
+            assert!(too_big_to_backend(&d) >= 1, "the router's error went to the backend: {:#}", d.json(&["status"]).expect("status")["icmp_errors"]);
+        } else {
+            assert!(got.is_err(), "the DSR download completed without the error reaching the backend: the test would prove nothing");
+            assert_eq!(too_big_to_backend(&d), 0);
+        }
+    }
+}
+
+/// The MSS the client's stack uses on a connection (TCP_MAXSEG: what the
+/// peer announced, less the options every segment carries).
+fn client_mss(s: &TcpStream) -> u32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket and an int-sized buffer.
+    let rc = unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_MAXSEG, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    assert_eq!(rc, 0, "getsockopt TCP_MAXSEG: {}", std::io::Error::last_os_error());
+    v as u32
+}
+
+/// Sends `n` bytes to the bulk server at `to` (a line of zeros it reads
+/// whole, ending in the size it should answer), then reads the answer:
+/// full-size segments from the client, through the tunnel. The client's
+/// MSS on the connection.
+fn upload(ns: &str, to: SocketAddr, n: usize) -> anyhow::Result<u32> {
+    let mut s = in_netns(ns, || TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
+    let mss = client_mss(&s);
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = vec![b'0'; n];
+    line.extend_from_slice(b"64\n");
+    s.write_all(&line)?;
+    let mut answer = [0u8; 64];
+    s.read_exact(&mut answer).map_err(|e| anyhow::anyhow!("the answer to an upload of {n} bytes: {e}"))?;
+    anyhow::ensure!(answer.iter().enumerate().all(|(i, b)| *b == testbed::servers::bulk_byte(i)), "corrupted answer");
+    Ok(mss)
+}
+
+#[test]
+fn a_dsr_backend_announces_an_mss_that_fits_the_tunnel_so_uploads_need_no_too_big() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    let topo = Topology::new(TopologyOptions { backends: 1, switched: true, ..Default::default() }).expect("topology");
+    let d = Daemon::start(&topo.lb, &topo.lb_ifaces, &[]).expect("daemon");
+    let vip = topo.vip_of(false, 80);
+    let sent = |d: &Daemon| d.json(&["status"]).expect("status")["counters"]["icmp_too_big_sent"].as_u64().unwrap_or(0);
+    dsr_service(&d, &topo);
+    {
+        let _b = DsrBackend::start(&topo, "auto");
+        let mss = upload(&topo.client.name, vip, 200_000).unwrap_or_else(|e| panic!("upload with the clamp: {e:#}\n{}", d.log_text()));
+        // 1500 - 20 (IPIP) - 40, less 12 bytes of timestamps.
+        assert!(mss <= 1440, "the client may send {mss}-byte segments: they do not fit the tunnel");
+        assert_eq!(sent(&d), 0, "no segment needed a too-big answer");
+    }
+    // Without the clamp the client's full-size segments do not fit once
+    // encapsulated: the balancer answers too big (and path MTU discovery
+    // saves the upload), which is what the clamp spares.
+    let _b = DsrBackend::start(&topo, "off");
+    let mss = upload(&topo.client.name, vip, 200_000).unwrap_or_else(|e| panic!("upload without the clamp: {e:#}"));
+    assert!(mss > 1440, "without the clamp the client's MSS is {mss}: the test would prove nothing");
+    assert!(sent(&d) >= 1, "without the clamp a segment was too big for the tunnel");
 }

@@ -1726,6 +1726,60 @@ fn packet_too_big_over_ipv6_and_full_nat_errors_are_translated_both_ways() {
 }
 
 #[test]
+fn every_icmp_error_kind_is_translated_both_ways_in_both_families_and_counted_by_kind() {
+    use lb_common::icmp as ic;
+    let mut r = rig();
+    establish(&mut r, 40840);
+    // An IPv6 flow [client]:40841 → [VIP6]:80 → [backend6]:8080.
+    let syn = Frame::tcp((CLIENT6, 40841), (VIP6, 80), TCP_SYN, 100, 0);
+    assert_eq!(r.run(r.t0, &syn.build()).0, XDP_REDIRECT);
+    let syn_ack = Frame::tcp((BACKEND6, 8080), (CLIENT6, 40841), TCP_SYN | TCP_ACK, 700, 101);
+    assert_eq!(r.run(r.t1, &syn_ack.build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT6, 40841), (VIP6, 80), TCP_ACK, 101, 701).build()).0, XDP_REDIRECT);
+    let states = (r.flow((CLIENT, 40840), (VIP, 80), 6).expect("v4 flow").state, r.flow((CLIENT6, 40841), (VIP6, 80), 6).expect("v6 flow").state);
+    let kinds = [
+        (ic::KIND_TOO_BIG, (3u8, 4u8), (2u8, 0u8)),
+        (ic::KIND_UNREACHABLE, (3, 1), (1, 3)),
+        (ic::KIND_TIME_EXCEEDED, (11, 0), (3, 0)),
+        (ic::KIND_PARAM_PROBLEM, (12, 0), (4, 0)),
+    ];
+    // The segments as each end sent them and as the other end saw them
+    // (the backend's as the client saw it is `seg` from the VIP).
+    let client_seg = |src: (IpAddr, u16), dst: (IpAddr, u16)| {
+        let mut f = Frame::tcp(src, dst, TCP_ACK, 101, 701);
+        f.ttl = 63;
+        f
+    };
+    for (kind, v4, v6) in kinds {
+        // To the VIP from the client's path: to the backend, quoting its
+        // own segment.
+        let (sent, original) = (seg((VIP.into(), 80), (CLIENT.into(), 40840), 100), seg((BACKEND.into(), 8080), (CLIENT.into(), 40840), 100));
+        let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &icmp4_error(ROUTER, VIP, 64, v4.0, v4.1, &sent, 48)));
+        assert_eq!(verdict, XDP_REDIRECT, "IPv4 {v4:?} to the VIP");
+        assert_eq!(out, eth(T1_MAC, BACKEND_MAC, false, &icmp4_error(ROUTER, BACKEND, 63, v4.0, v4.1, &original, 48)), "IPv4 {v4:?} to the backend");
+        let (sent, original) = (seg((VIP6.into(), 80), (CLIENT6.into(), 40841), 100), seg((BACKEND6.into(), 8080), (CLIENT6.into(), 40841), 100));
+        let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, true, &icmp6_error(ROUTER6, VIP6, 64, v6.0, v6.1, &sent, 68)));
+        assert_eq!(verdict, XDP_REDIRECT, "ICMPv6 {v6:?} to the VIP");
+        assert_eq!(out, eth(T1_MAC, BACKEND_MAC, true, &icmp6_error(ROUTER6, BACKEND6, 63, v6.0, v6.1, &original, 68)), "ICMPv6 {v6:?} to the backend");
+        // From the backend's side about the client's segment: to the
+        // client, from the VIP, quoting the segment as the client sent it.
+        let (to_backend, as_sent) = (client_seg((CLIENT.into(), 40840), (BACKEND.into(), 8080)), client_seg((CLIENT.into(), 40840), (VIP.into(), 80)));
+        let (verdict, out) = r.run(r.t1, &eth(BACKEND_MAC, T1_MAC, false, &icmp4_error(BACKEND, CLIENT, 64, v4.0, v4.1, &to_backend, 40)));
+        assert_eq!(verdict, XDP_REDIRECT, "IPv4 {v4:?} from the backend's side");
+        assert_eq!(out, eth(T0_MAC, CLIENT_MAC, false, &icmp4_error(VIP, CLIENT, 63, v4.0, v4.1, &as_sent, 40)), "IPv4 {v4:?} to the client");
+        let (to_backend, as_sent) = (client_seg((CLIENT6.into(), 40841), (BACKEND6.into(), 8080)), client_seg((CLIENT6.into(), 40841), (VIP6.into(), 80)));
+        let (verdict, out) = r.run(r.t1, &eth(BACKEND_MAC, T1_MAC, true, &icmp6_error(BACKEND6, CLIENT6, 64, v6.0, v6.1, &to_backend, 60)));
+        assert_eq!(verdict, XDP_REDIRECT, "ICMPv6 {v6:?} from the backend's side");
+        assert_eq!(out, eth(T0_MAC, CLIENT_MAC, true, &icmp6_error(VIP6, CLIENT6, 63, v6.0, v6.1, &as_sent, 60)), "ICMPv6 {v6:?} to the client");
+        let counts = (r.counter(stats::icmp_error(kind, ic::OUTCOME_TO_BACKEND)), r.counter(stats::icmp_error(kind, ic::OUTCOME_TO_CLIENT)));
+        assert_eq!(counts, (2, 2), "kind {kind}: one per family and direction");
+    }
+    assert_eq!((r.counter(stats::ICMP_TO_BACKEND), r.counter(stats::ICMP_TO_CLIENT)), (8, 8));
+    let after = (r.flow((CLIENT, 40840), (VIP, 80), 6).expect("v4 flow").state, r.flow((CLIENT6, 40841), (VIP6, 80), 6).expect("v6 flow").state);
+    assert_eq!(after, states, "ICMP changes no flow state");
+}
+
+#[test]
 fn icmp_errors_about_unknown_flows_or_with_bad_quotes_get_a_safe_verdict_and_create_nothing() {
     let mut r = rig();
     establish(&mut r, 40820);
@@ -1746,6 +1800,11 @@ fn icmp_errors_about_unknown_flows_or_with_bad_quotes_get_a_safe_verdict_and_cre
     bogus[28] = 0x46; // quoted IHL 6
     assert_eq!(r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &bogus)).0, XDP_DROP);
     assert_eq!(r.counter(stats::DROP_ICMP_BAD_QUOTE), 1);
+    // Each outcome counted under its kind too.
+    use lb_common::icmp as ic;
+    assert_eq!(r.counter(stats::icmp_error(ic::KIND_TOO_BIG, ic::OUTCOME_PASSED_NO_FLOW)), 1);
+    assert_eq!(r.counter(stats::icmp_error(ic::KIND_UNREACHABLE, ic::OUTCOME_DROPPED_NO_FLOW)), 1);
+    assert_eq!(r.counter(stats::icmp_error(ic::KIND_TOO_BIG, ic::OUTCOME_DROPPED_BAD_QUOTE)), 1);
     // Not an error (echo): the kernel's.
     let echo = testbed::attack::ipv4_packet(ROUTER, VIP, 1, &testbed::attack::icmp4(8, 0, [0, 1, 0, 1], b"ping"));
     assert_eq!(r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &echo)).0, XDP_PASS);

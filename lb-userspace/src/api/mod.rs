@@ -239,6 +239,12 @@ pub struct Status {
     pub table: TableStatus,
     /// Data-plane counters by reason (see docs/architecture.md).
     pub counters: BTreeMap<String, u64>,
+    /// ICMP/ICMPv6 errors about flows, by kind (`too_big`, `unreachable`,
+    /// `time_exceeded`, `parameter_problem`) and outcome (`to_backend`,
+    /// `to_client`, `passed_no_flow`, `dropped_no_flow`,
+    /// `dropped_bad_quote`); every pair present, zeros included.
+    #[serde(default)]
+    pub icmp_errors: BTreeMap<String, BTreeMap<String, u64>>,
     pub services: Vec<ServiceStatus>,
     /// State sync with an active/standby peer, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]

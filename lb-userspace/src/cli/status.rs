@@ -123,5 +123,10 @@ pub fn render_status(s: &Status) -> String {
     }
     let nonzero: Vec<String> = s.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(o, "\ncounters: {}", if nonzero.is_empty() { "all zero".into() } else { nonzero.join(" ") });
+    let icmp: Vec<String> =
+        s.icmp_errors.iter().flat_map(|(kind, outcomes)| outcomes.iter().filter(|(_, n)| **n > 0).map(move |(o, n)| format!("{kind}/{o}={n}"))).collect();
+    if !icmp.is_empty() {
+        let _ = writeln!(o, "icmp errors: {}", icmp.join(" "));
+    }
     o
 }

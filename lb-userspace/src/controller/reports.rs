@@ -39,6 +39,16 @@ impl<D: DataPlane> Controller<D> {
         let mut counters: BTreeMap<String, u64> =
             stats::LABELS.iter().map(|(i, label)| (label.to_string(), raw.get(*i as usize).copied().unwrap_or(0))).collect();
         counters.insert("rst_send_errors".into(), self.rst_send_errors);
+        let icmp_errors = lb_common::icmp::KINDS
+            .iter()
+            .map(|(k, kind)| {
+                let by_outcome = lb_common::icmp::OUTCOMES
+                    .iter()
+                    .map(|(o, outcome)| (outcome.to_string(), raw.get(stats::icmp_error(*k, *o) as usize).copied().unwrap_or(0)))
+                    .collect();
+                (kind.to_string(), by_outcome)
+            })
+            .collect();
         for (name, c) in &self.shared_counters {
             counters.insert(name.clone(), c.load(Ordering::Relaxed));
         }
@@ -125,6 +135,7 @@ impl<D: DataPlane> Controller<D> {
                 snapshot_age_s: snap.taken_at.map(|t| now.saturating_duration_since(t).as_secs_f64()),
             },
             counters,
+            icmp_errors,
             services,
         })
     }

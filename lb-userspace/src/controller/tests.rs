@@ -558,3 +558,20 @@ fn the_port_filter_has_a_bit_for_every_service_and_endpoint_before_its_entry() {
     assert!(!dp.state().port_filter.contains(FILTER_ENDPOINT, PROTO_TCP, port(be(1).port())), "and its bit with it");
     assert!(dp.state().port_filter.contains(FILTER_SERVICE, PROTO_TCP, port(sa(VIP).port())), "the service's stays");
 }
+
+#[test]
+fn status_reports_every_icmp_kind_and_outcome_from_its_own_counter() {
+    use lb_common::icmp;
+    let (c, dp) = controller();
+    let too_big_in = lb_common::stats::icmp_error(icmp::KIND_TOO_BIG, icmp::OUTCOME_TO_BACKEND);
+    let unreach_out = lb_common::stats::icmp_error(icmp::KIND_UNREACHABLE, icmp::OUTCOME_TO_CLIENT);
+    dp.state().counters[too_big_in as usize] = 3;
+    dp.state().counters[unreach_out as usize] = 7;
+    let s = c.status().expect("status");
+    assert_eq!(s.icmp_errors.len(), icmp::KINDS.len());
+    assert!(s.icmp_errors.values().all(|o| o.len() == icmp::OUTCOMES.len()), "{:?}", s.icmp_errors);
+    assert_eq!(s.icmp_errors["too_big"]["to_backend"], 3);
+    assert_eq!(s.icmp_errors["unreachable"]["to_client"], 7);
+    let total: u64 = s.icmp_errors.values().flat_map(|o| o.values()).sum();
+    assert_eq!(total, 10, "no other pair reads these counters: {:?}", s.icmp_errors);
+}

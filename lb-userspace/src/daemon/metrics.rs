@@ -189,6 +189,17 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
         }
     }
     family(enc, "xlb_dataplane_verdicts", "Packets the program passed to the kernel or dropped, by reason.", reasons)?;
+    let icmp: Vec<_> = s
+        .icmp_errors
+        .iter()
+        .flat_map(|(kind, outcomes)| outcomes.iter().map(move |(o, n)| (vec![("kind", kind.clone()), ("outcome", o.clone())], counter(*n))))
+        .collect();
+    family(
+        enc,
+        "xlb_icmp_errors",
+        "ICMP/ICMPv6 errors about flows, by kind and what became of them (translated to the backend or client, passed, dropped).",
+        icmp,
+    )?;
     for (k, v) in other {
         family(enc, &format!("xlb_dataplane_{k}"), &format!("Data-plane counter {k} (see docs/architecture.md)."), vec![(Vec::new(), counter(v))])?;
     }
@@ -318,6 +329,9 @@ mod tests {
             interfaces: Vec::new(),
             table: TableStatus { entries: 12, capacity_flows: 65536, half_open_entries: 2, half_open_capacity_flows: 8192, snapshot_age_s: Some(0.5) },
             counters,
+            icmp_errors: [("too_big".to_owned(), [("to_backend".to_owned(), 4), ("dropped_bad_quote".to_owned(), 1)].into_iter().collect())]
+                .into_iter()
+                .collect(),
             services: vec![svc],
             sync: sync.then(|| SyncStatus {
                 role: Role::Master,
@@ -490,6 +504,9 @@ mod tests {
             "# TYPE xlb_dataplane_verdicts counter".to_owned(),
             "xlb_dataplane_verdicts_total{reason=\"pass_not_service\"} 40".to_owned(),
             "xlb_dataplane_verdicts_total{reason=\"drop_malformed\"} 2".to_owned(),
+            "# TYPE xlb_icmp_errors counter".to_owned(),
+            "xlb_icmp_errors_total{kind=\"too_big\",outcome=\"dropped_bad_quote\"} 1".to_owned(),
+            "xlb_icmp_errors_total{kind=\"too_big\",outcome=\"to_backend\"} 4".to_owned(),
             "# HELP xlb_dataplane_rx Data-plane counter rx (see docs/architecture.md).".to_owned(),
             "# TYPE xlb_dataplane_rx counter".to_owned(),
             "xlb_dataplane_rx_total 1000".to_owned(),
@@ -547,6 +564,7 @@ mod tests {
             "xlb_backend_snat_ports_pool",
             "xlb_backend_refused_no_port_total",
             "xlb_dataplane_verdicts_total",
+            "xlb_icmp_errors_total",
             "xlb_dataplane_rx_total",
             "xlb_dataplane_tx_total",
             "xlb_dataplane_entries_created_total",

@@ -7,6 +7,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     fs, io,
+    net::IpAddr,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
@@ -19,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -81,6 +82,8 @@ pub enum DataplaneError {
     Relink { path: PathBuf, cause: Box<dyn std::error::Error + Send + Sync> },
     #[error("preparing pin directory {path}: {}", chain(.cause))]
     PinDir { path: PathBuf, cause: io::Error },
+    #[error("attaching the MSS clamp to {iface}'s egress: {}", chain(.cause))]
+    AttachTc { iface: String, cause: aya::programs::ProgramError },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -1022,6 +1025,44 @@ pub fn attach_decap_pinned(iface: &str, mode: AttachMode, link_pin: &Path) -> Re
     }
     let (mode, cause) = last.ok_or(DataplaneError::MissingProgram(DECAP_PROGRAM))?;
     Err(DataplaneError::Attach { iface: iface.to_owned(), mode, cause })
+}
+
+/// Name of the backend hosts' MSS clamp (TC egress, `xlb backend-setup`).
+pub const MSS_CLAMP_PROGRAM: &str = "xlb_mss_clamp";
+
+/// Attaches the MSS clamp to `iface`'s egress with `limits` (VIP → the
+/// largest MSS its SYN-ACKs may announce) and pins its link at `link_pin`
+/// (a TCX link, kernel 6.6 or later: it stays after this process exits).
+pub fn attach_mss_clamp_pinned(iface: &str, limits: &[(IpAddr, u16)], link_pin: &Path) -> Result<()> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(DataplaneError::EmptyObject);
+    }
+    ifindex(iface)?;
+    let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
+    {
+        let map = ebpf.map_mut(names::MSS_CLAMP).ok_or(DataplaneError::MissingMap(names::MSS_CLAMP))?;
+        let mut m: HashMap<_, Addr, u16> = HashMap::try_from(map).map_err(map_err("opening", names::MSS_CLAMP))?;
+        for (vip, mss) in limits {
+            m.insert(lb_common::maps::addr_from_ip(*vip), *mss, 0).map_err(map_err("writing", names::MSS_CLAMP))?;
+        }
+    }
+    let prog = MSS_CLAMP_PROGRAM;
+    let p: &mut SchedClassifier = ebpf.program_mut(prog).ok_or(DataplaneError::MissingProgram(prog))?.try_into().map_err(|cause| DataplaneError::Program {
+        op: "finding",
+        prog,
+        cause,
+    })?;
+    p.load().map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
+    let id = p.attach(iface, TcAttachType::Egress).map_err(|cause| DataplaneError::AttachTc { iface: iface.to_owned(), cause })?;
+    let link = p.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog, cause })?;
+    // Only a TCX link can be pinned (a netlink filter cannot).
+    let fd = FdLink::try_from(link)
+        .map_err(|e| DataplaneError::Relink { path: link_pin.to_owned(), cause: format!("{e} (the MSS clamp needs TCX links: Linux 6.6 or later)").into() })?;
+    if let Some(dir) = link_pin.parent() {
+        prepare_pin_dir(dir)?;
+    }
+    fd.pin(link_pin).map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: link_pin.to_owned(), cause })?;
+    Ok(())
 }
 
 /// Interfaces with a pinned link in `dir` (from a previous run).

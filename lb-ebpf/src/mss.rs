@@ -44,6 +44,10 @@ fn clamp_inner(ctx: &TcContext) -> Option<()> {
     let limit = *unsafe { MSS_CLAMP.get(&src) }?;
     let doff: u8 = ctx.load(l4 + 12).ok()?;
     let hdr_len = (doff >> 4) as usize * 4;
+    // A header longer than the packet is not a SYN-ACK to touch.
+    if l4 + hdr_len > ctx.len() as usize {
+        return None;
+    }
     let (off, mss) = find_mss(hdr_len, |o| ctx.load::<[u8; 2]>(l4 + o).ok())?;
     if mss <= limit {
         return None;

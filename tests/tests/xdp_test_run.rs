@@ -1872,3 +1872,97 @@ fn the_verifier_accepts_the_program_with_headroom() {
     // that, leaving room for what is still to come (ICMP translation).
     assert!(verified <= 250_000, "the verifier processed {verified} instructions: past the 250k goal");
 }
+
+// ---- The DSR backends' MSS clamp (TC egress) ----
+
+/// A SYN-ACK `src` → `dst` whose TCP options are `opts` (a multiple of 4
+/// bytes), every checksum computed from scratch.
+fn syn_ack_with_options(src: (IpAddr, u16), dst: (IpAddr, u16), opts: &[u8]) -> Vec<u8> {
+    let mut f = Frame::tcp(src, dst, TCP_SYN | TCP_ACK, 7000, 101);
+    if let L4::Tcp { doff, .. } = &mut f.l4 {
+        *doff = 5 + (opts.len() / 4) as u8;
+    }
+    let mut b = f.build();
+    let l4 = if src.0.is_ipv6() { 54 } else { 34 };
+    b[l4 + 20..l4 + 20 + opts.len()].copy_from_slice(opts);
+    refresh_tcp_checksum(&mut b, l4);
+    b
+}
+
+/// Recomputes the TCP checksum of `frame` (TCP header at `l4`) from
+/// nothing but its bytes: the independent check of the program's update.
+fn refresh_tcp_checksum(frame: &mut [u8], l4: usize) {
+    let len = frame.len() - l4;
+    let mut pseudo = Vec::new();
+    if l4 == 54 {
+        pseudo.extend_from_slice(&frame[22..54]);
+        pseudo.extend_from_slice(&(len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    } else {
+        pseudo.extend_from_slice(&frame[26..34]);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    frame[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let c = !lb_common::csum::fold(lb_common::csum::sum_bytes(&frame[l4..], lb_common::csum::sum_bytes(&pseudo, 0)));
+    frame[l4 + 16..l4 + 18].copy_from_slice(&c.to_ne_bytes());
+}
+
+#[test]
+fn the_backends_mss_clamp_lowers_only_the_mss_of_syn_acks_from_a_vip_with_every_checksum_right() {
+    assert!(testbed::have_privileges(), "needs root: run `cargo xtask test`");
+    const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+    let vip: IpAddr = VIP.into();
+    let vip6: IpAddr = VIP6.into();
+    let mut ebpf = xlb::dataplane::load_mss_clamp(&[(vip, 1440), (vip6, 1420)]).expect("the clamp loads and verifies");
+    let prog = xlb::dataplane::mss_clamp_program(&mut ebpf).expect("program");
+    let run = |frame: &[u8]| {
+        let mut out = vec![0u8; frame.len() + 64];
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+            .unwrap_or_else(|e| panic!("test_run on {} bytes: {e}", frame.len()));
+        out.truncate(r.data_size_out as usize);
+        assert_eq!(r.return_value, TC_ACT_UNSPEC, "every packet is handed on");
+        out
+    };
+    let client = (IpAddr::from(CLIENT), 40950u16);
+    // Linux's SYN-ACK options (MSS first: at an even offset), and the MSS
+    // behind a NOP (an odd offset: the value straddles two checksum words).
+    let linux = |mss: u16| {
+        let m = mss.to_be_bytes();
+        vec![2, 4, m[0], m[1], 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7]
+    };
+    let odd = |mss: u16| {
+        let m = mss.to_be_bytes();
+        vec![1, 2, 4, m[0], m[1], 1, 3, 3, 7, 1, 1, 1]
+    };
+    for (what, opts, want) in [("even offset", linux(1460), linux(1440)), ("odd offset", odd(1460), odd(1440)), ("odd offset, 9000", odd(8960), odd(1440))] {
+        let frame = syn_ack_with_options((vip, 80), client, &opts);
+        assert_eq!(run(&frame), syn_ack_with_options((vip, 80), client, &want), "{what}: the MSS lowered, the checksum as if built so");
+    }
+    let client6 = (IpAddr::from(CLIENT6), 40951u16);
+    let frame = syn_ack_with_options((vip6, 80), client6, &linux(1440));
+    assert_eq!(run(&frame), syn_ack_with_options((vip6, 80), client6, &linux(1420)), "IPv6 (its pseudo-header in the checksum)");
+    // Left alone: an MSS already small enough, a SYN-ACK from an address
+    // that is no VIP here, a segment that is no SYN, a SYN+RST, no MSS
+    // option at all.
+    let untouched = [
+        ("MSS below the limit", syn_ack_with_options((vip, 80), client, &linux(1400))),
+        ("another source", syn_ack_with_options((IpAddr::from(BACKEND), 80), client, &linux(1460))),
+        ("no MSS option", syn_ack_with_options((vip, 80), client, &[1, 3, 3, 7])),
+        ("not a SYN", Frame::tcp((vip, 80), client, TCP_ACK, 1, 1).build()),
+    ];
+    for (what, frame) in untouched {
+        assert_eq!(run(&frame), frame, "{what}");
+    }
+    let mut syn_rst = syn_ack_with_options((vip, 80), client, &linux(1460));
+    syn_rst[34 + 13] |= 0x04;
+    refresh_tcp_checksum(&mut syn_rst, 34);
+    assert_eq!(run(&syn_rst), syn_rst, "SYN with RST");
+    // Cut at every length from the end of the IP header (the kernel
+    // makes no skb of less): handed on, nothing written past the cut.
+    let full = syn_ack_with_options((vip, 80), client, &linux(1460));
+    for len in 34..full.len() {
+        assert_eq!(run(&full[..len]), full[..len].to_vec(), "cut at {len}");
+    }
+}

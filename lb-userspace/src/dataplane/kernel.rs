@@ -1034,25 +1034,10 @@ pub const MSS_CLAMP_PROGRAM: &str = "xlb_mss_clamp";
 /// largest MSS its SYN-ACKs may announce) and pins its link at `link_pin`
 /// (a TCX link, kernel 6.6 or later: it stays after this process exits).
 pub fn attach_mss_clamp_pinned(iface: &str, limits: &[(IpAddr, u16)], link_pin: &Path) -> Result<()> {
-    if EBPF_OBJECT.is_empty() {
-        return Err(DataplaneError::EmptyObject);
-    }
     ifindex(iface)?;
-    let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
-    {
-        let map = ebpf.map_mut(names::MSS_CLAMP).ok_or(DataplaneError::MissingMap(names::MSS_CLAMP))?;
-        let mut m: HashMap<_, Addr, u16> = HashMap::try_from(map).map_err(map_err("opening", names::MSS_CLAMP))?;
-        for (vip, mss) in limits {
-            m.insert(lb_common::maps::addr_from_ip(*vip), *mss, 0).map_err(map_err("writing", names::MSS_CLAMP))?;
-        }
-    }
+    let mut ebpf = load_mss_clamp(limits)?;
     let prog = MSS_CLAMP_PROGRAM;
-    let p: &mut SchedClassifier = ebpf.program_mut(prog).ok_or(DataplaneError::MissingProgram(prog))?.try_into().map_err(|cause| DataplaneError::Program {
-        op: "finding",
-        prog,
-        cause,
-    })?;
-    p.load().map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
+    let p = mss_clamp_program(&mut ebpf)?;
     let id = p.attach(iface, TcAttachType::Egress).map_err(|cause| DataplaneError::AttachTc { iface: iface.to_owned(), cause })?;
     let link = p.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog, cause })?;
     // Only a TCX link can be pinned (a netlink filter cannot).
@@ -1063,6 +1048,32 @@ pub fn attach_mss_clamp_pinned(iface: &str, limits: &[(IpAddr, u16)], link_pin: 
     }
     fd.pin(link_pin).map_err(|cause| DataplaneError::PinLink { iface: iface.to_owned(), path: link_pin.to_owned(), cause })?;
     Ok(())
+}
+
+/// The object with the MSS clamp verified and loaded (not attached) and
+/// its map filled with `limits`: for [`attach_mss_clamp_pinned`] and the
+/// fixtures (`mss_clamp_program` of it).
+pub fn load_mss_clamp(limits: &[(IpAddr, u16)]) -> Result<Ebpf> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(DataplaneError::EmptyObject);
+    }
+    let mut ebpf = minimal_loader().load(EBPF_OBJECT).map_err(DataplaneError::Load)?;
+    {
+        let map = ebpf.map_mut(names::MSS_CLAMP).ok_or(DataplaneError::MissingMap(names::MSS_CLAMP))?;
+        let mut m: HashMap<_, Addr, u16> = HashMap::try_from(map).map_err(map_err("opening", names::MSS_CLAMP))?;
+        for (vip, mss) in limits {
+            m.insert(lb_common::maps::addr_from_ip(*vip), *mss, 0).map_err(map_err("writing", names::MSS_CLAMP))?;
+        }
+    }
+    let prog = MSS_CLAMP_PROGRAM;
+    mss_clamp_program(&mut ebpf)?.load().map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
+    Ok(ebpf)
+}
+
+/// The MSS clamp program of a loaded object.
+pub fn mss_clamp_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let prog = MSS_CLAMP_PROGRAM;
+    ebpf.program_mut(prog).ok_or(DataplaneError::MissingProgram(prog))?.try_into().map_err(|cause| DataplaneError::Program { op: "finding", prog, cause })
 }
 
 /// Interfaces with a pinned link in `dir` (from a previous run).

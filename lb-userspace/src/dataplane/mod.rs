@@ -32,7 +32,7 @@ use lb_common::{
 
 pub use kernel::{
     AttachMode, Attachment, DataplaneError, EBPF_OBJECT, KernelDataPlane, KernelTable, LoadOptions, attach_decap_pinned, attach_mss_clamp_pinned, chain,
-    ifindex, pinned_links, remove_pins, unpin_link,
+    ifindex, load_mss_clamp, mss_clamp_program, pinned_links, remove_pins, unpin_link,
 };
 
 pub type Result<T> = std::result::Result<T, DataplaneError>;

@@ -303,6 +303,12 @@ pub struct Backend {
     pub _pad: u8,
     pub weight: u32,
     pub service_id: u32,
+    /// The largest MSS a SYN or SYN-ACK of this backend's flows may
+    /// announce (its service's `mss_clamp`; 0: left alone). Here, not in
+    /// the service entry: backend packets find their backend, not their
+    /// service.
+    pub mss_clamp: u16,
+    pub _pad2: u16,
 }
 
 /// Key of `XLB_CONNS`: the 5-tuple of a packet as it arrives.
@@ -434,7 +440,8 @@ pub struct NatTuple {
     pub flags: u8,
     /// `DIR_*`.
     pub direction: u8,
-    pub _pad: u16,
+    /// A SYN or SYN-ACK's MSS is lowered to this (0: left alone).
+    pub mss_clamp: u16,
     /// Towards the client: the flow's remembered next hop (`FlowState::hop`).
     pub hop: u32,
 }
@@ -733,7 +740,7 @@ impl TrafficCounters {
 // No implicit padding anywhere: these sizes are the sum of the fields.
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
-const _: () = assert!(core::mem::size_of::<Backend>() == 44);
+const _: () = assert!(core::mem::size_of::<Backend>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<TcpDir>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 80);

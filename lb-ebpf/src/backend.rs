@@ -153,7 +153,7 @@ fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32)
             dport: key.src_port,
             flags: NAT_SRC,
             direction: DIR_TO_CLIENT,
-            _pad: 0,
+            mss_clamp: 0,
             hop: 0,
         };
         return flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64);

@@ -155,11 +155,7 @@ fn stateless(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u64) -> Ve
         return Verdict::pass(stat::PASS_NO_BACKEND);
     };
     let key = &pkt.key;
-    let t = if svc.flags & SVC_F_DSR != 0 {
-        NatTuple { src: b.snat_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 }
-    } else {
-        NatTuple { src: key.src_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_DST, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 }
-    };
+    let t = if svc.flags & SVC_F_DSR != 0 { flow::dsr_to_backend(key, b) } else { flow::dnat_to_backend(key, b) };
     flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now)
 }
 

@@ -39,22 +39,26 @@ pub fn segment(pkt: &Packet) -> Segment {
     }
 }
 
+/// DSR towards backend `b`: the outer header, balancer → backend (no
+/// clamp: the backend's SYN-ACK never comes back this way).
+#[inline(always)]
+pub fn dsr_to_backend(key: &FlowKey, b: &Backend) -> NatTuple {
+    NatTuple { src: b.snat_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, mss_clamp: 0, hop: 0 }
+}
+
+/// DNAT towards backend `b`: the client's packet with the backend as its
+/// destination.
+#[inline(always)]
+pub fn dnat_to_backend(key: &FlowKey, b: &Backend) -> NatTuple {
+    NatTuple { src: key.src_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_DST, direction: DIR_TO_BACKEND, mss_clamp: b.mss_clamp, hop: 0 }
+}
+
 /// The tuple a packet of flow `key` (state `st`, backend `b`) leaves with.
 #[inline(always)]
 pub fn tuple(key: &FlowKey, st: &FlowState, b: &Backend, to_backend: bool) -> NatTuple {
     if to_backend {
         if st.flags & FLOW_DSR != 0 {
-            // The outer header: balancer → backend.
-            return NatTuple {
-                src: b.snat_addr,
-                dst: b.addr,
-                sport: key.src_port,
-                dport: b.port,
-                flags: NAT_ENCAP,
-                direction: DIR_TO_BACKEND,
-                _pad: 0,
-                hop: 0,
-            };
+            return dsr_to_backend(key, b);
         }
         if st.flags & FLOW_FULLNAT != 0 {
             return NatTuple {
@@ -64,14 +68,23 @@ pub fn tuple(key: &FlowKey, st: &FlowState, b: &Backend, to_backend: bool) -> Na
                 dport: b.port,
                 flags: NAT_SRC | NAT_DST,
                 direction: DIR_TO_BACKEND,
-                _pad: 0,
+                mss_clamp: b.mss_clamp,
                 hop: 0,
             };
         }
-        return NatTuple { src: key.src_addr, dst: b.addr, sport: key.src_port, dport: b.port, flags: NAT_DST, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 };
+        return dnat_to_backend(key, b);
     }
     let flags = if st.flags & FLOW_FULLNAT != 0 { NAT_SRC | NAT_DST } else { NAT_SRC };
-    NatTuple { src: key.dst_addr, dst: key.src_addr, sport: key.dst_port, dport: key.src_port, flags, direction: DIR_TO_CLIENT, _pad: 0, hop: st.hop }
+    NatTuple {
+        src: key.dst_addr,
+        dst: key.src_addr,
+        sport: key.dst_port,
+        dport: key.src_port,
+        flags,
+        direction: DIR_TO_CLIENT,
+        mss_clamp: b.mss_clamp,
+        hop: st.hop,
+    }
 }
 
 /// `packet`'s `mode`: the entry is in the half-open table.
@@ -249,8 +262,13 @@ pub fn nat_and_forward(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, t: &N
         if let Err(stat) = encap::ipip(ctx, pkt, t, leaving) {
             return Verdict::pass(stat);
         }
-    } else if !nat::rewrite(ctx, pkt, t, leaving) {
-        return Verdict::pass(stat::PASS_CSUM_TOO_LONG);
+    } else {
+        if t.mss_clamp != 0 && pkt.tcp_flags & lb_common::tcp::FLAG_SYN != 0 {
+            crate::mss::clamp_syn(ctx, pkt, t.mss_clamp);
+        }
+        if !nat::rewrite(ctx, pkt, t, leaving) {
+            return Verdict::pass(stat::PASS_CSUM_TOO_LONG);
+        }
     }
     match route {
         Ok(slot) => forward::send(ctx, pkt, slot),

@@ -131,7 +131,7 @@ fn no_flow_to_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 /// translate).
 #[inline(always)]
 fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend) -> Verdict {
-    let t = NatTuple { src: b.snat_addr, dst: b.addr, sport: 0, dport: 0, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, _pad: 0, hop: 0 };
+    let t = NatTuple { src: b.snat_addr, dst: b.addr, sport: 0, dport: 0, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, mss_clamp: 0, hop: 0 };
     let route = forward::route(ctx, pkt, &t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
     let Ok(slot) = route else { return Verdict::pass(stat::PASS_ICMP_NO_FLOW) };
     // (Not "leaving": an ICMP checksum is never a partial one.)

@@ -9,14 +9,76 @@
 //! Reads go through `bpf_skb_load_bytes` (a SYN-ACK is small, but an skb
 //! need not be linear); the checksum through `bpf_l4_csum_replace`, which
 //! leaves a partial one (TX offload: the NIC sums the options) alone.
+//!
+//! In DNAT and full NAT both handshake segments cross the balancer: a
+//! service's `mss_clamp` is applied in XDP to SYNs towards its backends and
+//! SYN-ACKs towards its clients ([`clamp_syn`], from
+//! `flow::nat_and_forward`).
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    bindings::xdp_md,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
-    maps::{Addr, addr_from_bytes, addr_v4},
+    csum,
+    maps::{Addr, CSUM_FULL, addr_from_bytes, addr_v4},
     tcp::{FLAG_RST, FLAG_SYN, find_mss},
 };
+use network_types::tcp::TcpHdr;
 
-use crate::maps::MSS_CLAMP;
+use crate::{
+    maps::MSS_CLAMP,
+    parse::{Packet, l4_hdr, ptr_at},
+};
+
+/// Lowers the MSS option of the SYN (or SYN-ACK) `pkt` to `limit` if it
+/// announces more, before its rewrite: a full checksum is updated, a
+/// partial one (a seed the rewrite completes over the new bytes) left.
+#[inline(always)]
+pub fn clamp_syn(ctx: &XdpContext, pkt: &Packet, limit: u16) {
+    xlb_clamp_syn_mss(ctx.ctx, pkt, limit as u64);
+}
+
+/// [`clamp_syn`] as a global BPF function (exported, see build.rs):
+/// verified once, its frame off the callers' deepest chains.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn xlb_clamp_syn_mss(ctx: *mut xdp_md, pkt: *const Packet, limit: u64) -> u64 {
+    let ctx = &XdpContext::new(ctx);
+    // SAFETY: a valid pointer from `clamp_syn`, or null.
+    let Some(pkt) = (unsafe { pkt.as_ref() }) else { return 0 };
+    clamp_syn_inline(ctx, pkt, limit as u16).is_some() as u64
+}
+
+#[inline(always)]
+fn clamp_syn_inline(ctx: &XdpContext, pkt: &Packet, limit: u16) -> Option<()> {
+    let tcp = l4_hdr::<TcpHdr>(ctx, pkt)?;
+    // SAFETY: bounds-checked by l4_hdr.
+    let (doff, check) = unsafe { ((*tcp).doff() as usize, u16::from_ne_bytes((*tcp).check)) };
+    // (ptr_at bounds every offset: no range is needed from the slot.)
+    let l4 = pkt.l4_off;
+    let (off, mss) = find_mss(doff * 4, |o| {
+        // SAFETY: bounds-checked by ptr_at.
+        ptr_at::<[u8; 2]>(ctx, l4 + o).map(|p| unsafe { *p })
+    })?;
+    if mss <= limit {
+        return None;
+    }
+    let full = crate::nat::checksum_form_uncounted(ctx, pkt, check) == CSUM_FULL;
+    let new = limit.to_be_bytes();
+    let value = ptr_at::<[u8; 2]>(ctx, l4 + off)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let old = unsafe { core::mem::replace(&mut *value, new) };
+    if full {
+        // A value at an odd offset adds its bytes to the sum swapped.
+        let (o, n) = if off % 2 == 0 { (old, new) } else { ([old[1], old[0]], [new[1], new[0]]) };
+        let c = csum::update_u16(check, u16::from_ne_bytes(o), u16::from_ne_bytes(n));
+        let tcp = l4_hdr::<TcpHdr>(ctx, pkt)?;
+        // SAFETY: bounds-checked by l4_hdr.
+        unsafe { (*tcp).check = c.to_ne_bytes() };
+    }
+    Some(())
+}
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

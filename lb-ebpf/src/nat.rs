@@ -140,6 +140,17 @@ fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> u8 {
 /// rewrite, so no path before it depends on the answer.
 #[inline(always)]
 pub fn checksum_form(ctx: &XdpContext, pkt: &Packet, check: u16) -> u8 {
+    let form = checksum_form_uncounted(ctx, pkt, check);
+    if form != CSUM_FULL {
+        crate::stats::count(lb_common::stats::CSUM_PARTIAL);
+    }
+    form
+}
+
+/// [`checksum_form`] without counting the partial ones (for a look at the
+/// same packet before its rewrite counts it).
+#[inline(always)]
+pub fn checksum_form_uncounted(ctx: &XdpContext, pkt: &Packet, check: u16) -> u8 {
     if check == 0 {
         // IPv4 UDP without a checksum (never a seed: a seed is the fold of
         // a non-zero sum).
@@ -157,8 +168,11 @@ pub fn checksum_form(ctx: &XdpContext, pkt: &Packet, check: u16) -> u8 {
     // SAFETY: read-only use of a value the controller writes whole.
     match unsafe { IFACES.get(&ifindex) } {
         Some(f) if f & IFACE_VIRTUAL != 0 => {
-            crate::stats::count(lb_common::stats::CSUM_PARTIAL);
-            if f & IFACE_GENERIC != 0 { CSUM_SEED_KEPT } else { CSUM_SEED_COMPLETE_ON_TX }
+            if f & IFACE_GENERIC != 0 {
+                CSUM_SEED_KEPT
+            } else {
+                CSUM_SEED_COMPLETE_ON_TX
+            }
         }
         _ => CSUM_FULL,
     }

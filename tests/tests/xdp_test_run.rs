@@ -1966,3 +1966,53 @@ fn the_backends_mss_clamp_lowers_only_the_mss_of_syn_acks_from_a_vip_with_every_
         assert_eq!(run(&full[..len]), full[..len].to_vec(), "cut at {len}");
     }
 }
+
+/// `f` (TCP, no payload) with TCP options `opts` (a multiple of 4 bytes),
+/// its checksum computed from scratch, or left the pseudo-header seed
+/// (`partial`: the seed does not depend on the segment's bytes).
+fn with_options(f: &Frame, opts: &[u8], partial: bool) -> Vec<u8> {
+    let mut f = f.clone();
+    if let L4::Tcp { doff, .. } = &mut f.l4 {
+        *doff = 5 + (opts.len() / 4) as u8;
+    }
+    let l4 = if f.src.is_ipv6() { 54 } else { 34 };
+    let mut b = if partial { f.partial().build() } else { f.build() };
+    b[l4 + 20..l4 + 20 + opts.len()].copy_from_slice(opts);
+    if !partial {
+        refresh_tcp_checksum(&mut b, l4);
+    }
+    b
+}
+
+#[test]
+fn a_services_mss_clamp_lowers_its_syns_and_syn_acks_through_the_balancer() {
+    let mut r = rig();
+    // VIP:86 → 10.1.1.2:8086, MSS clamped to 1400.
+    let clamped = xlb::model::settings::ServiceOptions { mss_clamp: Some(1400), ..Default::default() };
+    let vip86 = SocketAddr::new(VIP.into(), 86);
+    r.ctl.service_add(vip86, Proto::Tcp, &clamped).expect("clamped service");
+    r.ctl.backend_add(vip86, Some(Proto::Tcp), SocketAddr::new(BACKEND.into(), 8086), None).expect("backend");
+    let mss = |v: u16| {
+        let m = v.to_be_bytes();
+        [2, 4, m[0], m[1], 1, 3, 3, 7]
+    };
+    for (i, partial) in [false, true].into_iter().enumerate() {
+        let port = 40960 + i as u16;
+        let syn = Frame::tcp((CLIENT, port), (VIP, 86), TCP_SYN, 100, 0);
+        let (verdict, out) = r.run(r.t0, &with_options(&syn, &mss(1460), partial));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, with_options(&to_backend(syn, 8086), &mss(1400), false), "SYN to the backend (partial checksum: {partial})");
+        let syn_ack = Frame::tcp((BACKEND, 8086), (CLIENT, port), TCP_SYN | TCP_ACK, 700, 101);
+        let (verdict, out) = r.run(r.t1, &with_options(&syn_ack, &mss(8960), partial));
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out, with_options(&to_client(syn_ack, VIP.into(), 86), &mss(1400), false), "SYN-ACK to the client (partial: {partial})");
+    }
+    // Below the clamp: untouched but for the NAT.
+    let syn = Frame::tcp((CLIENT, 40962), (VIP, 86), TCP_SYN, 100, 0);
+    let (_, out) = r.run(r.t0, &with_options(&syn, &mss(1200), false));
+    assert_eq!(out, with_options(&to_backend(syn, 8086), &mss(1200), false));
+    // Another service's SYN keeps its MSS.
+    let syn = Frame::tcp((CLIENT, 40963), (VIP, 80), TCP_SYN, 100, 0);
+    let (_, out) = r.run(r.t0, &with_options(&syn, &mss(1460), false));
+    assert_eq!(out, with_options(&to_backend(syn, 8080), &mss(1460), false), "no clamp on VIP:80");
+}

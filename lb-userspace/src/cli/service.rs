@@ -113,6 +113,18 @@ pub struct ServiceArgs {
     /// Full NAT: a new flow with no free source port gets reset (default; UDP is dropped) or drop.
     #[arg(long, value_parser = values::parser::<values::NoPortPolicy>())]
     pub on_no_port: Option<NoPortPolicy>,
+    /// DNAT, full NAT: lower the MSS that SYNs to backends and SYN-ACKs to clients announce to BYTES (for a path narrower than the endpoints think, or clients that never get ICMP), or off (default).
+    #[arg(long, value_name = "BYTES|off", value_parser = parse_mss_clamp)]
+    pub mss_clamp: Option<u16>,
+}
+
+/// `--mss-clamp`: a number of bytes, or off (0). The range is checked
+/// with the other settings.
+fn parse_mss_clamp(s: &str) -> Result<u16, String> {
+    if s == "off" {
+        return Ok(0);
+    }
+    s.parse().map_err(|_| format!("expected a number of bytes or off, got {s:?}"))
 }
 
 impl From<ServiceArgs> for ServiceOptions {
@@ -140,6 +152,7 @@ impl From<ServiceArgs> for ServiceOptions {
             snat_ports,
             snat_source,
             on_no_port,
+            mss_clamp,
         } = a;
         ServiceOptions {
             scheduler,
@@ -164,6 +177,7 @@ impl From<ServiceArgs> for ServiceOptions {
             snat_ports,
             snat_source,
             on_no_port,
+            mss_clamp,
         }
     }
 }
@@ -226,6 +240,8 @@ mod tests {
             "2000-2999",
             "--on-no-port",
             "drop",
+            "--mss-clamp",
+            "1400",
         ]);
         let ServiceCmd::Add { proto, options, .. } = cmd else { panic!("not add") };
         assert_eq!(proto, Proto::Udp);
@@ -235,7 +251,11 @@ mod tests {
         assert_eq!(o.on_miss, Some(MissPolicy::Rehash));
         assert_eq!((o.health.as_deref(), o.rise, o.reset_on_idle), (Some("http:/ok"), Some(4), Some(true)));
         assert_eq!((o.mode, o.snat_ports, o.on_no_port), (Some(NatMode::Fullnat), Some(PortRange(2000, 2999)), Some(NoPortPolicy::Drop)));
+        assert_eq!(o.mss_clamp, Some(1400));
         assert_eq!(o.fall, None, "absent flags stay absent");
+        let ServiceCmd::Set { options, .. } = parse(&["xlb", "service", "set", "10.0.0.1:80", "--mss-clamp", "off"]) else { panic!("not set") };
+        assert_eq!(ServiceOptions::from(options).mss_clamp, Some(0));
+        assert!(crate::cli::Cli::try_parse_from(["xlb", "service", "set", "10.0.0.1:80", "--mss-clamp", "big"]).is_err());
     }
 
     #[test]

@@ -344,7 +344,7 @@ impl<D: DataPlane> Controller<D> {
     fn write_backend(&mut self, sid: &ServiceId, id: u32) -> Result<()> {
         let svc = self.svc(sid)?;
         let Some(slot) = svc.slot_by_id(id) else { return Ok(()) };
-        let entry = slot.entry(svc.id);
+        let entry = svc.backend_entry(slot);
         self.dp.backend_set(id, entry)?;
         Ok(())
     }
@@ -366,11 +366,11 @@ impl<D: DataPlane> Controller<D> {
         let mut out = HashMap::new();
         for svc in self.services.values() {
             for b in svc.slots() {
-                out.insert(b.id, crate::dataplane::BackendRef::from(&b.entry(svc.id)));
+                out.insert(b.id, crate::dataplane::BackendRef::from(&svc.backend_entry(b)));
             }
         }
         for (_, service_id, b) in &self.retired {
-            out.insert(b.id, crate::dataplane::BackendRef::from(&b.entry(*service_id)));
+            out.insert(b.id, crate::dataplane::BackendRef::from(&b.entry(*service_id, 0)));
         }
         out
     }

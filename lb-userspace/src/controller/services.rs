@@ -99,7 +99,7 @@ impl<D: DataPlane> Controller<D> {
     /// Writes a service's entry, every backend's entry and its ring.
     fn write_service_whole(&mut self, sid: ServiceId) -> Result<()> {
         let svc = self.svc(&sid)?;
-        let entries: Vec<(u32, Backend)> = svc.slots().map(|b| (b.id, b.entry(svc.id))).collect();
+        let entries: Vec<(u32, Backend)> = svc.slots().map(|b| (b.id, svc.backend_entry(b))).collect();
         let entry = svc.entry();
         self.dp.service_set(service_key(&sid), entry)?;
         for (id, b) in entries {
@@ -121,7 +121,7 @@ impl<D: DataPlane> Controller<D> {
         let entries: Vec<(u32, Backend)> = svc
             .slots()
             .map(|b| {
-                let mut e = b.entry(service_id);
+                let mut e = svc.backend_entry(b);
                 e.state = lb_common::maps::BACKEND_REMOVED;
                 (b.id, e)
             })
@@ -191,10 +191,11 @@ impl<D: DataPlane> Controller<D> {
             .map(|i| (self.next_backend_id + i) % MAX_BACKENDS)
             .find(|i| !self.used_backend_ids.contains(i))
             .ok_or_else(|| Refusal::Capacity(format!("cannot add {backend}: all {MAX_BACKENDS} backend slots are in use")))?;
-        let service_id = self.svc(&sid)?.id;
+        let svc = self.svc(&sid)?;
+        let (service_id, mss_clamp) = (svc.id, svc.settings.mss_clamp);
         let slot = BackendSlot::new(id, backend, snat, weight, Instant::now());
         self.dp.reset_traffic(None, Some(id))?;
-        self.dp.backend_set(id, slot.entry(service_id))?;
+        self.dp.backend_set(id, slot.entry(service_id, mss_clamp))?;
         if let Err(e) = self.addr_ref(backend.ip(), 0, 1) {
             let _ = self.dp.backend_set(id, Backend { state: BACKEND_UNUSED, ..Default::default() });
             return Err(e);
@@ -313,12 +314,12 @@ impl<D: DataPlane> Controller<D> {
     /// ring. Returns the old weight.
     pub(super) fn reweight_unbuilt(&mut self, sid: ServiceId, backend: SocketAddr, weight: u32) -> Result<u32> {
         let svc = self.svc_mut(&sid)?;
-        let service_id = svc.id;
+        let (service_id, mss_clamp) = (svc.id, svc.settings.mss_clamp);
         let Some(slot) = svc.backends.get_mut(&backend) else {
             return Err(super::not_found(format!("backend {backend} is not registered on {sid}")));
         };
         let old = std::mem::replace(&mut slot.weight, weight);
-        let entry = slot.entry(service_id);
+        let entry = slot.entry(service_id, mss_clamp);
         let id = slot.id;
         if let Err(e) = self.dp.backend_set(id, entry) {
             if let Some(slot) = self.services.get_mut(&sid).and_then(|s| s.backends.get_mut(&backend)) {

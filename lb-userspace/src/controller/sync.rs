@@ -90,7 +90,7 @@ impl<D: DataPlane> Controller<D> {
             let backend = SocketAddr::new(addr_to_ip(&f.backend), port_from(f.backend_port));
             let found = self.services.get(&sid).and_then(|svc| {
                 let b = svc.slots().find(|b| b.addr == backend)?;
-                Some((svc.id, b.id, BackendRef::from(&b.entry(svc.id))))
+                Some((svc.id, b.id, BackendRef::from(&svc.backend_entry(b))))
             });
             let Some((service_id, backend_id, bref)) = found else {
                 unknown += 1;

@@ -161,8 +161,8 @@ impl BackendSlot {
         self.lifecycle() == Lifecycle::Up
     }
 
-    /// The backend's data-plane entry.
-    pub fn entry(&self, service_id: u32) -> Backend {
+    /// The backend's data-plane entry (`mss_clamp`: its service's, 0 for none).
+    pub fn entry(&self, service_id: u32, mss_clamp: u16) -> Backend {
         Backend {
             addr: addr_from_ip(self.addr.ip()),
             snat_addr: addr_from_ip(self.snat),
@@ -171,6 +171,8 @@ impl BackendSlot {
             _pad: 0,
             weight: self.weight,
             service_id,
+            mss_clamp,
+            _pad2: 0,
         }
     }
 
@@ -264,14 +266,14 @@ mod tests {
         let now = Instant::now();
         let mut b = slot();
         assert_eq!(b.lifecycle(), Lifecycle::Up);
-        assert_eq!(b.entry(1).state, BACKEND_UP);
+        assert_eq!(b.entry(1, 0).state, BACKEND_UP);
         assert!(!b.deregister(FlowPolicy::Drain(Duration::from_secs(5)), now), "drain: no reset now");
         assert_eq!(b.lifecycle(), Lifecycle::Draining);
         assert!(!b.drain.expect("drain").expired(now + Duration::from_secs(4)));
         assert!(b.drain.expect("drain").expired(now + Duration::from_secs(5)));
         b.drain = None;
         assert_eq!(b.lifecycle(), Lifecycle::Removed);
-        assert_eq!(b.entry(1).state, BACKEND_REMOVED);
+        assert_eq!(b.entry(1, 0).state, BACKEND_REMOVED);
         let mut b = slot();
         assert!(b.deregister(FlowPolicy::Reset, now), "reset: now");
         let mut b = slot();

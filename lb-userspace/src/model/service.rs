@@ -107,6 +107,11 @@ impl Service {
         !ramp.is_zero() && self.backends.values().any(|b| now.saturating_duration_since(b.up_since) < ramp + Duration::from_millis(500))
     }
 
+    /// A backend's data-plane entry (with the service's MSS clamp).
+    pub fn backend_entry(&self, b: &BackendSlot) -> lb_common::maps::Backend {
+        b.entry(self.id, self.settings.mss_clamp)
+    }
+
     /// The service's data-plane entry (with the ring as written).
     pub fn entry(&self) -> ServiceEntry {
         let s = &self.settings;

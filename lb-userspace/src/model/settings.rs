@@ -357,6 +357,9 @@ pub struct ServiceSettings {
     pub snat_source: SnatSource,
     /// Full NAT: what a new flow gets when its backend's pool is exhausted.
     pub on_no_port: NoPortPolicy,
+    /// DNAT and full NAT: the largest MSS a SYN to a backend or a SYN-ACK
+    /// to a client may announce (lowered in XDP); 0: left alone.
+    pub mss_clamp: u16,
 }
 
 /// How long a flow may stay idle in each state before it leaves the table.
@@ -400,6 +403,7 @@ impl Default for ServiceSettings {
             snat_ports: PortRange::default(),
             snat_source: SnatSource::Auto,
             on_no_port: NoPortPolicy::Reset,
+            mss_clamp: 0,
         }
     }
 }
@@ -475,7 +479,13 @@ pub struct ServiceOptions {
     /// Full NAT: a new flow with no free source port gets reset (default; UDP is dropped) or drop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_no_port: Option<NoPortPolicy>,
+    /// DNAT, full NAT: the largest MSS SYNs and SYN-ACKs through the balancer announce (0: off, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mss_clamp: Option<u16>,
 }
+
+/// The least MSS a clamp may set (RFC 9293: every IPv4 host takes 536).
+pub const MIN_MSS_CLAMP: u16 = 536;
 
 /// Longest reset spread accepted (a mass reset should not take longer).
 pub const MAX_RESET_SPREAD: Duration = Duration::from_secs(600);
@@ -542,6 +552,9 @@ impl ServiceSettings {
         if let Some(p) = o.on_no_port {
             s.on_no_port = p;
         }
+        if let Some(m) = o.mss_clamp {
+            s.mss_clamp = m;
+        }
         match o.health.as_deref() {
             Some("none") => s.health = None,
             Some(p) => {
@@ -605,6 +618,15 @@ impl ServiceSettings {
         {
             return Err(format!("snat_source {a} must be a unicast, non-loopback address of this host"));
         }
+        if self.mss_clamp != 0 && self.mss_clamp < MIN_MSS_CLAMP {
+            return Err(format!("mss_clamp {} is below {MIN_MSS_CLAMP}, the least MSS every IPv4 host must take (0 turns the clamp off)", self.mss_clamp));
+        }
+        if self.mss_clamp != 0 && self.mode == NatMode::Dsr {
+            return Err(
+                "mss_clamp does not apply to DSR services: their SYN-ACKs never cross the balancer; clamp on the backends with `xlb backend-setup --mss-clamp`"
+                    .into(),
+            );
+        }
         if let Some(h) = &self.health {
             if h.interval.0 < Duration::from_millis(50) || h.interval.0 > Duration::from_secs(3600) {
                 return Err("health interval must be between 50ms and 1h".into());
@@ -646,6 +668,25 @@ mod tests {
         assert_eq!("204".parse::<StatusRange>(), Ok(StatusRange(204, 204)));
         assert!("399-200".parse::<StatusRange>().is_err());
         assert!("99".parse::<StatusRange>().is_err());
+    }
+
+    #[test]
+    fn the_mss_clamp_is_checked_and_refused_for_dsr() {
+        let clamp = |m: u16| ServiceOptions { mss_clamp: Some(m), ..Default::default() };
+        assert_eq!(ServiceSettings::default().patched(&clamp(1400)).expect("valid").mss_clamp, 1400);
+        let s = ServiceSettings::default().patched(&clamp(1400)).expect("valid");
+        assert_eq!(s.patched(&clamp(0)).expect("off").mss_clamp, 0, "0 turns it off");
+        let err = ServiceSettings::default().patched(&clamp(500)).expect_err("too small");
+        assert!(err.contains("536"), "{err}");
+        let dsr = ServiceOptions { mode: Some(NatMode::Dsr), mss_clamp: Some(1400), ..Default::default() };
+        let err = ServiceSettings::default().patched(&dsr).expect_err("DSR");
+        assert!(err.contains("backend-setup --mss-clamp"), "{err}");
+        // A settings file says it whole; an older one without it means off.
+        let t: ServiceSettings = toml::from_str("mss_clamp = 1360").expect("toml");
+        assert_eq!(t.mss_clamp, 1360);
+        assert_eq!(toml::from_str::<ServiceSettings>("").expect("toml").mss_clamp, 0);
+        let t: ServiceSettings = toml::from_str("mss_clamp = 100").expect("toml parses");
+        assert!(t.validate().is_err(), "validated when applied");
     }
 
     #[test]

@@ -823,7 +823,7 @@ fn expiry_plan(r: &mut Rig) -> (xlb::table::Decisions, u32) {
     let one = Dur(std::time::Duration::from_secs(1));
     let sid = r.ctl.resolve(SocketAddr::from((VIP, 80)), Some(Proto::Tcp)).expect("service");
     let timeouts = Timeouts { syn: one, established: one, closing: one, udp: one };
-    let rules = xlb::table::Rules { services: [(0, xlb::table::ServiceRules { sid, timeouts, reset_on_idle: false })].into() };
+    let rules = xlb::table::Rules { services: [(0, xlb::table::ServiceRules { sid, timeouts, reset_on_idle: false })].into(), totals: Default::default() };
     let table = r.ctl.table();
     let now = table.now().expect("clock");
     let (_, d) = xlb::table::walk(&table, &rules, now.wrapping_add(10 * table.hz()), &mut |_| {}).expect("walk");

@@ -42,7 +42,7 @@ pub use sync::SyncLink;
 
 use crate::{
     api::ErrorCode,
-    dataplane::{DataPlane, DataplaneError},
+    dataplane::{DataPlane, DataplaneError, FlowTable as _},
     host::{neighbours::Neighbour, sysctl::Change},
     model::{Refusal, ResetCounts, Service, ServiceId, TtlLimits},
     resets, table,
@@ -378,7 +378,17 @@ impl<D: DataPlane> Controller<D> {
     /// Idle timeouts and settings of every service, by service id: what a
     /// table walk judges flows by.
     pub fn walk_rules(&self) -> table::Rules {
+        // Read now, as the walk starts: entries created after this and
+        // found by the walk make the eviction figure low for one walk,
+        // never high (an alert on it is never false).
+        let raw = self.dp.global_counters().unwrap_or_default();
+        let at = |i: u32| raw.get(i as usize).copied().unwrap_or(0);
+        let totals = table::EntryTotals {
+            created: at(lb_common::stats::ENTRIES_CREATED),
+            removed: at(lb_common::stats::ENTRIES_REMOVED) + self.table.entries_removed(),
+        };
         table::Rules {
+            totals,
             services: self
                 .services
                 .iter()

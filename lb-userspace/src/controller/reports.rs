@@ -54,13 +54,13 @@ impl<D: DataPlane> Controller<D> {
         }
         // The kernel's LRU does not report evictions: what was created and
         // is neither removed (by the program or the controller) nor present
-        // was evicted. Exact while this daemon has run since the data plane
-        // was loaded; present as of the latest snapshot.
+        // was evicted. All three as of the latest walk (counted as it
+        // started, present as it found them): a burst since then is not
+        // taken for evictions. Exact while this daemon has run since the
+        // data plane was loaded.
         let snap = &self.snapshot;
         let present = snap.counts.established + snap.counts.half_open;
-        let created = counters.get("entries_created").copied().unwrap_or(0);
-        let removed = counters.get("entries_removed").copied().unwrap_or(0) + self.table.entries_removed() + present;
-        counters.insert("table_evictions".into(), created.saturating_sub(removed));
+        counters.insert("table_evictions".into(), snap.totals.created.saturating_sub(snap.totals.removed + present));
         let now = Instant::now();
         let ports = &snap.ports;
         let mut services = Vec::new();

@@ -575,3 +575,34 @@ fn status_reports_every_icmp_kind_and_outcome_from_its_own_counter() {
     let total: u64 = s.icmp_errors.values().flat_map(|o| o.values()).sum();
     assert_eq!(total, 10, "no other pair reads these counters: {:?}", s.icmp_errors);
 }
+
+#[test]
+fn evictions_are_counted_as_of_the_last_walk_so_a_burst_since_is_not_taken_for_them() {
+    let (mut c, dp) = controller();
+    c.service_add(sa(VIP), Proto::Tcp, &options(|_| {})).expect("service");
+    c.backend_add(sa(VIP), None, be(1), None).expect("backend");
+    let id = backend_id(&c, be(1));
+    let evictions = |c: &Ctl| c.status().expect("status").counters["table_evictions"];
+    let created = lb_common::stats::ENTRIES_CREATED as usize;
+    snapshot(&mut c);
+    // A burst of 300 new entries after that walk: the table has them, the
+    // snapshot does not yet.
+    for i in 0..300u16 {
+        c.table().put(flow(2000 + i, id, tcp::STATE_ESTABLISHED, NOW));
+    }
+    dp.state().counters[created] += 300;
+    assert_eq!(evictions(&c), 0, "the burst is not evictions before the next walk");
+    snapshot(&mut c);
+    assert_eq!(evictions(&c), 0, "the walk found all 300");
+    // 120 of them leave without anyone removing them: the LRU's doing.
+    {
+        let mut st = dp.state();
+        let gone: Vec<_> = st.flows.keys().take(120).cloned().collect();
+        for k in gone {
+            st.flows.remove(&k);
+        }
+    }
+    assert_eq!(evictions(&c), 0, "not seen before a walk");
+    snapshot(&mut c);
+    assert_eq!(evictions(&c), 120);
+}

@@ -34,6 +34,17 @@ pub const CLOSED_LINGER: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, Default)]
 pub struct Rules {
     pub services: HashMap<u32, ServiceRules>,
+    /// Table entries created and removed (by the program and by this
+    /// process) as counted just before the walk: with the entries the walk
+    /// finds, what the LRU evicted, all as of one moment.
+    pub totals: EntryTotals,
+}
+
+/// Entries created and removed, as counted (see [`Rules::totals`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryTotals {
+    pub created: u64,
+    pub removed: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +75,8 @@ pub struct Snapshot {
     /// Full-NAT ports held by live flows, by backend (address and port as
     /// the maps hold them).
     pub ports: HashMap<(Addr, u16), u64>,
+    /// The counts the walk started from ([`Rules::totals`]).
+    pub totals: EntryTotals,
 }
 
 impl Snapshot {
@@ -114,7 +127,7 @@ pub fn idle(f: &Flow, now: u32, hz: u32) -> Duration {
 pub fn walk(table: &dyn FlowTable, rules: &Rules, now: u32, each: &mut dyn FnMut(&Flow)) -> Result<(Snapshot, Decisions)> {
     let started = Instant::now();
     let hz = table.hz();
-    let mut snap = Snapshot { taken_at: Some(started), ..Snapshot::default() };
+    let mut snap = Snapshot { taken_at: Some(started), totals: rules.totals, ..Snapshot::default() };
     let mut d = Decisions::default();
     // Full-NAT flows by key: which port each holds (to count live ports).
     let mut holders: HashMap<FlowKey, (u32, u16)> = HashMap::new();
@@ -216,7 +229,7 @@ mod tests {
 
     fn rules() -> Rules {
         let sid = ServiceId { addr: "10.99.0.1:80".parse().expect("addr"), proto: Proto::Tcp };
-        Rules { services: HashMap::from([(0, ServiceRules { sid, timeouts: Timeouts::default(), reset_on_idle: false })]) }
+        Rules { services: HashMap::from([(0, ServiceRules { sid, timeouts: Timeouts::default(), reset_on_idle: false })]), totals: EntryTotals::default() }
     }
 
     fn table() -> FakeTable {

@@ -18,15 +18,15 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     maps::{
-        Backend, DIR_TO_BACKEND, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, NAT_DST, NAT_ENCAP, NatTuple, PROTO_TCP, SCHED_MAGLEV, SVC_F_DSR,
-        SVC_F_FULLNAT, SVC_F_MISS_REHASH, SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS, SVC_F_STATELESS_SYN, ServiceEntry,
+        Backend, EndpointKey, FLOW_DSR, FLOW_FULLNAT, FlowKey, FlowState, PROTO_TCP, SCHED_MAGLEV, SVC_F_DSR, SVC_F_FULLNAT, SVC_F_MISS_REHASH,
+        SVC_F_NO_PORT_DROP, SVC_F_SHARED_BACKENDS, SVC_F_STATELESS_SYN, ServiceEntry,
     },
     stats as stat,
     tcp::{self},
 };
 
 use crate::{
-    conntrack::{self, Table},
+    conntrack::{self, Inserted, Table},
     flow,
     maps::{CONNS, ENDPOINTS, HALF_OPEN},
     parse::{Packet, Verdict},
@@ -51,8 +51,10 @@ pub fn find(pkt: &Packet, svc: &ServiceEntry, mode: &mut u64, closed_entry: *mut
             return core::ptr::null_mut();
         }
         // A SYN on the tuple of a flow not closed both ways follows that
-        // flow (the backend answers it); else a retransmitted SYN (or a
-        // new attempt) finds its half-open flow.
+        // flow (the backend answers it). Else it is a new flow: its insert
+        // (`new_flow`, `BPF_NOEXIST`) finds a retransmitted SYN's half-open
+        // flow if there is one, without a lookup before (a miss, nearly
+        // always).
         if let Some(e) = CONNS.get_ptr_mut(key) {
             // SAFETY: map value pointer from the kernel.
             if !closed(unsafe { &*e }) {
@@ -60,8 +62,7 @@ pub fn find(pkt: &Packet, svc: &ServiceEntry, mode: &mut u64, closed_entry: *mut
                 return e;
             }
         }
-        *mode = flow::mode(Table::HalfOpen, true);
-        return HALF_OPEN.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
+        return core::ptr::null_mut();
     }
     match HALF_OPEN.get_ptr_mut(key) {
         // A flow in its handshake, or a new connection on the 5-tuple of a
@@ -159,28 +160,34 @@ fn stateless(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u64) -> Ve
     flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now)
 }
 
+/// `new_flow`'s "its key has an entry already" (`fresh`: nothing written;
+/// the caller processes that flow, or calls again with `fresh` false).
+pub const FLOW_EXISTS: u64 = u64::MAX - 1;
+
 /// A new flow: scheduled, entered in the half-open table, forwarded. A
-/// separate BPF function.
+/// separate BPF function. `fresh`: only if its key has no entry
+/// (`BPF_NOEXIST`, else [`FLOW_EXISTS`]); otherwise it replaces one.
 #[inline(never)]
-pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry) -> u64 {
-    new_flow_verdict(ctx, pkt, svc, conntrack::now() as u32).to_bits()
+pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: bool) -> u64 {
+    new_flow_verdict(ctx, pkt, svc, fresh, conntrack::now() as u32).map_or(FLOW_EXISTS, Verdict::to_bits)
 }
 
+/// The verdict, or `None` when `fresh` found an entry.
 #[inline(always)]
-fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32) -> Verdict {
+fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: bool, now: u32) -> Option<Verdict> {
     let key = &pkt.key;
     let is_tcp = key.proto == PROTO_TCP;
     let Some((backend_id, b)) = schedule::pick(svc, key, false) else {
-        return Verdict::pass(stat::PASS_NO_BACKEND);
+        return Some(Verdict::pass(stat::PASS_NO_BACKEND));
     };
     if svc.flags & SVC_F_SHARED_BACKENDS != 0 && collides(key, b) {
         // The backend already has a connection from this client address
         // and port (through another VIP): to it, this would be the same
         // connection. Refused, never mixed up.
         if is_tcp {
-            return reset::answer(ctx, pkt, stat::REFUSED_COLLISION);
+            return Some(reset::answer(ctx, pkt, stat::REFUSED_COLLISION));
         }
-        return Verdict::drop(stat::REFUSED_COLLISION);
+        return Some(Verdict::drop(stat::REFUSED_COLLISION));
     }
     let fullnat = svc.flags & SVC_F_FULLNAT != 0;
     let snat_port = if fullnat {
@@ -188,9 +195,9 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
             // Refused cleanly: never a port shared with a live flow.
             stats::count_no_port(svc.id, backend_id);
             if is_tcp && svc.flags & SVC_F_NO_PORT_DROP == 0 {
-                return reset::answer(ctx, pkt, stat::REFUSED_NO_PORT);
+                return Some(reset::answer(ctx, pkt, stat::REFUSED_NO_PORT));
             }
-            return Verdict::drop(stat::REFUSED_NO_PORT);
+            return Some(Verdict::drop(stat::REFUSED_NO_PORT));
         };
         port
     } else {
@@ -203,7 +210,7 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
     } else {
         0
     };
-    let Some(st) = conntrack::scratch(backend_id as u16, svc.id as u8, flags, snat_port, now) else { return Verdict::drop(stat::DROP_TABLE_FULL) };
+    let Some(st) = conntrack::scratch(backend_id as u16, svc.id as u8, flags, snat_port, now) else { return Some(Verdict::drop(stat::DROP_TABLE_FULL)) };
     if is_tcp {
         if svc.flags & SVC_F_DSR != 0 {
             flow::dsr_track(st, &flow::segment(pkt));
@@ -216,16 +223,26 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u32
     let table = if svc.flags & SVC_F_DSR != 0 { Table::Established } else { Table::HalfOpen };
     // Counted in the entry (the scratch copy is what gets inserted).
     conntrack::touch(st, true, pkt.ip_len, now);
-    if !conntrack::insert(table, key, st) {
+    let inserted = if fresh {
+        conntrack::insert_new(table, key, st)
+    } else if conntrack::insert(table, key, st) {
+        Inserted::Yes
+    } else {
+        Inserted::Refused
+    };
+    if inserted != Inserted::Yes {
         if fullnat {
             ports::release(b, key.proto, snat_port);
         }
-        return Verdict::drop(stat::DROP_TABLE_FULL);
+        if inserted == Inserted::Exists {
+            return None;
+        }
+        return Some(Verdict::drop(stat::DROP_TABLE_FULL));
     }
     stats::count_new_flow(svc.id, backend_id);
     schedule::count_active(backend_id);
     let t = flow::tuple(key, st, b, true);
-    flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now as u64)
+    Some(flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now as u64))
 }
 
 /// Whether backend `b` already has a live flow from `key`'s client address

@@ -4,7 +4,10 @@
 //! SYN-ACK, a UDP flow the backend answered), then `CONNS`. Lookups,
 //! creation, promotion, removal, and the records sent to the controller.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_jiffies64};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_jiffies64,
+};
 use lb_common::maps::{Backend, FlowEnd, FlowKey, FlowState, GLOBAL_LOG_NEW_FLOWS, LAST_SEEN_STEP, TcpDir, end_reason};
 
 use crate::maps::{BACKENDS, CONNS, FLOW_EVENTS, GLOBALS, HALF_OPEN, SCRATCH};
@@ -63,12 +66,41 @@ pub fn scratch(backend_id: u16, service_id: u8, flags: u8, snat_port: u16, now: 
 /// reused port).
 #[inline(always)]
 pub fn insert(table: Table, key: &FlowKey, state: &FlowState) -> bool {
-    let ok = if table == Table::Established { CONNS.insert(key, state, BPF_ANY as u64) } else { HALF_OPEN.insert(key, state, BPF_ANY as u64) };
-    if ok.is_ok() {
-        crate::stats::count(lb_common::stats::ENTRIES_CREATED);
-    }
-    ok.is_ok()
+    insert_with(table, key, state, BPF_ANY as u64) == Inserted::Yes
 }
+
+/// What an insert did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    Yes,
+    /// `BPF_NOEXIST` and the key is there: nothing written.
+    Exists,
+    /// The table refused it.
+    Refused,
+}
+
+/// Inserts a new flow's entry only if its key has none (`BPF_NOEXIST`):
+/// what a SYN needs, in one call, instead of a lookup (almost always a
+/// miss) and then an insert.
+#[inline(always)]
+pub fn insert_new(table: Table, key: &FlowKey, state: &FlowState) -> Inserted {
+    insert_with(table, key, state, BPF_NOEXIST as u64)
+}
+
+#[inline(always)]
+fn insert_with(table: Table, key: &FlowKey, state: &FlowState, flags: u64) -> Inserted {
+    let r = if table == Table::Established { CONNS.insert(key, state, flags) } else { HALF_OPEN.insert(key, state, flags) };
+    match r {
+        Ok(()) => {
+            crate::stats::count(lb_common::stats::ENTRIES_CREATED);
+            Inserted::Yes
+        }
+        Err(e) if e == -EEXIST => Inserted::Exists,
+        Err(_) => Inserted::Refused,
+    }
+}
+
+const EEXIST: i32 = 17;
 
 /// Moves a confirmed flow from the half-open table to the connection table
 /// (one insert, one delete: the entry stays whole). `e` is read before it

@@ -108,11 +108,11 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
             if v != flow::RESCHEDULE {
                 return v;
             }
-            return client::new_flow(ctx, pkt, svc);
+            return client::new_flow(ctx, pkt, svc, false);
         }
         return match client::unknown(pkt, svc) {
             client::Unknown::ByHash => client::by_hash(ctx, pkt, svc),
-            client::Unknown::New => client::new_flow(ctx, pkt, svc),
+            client::Unknown::New => new_flow_or_existing(ctx, pkt, svc),
             client::Unknown::Reset => client::reset_miss(ctx, pkt),
             client::Unknown::Pass => Verdict::pass(stat::PASS_NO_FLOW).to_bits(),
         };
@@ -130,6 +130,27 @@ fn dispatch(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
         return backend::no_flow(ctx, pkt, ep);
     }
     Verdict::pass(stat::PASS_NOT_SERVICE).to_bits()
+}
+
+/// A packet that starts a flow: inserted only if its key has no entry; if
+/// it has (a retransmitted SYN of a flow in its handshake: the insert
+/// found it, no lookup was made before), that flow takes the packet, and
+/// if it is gone meanwhile or hands it back, a new flow replaces it.
+#[inline(always)]
+fn new_flow_or_existing(ctx: &XdpContext, pkt: &Packet, svc: &lb_common::maps::ServiceEntry) -> u64 {
+    let v = client::new_flow(ctx, pkt, svc, true);
+    if v != client::FLOW_EXISTS {
+        return v;
+    }
+    if let Some(e) = maps::HALF_OPEN.get_ptr_mut(&pkt.key) {
+        let v = flow::packet(ctx, pkt, &pkt.key, e, flow::mode(conntrack::Table::HalfOpen, true));
+        if v != flow::RESCHEDULE {
+            return v;
+        }
+    }
+    // (A closed DSR flow's entry in the connection table, which a new DSR
+    // flow replaces.)
+    client::new_flow(ctx, pkt, svc, false)
 }
 
 #[xdp]

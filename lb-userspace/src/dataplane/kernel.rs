@@ -144,7 +144,7 @@ impl KernelDataPlane {
         }
         // One entry per flow.
         let entries = opts.conn_capacity.max(1);
-        let half_open = opts.half_open_capacity.unwrap_or((opts.conn_capacity / 4).max(1024));
+        let half_open = opts.half_open_capacity.unwrap_or(lb_common::maps::default_half_open_capacity(opts.conn_capacity));
         let half_open_entries = half_open.max(1);
         let mut restored = false;
         if let Some(dir) = &opts.pin_dir {

@@ -606,3 +606,16 @@ fn evictions_are_counted_as_of_the_last_walk_so_a_burst_since_is_not_taken_for_t
     snapshot(&mut c);
     assert_eq!(evictions(&c), 120);
 }
+
+#[test]
+fn an_mss_clamp_on_a_udp_service_is_refused_and_changes_nothing() {
+    let (mut c, _dp) = controller();
+    let clamp = options(|o| o.mss_clamp = Some(1400));
+    let err = c.service_add(sa(VIP), Proto::Udp, &clamp).expect_err("UDP with a clamp");
+    assert!(err.to_string().contains("TCP services only"), "{err}");
+    assert!(c.status().expect("status").services.is_empty(), "nothing added");
+    c.service_add(sa(VIP), Proto::Udp, &options(|_| {})).expect("plain UDP");
+    let err = c.service_set(sa(VIP), Some(Proto::Udp), &clamp).expect_err("set on UDP");
+    assert!(err.to_string().contains("TCP services only"), "{err}");
+    c.service_add(sa(VIP), Proto::Tcp, &clamp).expect("TCP with a clamp");
+}

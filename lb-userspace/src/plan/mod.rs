@@ -72,9 +72,13 @@ pub fn check_backend(sid: &ServiceId, settings: &ServiceSettings, backend: Socke
     check_dsr(sid, settings, std::iter::once(backend))
 }
 
-/// Direct server return carries IPv4 packets in IPIP, untouched: the
-/// backend answers from the VIP's own port.
+/// Settings that depend on the service's kind: direct server return
+/// carries IPv4 packets in IPIP, untouched (the backend answers from the
+/// VIP's own port); an MSS clamp is for TCP.
 pub fn check_dsr(sid: &ServiceId, settings: &ServiceSettings, backends: impl Iterator<Item = SocketAddr>) -> Result<()> {
+    if settings.mss_clamp != 0 && sid.proto != crate::model::Proto::Tcp {
+        return Err(Refusal::BadRequest(format!("{sid}: mss_clamp applies to TCP services only (an MSS is a TCP option)")));
+    }
     if settings.mode != NatMode::Dsr {
         return Ok(());
     }

@@ -60,7 +60,12 @@ fn path_to(opts: TopologyOptions) -> Path {
 /// Services: VIP:80 DNAT, VIP:81 full NAT, [VIP6]:80 DNAT, all to the
 /// backend's bulk server on 8080.
 fn services(d: &Daemon, topo: &Topology) {
-    for (vip, extra) in [(topo.vip_of(false, 80), vec![]), (topo.vip_of(false, 81), vec!["--mode", "fullnat"]), (topo.vip_of(true, 80), vec![])] {
+    for (vip, extra) in [
+        (topo.vip_of(false, 80), vec![]),
+        (topo.vip_of(false, 81), vec!["--mode", "fullnat"]),
+        (topo.vip_of(true, 80), vec![]),
+        (topo.vip_of(true, 81), vec!["--mode", "fullnat"]),
+    ] {
         let v = vip.to_string();
         let mut args = vec!["service", "add", v.as_str()];
         args.extend(extra);
@@ -77,12 +82,19 @@ fn downloads_through_a_smaller_path_mtu_complete_in_dnat_and_full_nat_over_ipv4_
     let d = Daemon::start(&p.topo.lb, &p.topo.lb_ifaces, &[]).expect("daemon");
     let _server = BulkServer::start(&p.topo.backends[0].name, "[::]:8080".parse().expect("addr")).expect("server");
     services(&d, &p.topo);
-    for (what, vip) in [("IPv4 DNAT", p.topo.vip_of(false, 80)), ("IPv4 full NAT", p.topo.vip_of(false, 81)), ("IPv6 DNAT", p.topo.vip_of(true, 80))] {
+    let downloads = [
+        ("IPv4 DNAT", p.topo.vip_of(false, 80)),
+        ("IPv4 full NAT", p.topo.vip_of(false, 81)),
+        ("IPv6 DNAT", p.topo.vip_of(true, 80)),
+        ("IPv6 full NAT", p.topo.vip_of(true, 81)),
+    ];
+    for (what, vip) in downloads {
         download(&p.client.name, vip, SIZE, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{what}: {e:#}"));
     }
     let s = d.json(&["status"]).expect("status");
     let to_backend = s["counters"]["icmp_to_backend"].as_u64().unwrap_or(0);
-    assert!(to_backend >= 3, "each download needed the router's error translated: {:#}", s["counters"]);
+    assert!(to_backend >= 4, "each download needed the router's error translated: {:#}", s["counters"]);
+    assert!(s["icmp_errors"]["too_big"]["to_backend"].as_u64().unwrap_or(0) >= 4, "counted as too big: {:#}", s["icmp_errors"]);
 }
 
 #[test]

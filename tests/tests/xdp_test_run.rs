@@ -1775,6 +1775,19 @@ fn every_icmp_error_kind_is_translated_both_ways_in_both_families_and_counted_by
         assert_eq!(counts, (2, 2), "kind {kind}: one per family and direction");
     }
     assert_eq!((r.counter(stats::ICMP_TO_BACKEND), r.counter(stats::ICMP_TO_CLIENT)), (8, 8));
+    // ICMPv6 errors about the live flow cut at every length, both ways: a
+    // safe verdict each time (a cut packet's length disagrees with its
+    // header), no state.
+    let sent = seg((VIP6.into(), 80), (CLIENT6.into(), 40841), 100);
+    let to_vip = eth(CLIENT_MAC, T0_MAC, true, &icmp6_error(ROUTER6, VIP6, 64, 2, 0, &sent, 68));
+    let to_backend = client_seg((CLIENT6.into(), 40841), (BACKEND6.into(), 8080));
+    let from_backend = eth(BACKEND_MAC, T1_MAC, true, &icmp6_error(BACKEND6, CLIENT6, 64, 1, 4, &to_backend, 60));
+    for (what, full, iface) in [("to the VIP", &to_vip, r.t0), ("from the backend's side", &from_backend, r.t1)] {
+        for len in 14..full.len() {
+            let (verdict, _) = r.run(iface, &full[..len]);
+            assert!(verdict == XDP_PASS || verdict == XDP_DROP, "ICMPv6 {what} cut at {len}: verdict {verdict}");
+        }
+    }
     let after = (r.flow((CLIENT, 40840), (VIP, 80), 6).expect("v4 flow").state, r.flow((CLIENT6, 40841), (VIP6, 80), 6).expect("v6 flow").state);
     assert_eq!(after, states, "ICMP changes no flow state");
 }

@@ -1041,8 +1041,10 @@ pub fn attach_mss_clamp_pinned(iface: &str, limits: &[(IpAddr, u16)], link_pin: 
     let id = p.attach(iface, TcAttachType::Egress).map_err(|cause| DataplaneError::AttachTc { iface: iface.to_owned(), cause })?;
     let link = p.take_link(id).map_err(|cause| DataplaneError::Program { op: "taking the link of", prog, cause })?;
     // Only a TCX link can be pinned (a netlink filter cannot).
-    let fd = FdLink::try_from(link)
-        .map_err(|e| DataplaneError::Relink { path: link_pin.to_owned(), cause: format!("{e} (the MSS clamp needs TCX links: Linux 6.6 or later)").into() })?;
+    let fd = FdLink::try_from(link).map_err(|e| DataplaneError::Relink {
+        path: link_pin.to_owned(),
+        cause: format!("{e} (the MSS clamp needs TCX links: Linux 6.6 or later; or run backend-setup with --mss-clamp off)").into(),
+    })?;
     if let Some(dir) = link_pin.parent() {
         prepare_pin_dir(dir)?;
     }

@@ -80,13 +80,14 @@ pub fn render_status(s: &Status) -> String {
         let st = &svc.settings;
         let _ = writeln!(
             o,
-            "{:<22} mode {}, on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}, idle {}; expired {}",
+            "{:<22} mode {}{}, on-remove {}, on-unhealthy {}, reset-spread {}, on-miss {}, health {}; resets: removed {}, unhealthy {}, drain deadline {}, idle {}; expired {}",
             "",
             match st.mode {
                 crate::model::settings::NatMode::Dnat => "dnat".to_string(),
                 crate::model::settings::NatMode::Fullnat => format!("fullnat (source {}, ports {})", st.snat_source, String::from(st.snat_ports)),
                 crate::model::settings::NatMode::Dsr => format!("dsr (IPIP from {})", st.snat_source),
             },
+            if st.mss_clamp != 0 { format!(", mss-clamp {}", st.mss_clamp) } else { String::new() },
             st.on_remove,
             st.on_unhealthy,
             String::from(st.reset_spread),
@@ -129,4 +130,22 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(o, "icmp errors: {}", icmp.join(" "));
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_shows_a_services_mss_clamp_and_the_icmp_errors_seen() {
+        let mut s = crate::daemon::metrics::tests::status(false);
+        let text = render_status(&s);
+        assert!(!text.contains("mss-clamp"), "no clamp, no mention: {text}");
+        assert!(text.contains("icmp errors: too_big/dropped_bad_quote=1 too_big/to_backend=4"), "{text}");
+        s.services[0].settings.mss_clamp = 1400;
+        s.icmp_errors.clear();
+        let text = render_status(&s);
+        assert!(text.contains(", mss-clamp 1400, on-remove"), "{text}");
+        assert!(!text.contains("icmp errors"), "nothing seen, no line: {text}");
+    }
 }

@@ -270,7 +270,7 @@ fn encode(s: &Status, enc: &mut DescriptorEncoder) -> fmt::Result {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
@@ -304,7 +304,7 @@ mod tests {
 
     /// One full-NAT service with two backends: one holding source ports
     /// (and having refused flows), one draining without a port report.
-    fn status(sync: bool) -> Status {
+    pub(crate) fn status(sync: bool) -> Status {
         let b0 = Traffic { refused_no_port: 5, ..traffic(10, 8) };
         let svc = ServiceStatus {
             service: "10.99.0.1:80".parse().expect("addr"),

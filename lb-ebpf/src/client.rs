@@ -177,10 +177,18 @@ pub fn new_flow(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: bool)
 fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: bool, now: u32) -> Option<Verdict> {
     let key = &pkt.key;
     let is_tcp = key.proto == PROTO_TCP;
+    // A refusal is for a new flow only: a `fresh` packet's key may have a
+    // flow in its handshake already (a retransmitted SYN, not looked up
+    // before: see `find`), which then takes the packet instead. Looked up
+    // here, on the rare refusals, not on every SYN.
+    let known = |fresh: bool| fresh && HALF_OPEN.get_ptr(key).is_some();
     let Some((backend_id, b)) = schedule::pick(svc, key, false) else {
-        return Some(Verdict::pass(stat::PASS_NO_BACKEND));
+        return if known(fresh) { None } else { Some(Verdict::pass(stat::PASS_NO_BACKEND)) };
     };
     if svc.flags & SVC_F_SHARED_BACKENDS != 0 && collides(key, b) {
+        if known(fresh) {
+            return None;
+        }
         // The backend already has a connection from this client address
         // and port (through another VIP): to it, this would be the same
         // connection. Refused, never mixed up.
@@ -192,6 +200,9 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: b
     let fullnat = svc.flags & SVC_F_FULLNAT != 0;
     let snat_port = if fullnat {
         let Some(port) = ports::allocate(svc, backend_id as u16, b, key, now) else {
+            if known(fresh) {
+                return None;
+            }
             // Refused cleanly: never a port shared with a live flow.
             stats::count_no_port(svc.id, backend_id);
             if is_tcp && svc.flags & SVC_F_NO_PORT_DROP == 0 {
@@ -210,7 +221,12 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: b
     } else {
         0
     };
-    let Some(st) = conntrack::scratch(backend_id as u16, svc.id as u8, flags, snat_port, now) else { return Some(Verdict::drop(stat::DROP_TABLE_FULL)) };
+    let Some(st) = conntrack::scratch(backend_id as u16, svc.id as u8, flags, snat_port, now) else {
+        if fullnat {
+            ports::release(b, key.proto, snat_port);
+        }
+        return Some(Verdict::drop(stat::DROP_TABLE_FULL));
+    };
     if is_tcp {
         if svc.flags & SVC_F_DSR != 0 {
             flow::dsr_track(st, &flow::segment(pkt));

@@ -263,7 +263,7 @@ pub fn nat_and_forward(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, t: &N
             return Verdict::pass(stat);
         }
     } else {
-        if t.mss_clamp != 0 && pkt.tcp_flags & lb_common::tcp::FLAG_SYN != 0 {
+        if t.mss_clamp != 0 && pkt.tcp_flags & (lb_common::tcp::FLAG_SYN | lb_common::tcp::FLAG_RST) == lb_common::tcp::FLAG_SYN {
             crate::mss::clamp_syn(ctx, pkt, t.mss_clamp);
         }
         if !nat::rewrite(ctx, pkt, t, leaving) {

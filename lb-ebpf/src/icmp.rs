@@ -40,32 +40,35 @@ use crate::{
 /// verdict. A separate BPF function.
 #[inline(never)]
 pub fn packet(ctx: &XdpContext, pkt: &mut Packet) -> u64 {
-    let v = verdict(ctx, pkt);
-    // The outcomes a verdict names; the forwarded ones are counted where
-    // they are decided (`forwarded`).
-    let outcome = match v.stat {
-        stat::PASS_ICMP_NO_FLOW => Some(icmp::OUTCOME_PASSED_NO_FLOW),
-        stat::DROP_ICMP_NO_FLOW => Some(icmp::OUTCOME_DROPPED_NO_FLOW),
-        stat::DROP_ICMP_BAD_QUOTE => Some(icmp::OUTCOME_DROPPED_BAD_QUOTE),
-        _ => None,
+    let mut forwarded = false;
+    let v = verdict(ctx, pkt, &mut forwarded);
+    // One outcome per error, from how it ended: translated and sent on
+    // (the rewrite done: the kernel finishes what XDP passes), or refused
+    // for a reason of its own. A forwarding that failed (no route, no
+    // encapsulation) has only its verdict's counter.
+    let outcome = if forwarded {
+        Some(if pkt.icmp == ERROR_TO_VIP { icmp::OUTCOME_TO_BACKEND } else { icmp::OUTCOME_TO_CLIENT })
+    } else {
+        match v.stat {
+            stat::PASS_ICMP_NO_FLOW => Some(icmp::OUTCOME_PASSED_NO_FLOW),
+            stat::DROP_ICMP_NO_FLOW => Some(icmp::OUTCOME_DROPPED_NO_FLOW),
+            stat::DROP_ICMP_BAD_QUOTE => Some(icmp::OUTCOME_DROPPED_BAD_QUOTE),
+            _ => None,
+        }
     };
     if let Some(o) = outcome {
         stats::count(stat::icmp_error(pkt.icmp_kind, o));
+        if o == icmp::OUTCOME_TO_BACKEND {
+            stats::count(stat::ICMP_TO_BACKEND);
+        } else if o == icmp::OUTCOME_TO_CLIENT {
+            stats::count(stat::ICMP_TO_CLIENT);
+        }
     }
     v.to_bits()
 }
 
-/// Counts an error translated for the flow's backend (`to_backend`) or
-/// client: the direction's total and the kind's.
 #[inline(always)]
-fn forwarded(pkt: &Packet, to_backend: bool) {
-    let (total, outcome) = if to_backend { (stat::ICMP_TO_BACKEND, icmp::OUTCOME_TO_BACKEND) } else { (stat::ICMP_TO_CLIENT, icmp::OUTCOME_TO_CLIENT) };
-    stats::count(total);
-    stats::count(stat::icmp_error(pkt.icmp_kind, outcome));
-}
-
-#[inline(always)]
-fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
+fn verdict(ctx: &XdpContext, pkt: &mut Packet, forwarded: &mut bool) -> Verdict {
     if GLOBALS.get(0).is_some_and(|g| g.flags & GLOBAL_NO_ICMP != 0) {
         return Verdict::pass(stat::PASS_OTHER_PROTO);
     }
@@ -75,18 +78,17 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
             Some(e) => e,
             None => match HALF_OPEN.get_ptr_mut(&pkt.key) {
                 Some(e) => e,
-                None => return no_flow_to_vip(ctx, pkt),
+                None => return no_flow_to_vip(ctx, pkt, forwarded),
             },
         };
         // SAFETY: map value pointer from the kernel; only read.
         let st: &FlowState = unsafe { &*e };
         let Some(b) = BACKENDS.get(st.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
         if st.flags & FLOW_DSR != 0 {
-            return to_dsr_backend(ctx, pkt, b);
+            return to_dsr_backend(ctx, pkt, b, forwarded);
         }
         let t = flow::tuple(&pkt.key, st, b, true);
-        forwarded(pkt, true);
-        return forward(ctx, pkt, &t, false);
+        return forward(ctx, pkt, &t, false, forwarded);
     }
     // About a packet to a backend? The quote reversed reads like the
     // backend's packet of the flow: found the way the backend's are.
@@ -105,8 +107,7 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
     }
     let Some(b) = BACKENDS.get(st.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
     let t = flow::tuple(&pkt.flow_key, st, b, false);
-    forwarded(pkt, false);
-    forward(ctx, pkt, &t, true)
+    forward(ctx, pkt, &t, true, forwarded)
 }
 
 /// An error to a VIP quoting no flow: a DSR service's (its backends send
@@ -114,14 +115,14 @@ fn verdict(ctx: &XdpContext, pkt: &mut Packet) -> Verdict {
 /// the backend the keyed hash picks, the one every node picks; any other
 /// is passed (the kernel has no socket for it).
 #[inline(always)]
-fn no_flow_to_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+fn no_flow_to_vip(ctx: &XdpContext, pkt: &Packet, forwarded: &mut bool) -> Verdict {
     let skey = ServiceKey { addr: pkt.key.dst_addr, port: pkt.key.dst_port, proto: pkt.key.proto, _pad: 0 };
     // SAFETY: read-only use of a value the controller writes whole.
     if let Some(svc) = unsafe { SERVICES.get(&skey) }
         && svc.flags & SVC_F_DSR != 0
         && let Some((_, b)) = schedule::pick(svc, &pkt.key, true)
     {
-        return to_dsr_backend(ctx, pkt, b);
+        return to_dsr_backend(ctx, pkt, b, forwarded);
     }
     Verdict::pass(stat::PASS_ICMP_NO_FLOW)
 }
@@ -130,15 +131,20 @@ fn no_flow_to_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 /// backend sent the quoted packet from the VIP itself: nothing to
 /// translate).
 #[inline(always)]
-fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend) -> Verdict {
+fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend, forwarded: &mut bool) -> Verdict {
     let t = NatTuple { src: b.snat_addr, dst: b.addr, sport: 0, dport: 0, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, mss_clamp: 0, hop: 0 };
     let route = forward::route(ctx, pkt, &t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
-    let Ok(slot) = route else { return Verdict::pass(stat::PASS_ICMP_NO_FLOW) };
+    // (Untouched, the kernel could do nothing with it: the verdict says
+    // why it was not sent.)
+    let slot = match route {
+        Ok(slot) => slot,
+        Err(v) => return v,
+    };
     // (Not "leaving": an ICMP checksum is never a partial one.)
     if let Err(stat) = crate::encap::ipip(ctx, pkt, &t, false) {
         return Verdict::pass(stat);
     }
-    forwarded(pkt, true);
+    *forwarded = true;
     forward::send(ctx, pkt, slot)
 }
 
@@ -146,13 +152,14 @@ fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend) 
 /// packets to the same end leave with). `from_vip`: the outer source
 /// becomes `t.src` (the VIP: a client never sees a backend's address).
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: bool) -> Verdict {
+fn forward(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: bool, forwarded: &mut bool) -> Verdict {
     // (An ICMP error larger than the egress MTU is the kernel's: it may
     // fragment it.)
     let route = forward::route(ctx, pkt, t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
     if rewrite(ctx, pkt, t, from_vip as u64) == 0 {
         return Verdict::drop(stat::DROP_ICMP_BAD_QUOTE);
     }
+    *forwarded = true;
     match route {
         Ok(slot) => forward::send(ctx, pkt, slot),
         Err(v) => v,

@@ -2060,3 +2060,29 @@ fn a_retransmitted_syn_of_a_flow_in_its_handshake_goes_where_the_first_went_and_
     let (_, d) = r.run(r.t0, &Frame::tcp((CLIENT, 40972), (VIP, 87), TCP_SYN, 100, 0).build());
     assert_ne!(dport(&c), dport(&d), "round robin alternates");
 }
+
+#[test]
+fn a_retransmitted_syn_reaches_its_flow_even_when_a_new_one_would_be_refused() {
+    let mut r = rig();
+    // Full NAT with a four-port pool: four handshakes under way take it all.
+    let syns: Vec<Vec<u8>> = (0..4).map(|i| Frame::tcp((CLIENT, 40980 + i), (VIP, 84), TCP_SYN, 100, 0).build()).collect();
+    let firsts: Vec<Vec<u8>> = syns
+        .iter()
+        .map(|s| {
+            let (verdict, out) = r.run(r.t0, s);
+            assert_eq!(verdict, XDP_REDIRECT);
+            out
+        })
+        .collect();
+    let (verdict, _) = r.run(r.t0, &Frame::tcp((CLIENT, 40990), (VIP, 84), TCP_SYN, 100, 0).build());
+    assert_eq!(verdict, 3, "XDP_TX: a fifth flow is refused with a RST, the pool is empty");
+    let refused = r.counter(stats::REFUSED_NO_PORT);
+    assert_eq!(refused, 1);
+    // Their retransmissions still reach their flows, through their ports.
+    for (s, first) in syns.iter().zip(&firsts) {
+        let (verdict, again) = r.run(r.t0, s);
+        assert_eq!(verdict, XDP_REDIRECT, "a retransmitted SYN of a flow holding a port");
+        assert_eq!(&again, first, "the same backend and source port as the first time");
+    }
+    assert_eq!(r.counter(stats::REFUSED_NO_PORT), refused, "no retransmission counted as refused");
+}

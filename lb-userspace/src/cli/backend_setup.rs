@@ -112,6 +112,8 @@ pub fn run(args: &BackendSetupArgs) -> ExitCode {
             }
             return Ok(format!("decapsulation detached from {iface}; {} VIP(s) taken off lo", vips.len()));
         }
+        // Decided before anything changes: a bad MTU leaves the host as it was.
+        let limit = mss_limit(*mss_clamp, if *mss_clamp == MssClamp::Auto { iface_mtu(iface)? } else { 0 })?;
         for v in vips {
             ip(&["addr", "replace", &format!("{v}/32"), "dev", "lo"])?;
         }
@@ -127,11 +129,21 @@ pub fn run(args: &BackendSetupArgs) -> ExitCode {
         // The clamp is replaced whole (a pinned TCX link detaches when its
         // pin goes): a moment without it costs at most a too-big answer.
         unpin_mss()?;
-        let clamp = match mss_limit(*mss_clamp, if *mss_clamp == MssClamp::Auto { iface_mtu(iface)? } else { 0 })? {
+        let clamp = match limit {
             Some(mss) => {
                 let limits: Vec<_> = vips.iter().map(|v| (std::net::IpAddr::V4(*v), mss)).collect();
-                crate::dataplane::attach_mss_clamp_pinned(iface, &limits, &mss_link).map_err(|e| e.to_string())?;
-                format!("SYN-ACKs from the VIPs announce an MSS of at most {mss} (TC egress, link pinned at {})", mss_link.display())
+                match crate::dataplane::attach_mss_clamp_pinned(iface, &limits, &mss_link) {
+                    Ok(()) => format!("SYN-ACKs from the VIPs announce an MSS of at most {mss} (TC egress, link pinned at {})", mss_link.display()),
+                    // Asked for: an error. The default: the decapsulation
+                    // works without it (clients' full-size segments get
+                    // too-big answers from the balancer instead), so say
+                    // so and go on.
+                    Err(e) if *mss_clamp != MssClamp::Auto => return Err(e.to_string()),
+                    Err(e) => {
+                        eprintln!("xlb: backend-setup: warning: no MSS clamp ({e}); clients' full-size segments will need the balancer's too-big answers");
+                        format!("no MSS clamp ({e})")
+                    }
+                }
             }
             None => "no MSS clamp".to_owned(),
         };

@@ -42,7 +42,7 @@ pub use sync::SyncLink;
 
 use crate::{
     api::ErrorCode,
-    dataplane::{DataPlane, DataplaneError, FlowTable as _},
+    dataplane::{DataPlane, DataplaneError},
     host::{neighbours::Neighbour, sysctl::Change},
     model::{Refusal, ResetCounts, Service, ServiceId, TtlLimits},
     resets, table,
@@ -378,15 +378,13 @@ impl<D: DataPlane> Controller<D> {
     /// Idle timeouts and settings of every service, by service id: what a
     /// table walk judges flows by.
     pub fn walk_rules(&self) -> table::Rules {
-        // Read now, as the walk starts: entries created after this and
-        // found by the walk make the eviction figure low for one walk,
-        // never high (an alert on it is never false).
-        let raw = self.dp.global_counters().unwrap_or_default();
-        let at = |i: u32| raw.get(i as usize).copied().unwrap_or(0);
-        let totals = table::EntryTotals {
-            created: at(lb_common::stats::ENTRIES_CREATED),
-            removed: at(lb_common::stats::ENTRIES_REMOVED) + self.table.entries_removed(),
-        };
+        // Created as the walk starts, removed once it is over
+        // (`on_snapshot`): an entry created meanwhile and found, one
+        // removed meanwhile before the walk reached it, or one seen in
+        // both tables (promoted during the walk) makes the eviction figure
+        // low for one walk, never high (an alert on it is never false).
+        let created = self.dp.global_counters().ok().and_then(|raw| raw.get(lb_common::stats::ENTRIES_CREATED as usize).copied()).unwrap_or(0);
+        let totals = table::EntryTotals { created, removed: 0 };
         table::Rules {
             totals,
             services: self

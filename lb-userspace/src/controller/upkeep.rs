@@ -12,7 +12,7 @@ use lb_common::maps::MAX_BACKENDS;
 
 use super::{Controller, Result};
 use crate::{
-    dataplane::DataPlane,
+    dataplane::{DataPlane, FlowTable as _},
     model::{ResetCause, ServiceId},
     resets, table,
 };
@@ -68,7 +68,10 @@ impl<D: DataPlane> Controller<D> {
     /// A table walk's snapshot: reports read it from now on; drains with no
     /// flow left end; least-connections counts are made exact; leaving
     /// backends without flows in two snapshots in a row are freed.
-    pub fn on_snapshot(&mut self, snap: table::Snapshot) -> Result<()> {
+    pub fn on_snapshot(&mut self, mut snap: table::Snapshot) -> Result<()> {
+        // Removals as of now, after the walk (see `walk_rules`).
+        let removed_by_program = self.dp.global_counters().ok().and_then(|raw| raw.get(lb_common::stats::ENTRIES_REMOVED as usize).copied()).unwrap_or(0);
+        snap.totals.removed = removed_by_program + self.table.entries_removed();
         self.snapshot = snap;
         // Exact active counts for least-connections.
         let ids: Vec<u32> = self.used_backend_ids.iter().copied().filter(|i| *i < MAX_BACKENDS).collect();

@@ -822,7 +822,10 @@ impl FlowTable for KernelTable {
     fn walk(&self, f: &mut dyn FnMut(&Flow)) -> Result<TableCounts> {
         let fds = self.fds()?;
         let mut counts = TableCounts::default();
-        for (half_open, name, fd) in [(false, names::CONNS, &fds.conns), (true, names::HALF_OPEN, &fds.half_open)] {
+        // The half-open table first: a flow promoted during the walk moves
+        // to the connection table, walked after, so it is seen once or
+        // twice, never missed (drains and eviction counts err safe).
+        for (half_open, name, fd) in [(true, names::HALF_OPEN, &fds.half_open), (false, names::CONNS, &fds.conns)] {
             batch::for_each::<FlowKey, FlowState>(fd.as_fd(), 4096, |k, v| {
                 if half_open {
                     counts.half_open += 1;

@@ -34,9 +34,9 @@ pub const CLOSED_LINGER: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, Default)]
 pub struct Rules {
     pub services: HashMap<u32, ServiceRules>,
-    /// Table entries created and removed (by the program and by this
-    /// process) as counted just before the walk: with the entries the walk
-    /// finds, what the LRU evicted, all as of one moment.
+    /// Table entries created, as counted just before the walk (the
+    /// controller adds the removals once it is over): with the entries the
+    /// walk finds, what the LRU evicted.
     pub totals: EntryTotals,
 }
 

@@ -181,12 +181,12 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: b
     // flow in its handshake already (a retransmitted SYN, not looked up
     // before: see `find`), which then takes the packet instead. Looked up
     // here, on the rare refusals, not on every SYN.
-    let known = |fresh: bool| fresh && HALF_OPEN.get_ptr(key).is_some();
+    let known = || fresh && HALF_OPEN.get_ptr(key).is_some();
     let Some((backend_id, b)) = schedule::pick(svc, key, false) else {
-        return if known(fresh) { None } else { Some(Verdict::pass(stat::PASS_NO_BACKEND)) };
+        return if known() { None } else { Some(Verdict::pass(stat::PASS_NO_BACKEND)) };
     };
     if svc.flags & SVC_F_SHARED_BACKENDS != 0 && collides(key, b) {
-        if known(fresh) {
+        if known() {
             return None;
         }
         // The backend already has a connection from this client address
@@ -200,7 +200,7 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: b
     let fullnat = svc.flags & SVC_F_FULLNAT != 0;
     let snat_port = if fullnat {
         let Some(port) = ports::allocate(svc, backend_id as u16, b, key, now) else {
-            if known(fresh) {
+            if known() {
                 return None;
             }
             // Refused cleanly: never a port shared with a live flow.
@@ -239,13 +239,7 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: b
     let table = if svc.flags & SVC_F_DSR != 0 { Table::Established } else { Table::HalfOpen };
     // Counted in the entry (the scratch copy is what gets inserted).
     conntrack::touch(st, true, pkt.ip_len, now);
-    let inserted = if fresh {
-        conntrack::insert_new(table, key, st)
-    } else if conntrack::insert(table, key, st) {
-        Inserted::Yes
-    } else {
-        Inserted::Refused
-    };
+    let inserted = conntrack::insert_entry(table, key, st, fresh);
     if inserted != Inserted::Yes {
         if fullnat {
             ports::release(b, key.proto, snat_port);

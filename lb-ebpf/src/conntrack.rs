@@ -66,29 +66,25 @@ pub fn scratch(backend_id: u16, service_id: u8, flags: u8, snat_port: u16, now: 
 /// reused port).
 #[inline(always)]
 pub fn insert(table: Table, key: &FlowKey, state: &FlowState) -> bool {
-    insert_with(table, key, state, BPF_ANY as u64) == Inserted::Yes
+    insert_entry(table, key, state, false) == Inserted::Yes
 }
 
 /// What an insert did.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
     Yes,
-    /// `BPF_NOEXIST` and the key is there: nothing written.
+    /// `only_new` and the key is there: nothing written.
     Exists,
     /// The table refused it.
     Refused,
 }
 
-/// Inserts a new flow's entry only if its key has none (`BPF_NOEXIST`):
-/// what a SYN needs, in one call, instead of a lookup (almost always a
-/// miss) and then an insert.
+/// Inserts a flow's entry; `only_new`: only if its key has none
+/// (`BPF_NOEXIST`), what a SYN needs in one call instead of a lookup
+/// (almost always a miss) and then an insert.
 #[inline(always)]
-pub fn insert_new(table: Table, key: &FlowKey, state: &FlowState) -> Inserted {
-    insert_with(table, key, state, BPF_NOEXIST as u64)
-}
-
-#[inline(always)]
-fn insert_with(table: Table, key: &FlowKey, state: &FlowState, flags: u64) -> Inserted {
+pub fn insert_entry(table: Table, key: &FlowKey, state: &FlowState, only_new: bool) -> Inserted {
+    let flags = if only_new { BPF_NOEXIST } else { BPF_ANY } as u64;
     let r = if table == Table::Established { CONNS.insert(key, state, flags) } else { HALF_OPEN.insert(key, state, flags) };
     match r {
         Ok(()) => {

@@ -383,8 +383,7 @@ impl<D: DataPlane> Controller<D> {
         // removed meanwhile before the walk reached it, or one seen in
         // both tables (promoted during the walk) makes the eviction figure
         // low for one walk, never high (an alert on it is never false).
-        let created = self.dp.global_counters().ok().and_then(|raw| raw.get(lb_common::stats::ENTRIES_CREATED as usize).copied()).unwrap_or(0);
-        let totals = table::EntryTotals { created, removed: 0 };
+        let totals = table::EntryTotals { created: self.global_counter(lb_common::stats::ENTRIES_CREATED), removed: 0 };
         table::Rules {
             totals,
             services: self
@@ -393,6 +392,12 @@ impl<D: DataPlane> Controller<D> {
                 .map(|(sid, s)| (s.id, table::ServiceRules { sid: *sid, timeouts: s.settings.timeouts, reset_on_idle: s.settings.reset_on_idle }))
                 .collect(),
         }
+    }
+
+    /// One of the data plane's global counters, summed over CPUs (0 if it
+    /// cannot be read).
+    pub(super) fn global_counter(&self, idx: u32) -> u64 {
+        self.dp.global_counters().ok().and_then(|raw| raw.get(idx as usize).copied()).unwrap_or(0)
     }
 
     /// How often the table walker should walk: every second, or less often

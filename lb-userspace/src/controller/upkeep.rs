@@ -70,8 +70,7 @@ impl<D: DataPlane> Controller<D> {
     /// backends without flows in two snapshots in a row are freed.
     pub fn on_snapshot(&mut self, mut snap: table::Snapshot) -> Result<()> {
         // Removals as of now, after the walk (see `walk_rules`).
-        let removed_by_program = self.dp.global_counters().ok().and_then(|raw| raw.get(lb_common::stats::ENTRIES_REMOVED as usize).copied()).unwrap_or(0);
-        snap.totals.removed = removed_by_program + self.table.entries_removed();
+        snap.totals.removed = self.global_counter(lb_common::stats::ENTRIES_REMOVED) + self.table.entries_removed();
         self.snapshot = snap;
         // Exact active counts for least-connections.
         let ids: Vec<u32> = self.used_backend_ids.iter().copied().filter(|i| *i < MAX_BACKENDS).collect();

@@ -34,11 +34,13 @@ pub mod names {
     pub const IFACES: &str = "XLB_IFACES";
     pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
     pub const PORT_FILTER: &str = "XLB_PORT_FILTER";
+    /// The entry program's tail-call target (the full program).
+    pub const FULL_PROGRAM: &str = "XLB_FULL_PROG";
     /// Backend hosts only (`xlb_mss_clamp`): VIP → the largest MSS its
     /// SYN-ACKs may announce. Not pinned, not the balancer's.
     pub const MSS_CLAMP: &str = "XLB_MSS_CLAMP";
     /// Every map the controller pins, in a stable order.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SERVICES,
         ADDRS,
         BACKENDS,
@@ -58,6 +60,7 @@ pub mod names {
         IFACES,
         ENDPOINTS,
         PORT_FILTER,
+        FULL_PROGRAM,
     ];
 }
 

@@ -178,6 +178,10 @@ stats! {
     /// DF set (IPv6: always), answered in place with fragmentation needed
     /// / packet too big from the VIP carrying the usable MTU (XDP_TX).
     ICMP_TOO_BIG_SENT = 51, "icmp_too_big_sent";
+    /// A packet the entry program could not hand to the full program (its
+    /// slot in `XLB_FULL_PROG` empty: only a broken load leaves it so):
+    /// passed to the kernel untouched.
+    PASS_NO_FULL_PROGRAM = 52, "pass_no_full_program";
 }
 
 /// First of the ICMP error counters by kind and outcome
@@ -196,7 +200,7 @@ pub const fn icmp_error(kind: u8, outcome: u8) -> u32 {
 
 /// The counters that are verdicts: every packet the program sees adds one
 /// to exactly one of them (their sum is [`RX`]).
-pub const VERDICTS: [u32; 31] = [
+pub const VERDICTS: [u32; 32] = [
     PASS_NOT_IP,
     PASS_NOT_SERVICE,
     PASS_TRUNCATED,
@@ -228,4 +232,5 @@ pub const VERDICTS: [u32; 31] = [
     DROP_ICMP_NO_FLOW,
     DROP_ICMP_BAD_QUOTE,
     ICMP_TOO_BIG_SENT,
+    PASS_NO_FULL_PROGRAM,
 ];

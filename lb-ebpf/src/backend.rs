@@ -156,7 +156,7 @@ fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32)
             mss_clamp: 0,
             hop: 0,
         };
-        return flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64);
+        return flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32);
     }
     if is_tcp && flags & tcp::FLAG_ACK == 0 {
         // A backend does not open connections through a VIP (a SYN), and
@@ -195,7 +195,7 @@ fn create(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, s: &EndpointService, pi
     }
     let Some(b) = BACKENDS.get(s.backend_id as u32) else { return Verdict::drop(stat::DROP_MALFORMED) };
     let t = flow::tuple(key, st, b, false);
-    flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32, now as u64)
+    flow::nat_and_forward(ctx, pkt, &t, None, s.backend_id as u32)
 }
 
 /// Drops a backend's packet that belongs to no flow; a TCP one (not a RST)

@@ -146,18 +146,18 @@ pub fn reset_miss(ctx: &XdpContext, pkt: &Packet) -> u64 {
 /// Forwards a packet by hash, without state. A separate BPF function.
 #[inline(never)]
 pub fn by_hash(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry) -> u64 {
-    stateless(ctx, pkt, svc, conntrack::now()).to_bits()
+    stateless(ctx, pkt, svc).to_bits()
 }
 
 /// Forwards a packet to the backend its hash picks, with no state.
 #[inline(always)]
-fn stateless(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, now: u64) -> Verdict {
+fn stateless(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry) -> Verdict {
     let Some((backend_id, b)) = schedule::pick(svc, &pkt.key, true) else {
         return Verdict::pass(stat::PASS_NO_BACKEND);
     };
     let key = &pkt.key;
     let t = if svc.flags & SVC_F_DSR != 0 { flow::dsr_to_backend(key, b) } else { flow::dnat_to_backend(key, b) };
-    flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now)
+    flow::nat_and_forward(ctx, pkt, &t, None, backend_id)
 }
 
 /// `new_flow`'s "its key has an entry already" (`fresh`: nothing written;
@@ -252,7 +252,7 @@ fn new_flow_verdict(ctx: &XdpContext, pkt: &Packet, svc: &ServiceEntry, fresh: b
     stats::count_new_flow(svc.id, backend_id);
     schedule::count_active(backend_id);
     let t = flow::tuple(key, st, b, true);
-    Some(flow::nat_and_forward(ctx, pkt, &t, None, backend_id, now as u64))
+    Some(flow::nat_and_forward(ctx, pkt, &t, None, backend_id))
 }
 
 /// Whether backend `b` already has a live flow from `key`'s client address

@@ -181,15 +181,10 @@ fn packet_verdict(
                 // completes the handshake.
                 stats::count(stat::HANDSHAKE_UNVERIFIED);
             } else {
-                let r = if to_backend { tcp::track(&mut st.orig, &mut st.reply, &seg) } else { tcp::track(&mut st.reply, &mut st.orig, &seg) };
-                if r == tcp::TRACK_OK {
+                if track_counted(st, &seg, to_backend) {
                     // A picked-up flow: the client acknowledges exactly
                     // what the backend has sent (a blind guess: 1 in 2^32).
                     promote = completes || (confirming && picked_up && pkt.tcp_flags & tcp::FLAG_ACK != 0 && reply_end == Some(pkt.ack));
-                } else if r == tcp::TRACK_OUT_OF_WINDOW {
-                    stats::count(stat::TCP_OUT_OF_WINDOW);
-                } else {
-                    stats::count(stat::TCP_INVALID);
                 }
             }
         }
@@ -208,13 +203,27 @@ fn packet_verdict(
     if promote {
         conntrack::promote(key, e);
     }
-    let v = nat_and_forward(ctx, pkt, &t, memo, backend_id, now as u64);
+    let v = nat_and_forward(ctx, pkt, &t, memo, backend_id);
     if teardown {
         let reason = if to_backend { end_reason::RST_CLIENT } else { end_reason::RST_BACKEND };
         // (A RST never promotes: `e` is still this flow's entry.)
         conntrack::remove(key, e, table, reason);
     }
     Some(v)
+}
+
+/// Tracks a segment (not a RST) of flow `st` from the client
+/// (`to_backend`) or the backend, counting what the tracking refuses;
+/// whether it was in the window (only then did it change anything).
+#[inline(always)]
+pub fn track_counted(st: &mut FlowState, seg: &Segment, to_backend: bool) -> bool {
+    let r = if to_backend { tcp::track(&mut st.orig, &mut st.reply, seg) } else { tcp::track(&mut st.reply, &mut st.orig, seg) };
+    if r == tcp::TRACK_OUT_OF_WINDOW {
+        stats::count(stat::TCP_OUT_OF_WINDOW);
+    } else if r != tcp::TRACK_OK {
+        stats::count(stat::TCP_INVALID);
+    }
+    r == tcp::TRACK_OK
 }
 
 /// DSR: the client's sequence space and what it acknowledged (the
@@ -238,8 +247,8 @@ pub fn dsr_track(st: &mut FlowState, seg: &Segment) {
 /// an XDP frame or goes to the kernel (a partial checksum is completed only
 /// in the first case: see `nat::checksum_form`).
 #[inline(always)]
-pub fn nat_and_forward(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut u32>, backend_id: u32, now: u64) -> Verdict {
-    let route = match forward::route(ctx, pkt, t, hop_memo, now) {
+pub fn nat_and_forward(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut u32>, backend_id: u32) -> Verdict {
+    let route = match forward::route(ctx, pkt, t, hop_memo) {
         Err(v) if v.stat & forward::TOO_BIG_STAT_MASK == stat::PASS_TOO_BIG => {
             if crate::too_big::answerable(ctx, pkt) {
                 // Answered by the program's top (a shallower call chain),

@@ -41,9 +41,9 @@ pub const TOO_BIG_STAT_MASK: u32 = (1 << TOO_BIG_MTU_SHIFT) - 1;
 /// `hop_memo`: where the neighbour towards a client is remembered (the
 /// flow's `hop`), when there is a flow entry to remember it in.
 #[inline(always)]
-pub fn route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut u32>, now: u64) -> Result<u32, Verdict> {
+pub fn route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut u32>) -> Result<u32, Verdict> {
     let memo = hop_memo.unwrap_or(core::ptr::null_mut());
-    match xlb_route(ctx.ctx, pkt, t, memo, now) {
+    match xlb_route(ctx.ctx, pkt, t, memo) {
         slot if slot < NEXT_HOP_SLOTS as u64 => Ok(slot as u32),
         v => Err(Verdict::from_bits(v)),
     }
@@ -54,33 +54,30 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: Option<*mut
 /// The slot index, or a pass verdict (`Verdict::to_bits`, always larger).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn xlb_route(ctx: *mut xdp_md, pkt: *const Packet, t: *const NatTuple, memo: *mut u32, now: u64) -> u64 {
+pub extern "C" fn xlb_route(ctx: *mut xdp_md, pkt: *const Packet, t: *const NatTuple, memo: *mut u32) -> u64 {
     let ctx = &XdpContext::new(ctx);
     // Global function arguments may be null as far as the verifier knows.
     // SAFETY: valid pointers from `route`, or null.
     let (Some(pkt), Some(t)) = (unsafe { pkt.as_ref() }, unsafe { t.as_ref() }) else {
         return Verdict::pass(stats::PASS_NO_ROUTE).to_bits();
     };
-    match route_inline(ctx, pkt, t, memo, now) {
+    match route_inline(ctx, pkt, t, memo) {
         Ok(slot) => slot as u64,
         Err(v) => v.to_bits(),
     }
 }
 
 #[inline(always)]
-fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32, now: u64) -> Result<u32, Verdict> {
+fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32) -> Result<u32, Verdict> {
     if pkt.vlan {
         // The egress may be another VLAN or none: the kernel's VLAN devices
         // know which tag (if any) the rewritten packet needs.
         return Err(Verdict::pass(stats::PASS_VLAN));
     }
-    let encap = t.flags & NAT_ENCAP != 0;
-    let out_len = pkt.ip_len + if encap { crate::encap::OUTER_LEN as u32 } else { 0 };
-    // Towards a backend: the slot of its address. Towards a client: the
-    // slot of its next hop once known (shared by everything behind one
-    // gateway), else of its address (right when it is on-link).
+    let out_len = out_len(pkt, t);
     let to_client = t.direction == DIR_TO_CLIENT;
-    let key = if to_client && t.hop != 0 { t.hop } else { neighbour_hash(&t.dst) };
+    let key = hop_key(t);
+    let now = hop_clock();
     let (slot, hop) = match cached(key, now) {
         Some(h) => h,
         None => {
@@ -98,6 +95,42 @@ fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32
             (slot, &*p)
         }
     };
+    usable(ctx, pkt, hop, out_len)?;
+    Ok(slot)
+}
+
+/// [`route`] when the next hop is cached and takes the packet as it is:
+/// its slot; `None` for anything else (a cache miss, too big, TTL, an
+/// interface not managed, a VLAN tag), which [`route`] then decides. Reads
+/// only: no FIB lookup, no slot or flow written.
+#[inline(always)]
+pub fn cached_route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> Option<u32> {
+    if pkt.vlan {
+        return None;
+    }
+    let (slot, hop) = cached(hop_key(t), hop_clock())?;
+    usable(ctx, pkt, hop, out_len(pkt, t)).ok()?;
+    Some(slot)
+}
+
+/// The IP length a packet leaves with (an encapsulation adds its header).
+#[inline(always)]
+fn out_len(pkt: &Packet, t: &NatTuple) -> u32 {
+    pkt.ip_len + if t.flags & NAT_ENCAP != 0 { crate::encap::OUTER_LEN as u32 } else { 0 }
+}
+
+/// The next-hop key of tuple `t`. Towards a backend: its address. Towards
+/// a client: its next hop once known (shared by everything behind one
+/// gateway), else its address (right when it is on-link).
+#[inline(always)]
+fn hop_key(t: &NatTuple) -> u32 {
+    if t.direction == DIR_TO_CLIENT && t.hop != 0 { t.hop } else { neighbour_hash(&t.dst) }
+}
+
+/// Whether next hop `hop` can take a packet of `out_len` bytes from XDP,
+/// else the pass verdict that says why not.
+#[inline(always)]
+fn usable(ctx: &XdpContext, pkt: &Packet, hop: &NextHop, out_len: u32) -> Result<(), Verdict> {
     if hop.mtu != 0 && out_len > hop.mtu as u32 {
         // The MTU usable by the packet as it came (the egress MTU less the
         // encapsulation) rides in the verdict for `too_big::answer`.
@@ -115,7 +148,15 @@ fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32
         // The kernel sends the ICMP time exceeded.
         return Err(Verdict::pass(stats::PASS_TTL));
     }
-    Ok(slot)
+    Ok(())
+}
+
+/// The clock of the next-hop slots' expiry: jiffies, read here for every
+/// path (a slot written against one clock and read against another
+/// would never expire, or always be stale).
+#[inline(always)]
+fn hop_clock() -> u64 {
+    crate::conntrack::now()
 }
 
 /// This CPU's slot for `key` and its next hop, if it holds `key`, fresh.

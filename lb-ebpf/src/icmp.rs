@@ -133,7 +133,7 @@ fn no_flow_to_vip(ctx: &XdpContext, pkt: &Packet, forwarded: &mut bool) -> Verdi
 #[inline(always)]
 fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend, forwarded: &mut bool) -> Verdict {
     let t = NatTuple { src: b.snat_addr, dst: b.addr, sport: 0, dport: 0, flags: NAT_ENCAP, direction: DIR_TO_BACKEND, mss_clamp: 0, hop: 0 };
-    let route = forward::route(ctx, pkt, &t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
+    let route = forward::route(ctx, pkt, &t, None).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
     // (Untouched, the kernel could do nothing with it: the verdict says
     // why it was not sent.)
     let slot = match route {
@@ -155,7 +155,7 @@ fn to_dsr_backend(ctx: &XdpContext, pkt: &Packet, b: &lb_common::maps::Backend, 
 fn forward(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, from_vip: bool, forwarded: &mut bool) -> Verdict {
     // (An ICMP error larger than the egress MTU is the kernel's: it may
     // fragment it.)
-    let route = forward::route(ctx, pkt, t, None, 0).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
+    let route = forward::route(ctx, pkt, t, None).map_err(|v| Verdict { stat: v.stat & forward::TOO_BIG_STAT_MASK, ..v });
     if rewrite(ctx, pkt, t, from_vip as u64) == 0 {
         return Verdict::drop(stat::DROP_ICMP_BAD_QUOTE);
     }

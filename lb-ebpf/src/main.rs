@@ -1,7 +1,12 @@
 //! xlb's XDP program: NAT load balancing on a connection table of one entry
 //! per flow.
 //!
-//! Packet path (one module per concern):
+//! Two programs: the entry (`xlb`, module `fast`) takes the packets of
+//! established flows and the host's own traffic in one BPF function; every
+//! other packet goes by a tail call to the full program (`xlb_full`),
+//! which handles anything from the top.
+//!
+//! The full program's packet path (one module per concern):
 //! parse → to a service (`client`: the flow, a new one, or none) or from a
 //! backend (`backend`: the flow found through the backend's services or its
 //! full-NAT port) → `flow` (TCP tracking, promotion, counters) → NAT
@@ -15,6 +20,7 @@ mod client;
 mod conntrack;
 mod csum;
 mod encap;
+mod fast;
 mod flow;
 mod forward;
 mod icmp;
@@ -40,8 +46,41 @@ use lb_common::{
 
 use crate::parse::{Packet, Verdict};
 
+/// The entry: parses, and takes what `fast` takes; the rest goes to
+/// `xlb_full` (a tail call: no return, the packet starts over there).
+/// (`inline(always)` reaches the body the macro wraps: one BPF function,
+/// not two.)
 #[xdp]
+#[inline(always)]
 pub fn xlb(ctx: XdpContext) -> u32 {
+    let Some(pkt) = maps::PACKET.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+    // SAFETY: this CPU's slot, used by this packet only; `parse` writes it
+    // whole before anything reads it.
+    let pkt = unsafe { &mut *pkt };
+    let v = match parse::parse(&ctx, pkt) {
+        Err(v) => v,
+        Ok(()) => match fast::packet(&ctx, pkt) {
+            Some(v) => v,
+            None => {
+                // SAFETY: a tail call with a constant index; on success it
+                // does not return.
+                unsafe { maps::FULL_PROGRAM.tail_call(&ctx, 0) };
+                // Only a data plane loaded without its full program (the
+                // loader fills the slot before anything is attached).
+                Verdict::pass(stat::PASS_NO_FULL_PROGRAM)
+            }
+        },
+    };
+    stats::count(v.stat);
+    v.action
+}
+
+/// The full program: any packet, from the top (parsed again: it trusts
+/// nothing the entry left, so a restart that pairs an older entry with
+/// this program stays correct).
+#[xdp]
+#[inline(always)]
+pub fn xlb_full(ctx: XdpContext) -> u32 {
     let Some(pkt) = maps::PACKET.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
     // SAFETY: this CPU's slot, used by this packet only; `parse_into`
     // writes it whole before anything reads it.

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     maps::{
@@ -118,9 +118,6 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map(name = "XLB_FIB_SCRATCH")]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU scratch space where a new flow is built (it would not fit the
-/// 512-byte BPF stack beside the packet's state on the deepest path). Not
-/// pinned: its contents never outlive one packet.
 /// Which (protocol, port)s may have a service or a backend endpoint: tested
 /// before those hash lookups (`lb_common::maps::PortFilter`).
 #[map(name = "XLB_PORT_FILTER")]
@@ -131,5 +128,15 @@ pub static PORT_FILTER: aya_ebpf::maps::Array<lb_common::maps::PortFilter> = aya
 #[map(name = "XLB_PACKET")]
 pub static PACKET: PerCpuArray<crate::parse::Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space where a new flow is built (it would not fit the
+/// 512-byte BPF stack beside the packet's state on the deepest path). Not
+/// pinned: its contents never outlive one packet.
 #[map(name = "XLB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: the full program (`xlb_full`), where the entry sends every
+/// packet it does not take. Filled by the loader before anything is
+/// attached; pinned, so a program left attached by a daemon that exited
+/// still has it.
+#[map(name = "XLB_FULL_PROG")]
+pub static FULL_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -80,6 +80,31 @@ pub extern "C" fn xlb_rewrite(ctx: *mut xdp_md, pkt: *const Packet, t: *const Na
     (leaving != 0 && form == CSUM_SEED_COMPLETE_ON_TX) as u64
 }
 
+/// [`rewrite`] of a packet whose checksum needs no completion (its form,
+/// [`checksum_form_before_rewrite`], is not `CSUM_SEED_COMPLETE_ON_TX`),
+/// inlined into the caller.
+#[inline(always)]
+pub fn rewrite_in_place(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) {
+    rewrite_inline(ctx, pkt, t);
+}
+
+/// The form of the packet's L4 checksum as it came (see
+/// [`checksum_form`]; not counted: the rewrite counts it).
+#[inline(always)]
+pub fn checksum_form_before_rewrite(ctx: &XdpContext, pkt: &Packet) -> u8 {
+    let check = if pkt.key.proto == PROTO_TCP {
+        // SAFETY: bounds-checked by l4_hdr.
+        l4_hdr::<TcpHdr>(ctx, pkt).map(|h| unsafe { (*h).check })
+    } else {
+        // SAFETY: as above.
+        l4_hdr::<UdpHdr>(ctx, pkt).map(|h| unsafe { (*h).check })
+    };
+    match check {
+        Some(c) => checksum_form_uncounted(ctx, pkt, u16::from_ne_bytes(c)),
+        None => CSUM_FULL,
+    }
+}
+
 /// The rewrite; returns the checksum form found (`CSUM_*`).
 #[inline(always)]
 fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> u8 {

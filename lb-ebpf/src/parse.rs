@@ -197,7 +197,7 @@ pub fn parse_into(ctx: &XdpContext, out: &mut Packet) -> u64 {
 /// Parses into `pkt` (written in place: the packet lives in a per-CPU
 /// slot, and a copy would not fit this function's stack frame).
 #[inline(always)]
-fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Verdict> {
+pub fn parse(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });

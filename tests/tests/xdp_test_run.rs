@@ -27,7 +27,7 @@ use lb_common::{
 use testbed::{
     Netns, flows, in_netns,
     netns::unique_prefix,
-    packet::{Frame, L4, TCP_ACK, TCP_PSH, TCP_SYN, checksums_valid},
+    packet::{Frame, L4, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, checksums_valid},
 };
 use xlb::{
     api::Proto,
@@ -295,6 +295,68 @@ fn replies_are_rewritten_to_the_vip_and_sequence_numbers_are_tracked() {
     old.payload = b"he".to_vec();
     assert_eq!(r.run(r.t0, &old.build()).0, XDP_REDIRECT);
     assert_eq!(r.flow((CLIENT, 40001), (VIP, 80), 6).expect("flow").state.orig.end, 5006);
+}
+
+/// Empties the entry program's tail-call slot (`XLB_FULL_PROG`): from then
+/// on, what the entry does not take itself is passed, counted.
+fn remove_full_program(r: &mut Rig) {
+    let ids = r.ctl.dataplane().program().expect("program").info().expect("info").map_ids().expect("map ids").unwrap_or_default();
+    let slots = ids
+        .into_iter()
+        .map(|id| aya::maps::MapData::from_id(id).expect("map"))
+        .find(|m| m.info().expect("map info").name_as_str() == Some(lb_common::maps::names::FULL_PROGRAM))
+        .expect("the entry uses XLB_FULL_PROG");
+    let mut slots = aya::maps::ProgramArray::try_from(aya::maps::Map::ProgramArray(slots)).expect("program array");
+    slots.clear_index(&0).expect("clearing slot 0");
+}
+
+#[test]
+fn the_entry_program_forwards_established_flows_by_itself_and_hands_the_rest_over() {
+    let mut r = rig();
+    // A connection through both programs, and one round of data each way
+    // (so both directions' next hops are cached).
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40101), (VIP, 80), TCP_SYN, 5000, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, 40101), TCP_SYN | TCP_ACK, 9000, 5001).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40101), (VIP, 80), TCP_ACK, 5001, 9001).build()).0, XDP_REDIRECT);
+    assert!(!r.flow((CLIENT, 40101), (VIP, 80), 6).expect("flow").half_open);
+    remove_full_program(&mut r);
+    let lost = r.counter(stats::PASS_NO_FULL_PROGRAM);
+
+    // The entry alone: a client's data, exactly as the full program would
+    // rewrite and track it.
+    let mut data = Frame::tcp((CLIENT, 40101), (VIP, 80), TCP_ACK | TCP_PSH, 5001, 9001);
+    data.payload = b"hello".to_vec();
+    let (verdict, out) = r.run(r.t0, &data.build());
+    assert_eq!(verdict, XDP_REDIRECT, "a client's segment of an established flow is the entry's");
+    assert_eq!(out, to_backend(data, 8080).build());
+    assert_eq!(r.flow((CLIENT, 40101), (VIP, 80), 6).expect("flow").state.orig.end, 5006);
+    // ...and the backend's answer.
+    let mut reply = Frame::tcp((BACKEND, 8080), (CLIENT, 40101), TCP_ACK | TCP_PSH, 9001, 5006);
+    reply.payload = b"world".to_vec();
+    let (verdict, out) = r.run(r.t1, &reply.build());
+    assert_eq!(verdict, XDP_REDIRECT, "a backend's segment of an established flow is the entry's");
+    assert_eq!(out, to_client(reply, VIP.into(), 80).build());
+    assert_eq!(r.flow((CLIENT, 40101), (VIP, 80), 6).expect("flow").state.reply.end, 9006);
+    // Traffic of no service: passed by the entry.
+    let other = Frame::tcp((CLIENT, 40101), (Ipv4Addr::new(10, 0, 0, 1), 22), TCP_SYN, 1, 0).build();
+    assert_eq!(r.run(r.t0, &other), (XDP_PASS, other.clone()));
+    assert_eq!(r.counter(stats::PASS_NO_FULL_PROGRAM), lost, "nothing above needed the full program");
+
+    // What only the full program does (a SYN, a RST, an unknown flow)
+    // reaches it by the tail call: without it, passed untouched, counted,
+    // and nothing is created or torn down.
+    let before = r.counts();
+    for (what, f) in [
+        ("a SYN", Frame::tcp((CLIENT, 40102), (VIP, 80), TCP_SYN, 7000, 0)),
+        ("a RST of the flow", Frame::tcp((CLIENT, 40101), (VIP, 80), TCP_RST, 5006, 0)),
+        ("a segment of no flow", Frame::tcp((CLIENT, 40103), (VIP, 80), TCP_ACK, 1, 1)),
+    ] {
+        let frame = f.build();
+        assert_eq!(r.run(r.t0, &frame), (XDP_PASS, frame.clone()), "{what}");
+    }
+    assert_eq!(r.counter(stats::PASS_NO_FULL_PROGRAM), lost + 3);
+    assert_eq!(r.counts(), before);
+    assert!(r.flow((CLIENT, 40101), (VIP, 80), 6).is_some(), "the RST never reached the tracking");
 }
 
 #[test]
@@ -878,6 +940,30 @@ fn next_hops_are_cached_for_a_second_and_then_looked_up_again() {
         (out[0..6] == [2, 0, 0, 0, 1, 0x99]).then_some(())
     });
     assert!(changed.is_ok(), "the changed neighbour was never picked up");
+}
+
+#[test]
+fn a_next_hop_expires_after_a_second_whichever_path_cached_it() {
+    let mut r = rig();
+    // The stateless SYN caches the backend's next hop; the flow's own
+    // packets use it after.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40060), (VIP, 80), TCP_SYN, 1, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, 40060), TCP_SYN | TCP_ACK, 9, 2).build()).0, XDP_REDIRECT);
+    let ack = Frame::tcp((CLIENT, 40060), (VIP, 80), TCP_ACK, 2, 10).build();
+    let (verdict, out) = r.run(r.t0, &ack);
+    assert_eq!((verdict, &out[0..6]), (XDP_REDIRECT, &BACKEND_MAC[..]));
+    r.ns.ip(&["neigh", "replace", "10.1.1.2", "lladdr", "02:00:00:00:01:99", "dev", "t1", "nud", "permanent"]).expect("neigh");
+    let changed = testbed::wait_for("the flow's packets to use the new MAC", Duration::from_secs(3), || {
+        let (_, out) = r.run(r.t0, &ack);
+        (out[0..6] == [2, 0, 0, 0, 1, 0x99]).then_some(())
+    });
+    assert!(changed.is_ok(), "a next hop cached by a SYN never expired for the flow's packets");
+    // The slot the flow's path refreshed serves the SYN path as fresh.
+    let lookups = r.counter(stats::FIB_LOOKUPS);
+    for port in 40061..40071 {
+        assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN, 1, 0).build()).0, XDP_REDIRECT);
+    }
+    assert!(r.counter(stats::FIB_LOOKUPS) - lookups <= 1, "SYNs looked the next hop up again and again");
 }
 
 // ---- IPv6 ----
@@ -1876,14 +1962,17 @@ fn an_icmp_error_about_a_dsr_flow_goes_to_its_backend_through_the_tunnel_untouch
 fn the_verifier_accepts_the_program_with_headroom() {
     use std::os::fd::{AsFd, AsRawFd};
     let mut r = rig();
-    let prog = r.ctl.dataplane().program().expect("program");
-    let fd = prog.fd().expect("fd").as_fd().as_raw_fd();
-    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
-    let verified: u64 = fdinfo.lines().find_map(|l| l.strip_prefix("verified_insns:")).and_then(|v| v.trim().parse().ok()).expect("verified_insns");
-    eprintln!("verifier processed {verified} instructions");
-    // The kernel refuses programs past 1,000,000; the goal is a quarter of
-    // that, leaving room for what is still to come (ICMP translation).
-    assert!(verified <= 250_000, "the verifier processed {verified} instructions: past the 250k goal");
+    let verified = |prog: &mut aya::programs::Xdp| -> u64 {
+        let fd = prog.fd().expect("fd").as_fd().as_raw_fd();
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+        fdinfo.lines().find_map(|l| l.strip_prefix("verified_insns:")).and_then(|v| v.trim().parse().ok()).expect("verified_insns")
+    };
+    let entry = verified(r.ctl.dataplane().program().expect("program"));
+    let full = verified(r.ctl.dataplane().full_program().expect("full program"));
+    eprintln!("verifier processed {entry} (entry) + {full} (full program) = {} instructions", entry + full);
+    // The kernel refuses a program past 1,000,000; the goal is a quarter
+    // of that for both together, leaving room for what is still to come.
+    assert!(entry + full <= 250_000, "the verifier processed {entry} + {full} instructions: past the 250k goal");
 }
 
 // ---- The DSR backends' MSS clamp (TC egress) ----

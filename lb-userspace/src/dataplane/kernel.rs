@@ -41,6 +41,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the balancing program in the object.
 pub const PROGRAM: &str = "xlb";
+/// Name of the full program: the balancing program's tail-call target for
+/// every packet its entry does not take.
+pub const FULL_PROGRAM: &str = "xlb_full";
 /// Name of the pass-only program (for veth peers in test topologies).
 pub const PASS_PROGRAM: &str = "xlb_pass";
 /// Name of the DSR backends' decapsulation program.
@@ -169,9 +172,10 @@ impl KernelDataPlane {
             loader.map_pin_path(name, path.as_path());
         }
         let loaded = loader.load(EBPF_OBJECT).map_err(DataplaneError::Load).and_then(|mut ebpf| {
-            for prog in [PROGRAM, PASS_PROGRAM, DECAP_PROGRAM, CLOCK_PROGRAM] {
+            for prog in [PROGRAM, FULL_PROGRAM, PASS_PROGRAM, DECAP_PROGRAM, CLOCK_PROGRAM] {
                 load_program(&mut ebpf, prog)?;
             }
+            install_full_program(&mut ebpf)?;
             Ok(ebpf)
         });
         let mut ebpf = match loaded {
@@ -265,6 +269,12 @@ impl KernelDataPlane {
     /// The balancing program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self) -> Result<&mut Xdp> {
         self.xdp(PROGRAM)
+    }
+
+    /// The full program (the entry's tail-call target): its size and
+    /// verifier figures, the maps it uses.
+    pub fn full_program(&mut self) -> Result<&mut Xdp> {
+        self.xdp(FULL_PROGRAM)
     }
 
     /// The pass-only program (benchmark calibration).
@@ -971,6 +981,24 @@ fn load_program<'a>(ebpf: &'a mut Ebpf, prog: &'static str) -> Result<&'a mut Xd
     })?;
     load_retrying(p).map_err(|cause| DataplaneError::Program { op: "verifying and loading", prog, cause })?;
     Ok(p)
+}
+
+/// Puts the full program into the entry's tail-call slot, before anything
+/// is attached (without it the entry would pass every packet it does not
+/// take). A slot restored from a pin is overwritten: the full program
+/// parses each packet again, so an entry of the previous build still
+/// attached meanwhile hands it over correctly.
+fn install_full_program(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &Xdp = ebpf.program(FULL_PROGRAM).ok_or(DataplaneError::MissingProgram(FULL_PROGRAM))?.try_into().map_err(|cause| DataplaneError::Program {
+        op: "finding",
+        prog: FULL_PROGRAM,
+        cause,
+    })?;
+    let fd =
+        prog.fd().and_then(|fd| fd.try_clone().map_err(Into::into)).map_err(|cause| DataplaneError::Program { op: "opening", prog: FULL_PROGRAM, cause })?;
+    let map = ebpf.map_mut(names::FULL_PROGRAM).ok_or(DataplaneError::MissingMap(names::FULL_PROGRAM))?;
+    let mut slots = aya::maps::ProgramArray::try_from(map).map_err(|cause| DataplaneError::Map { op: "opening", map: names::FULL_PROGRAM, cause })?;
+    slots.set(0, &fd, 0).map_err(|cause| DataplaneError::Map { op: "installing the full program in", map: names::FULL_PROGRAM, cause })
 }
 
 /// Takes every map the controller uses out of the loaded object.

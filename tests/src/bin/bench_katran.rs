@@ -396,7 +396,7 @@ impl<'c> Bench<'c> {
                 json!({ "id": i.id(), "xlated_bytes": xlated, "xlated_insns": xlated / 8, "jited_bytes": i.size_jitted(), "verified_insns": i.verified_instruction_count() }),
             )
         };
-        let mut v = json!({ "xlb": info(self.xlb.program()?)?, "floor": info(self.xlb.floor()?)? });
+        let mut v = json!({ "xlb": info(self.xlb.program()?)?, "xlb_full": info(self.xlb.full_program()?)?, "floor": info(self.xlb.floor()?)? });
         if let Some(k) = &self.katran {
             v["katran"] = info(k.k.program()?)?;
         }
@@ -864,7 +864,12 @@ impl<'c> Bench<'c> {
         s.push_str(
             "\nprograms (bpf_prog_info; verifier-processed instructions from the kernel)\n\n| program | xlated | JIT | verified insns |\n|---|---|---|---|\n",
         );
-        for (who, key) in [("Katran balancer_ingress", "katran"), ("xlb", "xlb"), ("floor (xlb_pass)", "floor")] {
+        for (who, key) in [
+            ("Katran balancer_ingress", "katran"),
+            ("xlb (entry: established flows, the host's traffic)", "xlb"),
+            ("xlb_full (the entry's tail call: everything else)", "xlb_full"),
+            ("floor (xlb_pass)", "floor"),
+        ] {
             let p = &self.programs[key];
             if p.is_null() {
                 continue;

@@ -98,7 +98,8 @@ pub fn load(t0: u32, t1: u32) -> anyhow::Result<Xlb> {
         }
     }
     let (conns, half_open) = {
-        let prog = ctl.dataplane().program().context("xlb's program")?;
+        // (The full program uses every map; the entry only the established path's.)
+        let prog = ctl.dataplane().full_program().context("xlb's full program")?;
         let ids = prog.info().context("xlb's program info")?.map_ids().context("xlb's map ids")?.unwrap_or_default();
         let (mut conns, mut half_open) = (None, None);
         for id in ids {
@@ -159,6 +160,12 @@ pub struct Memory {
 impl Xlb {
     pub fn program(&mut self) -> anyhow::Result<&Xdp> {
         Ok(self.ctl.dataplane().program().context("xlb's program")?)
+    }
+
+    /// `xlb_full`, the entry's tail-call target (sizes only: never timed
+    /// alone, it is what the entry hands over).
+    pub fn full_program(&mut self) -> anyhow::Result<&Xdp> {
+        Ok(self.ctl.dataplane().full_program().context("xlb's full program")?)
     }
 
     /// `xlb_pass` (returns XDP_PASS): the floor, timed like the others.

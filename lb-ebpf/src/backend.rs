@@ -103,7 +103,7 @@ fn lookup(key: &FlowKey, synack: bool) -> Option<(*mut FlowState, Table)> {
 /// Whether full-NAT flow `st` holds `port` towards this endpoint (as one of
 /// its services' backends).
 #[inline(always)]
-fn holds_here(st: &FlowState, ep: &EndpointEntry, port: u16) -> bool {
+pub fn holds_here(st: &FlowState, ep: &EndpointEntry, port: u16) -> bool {
     for i in 0..MAX_SERVICES_PER_ENDPOINT {
         if i as u32 >= ep.count {
             break;

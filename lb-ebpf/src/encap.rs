@@ -29,6 +29,20 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, leaving: bool) -> Resu
         return Err(stats::PASS_NO_ENCAP);
     }
     let form = if leaving { inner_checksum_form(ctx, pkt) } else { CSUM_FULL };
+    outer_header(ctx, pkt, t)?;
+    if form == CSUM_SEED_COMPLETE_ON_TX && !crate::csum::complete(ctx, pkt, OUTER_LEN) {
+        return Err(stats::PASS_CSUM_TOO_LONG);
+    }
+    Ok(())
+}
+
+/// [`ipip`]'s encapsulation alone, for an IPv4 packet whose checksum needs
+/// no completion (the entry program's: no call to the completion).
+#[inline(always)]
+pub fn outer_header(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> Result<(), u32> {
+    if pkt.v6 || pkt.vlan {
+        return Err(stats::PASS_NO_ENCAP);
+    }
     // SAFETY: plain helper call; every packet pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
         return Err(stats::PASS_NO_ENCAP);
@@ -59,9 +73,6 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, leaving: bool) -> Resu
         }
         let c = !csum::fold(sum);
         o[10..12].copy_from_slice(&c.to_ne_bytes());
-    }
-    if form == CSUM_SEED_COMPLETE_ON_TX && !crate::csum::complete(ctx, pkt, OUTER_LEN) {
-        return Err(stats::PASS_CSUM_TOO_LONG);
     }
     Ok(())
 }

@@ -13,11 +13,12 @@
 //! Handled here, exactly as the full program would (the same functions):
 //! - traffic to no service's port and from no backend's port: passed;
 //! - a client's packet (not a SYN, not a RST) of a live established flow
-//!   that is not DSR, whose backend is up, whose next hop is cached and
-//!   usable, and whose checksum needs no completion: tracked, counted,
-//!   rewritten and sent;
-//! - a backend's packet (not a SYN, not a RST) of such a DNAT flow of the
-//!   endpoint's first service.
+//!   (DNAT, full NAT, DSR over IPv4) whose backend is up, whose next hop
+//!   is cached and usable, and whose checksum needs no completion:
+//!   tracked, counted, rewritten (or encapsulated) and sent;
+//! - a backend's packet (not a SYN, not a RST) of such a flow, found where
+//!   `backend::find` finds it first: through its full-NAT port, or as a
+//!   DNAT flow of the endpoint's first service.
 //!
 //! Anything else is decided before the first write (a flow's entry, a
 //! counter, the packet), so the full program sees the packet and the state
@@ -26,13 +27,16 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    maps::{CSUM_SEED_COMPLETE_ON_TX, EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, FLOW_DSR, FlowKey, FlowState, PROTO_TCP, SVC_F_FULLNAT, backend_is_gone},
+    maps::{
+        CSUM_SEED_COMPLETE_ON_TX, EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, FLOW_DSR, FlowKey, FlowState, NAT_ENCAP, PROTO_TCP, SVC_F_FULLNAT,
+        backend_is_gone,
+    },
     stats as stat, tcp,
 };
 
 use crate::{
-    conntrack, flow, forward,
-    maps::{BACKENDS, CONNS, ENDPOINTS, PORT_FILTER},
+    backend, conntrack, encap, flow, forward,
+    maps::{BACKENDS, CONNS, ENDPOINTS, PORT_FILTER, PORTS},
     nat,
     parse::{Packet, Verdict},
     stats,
@@ -65,8 +69,9 @@ fn to_service(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
     established(ctx, pkt, e, true)
 }
 
-/// A packet from a backend's port: a DNAT flow of the endpoint's first
-/// service, found where `backend::find` finds it first.
+/// A packet from a backend's port: the flow `backend::find` finds first,
+/// when it is in the connection table (its full-NAT port's holder, or a
+/// DNAT flow of the endpoint's first service).
 #[inline(always)]
 fn from_backend(ctx: &XdpContext, pkt: &mut Packet) -> Option<Verdict> {
     if !ordinary_segment(pkt) {
@@ -79,9 +84,20 @@ fn from_backend(ctx: &XdpContext, pkt: &mut Packet) -> Option<Verdict> {
         // What the full program would conclude: the host's own traffic.
         return Some(Verdict::pass(stat::PASS_NOT_SERVICE));
     };
-    // (With a full-NAT service the port table comes first: the full
-    // program's.)
-    if ep.any_fullnat != 0 || ep.count == 0 {
+    if ep.any_fullnat != 0 {
+        // The port's holder first, as `backend::find`; anything else there
+        // (no holder, a half-open one, a port moved on) is the full
+        // program's.
+        // SAFETY: read-only use of a map value; the key is copied out.
+        pkt.flow_key = unsafe { PORTS.get(&pkt.key) }?.flow;
+        let e = CONNS.get_ptr_mut(&pkt.flow_key)?;
+        // SAFETY: map value pointer from the kernel.
+        if !backend::holds_here(unsafe { &*e }, ep, pkt.key.dst_port) {
+            return None;
+        }
+        return established(ctx, pkt, e, false);
+    }
+    if ep.count == 0 {
         return None;
     }
     let s = ep.services.first()?;
@@ -111,7 +127,9 @@ fn ordinary_segment(pkt: &Packet) -> bool {
 fn established(ctx: &XdpContext, pkt: &Packet, e: *mut FlowState, to_backend: bool) -> Option<Verdict> {
     // SAFETY: map value pointer from the kernel; nothing removes it here.
     let st = unsafe { &mut *e };
-    if tcp::is_closed(st.orig.state, st.reply.state) || st.flags & FLOW_DSR != 0 {
+    let dsr = st.flags & FLOW_DSR != 0;
+    // (DSR: only the client's packets pass the balancer, IPv4 only.)
+    if tcp::is_closed(st.orig.state, st.reply.state) || dsr && (!to_backend || pkt.v6) {
         return None;
     }
     let b = BACKENDS.get(st.backend_id as u32)?;
@@ -126,10 +144,20 @@ fn established(ctx: &XdpContext, pkt: &Packet, e: *mut FlowState, to_backend: bo
     }
     // Decided: from here on, the packet is this program's.
     if pkt.key.proto == PROTO_TCP {
-        flow::track_counted(st, &flow::segment(pkt), to_backend);
+        if dsr {
+            flow::dsr_track(st, &flow::segment(pkt));
+        } else {
+            flow::track_counted(st, &flow::segment(pkt), to_backend);
+        }
     }
     conntrack::touch(st, to_backend, pkt.ip_len, conntrack::now() as u32);
     stats::count_traffic(st.backend_id as u32, to_backend, pkt.ip_len as u64);
-    nat::rewrite_in_place(ctx, pkt, &t);
+    if t.flags & NAT_ENCAP != 0 {
+        if let Err(stat) = encap::outer_header(ctx, pkt, &t) {
+            return Some(Verdict::pass(stat));
+        }
+    } else {
+        nat::rewrite_in_place(ctx, pkt, &t);
+    }
     Some(forward::send(ctx, pkt, slot))
 }

@@ -1312,22 +1312,8 @@ fn dsr_encapsulates_the_untouched_packet_and_the_backend_side_strips_it() {
     let input = syn.build();
     let (verdict, out) = r.run(r.t0, &input);
     assert_eq!(verdict, XDP_REDIRECT);
-    // Expected: new MACs, an outer IPv4 header (TTL 64 - 1 hop, DF, IPIP)
-    // from the balancer to the backend, then the client's packet as sent.
     let inner = &input[14..];
-    let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 63, 4, 0, 0];
-    outer[2..4].copy_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
-    outer.extend_from_slice(&SNAT.octets());
-    outer.extend_from_slice(&BACKEND.octets());
-    let c = lb_common::csum::checksum(&outer);
-    outer[10..12].copy_from_slice(&c.to_ne_bytes());
-    let mut want = Vec::new();
-    want.extend_from_slice(&BACKEND_MAC);
-    want.extend_from_slice(&T1_MAC);
-    want.extend_from_slice(&0x0800u16.to_be_bytes());
-    want.extend_from_slice(&outer);
-    want.extend_from_slice(inner);
-    assert_eq!(out, want, "encapsulated frame differs");
+    assert_eq!(out, encapsulated(&input), "encapsulated frame differs");
     assert_eq!(r.flow_count(), 0, "a DSR SYN is scheduled without state");
     // The backend side: the outer header goes, the client's packet stays.
     let (verdict, back) = r.run_decap(&out);
@@ -1345,6 +1331,72 @@ fn dsr_encapsulates_the_untouched_packet_and_the_backend_side_strips_it() {
     let f = r.flow((CLIENT, 40500), (VIP, 85), 6).expect("flow");
     assert_eq!(f.state.flags & FLOW_DSR, FLOW_DSR);
     assert_eq!((f.state.orig.end, f.state.reply.end), (1004, 77), "the client's sequence and what it acknowledged");
+}
+
+/// What the balancer sends a backend for a DSR client frame `input`: new
+/// MACs, an outer IPv4 header (TTL 64 - 1 hop, DF, IPIP) from the
+/// balancer to the backend, then the client's packet as sent.
+fn encapsulated(input: &[u8]) -> Vec<u8> {
+    let inner = &input[14..];
+    let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 63, 4, 0, 0];
+    outer[2..4].copy_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
+    outer.extend_from_slice(&SNAT.octets());
+    outer.extend_from_slice(&BACKEND.octets());
+    let c = lb_common::csum::checksum(&outer);
+    outer[10..12].copy_from_slice(&c.to_ne_bytes());
+    let mut want = Vec::new();
+    want.extend_from_slice(&BACKEND_MAC);
+    want.extend_from_slice(&T1_MAC);
+    want.extend_from_slice(&0x0800u16.to_be_bytes());
+    want.extend_from_slice(&outer);
+    want.extend_from_slice(inner);
+    want
+}
+
+#[test]
+fn the_entry_program_forwards_full_nat_and_dsr_flows_by_itself() {
+    let mut r = rig();
+    // A full-NAT connection (client 40250 → VIP:84, held port P) and a DSR
+    // one (client 40550 → VIP:85), both established through both programs.
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40250), (VIP, 84), TCP_SYN, 1000, 0).build()).0, XDP_REDIRECT);
+    let port = u16::from_be_bytes(r.flow((CLIENT, 40250), (VIP, 84), 6).expect("full-NAT flow").state.snat_port.to_ne_bytes());
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8084), (SNAT, port), TCP_SYN | TCP_ACK, 9000, 1001).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40250), (VIP, 84), TCP_ACK, 1001, 9001).build()).0, XDP_REDIRECT);
+    assert!(!r.flow((CLIENT, 40250), (VIP, 84), 6).expect("full-NAT flow").half_open);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40550), (VIP, 85), TCP_SYN, 1000, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40550), (VIP, 85), TCP_ACK, 1001, 77).build()).0, XDP_REDIRECT);
+    remove_full_program(&mut r);
+
+    // Full NAT, the client's data: both ends rewritten.
+    let mut data = Frame::tcp((CLIENT, 40250), (VIP, 84), TCP_ACK | TCP_PSH, 1001, 9001);
+    data.payload = b"hello".to_vec();
+    let (verdict, out) = r.run(r.t0, &data.build());
+    let mut want = to_backend(data, 8084);
+    want.src = SNAT.into();
+    if let L4::Tcp { sport, .. } = &mut want.l4 {
+        *sport = port;
+    }
+    assert_eq!((verdict, out), (XDP_REDIRECT, want.build()), "full NAT, client → backend");
+    // The backend's answer to the held port, back from the VIP.
+    let mut reply = Frame::tcp((BACKEND, 8084), (SNAT, port), TCP_ACK | TCP_PSH, 9001, 1006);
+    reply.payload = b"world".to_vec();
+    let (verdict, out) = r.run(r.t1, &reply.build());
+    let mut want = to_client(reply, VIP.into(), 84);
+    want.dst = CLIENT.into();
+    if let L4::Tcp { dport, .. } = &mut want.l4 {
+        *dport = 40250;
+    }
+    assert_eq!((verdict, out), (XDP_REDIRECT, want.build()), "full NAT, backend → client");
+    let f = r.flow((CLIENT, 40250), (VIP, 84), 6).expect("full-NAT flow");
+    assert_eq!((f.state.orig.end, f.state.reply.end), (1006, 9006), "tracked both ways");
+
+    // DSR, the client's data: encapsulated, tracked.
+    let mut data = Frame::tcp((CLIENT, 40550), (VIP, 85), TCP_ACK | TCP_PSH, 1001, 77);
+    data.payload = b"dsr data".to_vec();
+    let input = data.build();
+    assert_eq!(r.run(r.t0, &input), (XDP_REDIRECT, encapsulated(&input)), "DSR, client → backend");
+    assert_eq!(r.flow((CLIENT, 40550), (VIP, 85), 6).expect("DSR flow").state.orig.end, 1009);
+    assert_eq!(r.counter(stats::PASS_NO_FULL_PROGRAM), 0, "none of it needed the full program");
 }
 
 #[test]

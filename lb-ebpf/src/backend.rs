@@ -69,7 +69,7 @@ fn find_in(pkt: &mut Packet, ep: &EndpointEntry) -> Option<(*mut FlowState, Tabl
         if s.flags & SVC_F_FULLNAT != 0 {
             continue;
         }
-        pkt.flow_key = FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto);
+        pkt.flow_key = dnat_flow_key(pkt, s);
         if let Some((e, table)) = lookup(&pkt.flow_key, synack) {
             // SAFETY: map value pointer from the kernel.
             if unsafe { (*e).backend_id } == s.backend_id {
@@ -78,6 +78,13 @@ fn find_in(pkt: &mut Packet, ep: &EndpointEntry) -> Option<(*mut FlowState, Tabl
         }
     }
     None
+}
+
+/// The key of the DNAT flow a backend's packet belongs to through service
+/// `s` of its endpoint: the client is the packet's destination.
+#[inline(always)]
+pub fn dnat_flow_key(pkt: &Packet, s: &EndpointService) -> FlowKey {
+    FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto)
 }
 
 /// A flow by key: a SYN-ACK looks in the half-open table first.
@@ -141,7 +148,7 @@ fn no_flow_verdict(ctx: &XdpContext, pkt: &Packet, ep: &EndpointEntry, now: u32)
     if backend_is_gone(b.state) {
         return refuse(ctx, pkt);
     }
-    let key = FlowKey::new(pkt.key.dst_addr, s.vip, pkt.key.dst_port, s.vip_port, pkt.key.proto);
+    let key = dnat_flow_key(pkt, s);
     let flags = pkt.tcp_flags;
     if is_tcp && flags & (tcp::FLAG_RST | tcp::FLAG_FIN) != 0 && flags & tcp::FLAG_SYN == 0 {
         // The end of a flow already gone: told to the client, nothing made.

@@ -6,12 +6,12 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     csum,
-    maps::{CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, NatTuple, PROTO_TCP},
+    maps::{CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, NatTuple},
     stats,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::parse::{Packet, l4_hdr, ptr_at};
+use crate::parse::{Packet, ptr_at};
 
 const IPPROTO_IPIP: u8 = 4;
 /// Bytes the outer header adds in front of the client's packet.
@@ -28,7 +28,7 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, leaving: bool) -> Resu
     if pkt.v6 || pkt.vlan {
         return Err(stats::PASS_NO_ENCAP);
     }
-    let form = if leaving { inner_checksum_form(ctx, pkt) } else { CSUM_FULL };
+    let form = if leaving { crate::nat::l4_checksum_form(ctx, pkt, true) } else { CSUM_FULL };
     outer_header(ctx, pkt, t)?;
     if form == CSUM_SEED_COMPLETE_ON_TX && !crate::csum::complete(ctx, pkt, OUTER_LEN) {
         return Err(stats::PASS_CSUM_TOO_LONG);
@@ -75,19 +75,6 @@ pub fn outer_header(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> Result<(), 
         o[10..12].copy_from_slice(&c.to_ne_bytes());
     }
     Ok(())
-}
-
-/// The checksum form of the client's segment (see `nat::checksum_form`).
-#[inline(always)]
-fn inner_checksum_form(ctx: &XdpContext, pkt: &Packet) -> u8 {
-    let check = if pkt.key.proto == PROTO_TCP {
-        // SAFETY: bounds-checked by l4_hdr.
-        l4_hdr::<TcpHdr>(ctx, pkt).map(|t| unsafe { (*t).check })
-    } else {
-        // SAFETY: bounds-checked by l4_hdr.
-        l4_hdr::<UdpHdr>(ctx, pkt).map(|u| unsafe { (*u).check })
-    };
-    check.map_or(CSUM_FULL, |c| crate::nat::checksum_form(ctx, pkt, u16::from_ne_bytes(c)))
 }
 
 /// The backend side (`xlb_decap`, attached by `xlb backend-setup`): an

@@ -28,7 +28,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     maps::{
-        CSUM_SEED_COMPLETE_ON_TX, EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, FLOW_DSR, FlowKey, FlowState, NAT_ENCAP, PROTO_TCP, SVC_F_FULLNAT,
+        CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, EndpointKey, FILTER_ENDPOINT, FILTER_SERVICE, FLOW_DSR, FlowState, NAT_ENCAP, PROTO_TCP, SVC_F_FULLNAT,
         backend_is_gone,
     },
     stats as stat, tcp,
@@ -104,7 +104,7 @@ fn from_backend(ctx: &XdpContext, pkt: &mut Packet) -> Option<Verdict> {
     if s.flags & SVC_F_FULLNAT != 0 {
         return None;
     }
-    pkt.flow_key = FlowKey::new(k.dst_addr, s.vip, k.dst_port, s.vip_port, k.proto);
+    pkt.flow_key = backend::dnat_flow_key(pkt, s);
     let e = CONNS.get_ptr_mut(&pkt.flow_key)?;
     // SAFETY: map value pointer from the kernel.
     if unsafe { (*e).backend_id } != s.backend_id {
@@ -138,11 +138,15 @@ fn established(ctx: &XdpContext, pkt: &Packet, e: *mut FlowState, to_backend: bo
     }
     let key = if to_backend { &pkt.key } else { &pkt.flow_key };
     let t = flow::tuple(key, st, b, to_backend);
-    let slot = forward::cached_route(ctx, pkt, &t)?;
-    if nat::checksum_form_before_rewrite(ctx, pkt) == CSUM_SEED_COMPLETE_ON_TX {
+    let hop = forward::cached_route(ctx, pkt, &t)?;
+    let form = nat::l4_checksum_form(ctx, pkt, false);
+    if form == CSUM_SEED_COMPLETE_ON_TX {
         return None;
     }
     // Decided: from here on, the packet is this program's.
+    if form != CSUM_FULL {
+        stats::count(stat::CSUM_PARTIAL);
+    }
     if pkt.key.proto == PROTO_TCP {
         if dsr {
             flow::dsr_track(st, &flow::segment(pkt));
@@ -157,7 +161,7 @@ fn established(ctx: &XdpContext, pkt: &Packet, e: *mut FlowState, to_backend: bo
             return Some(Verdict::pass(stat));
         }
     } else {
-        nat::rewrite_in_place(ctx, pkt, &t);
+        nat::rewrite_in_place(ctx, pkt, &t, form);
     }
-    Some(forward::send(ctx, pkt, slot))
+    Some(forward::send_to(ctx, pkt, hop))
 }

@@ -104,13 +104,13 @@ fn route_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, hop_memo: *mut u32
 /// interface not managed, a VLAN tag), which [`route`] then decides. Reads
 /// only: no FIB lookup, no slot or flow written.
 #[inline(always)]
-pub fn cached_route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> Option<u32> {
+pub fn cached_route(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> Option<&'static NextHop> {
     if pkt.vlan {
         return None;
     }
-    let (slot, hop) = cached(hop_key(t), hop_clock())?;
+    let (_, hop) = cached(hop_key(t), hop_clock())?;
     usable(ctx, pkt, hop, out_len(pkt, t)).ok()?;
-    Some(slot)
+    Some(hop)
 }
 
 /// The IP length a packet leaves with (an encapsulation adds its header).
@@ -176,7 +176,12 @@ fn cached(key: u32, now: u64) -> Option<(u32, &'static NextHop)> {
 pub fn send(ctx: &XdpContext, pkt: &Packet, slot: u32) -> Verdict {
     let Some(hop) = NEXT_HOP.get_ptr(slot) else { return Verdict::drop(stats::DROP_MALFORMED) };
     // SAFETY: this CPU's slot, filled by `route` for this packet.
-    let hop = unsafe { &*hop };
+    send_to(ctx, pkt, unsafe { &*hop })
+}
+
+/// [`send`] by next hop `hop` (this CPU's slot, read for this packet).
+#[inline(always)]
+pub fn send_to(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
     nat::decrement_ttl(ctx, pkt);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Verdict::drop(stats::DROP_MALFORMED) };
     // SAFETY: bounds-checked just above.

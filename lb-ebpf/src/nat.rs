@@ -76,22 +76,21 @@ pub extern "C" fn xlb_rewrite(ctx: *mut xdp_md, pkt: *const Packet, t: *const Na
     // Global function arguments may be null as far as the verifier knows.
     // SAFETY: valid pointers from the callers (`rewrite`), or null.
     let (Some(pkt), Some(t)) = (unsafe { pkt.as_ref() }, unsafe { t.as_ref() }) else { return 0 };
-    let form = rewrite_inline(ctx, pkt, t);
+    let form = rewrite_inline(ctx, pkt, t, None);
     (leaving != 0 && form == CSUM_SEED_COMPLETE_ON_TX) as u64
 }
 
-/// [`rewrite`] of a packet whose checksum needs no completion (its form,
-/// [`checksum_form_before_rewrite`], is not `CSUM_SEED_COMPLETE_ON_TX`),
-/// inlined into the caller.
+/// [`rewrite`] of a packet whose checksum form the caller found (and
+/// counted: [`l4_checksum_form`]), not `CSUM_SEED_COMPLETE_ON_TX` (nothing
+/// to complete), inlined into the caller.
 #[inline(always)]
-pub fn rewrite_in_place(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) {
-    rewrite_inline(ctx, pkt, t);
+pub fn rewrite_in_place(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, form: u8) {
+    rewrite_inline(ctx, pkt, t, Some(form));
 }
 
-/// The form of the packet's L4 checksum as it came (see
-/// [`checksum_form`]; not counted: the rewrite counts it).
+/// The L4 checksum field of a parsed TCP/UDP packet as it is now.
 #[inline(always)]
-pub fn checksum_form_before_rewrite(ctx: &XdpContext, pkt: &Packet) -> u8 {
+fn l4_checksum_field(ctx: &XdpContext, pkt: &Packet) -> Option<u16> {
     let check = if pkt.key.proto == PROTO_TCP {
         // SAFETY: bounds-checked by l4_hdr.
         l4_hdr::<TcpHdr>(ctx, pkt).map(|h| unsafe { (*h).check })
@@ -99,15 +98,24 @@ pub fn checksum_form_before_rewrite(ctx: &XdpContext, pkt: &Packet) -> u8 {
         // SAFETY: as above.
         l4_hdr::<UdpHdr>(ctx, pkt).map(|h| unsafe { (*h).check })
     };
-    match check {
-        Some(c) => checksum_form_uncounted(ctx, pkt, u16::from_ne_bytes(c)),
+    check.map(u16::from_ne_bytes)
+}
+
+/// The form of the packet's L4 checksum as it came (see
+/// [`checksum_form`]), counted when `counted`.
+#[inline(always)]
+pub fn l4_checksum_form(ctx: &XdpContext, pkt: &Packet, counted: bool) -> u8 {
+    match l4_checksum_field(ctx, pkt) {
+        Some(c) if counted => checksum_form(ctx, pkt, c),
+        Some(c) => checksum_form_uncounted(ctx, pkt, c),
         None => CSUM_FULL,
     }
 }
 
-/// The rewrite; returns the checksum form found (`CSUM_*`).
+/// The rewrite; returns the checksum form (`CSUM_*`): `known`, or found
+/// (and counted) here.
 #[inline(always)]
-fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> u8 {
+fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, known: Option<u8>) -> u8 {
     let src = t.flags & NAT_SRC != 0;
     let dst = t.flags & NAT_DST != 0;
     let form;
@@ -116,14 +124,14 @@ fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> u8 {
         // SAFETY: bounds-checked just above.
         let tcp = unsafe { &mut *tcp };
         let old = u16::from_ne_bytes(tcp.check);
-        form = checksum_form(ctx, pkt, old);
+        form = known.unwrap_or_else(|| checksum_form(ctx, pkt, old));
         tcp.check = l4_check(pkt, t, form == CSUM_FULL, old, &mut tcp.source, &mut tcp.dest).to_ne_bytes();
     } else {
         let Some(udp) = l4_hdr::<UdpHdr>(ctx, pkt) else { return CSUM_FULL };
         // SAFETY: bounds-checked just above.
         let udp = unsafe { &mut *udp };
         let old = u16::from_ne_bytes(udp.check);
-        form = checksum_form(ctx, pkt, old);
+        form = known.unwrap_or_else(|| checksum_form(ctx, pkt, old));
         let c = l4_check(pkt, t, form == CSUM_FULL, old, &mut udp.src, &mut udp.dst);
         udp.check = if form == CSUM_FULL { csum::udp_fixup(old, c) } else { c }.to_ne_bytes();
     }

@@ -1996,15 +1996,7 @@ fn an_icmp_error_about_a_dsr_flow_goes_to_its_backend_through_the_tunnel_untouch
         let err = icmp4_error(ROUTER, VIP, 64, 3, 4, &sent, 48);
         let (verdict, out) = r.run(r.t0, &eth(CLIENT_MAC, T0_MAC, false, &err));
         assert_eq!(verdict, XDP_REDIRECT, "{what}");
-        let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 63, 4, 0, 0];
-        outer[2..4].copy_from_slice(&((20 + err.len()) as u16).to_be_bytes());
-        outer.extend_from_slice(&SNAT.octets());
-        outer.extend_from_slice(&BACKEND.octets());
-        let c = lb_common::csum::checksum(&outer);
-        outer[10..12].copy_from_slice(&c.to_ne_bytes());
-        let mut l3 = outer;
-        l3.extend_from_slice(&err);
-        assert_eq!(out, eth(T1_MAC, BACKEND_MAC, false, &l3), "{what}: the error itself, inside IPIP");
+        assert_eq!(out, encapsulated(&eth(CLIENT_MAC, T0_MAC, false, &err)), "{what}: the error itself, inside IPIP");
     }
     assert_eq!(r.counter(stats::ICMP_TO_BACKEND), 2);
     assert_eq!(r.counts(), (1, 0), "nothing created");

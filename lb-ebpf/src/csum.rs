@@ -16,6 +16,16 @@ pub const MAX_SEGMENT: usize = 4096;
 const MAX_OFF: usize = 0x1fff;
 /// `bpf_csum_diff` sums at most 512 bytes per call.
 const CHUNK: usize = 512;
+/// Largest offset of a segment summed here (behind up to 512 bytes of
+/// headers and a DSR outer header).
+const MAX_SEGMENT_OFF: usize = 512 + 20;
+
+/// Whether [`complete`] can sum the segment of `pkt` at `pkt.l4_off +
+/// shift`: for a caller that decides before it writes anything.
+#[inline(always)]
+pub fn summable(pkt: &Packet, shift: usize) -> bool {
+    pkt.l4_len as usize <= MAX_SEGMENT && pkt.l4_off + shift <= MAX_SEGMENT_OFF
+}
 
 /// Writes the full checksum of the frame's L4 segment, now at
 /// `pkt.l4_off + shift` (DSR moves it behind an outer header), into its
@@ -49,7 +59,7 @@ pub fn complete(ctx: &XdpContext, pkt: &Packet, shift: usize) -> bool {
 #[inline(never)]
 pub extern "C" fn xlb_segment_sum(ctx: *mut xdp_md, off: u64, len: u64) -> u64 {
     let ctx = &XdpContext::new(ctx);
-    if len > MAX_SEGMENT as u64 || off > 512 + 20 {
+    if len > MAX_SEGMENT as u64 || off > MAX_SEGMENT_OFF as u64 {
         return u64::MAX;
     }
     let mut sum: u64 = 0;
@@ -67,19 +77,24 @@ pub extern "C" fn xlb_segment_sum(ctx: *mut xdp_md, off: u64, len: u64) -> u64 {
     // Each loop exit leaves precise, different offsets: widened, the
     // states that follow are one for the verifier (checked once, not once
     // per exit).
-    let (mut off, mut rem) = (widen(off, MAX_OFF), widen(rem, CHUNK - 1));
-    // The rest, below 512 bytes, a word pair at a time.
-    for _ in 0..CHUNK / 4 {
-        if rem < 4 {
-            break;
-        }
-        let Some(p) = ptr_at_upto::<[u8; 4], MAX_OFF>(ctx, off) else { return u64::MAX };
-        // SAFETY: bounds-checked just above.
-        let w = unsafe { *p };
-        sum += u16::from_ne_bytes([w[0], w[1]]) as u64 + u16::from_ne_bytes([w[2], w[3]]) as u64;
-        off += 4;
-        rem -= 4;
-    }
+    let (off, rem) = (widen(off, MAX_OFF), widen(rem, CHUNK - 1));
+    // The rest, below 512 bytes: one chunk per bit of its length down to
+    // 4 (seven branches for the verifier, where a word loop was 128
+    // iterations of it).
+    let Some((off, s)) = tail_chunk::<256>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
+    let Some((off, s)) = tail_chunk::<128>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
+    let Some((off, s)) = tail_chunk::<64>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
+    let Some((off, s)) = tail_chunk::<32>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
+    let Some((off, s)) = tail_chunk::<16>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
+    let Some((off, s)) = tail_chunk::<8>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
+    let Some((off, s)) = tail_chunk::<4>(ctx, off, rem) else { return u64::MAX };
+    sum += s;
     let (mut off, rem) = (widen(off, MAX_OFF), widen(rem, 3));
     if rem & 2 != 0 {
         let Some(p) = ptr_at_upto::<[u8; 2], MAX_OFF>(ctx, off) else { return u64::MAX };
@@ -96,8 +111,12 @@ pub extern "C" fn xlb_segment_sum(ctx: *mut xdp_md, off: u64, len: u64) -> u64 {
         // SAFETY: bounds-checked just above.
         sum += u16::from_ne_bytes([unsafe { (*p)[1] }, 0]) as u64;
     }
-    // Folded to 32 bits (far below 2^40 before: one fold suffices).
-    (sum & 0xffff_ffff) + (sum >> 32)
+    // Folded to 32 bits. A chunk's sum is at most 32 bits (this kernel
+    // folds it to 16; older ones on x86 do not), so the total is below
+    // 2^37: one fold leaves at most 2^32 + 31, which the caller would read
+    // as "cannot sum"; the second fits.
+    let once = (sum & 0xffff_ffff) + (sum >> 32);
+    (once & 0xffff_ffff) + (once >> 32)
 }
 
 /// `x & mask`, read back so the compiler cannot drop the mask: the
@@ -107,6 +126,17 @@ pub extern "C" fn xlb_segment_sum(ctx: *mut xdp_md, off: u64, len: u64) -> u64 {
 fn widen(x: usize, mask: usize) -> usize {
     // SAFETY: a plain read of a local.
     unsafe { core::ptr::read_volatile(&x) & mask }
+}
+
+/// The chunk of `N` bytes at `off` when `rem` has bit `N` set (else
+/// nothing summed): the offset after it, widened, and its sum.
+#[inline(always)]
+fn tail_chunk<const N: usize>(ctx: &XdpContext, off: usize, rem: usize) -> Option<(usize, u64)> {
+    if rem & N == 0 {
+        return Some((off, 0));
+    }
+    let s = chunk::<N>(ctx, off)?;
+    Some((widen(off + N, MAX_OFF), s))
 }
 
 /// The 32-bit sum of `N` bytes at `off` (`N` a multiple of 4, at most 512).

@@ -13,9 +13,10 @@
 //! Handled here, exactly as the full program would (the same functions):
 //! - traffic to no service's port and from no backend's port: passed;
 //! - a client's packet (not a SYN, not a RST) of a live established flow
-//!   (DNAT, full NAT, DSR over IPv4) whose backend is up, whose next hop
-//!   is cached and usable, and whose checksum needs no completion:
-//!   tracked, counted, rewritten (or encapsulated) and sent;
+//!   (DNAT, full NAT, DSR over IPv4) whose backend is up and whose next
+//!   hop is cached and usable: tracked, counted, rewritten (or
+//!   encapsulated), its partial checksum completed if it has one (a call
+//!   to the summing function, only for such frames) and sent;
 //! - a backend's packet (not a SYN, not a RST) of such a flow, found where
 //!   `backend::find` finds it first: through its full-NAT port, or as a
 //!   DNAT flow of the endpoint's first service.
@@ -35,7 +36,7 @@ use lb_common::{
 };
 
 use crate::{
-    backend, conntrack, encap, flow, forward,
+    backend, conntrack, csum, encap, flow, forward,
     maps::{BACKENDS, CONNS, ENDPOINTS, PORT_FILTER, PORTS},
     nat,
     parse::{Packet, Verdict},
@@ -140,7 +141,12 @@ fn established(ctx: &XdpContext, pkt: &Packet, e: *mut FlowState, to_backend: bo
     let t = flow::tuple(key, st, b, to_backend);
     let hop = forward::cached_route(ctx, pkt, &t)?;
     let form = nat::l4_checksum_form(ctx, pkt, false);
-    if form == CSUM_SEED_COMPLETE_ON_TX {
+    // A seed to complete (a local stack's frame through a veth with TX
+    // offload): done here, the one BPF-to-BPF call on this path and only
+    // for such frames, when the segment can be summed.
+    let complete = form == CSUM_SEED_COMPLETE_ON_TX;
+    let shift = if t.flags & NAT_ENCAP != 0 { encap::OUTER_LEN } else { 0 };
+    if complete && !csum::summable(pkt, shift) {
         return None;
     }
     // Decided: from here on, the packet is this program's.
@@ -162,6 +168,10 @@ fn established(ctx: &XdpContext, pkt: &Packet, e: *mut FlowState, to_backend: bo
         }
     } else {
         nat::rewrite_in_place(ctx, pkt, &t, form);
+    }
+    // (Cannot fail after `summable`; the full program's verdict if it did.)
+    if complete && !csum::complete(ctx, pkt, shift) {
+        return Some(Verdict::pass(stat::PASS_CSUM_TOO_LONG));
     }
     Some(forward::send_to(ctx, pkt, hop))
 }

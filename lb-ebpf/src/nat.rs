@@ -81,8 +81,9 @@ pub extern "C" fn xlb_rewrite(ctx: *mut xdp_md, pkt: *const Packet, t: *const Na
 }
 
 /// [`rewrite`] of a packet whose checksum form the caller found (and
-/// counted: [`l4_checksum_form`]), not `CSUM_SEED_COMPLETE_ON_TX` (nothing
-/// to complete), inlined into the caller.
+/// counted: [`l4_checksum_form`]), inlined into the caller; a
+/// `CSUM_SEED_COMPLETE_ON_TX` seed is moved to the new addresses, and the
+/// caller completes it (`csum::complete`).
 #[inline(always)]
 pub fn rewrite_in_place(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, form: u8) {
     rewrite_inline(ctx, pkt, t, Some(form));

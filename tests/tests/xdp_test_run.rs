@@ -310,15 +310,22 @@ fn remove_full_program(r: &mut Rig) {
     slots.clear_index(&0).expect("clearing slot 0");
 }
 
+/// A handshake from CLIENT:`port` to VIP:80 through both programs (client
+/// ISN 5000, backend ISN 9000), which leaves the flow established and
+/// both directions' next hops cached.
+fn handshake_to_port_80(r: &mut Rig, port: u16) {
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, port), (VIP, 80), TCP_SYN, 5000, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, port), TCP_SYN | TCP_ACK, 9000, 5001).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, port), (VIP, 80), TCP_ACK, 5001, 9001).build()).0, XDP_REDIRECT);
+    assert!(!r.flow((CLIENT, port), (VIP, 80), 6).expect("flow").half_open, "established");
+}
+
 #[test]
 fn the_entry_program_forwards_established_flows_by_itself_and_hands_the_rest_over() {
     let mut r = rig();
     // A connection through both programs, and one round of data each way
     // (so both directions' next hops are cached).
-    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40101), (VIP, 80), TCP_SYN, 5000, 0).build()).0, XDP_REDIRECT);
-    assert_eq!(r.run(r.t1, &Frame::tcp((BACKEND, 8080), (CLIENT, 40101), TCP_SYN | TCP_ACK, 9000, 5001).build()).0, XDP_REDIRECT);
-    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40101), (VIP, 80), TCP_ACK, 5001, 9001).build()).0, XDP_REDIRECT);
-    assert!(!r.flow((CLIENT, 40101), (VIP, 80), 6).expect("flow").half_open);
+    handshake_to_port_80(&mut r, 40101);
     remove_full_program(&mut r);
     let lost = r.counter(stats::PASS_NO_FULL_PROGRAM);
 
@@ -1516,6 +1523,44 @@ fn partial_checksums_are_completed_in_full_nat_and_inside_dsr_encapsulation() {
     assert_eq!(&out[14 + 20..], &syn.build()[14..], "the inner packet is the client's, with its checksum completed");
     assert!(checksums_valid(&out, 14 + 20), "inner checksums");
     assert_eq!(r.counter(stats::CSUM_PARTIAL), 3);
+}
+
+#[test]
+fn the_entry_program_completes_partial_checksums_of_established_flows_by_itself() {
+    let mut r = rig();
+    // A DNAT connection and a DSR one, established through both programs
+    // with full checksums (both directions' next hops cached).
+    handshake_to_port_80(&mut r, 40301);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40551), (VIP, 85), TCP_SYN, 1000, 0).build()).0, XDP_REDIRECT);
+    assert_eq!(r.run(r.t0, &Frame::tcp((CLIENT, 40551), (VIP, 85), TCP_ACK, 1001, 77).build()).0, XDP_REDIRECT);
+    remove_full_program(&mut r);
+    let partial = r.counter(stats::CSUM_PARTIAL);
+
+    // The entry alone (no full program to hand over to): each frame with
+    // only the seed leaves with the full checksum, both ways.
+    let (mut client_seq, mut backend_seq, mut dsr_seq) = (5001u32, 9001u32, 1001u32);
+    for n in PARTIAL_PAYLOADS {
+        let mut data = Frame::tcp((CLIENT, 40301), (VIP, 80), TCP_ACK | TCP_PSH, client_seq, backend_seq);
+        data.payload = payload(n);
+        let (verdict, out) = r.run(r.t0, &data.clone().partial().build());
+        assert_eq!((verdict, out), (XDP_REDIRECT, to_backend(data, 8080).build()), "client → backend, {n}-byte payload");
+        client_seq += n as u32;
+        let mut reply = Frame::tcp((BACKEND, 8080), (CLIENT, 40301), TCP_ACK | TCP_PSH, backend_seq, client_seq);
+        reply.payload = payload(n);
+        let (verdict, out) = r.run(r.t1, &reply.clone().partial().build());
+        assert_eq!((verdict, out), (XDP_REDIRECT, to_client(reply, VIP.into(), 80).build()), "backend → client, {n}-byte payload");
+        backend_seq += n as u32;
+        // DSR: completed inside the outer header.
+        let mut dsr = Frame::tcp((CLIENT, 40551), (VIP, 85), TCP_ACK | TCP_PSH, dsr_seq, 77);
+        dsr.payload = payload(n);
+        let (verdict, out) = r.run(r.t0, &dsr.clone().partial().build());
+        assert_eq!((verdict, out), (XDP_REDIRECT, encapsulated(&dsr.build())), "DSR, {n}-byte payload");
+        dsr_seq += n as u32;
+    }
+    assert_eq!(r.counter(stats::PASS_NO_FULL_PROGRAM), 0, "none of it needed the full program");
+    assert_eq!(r.counter(stats::CSUM_PARTIAL), partial + 3 * PARTIAL_PAYLOADS.len() as u64, "each partial frame counted once");
+    let f = r.flow((CLIENT, 40301), (VIP, 80), 6).expect("flow");
+    assert_eq!((f.state.orig.end, f.state.reply.end), (client_seq, backend_seq), "tracked both ways");
 }
 
 #[test]

@@ -378,6 +378,14 @@ impl Xlb {
         expect_delta(checks, before, after, "redirect", calls);
     }
 
+    /// `calls` ACKs with partial checksums: as [`Xlb::expect_acks`], each
+    /// one recognised as partial (and completed: decoded once, before).
+    pub fn expect_partial_acks(&mut self, checks: &mut Checks, before: &Counters, after: &Counters, calls: u64) {
+        self.expect_acks(checks, before, after, calls);
+        expect_delta(checks, before, after, "csum_partial", calls);
+        expect_delta(checks, before, after, "pass_csum_too_long", 0);
+    }
+
     /// LAYOUT. A run of `calls` fresh SYNs to `VIP`: all stateless (each
     /// counted `stateless_syn`), nothing created, the half-open table
     /// unchanged (`counters`, `half`: the counters and the half-open table's

@@ -78,23 +78,7 @@ pub extern "C" fn xlb_segment_sum(ctx: *mut xdp_md, off: u64, len: u64) -> u64 {
     // states that follow are one for the verifier (checked once, not once
     // per exit).
     let (off, rem) = (widen(off, MAX_OFF), widen(rem, CHUNK - 1));
-    // The rest, below 512 bytes: one chunk per bit of its length down to
-    // 4 (seven branches for the verifier, where a word loop was 128
-    // iterations of it).
-    let Some((off, s)) = tail_chunk::<256>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
-    let Some((off, s)) = tail_chunk::<128>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
-    let Some((off, s)) = tail_chunk::<64>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
-    let Some((off, s)) = tail_chunk::<32>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
-    let Some((off, s)) = tail_chunk::<16>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
-    let Some((off, s)) = tail_chunk::<8>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
-    let Some((off, s)) = tail_chunk::<4>(ctx, off, rem) else { return u64::MAX };
-    sum += s;
+    let Some(off) = tail_chunks(ctx, off, rem, &mut sum) else { return u64::MAX };
     let (mut off, rem) = (widen(off, MAX_OFF), widen(rem, 3));
     if rem & 2 != 0 {
         let Some(p) = ptr_at_upto::<[u8; 2], MAX_OFF>(ctx, off) else { return u64::MAX };
@@ -128,15 +112,30 @@ fn widen(x: usize, mask: usize) -> usize {
     unsafe { core::ptr::read_volatile(&x) & mask }
 }
 
-/// The chunk of `N` bytes at `off` when `rem` has bit `N` set (else
-/// nothing summed): the offset after it, widened, and its sum.
+/// The rest of a segment, `rem` (below 512) bytes at `off`, added to
+/// `sum`: one chunk per set bit of `rem` down to 4 (seven branches for the
+/// verifier, where a word loop was 128 iterations of it). The offset after
+/// them, or `None` when one cannot be read.
 #[inline(always)]
-fn tail_chunk<const N: usize>(ctx: &XdpContext, off: usize, rem: usize) -> Option<(usize, u64)> {
+fn tail_chunks(ctx: &XdpContext, off: usize, rem: usize, sum: &mut u64) -> Option<usize> {
+    let off = tail_chunk::<256>(ctx, off, rem, sum)?;
+    let off = tail_chunk::<128>(ctx, off, rem, sum)?;
+    let off = tail_chunk::<64>(ctx, off, rem, sum)?;
+    let off = tail_chunk::<32>(ctx, off, rem, sum)?;
+    let off = tail_chunk::<16>(ctx, off, rem, sum)?;
+    let off = tail_chunk::<8>(ctx, off, rem, sum)?;
+    tail_chunk::<4>(ctx, off, rem, sum)
+}
+
+/// The chunk of `N` bytes at `off`, added to `sum`, when `rem` has bit `N`
+/// set: the offset after it, widened (one verifier state whichever way).
+#[inline(always)]
+fn tail_chunk<const N: usize>(ctx: &XdpContext, off: usize, rem: usize, sum: &mut u64) -> Option<usize> {
     if rem & N == 0 {
-        return Some((off, 0));
+        return Some(off);
     }
-    let s = chunk::<N>(ctx, off)?;
-    Some((widen(off + N, MAX_OFF), s))
+    *sum += chunk::<N>(ctx, off)?;
+    Some(widen(off + N, MAX_OFF))
 }
 
 /// The 32-bit sum of `N` bytes at `off` (`N` a multiple of 4, at most 512).

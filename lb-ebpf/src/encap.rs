@@ -36,8 +36,8 @@ pub fn ipip(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, leaving: bool) -> Resu
     Ok(())
 }
 
-/// [`ipip`]'s encapsulation alone, for an IPv4 packet whose checksum needs
-/// no completion (the entry program's: no call to the completion).
+/// [`ipip`]'s encapsulation alone, for a caller that found the checksum
+/// form itself (the entry program, which completes a seed afterwards).
 #[inline(always)]
 pub fn outer_header(ctx: &XdpContext, pkt: &Packet, t: &NatTuple) -> Result<(), u32> {
     if pkt.v6 || pkt.vlan {

@@ -19,8 +19,8 @@
 //! Cases: pass (SYN to a non-VIP → XDP_PASS), hot (the ACK of one
 //! established flow), hot-partial (that ACK with only the pseudo-header
 //! seed in its checksum, as a veth with TX offload delivers a local
-//! stack's frame: xlb completes it), 1M (ACKs round-robin over `FLOWS` established flows,
-//! default 1,000,000), syn (a fresh 5-tuple every call, table with room),
+//! stack's frame: xlb completes it), 1M (ACKs round-robin over `FLOWS`
+//! established flows, default 1,000,000), syn (a fresh 5-tuple every call, table with room),
 //! synfull (a fresh 5-tuple every call, table full). xlb's SYNs to its
 //! default service (Maglev DNAT, backends of its own) are stateless: they
 //! write nothing, so in both SYN cases the xlb column is the stateless SYN

@@ -29,6 +29,9 @@
 //! collision check and one half-open entry per SYN), against Katran with
 //! its guard held off (one LRU entry per SYN).
 //!
+//! `CASES` (comma-separated keys, e.g. `hot,1M`) times only those cases,
+//! for A/B runs of one path; the SYN cases still fill the 1M table first.
+//!
 //! Katran is a peer, not part of the project: its object is
 //! `KATRAN_OBJ` (default ../shared/peers/katran/balancer.bpf.o from the
 //! repository root). Without it, xlb is timed alone and Katran's columns
@@ -73,6 +76,28 @@ struct Config {
     flows: u64,
     cpu: usize,
     katran_obj: Option<PathBuf>,
+    /// The cases to time (`CASES`, comma-separated keys; all by default).
+    cases: Vec<&'static str>,
+}
+
+/// Every case's key, in the order they run.
+const CASE_KEYS: [&str; 6] = ["pass", "hot", "hot-partial", "1M", "syn", "synfull"];
+
+/// `CASES`: which cases to time, e.g. `hot,1M` (any case, order ignored).
+/// The SYN cases run against the established table the 1M case fills, so
+/// they fill it too when 1M itself is not timed.
+fn selected_cases(v: Option<&str>) -> anyhow::Result<Vec<&'static str>> {
+    let Some(v) = v else { return Ok(CASE_KEYS.to_vec()) };
+    let mut chosen = Vec::new();
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let key = CASE_KEYS
+            .iter()
+            .find(|k| k.eq_ignore_ascii_case(name))
+            .ok_or_else(|| anyhow::anyhow!("CASES={v}: no case {name:?} (cases: {})", CASE_KEYS.join(", ")))?;
+        chosen.push(*key);
+    }
+    anyhow::ensure!(!chosen.is_empty(), "CASES={v:?} names no case (cases: {})", CASE_KEYS.join(", "));
+    Ok(CASE_KEYS.iter().copied().filter(|k| chosen.contains(k)).collect())
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T>
@@ -97,6 +122,7 @@ fn config() -> anyhow::Result<Config> {
         runs: env_num("RUNS", 5)?,
         flows: env_num("FLOWS", 1_000_000)?,
         cpu: env_num("CPU", 1usize.min(online - 1))?,
+        cases: selected_cases(std::env::var("CASES").ok().as_deref())?,
         katran_obj: {
             let p = match std::env::var_os("KATRAN_OBJ") {
                 Some(p) => PathBuf::from(p),
@@ -382,12 +408,28 @@ impl<'c> Bench<'c> {
     fn all_cases(&mut self) -> anyhow::Result<()> {
         self.program_sizes()?;
         self.verify()?;
-        self.case_pass()?;
-        self.case_hot()?;
-        self.case_hot_partial()?;
-        self.case_1m()?;
-        self.case_syn()?;
-        self.case_synfull()?;
+        let cfg = self.cfg;
+        let wants = |key: &str| cfg.cases.contains(&key);
+        if wants("pass") {
+            self.case_pass()?;
+        }
+        if wants("hot") {
+            self.case_hot()?;
+        }
+        if wants("hot-partial") {
+            self.case_hot_partial()?;
+        }
+        if wants("1M") {
+            self.case_1m()?;
+        } else if wants("syn") || wants("synfull") {
+            self.establish()?;
+        }
+        if wants("syn") {
+            self.case_syn()?;
+        }
+        if wants("synfull") {
+            self.case_synfull()?;
+        }
         Ok(())
     }
 

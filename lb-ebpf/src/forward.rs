@@ -25,6 +25,7 @@ use crate::{
     maps::{DEVMAP, FIB_SCRATCH, NEXT_HOP},
     nat,
     parse::{Packet, Verdict, ptr_at},
+    wire,
 };
 
 const AF_INET: u8 = 2;
@@ -184,10 +185,10 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, slot: u32) -> Verdict {
 pub fn send_to(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
     nat::decrement_ttl(ctx, pkt);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Verdict::drop(stats::DROP_MALFORMED) };
-    // SAFETY: bounds-checked just above.
+    // SAFETY: bounds-checked just above; the slot is a map value.
     unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
+        copy_mac(&raw mut (*eth).dst_addr, &hop.dmac);
+        copy_mac(&raw mut (*eth).src_addr, &hop.smac);
     }
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Verdict { action: xdp_action::XDP_TX, stat: stats::TX };
@@ -196,6 +197,21 @@ pub fn send_to(ctx: &XdpContext, pkt: &Packet, hop: &NextHop) -> Verdict {
     // helper returns the low bits of the flags: drop.
     let action = DEVMAP.redirect(hop.ifindex, xdp_action::XDP_DROP as u64).unwrap_or(xdp_action::XDP_DROP);
     Verdict { action, stat: stats::REDIRECT }
+}
+
+/// A MAC address from a next-hop slot into the Ethernet header: a word
+/// and a half-word each way (`wire`), not six bytes.
+///
+/// # Safety
+/// `field` is in the bounds-checked Ethernet header.
+#[inline(always)]
+unsafe fn copy_mac(field: *mut [u8; 6], mac: &[u8; 6]) {
+    let (to, from) = (field as *mut u8, mac.as_ptr());
+    // SAFETY: bytes 0-3 and 4-5 of both six-byte fields.
+    unsafe {
+        wire::store_u32(to as *mut [u8; 4], wire::load_u32(from as *const [u8; 4]));
+        wire::store_u16(to.add(4) as *mut [u8; 2], wire::load_u16(from.add(4) as *const [u8; 2]));
+    }
 }
 
 /// The kernel's FIB lookup for the rewritten packet (`out_len` bytes of

@@ -14,6 +14,8 @@
 //! Every return goes through one counter, so every verdict has a reason.
 #![no_std]
 #![no_main]
+// Inline BPF assembly: word loads and stores of packet fields (`wire`).
+#![feature(asm_experimental_arch)]
 
 mod backend;
 mod client;
@@ -33,6 +35,7 @@ mod reset;
 mod schedule;
 mod stats;
 mod too_big;
+mod wire;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},

@@ -6,7 +6,7 @@
 
 use lb_common::{
     csum,
-    maps::{Addr, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, NatTuple, PROTO_TCP, addr_bytes},
+    maps::{Addr, CSUM_FULL, CSUM_SEED_COMPLETE_ON_TX, CSUM_SEED_KEPT, IFACE_GENERIC, IFACE_VIRTUAL, NAT_DST, NAT_SRC, NatTuple, PROTO_TCP},
 };
 
 use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
@@ -19,6 +19,7 @@ use network_types::{
 use crate::{
     maps::IFACES,
     parse::{Packet, l4_hdr, ptr_at},
+    wire,
 };
 
 /// The L4 checksum after rewriting the addresses and ports `e` changes
@@ -26,7 +27,7 @@ use crate::{
 /// port fields rewritten on the way. A partial seed (`full` false) follows
 /// the addresses only: the ports are summed when it is completed.
 #[inline(always)]
-fn l4_check(pkt: &Packet, t: &NatTuple, full: bool, check: u16, sport: &mut [u8; 2], dport: &mut [u8; 2]) -> u16 {
+fn l4_check(pkt: &Packet, t: &NatTuple, full: bool, check: u16, sport: *mut [u8; 2], dport: *mut [u8; 2]) -> u16 {
     // The seed is a checksum's complement: the same update, on its complement.
     let mut c = if full { check } else { !check };
     if t.flags & NAT_SRC != 0 {
@@ -39,15 +40,18 @@ fn l4_check(pkt: &Packet, t: &NatTuple, full: bool, check: u16, sport: &mut [u8;
 }
 
 /// One end of the tuple: the checksum updated for its address (`old` →
-/// `new`) and, for a full checksum, its port; the port field rewritten.
+/// `new`) and, for a full checksum, its port; the port field (in a
+/// bounds-checked header) rewritten.
 #[inline(always)]
-fn rewrite_end(check: u16, full: bool, v6: bool, old: &Addr, new: &Addr, port_field: &mut [u8; 2], port: u16) -> u16 {
+fn rewrite_end(check: u16, full: bool, v6: bool, old: &Addr, new: &Addr, port_field: *mut [u8; 2], port: u16) -> u16 {
     let mut c = if v6 { csum::update_addr16(check, old, new) } else { csum::update_addr(check, old[3].to_ne_bytes(), new[3].to_ne_bytes()) };
-    let port = port.to_ne_bytes();
-    if full {
-        c = csum::update_port(c, *port_field, port);
+    // SAFETY: a field of the caller's bounds-checked L4 header.
+    unsafe {
+        if full {
+            c = csum::update_port(c, wire::load_u16(port_field).to_ne_bytes(), port.to_ne_bytes());
+        }
+        wire::store_u16(port_field, port);
     }
-    *port_field = port;
     c
 }
 
@@ -94,12 +98,12 @@ pub fn rewrite_in_place(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, form: u8) 
 fn l4_checksum_field(ctx: &XdpContext, pkt: &Packet) -> Option<u16> {
     let check = if pkt.key.proto == PROTO_TCP {
         // SAFETY: bounds-checked by l4_hdr.
-        l4_hdr::<TcpHdr>(ctx, pkt).map(|h| unsafe { (*h).check })
+        l4_hdr::<TcpHdr>(ctx, pkt).map(|h| unsafe { wire::load_u16(&raw const (*h).check) })
     } else {
         // SAFETY: as above.
-        l4_hdr::<UdpHdr>(ctx, pkt).map(|h| unsafe { (*h).check })
+        l4_hdr::<UdpHdr>(ctx, pkt).map(|h| unsafe { wire::load_u16(&raw const (*h).check) })
     };
-    check.map(u16::from_ne_bytes)
+    check
 }
 
 /// The form of the packet's L4 checksum as it came (see
@@ -122,48 +126,65 @@ fn rewrite_inline(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, known: Option<u8
     let form;
     if pkt.key.proto == PROTO_TCP {
         let Some(tcp) = l4_hdr::<TcpHdr>(ctx, pkt) else { return CSUM_FULL };
-        // SAFETY: bounds-checked just above.
-        let tcp = unsafe { &mut *tcp };
-        let old = u16::from_ne_bytes(tcp.check);
-        form = known.unwrap_or_else(|| checksum_form(ctx, pkt, old));
-        tcp.check = l4_check(pkt, t, form == CSUM_FULL, old, &mut tcp.source, &mut tcp.dest).to_ne_bytes();
+        // SAFETY: bounds-checked just above; fields of that header.
+        unsafe {
+            let old = wire::load_u16(&raw const (*tcp).check);
+            form = known.unwrap_or_else(|| checksum_form(ctx, pkt, old));
+            let c = l4_check(pkt, t, form == CSUM_FULL, old, &raw mut (*tcp).source, &raw mut (*tcp).dest);
+            wire::store_u16(&raw mut (*tcp).check, c);
+        }
     } else {
         let Some(udp) = l4_hdr::<UdpHdr>(ctx, pkt) else { return CSUM_FULL };
-        // SAFETY: bounds-checked just above.
-        let udp = unsafe { &mut *udp };
-        let old = u16::from_ne_bytes(udp.check);
-        form = known.unwrap_or_else(|| checksum_form(ctx, pkt, old));
-        let c = l4_check(pkt, t, form == CSUM_FULL, old, &mut udp.src, &mut udp.dst);
-        udp.check = if form == CSUM_FULL { csum::udp_fixup(old, c) } else { c }.to_ne_bytes();
+        // SAFETY: as above.
+        unsafe {
+            let old = wire::load_u16(&raw const (*udp).check);
+            form = known.unwrap_or_else(|| checksum_form(ctx, pkt, old));
+            let c = l4_check(pkt, t, form == CSUM_FULL, old, &raw mut (*udp).src, &raw mut (*udp).dst);
+            wire::store_u16(&raw mut (*udp).check, if form == CSUM_FULL { csum::udp_fixup(old, c) } else { c });
+        }
     }
     if pkt.v6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else { return form };
-        // SAFETY: bounds-checked just above.
-        let ip = unsafe { &mut *ip };
-        if src {
-            ip.src_addr = addr_bytes(&t.src);
-        }
-        if dst {
-            ip.dst_addr = addr_bytes(&t.dst);
+        // SAFETY: bounds-checked just above; fields of that header.
+        unsafe {
+            if src {
+                store_addr16(&raw mut (*ip).src_addr, &t.src);
+            }
+            if dst {
+                store_addr16(&raw mut (*ip).dst_addr, &t.dst);
+            }
         }
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return form };
-        // SAFETY: bounds-checked just above.
-        let ip = unsafe { &mut *ip };
-        let mut c = u16::from_ne_bytes(ip.check);
-        if src {
-            let new = t.src[3].to_ne_bytes();
-            c = csum::update_addr(c, ip.src_addr, new);
-            ip.src_addr = new;
+        // The header's addresses are the parsed key's (read from it).
+        // SAFETY: bounds-checked just above; fields of that header.
+        unsafe {
+            let mut c = wire::load_u16(&raw const (*ip).check);
+            if src {
+                c = csum::update_addr(c, pkt.key.src_addr[3].to_ne_bytes(), t.src[3].to_ne_bytes());
+                wire::store_u32(&raw mut (*ip).src_addr, t.src[3]);
+            }
+            if dst {
+                c = csum::update_addr(c, pkt.key.dst_addr[3].to_ne_bytes(), t.dst[3].to_ne_bytes());
+                wire::store_u32(&raw mut (*ip).dst_addr, t.dst[3]);
+            }
+            wire::store_u16(&raw mut (*ip).check, c);
         }
-        if dst {
-            let new = t.dst[3].to_ne_bytes();
-            c = csum::update_addr(c, ip.dst_addr, new);
-            ip.dst_addr = new;
-        }
-        ip.check = c.to_ne_bytes();
     }
     form
+}
+
+/// Writes address `a` (map form) into a 16-byte IPv6 address field.
+///
+/// # Safety
+/// `field` is in a bounds-checked header.
+#[inline(always)]
+unsafe fn store_addr16(field: *mut [u8; 16], a: &Addr) {
+    let p = field as *mut [u8; 4];
+    for (i, w) in a.iter().enumerate() {
+        // SAFETY: word `i` of the caller's field.
+        unsafe { wire::store_u32(p.add(i), *w) };
+    }
 }
 
 /// Whether the L4 checksum field `check` holds a full checksum or only the
@@ -238,10 +259,14 @@ pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) {
         return;
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else { return };
-    // SAFETY: bounds-checked just above.
-    let ip = unsafe { &mut *ip };
-    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    ip.ttl = ip.ttl.saturating_sub(1);
-    let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    ip.check = csum::update_u16(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
+    // TTL and protocol as one checksummed word (bytes 8 and 9).
+    // SAFETY: bounds-checked just above; fields of that header.
+    unsafe {
+        let word = &raw mut (*ip).ttl as *mut [u8; 2];
+        let old = wire::load_u16(word);
+        let [ttl, proto] = old.to_ne_bytes();
+        let new = u16::from_ne_bytes([ttl.saturating_sub(1), proto]);
+        wire::store_u16(word, new);
+        wire::store_u16(&raw mut (*ip).check, csum::update_u16(wire::load_u16(&raw const (*ip).check), old, new));
+    }
 }

@@ -33,7 +33,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::maps::ADDRS;
+use crate::{maps::ADDRS, wire};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -329,12 +329,12 @@ fn new_packet(pkt: &mut Packet, l3: usize, l4: usize, v6: bool, src: Addr, dst: 
 fn parse_v4(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Result<(), Verdict> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(stats::PASS_TRUNCATED))?;
     // SAFETY: bounds checked by ptr_at (the 20-byte base header).
-    let (vihl, dst, src, proto) = unsafe { ((*ip).vihl, (*ip).dst_addr, (*ip).src_addr, (*ip).proto) };
+    let (vihl, dst, src, proto) = unsafe { ((*ip).vihl, wire::load_u32(&raw const (*ip).dst_addr), wire::load_u32(&raw const (*ip).src_addr), (*ip).proto) };
     if vihl >> 4 != 4 {
         return Err(Verdict::pass(stats::PASS_NOT_IP));
     }
-    let dst = addr_v4(u32::from_ne_bytes(dst));
-    let src = addr_v4(u32::from_ne_bytes(src));
+    let dst = addr_v4(dst);
+    let src = addr_v4(src);
 
     let ihl = vihl & 0x0f;
     if ihl < 5 {
@@ -344,12 +344,12 @@ fn parse_v4(ctx: &XdpContext, l3: usize, pkt: &mut Packet) -> Result<(), Verdict
         return Err(Verdict::pass(stats::PASS_IP_OPTIONS));
     }
     // SAFETY: within the checked base header.
-    let (frags, tot_len) = unsafe { ((*ip).frags, (*ip).tot_len) };
-    let frags = u16::from_be_bytes(frags);
+    let (frags, tot_len) = unsafe { (wire::load_u16(&raw const (*ip).frags), wire::load_u16(&raw const (*ip).tot_len)) };
+    let frags = u16::from_be(frags);
     if frags & (IP_MF | IP_OFFSET) != 0 {
         return Err(fragment(&src, &dst));
     }
-    let ip_len = u16::from_be_bytes(tot_len) as usize;
+    let ip_len = u16::from_be(tot_len) as usize;
     if ip_len < Ipv4Hdr::LEN || ctx.data() + l3 + ip_len > ctx.data_end() {
         return Err(Verdict::drop(stats::DROP_MALFORMED));
     }
@@ -428,19 +428,28 @@ fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Ver
         let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
         // SAFETY: bounds checked by ptr_at.
         let (doff, sport, dport, seq, ack, win, flags) = unsafe {
-            let flags_byte = *((tcp as *const u8).add(13));
-            ((*tcp).doff() as usize, (*tcp).source, (*tcp).dest, (*tcp).seq, (*tcp).ack_seq, (*tcp).window, flags_byte)
+            // Data offset (high nibble) and flags: bytes 12 and 13.
+            let (doff_byte, flags_byte) = (*((tcp as *const u8).add(12)), *((tcp as *const u8).add(13)));
+            (
+                (doff_byte >> 4) as usize,
+                wire::load_u16(&raw const (*tcp).source),
+                wire::load_u16(&raw const (*tcp).dest),
+                wire::load_u32(&raw const (*tcp).seq),
+                wire::load_u32(&raw const (*tcp).ack_seq),
+                wire::load_u16(&raw const (*tcp).window),
+                flags_byte,
+            )
         };
         let hdr_len = doff * 4;
         if doff < 5 || hdr_len > l4_len {
             return Err(Verdict::drop(stats::DROP_MALFORMED));
         }
-        pkt.key.src_port = u16::from_ne_bytes(sport);
-        pkt.key.dst_port = u16::from_ne_bytes(dport);
+        pkt.key.src_port = sport;
+        pkt.key.dst_port = dport;
         pkt.tcp_flags = flags;
-        pkt.seq = u32::from_be_bytes(seq);
-        pkt.ack = u32::from_be_bytes(ack);
-        pkt.win = u16::from_be_bytes(win);
+        pkt.seq = u32::from_be(seq);
+        pkt.ack = u32::from_be(ack);
+        pkt.win = u16::from_be(win);
         pkt.payload_len = (l4_len - hdr_len) as u32;
         if flags & lb_common::tcp::FLAG_SYN != 0 && hdr_len > TcpHdr::LEN {
             pkt.wscale = syn_wscale(ctx, l4, hdr_len);
@@ -448,13 +457,14 @@ fn parse_l4(ctx: &XdpContext, pkt: &mut Packet, l4_len: usize) -> Result<(), Ver
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::drop(stats::DROP_MALFORMED))?;
         // SAFETY: bounds checked by ptr_at.
-        let (sport, dport, len) = unsafe { ((*udp).src, (*udp).dst, (*udp).len) };
-        let len = u16::from_be_bytes(len) as usize;
+        let (sport, dport, len) =
+            unsafe { (wire::load_u16(&raw const (*udp).src), wire::load_u16(&raw const (*udp).dst), wire::load_u16(&raw const (*udp).len)) };
+        let len = u16::from_be(len) as usize;
         if len < UdpHdr::LEN || len > l4_len {
             return Err(Verdict::drop(stats::DROP_MALFORMED));
         }
-        pkt.key.src_port = u16::from_ne_bytes(sport);
-        pkt.key.dst_port = u16::from_ne_bytes(dport);
+        pkt.key.src_port = sport;
+        pkt.key.dst_port = dport;
     }
     Ok(())
 }

@@ -1056,3 +1056,21 @@ fn head(out: &[u8; OUT_LEN]) -> Buf {
     b.copy_from_slice(&out[..FRAME_LEN]);
     b
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_are_chosen_by_key_in_run_order_and_unknown_keys_are_refused() -> anyhow::Result<()> {
+        assert_eq!(selected_cases(None)?, CASE_KEYS.to_vec());
+        assert_eq!(selected_cases(Some("synfull, 1m,hot"))?, vec!["hot", "1M", "synfull"]);
+        assert_eq!(selected_cases(Some("hot,hot"))?, vec!["hot"]);
+        match selected_cases(Some("hot,warm")) {
+            Err(e) => assert!(e.to_string().contains("\"warm\"") && e.to_string().contains("hot-partial"), "{e}"),
+            Ok(c) => panic!("an unknown case was accepted: {c:?}"),
+        }
+        assert!(selected_cases(Some(" , ")).is_err());
+        Ok(())
+    }
+}

@@ -6,18 +6,18 @@
 //! that unaligned packet access is fine without also being allowed
 //! unaligned stack access, which the verifier refuses (LLVM's
 //! `allows-misaligned-mem-access`, tried: docs/benchmarks.md). These
-//! functions make one BPF load or store of the field's width. The kernel
-//! accepts them on packet memory: an unaligned packet access is refused
-//! only under strict alignment, and even then a field at its natural
-//! offset in the headers passes (the verifier assumes `NET_IP_ALIGN`).
+//! functions make one BPF load or store of the field's width. The verifier
+//! refuses an unaligned access only under strict alignment (not on x86-64
+//! or arm64), and even then a header field at its natural offset passes
+//! (it assumes `NET_IP_ALIGN`); a refusal is a load error, never a wrong
+//! access.
 //!
 //! Values are in memory order (`from_ne_bytes` of the field), exactly what
 //! the byte-wise code produced: only the instructions change.
 //!
 //! Every pointer must come from a bounds-checked header (`parse::ptr_at`,
-//! `parse::l4_hdr`) covering the whole field, or be a map value's field
-//! (the kernel treats unaligned map value access the same way). Never a
-//! stack address: unaligned stack access is refused.
+//! `parse::l4_hdr`) covering the whole field, or be a map value's field.
+//! Never a stack address: unaligned stack access is always refused.
 
 /// A load and a store of one width: `$load(p)` is `$t::from_ne_bytes` of
 /// the field at `p`, `$store(p, v)` writes `v.to_ne_bytes()` there.

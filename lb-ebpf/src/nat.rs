@@ -96,14 +96,13 @@ pub fn rewrite_in_place(ctx: &XdpContext, pkt: &Packet, t: &NatTuple, form: u8) 
 /// The L4 checksum field of a parsed TCP/UDP packet as it is now.
 #[inline(always)]
 fn l4_checksum_field(ctx: &XdpContext, pkt: &Packet) -> Option<u16> {
-    let check = if pkt.key.proto == PROTO_TCP {
+    if pkt.key.proto == PROTO_TCP {
         // SAFETY: bounds-checked by l4_hdr.
         l4_hdr::<TcpHdr>(ctx, pkt).map(|h| unsafe { wire::load_u16(&raw const (*h).check) })
     } else {
         // SAFETY: as above.
         l4_hdr::<UdpHdr>(ctx, pkt).map(|h| unsafe { wire::load_u16(&raw const (*h).check) })
-    };
-    check
+    }
 }
 
 /// The form of the packet's L4 checksum as it came (see

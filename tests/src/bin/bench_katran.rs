@@ -6,7 +6,9 @@
 //!   rewrite the buffer), a 54-byte Ethernet/IPv4/TCP frame arriving on
 //!   the rig's t0; the kernel-reported duration of each call is kept.
 //! - A run is `CALLS` calls (default 200,000) of one program; per run the
-//!   median, the interquartile mean (IQM), the mean and the p99.
+//!   median, the interquartile mean (IQM), the mean and the p99, and its
+//!   stalls (calls of 5 µs or more: on the LRU refill phase or elsewhere,
+//!   see [`Stalls`]).
 //! - A case has `RUNS` rounds (default 5) of [floor, Katran, xlb], plus, in
 //!   the SYN cases, Katran with its flood guard held off and xlb's stateful
 //!   SYN path. A cell is the
@@ -69,6 +71,13 @@ const KATRAN_LRU_SIZE: u32 = 4_000_000;
 const GUARD_BATCH: u64 = 1000;
 /// Durations histogram: 1 ns buckets up to 65 µs (longer calls count there).
 const HIST: usize = 65_536;
+/// A call at least this long is a stall (a table's free-list refill, an
+/// interrupt, the hypervisor): counted by where it falls (see [`Stalls`]).
+const STALL_NS: u32 = 5_000;
+/// The kernel's LRU refills a CPU's free list this many nodes at a time
+/// (`LOCAL_FREE_TARGET`): a program that inserts one entry per call stalls
+/// on every 128th call, always on the same call index modulo 128.
+const LRU_REFILL_BATCH: u64 = 128;
 
 struct Config {
     calls: u64,
@@ -212,6 +221,46 @@ struct RunStats {
     over_hist: u64,
     wall_s: f64,
     guard_tripped: u64,
+    stalls: Stalls,
+}
+
+/// The calls of a run that took at least [`STALL_NS`], split by call index
+/// modulo [`LRU_REFILL_BATCH`]: those on the phase with the most of them
+/// (for a program inserting one LRU entry per call, its free-list refills)
+/// and the rest (anything else: interrupts, the VM). A p99 sits where
+/// these cross 1% of the calls, so they say what sets it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stalls {
+    on_phase: u64,
+    on_phase_median_ns: u32,
+    other: u64,
+    other_median_ns: u32,
+}
+
+impl Stalls {
+    fn of(slow: &[(u64, u32)]) -> Stalls {
+        let mut per_phase = [0u64; LRU_REFILL_BATCH as usize];
+        for (i, _) in slow {
+            per_phase[(*i % LRU_REFILL_BATCH) as usize] += 1;
+        }
+        let phase = (0..per_phase.len()).max_by_key(|p| per_phase[*p]).unwrap_or(0) as u64;
+        let (mut on, mut other): (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+        for (i, ns) in slow {
+            if i % LRU_REFILL_BATCH == phase { on.push(*ns) } else { other.push(*ns) }
+        }
+        let median = |v: &mut Vec<u32>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        Stalls { on_phase: on.len() as u64, on_phase_median_ns: median(&mut on), other: other.len() as u64, other_median_ns: median(&mut other) }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "on_one_128_call_phase": self.on_phase, "on_phase_median_ns": self.on_phase_median_ns,
+            "other": self.other, "other_median_ns": self.other_median_ns,
+        })
+    }
 }
 
 impl RunStats {
@@ -219,7 +268,7 @@ impl RunStats {
         json!({
             "median": self.median, "iqm": self.iqm, "mean": self.mean, "p99": self.p99, "min": self.min, "max": self.max,
             "calls": self.calls, "bad_verdicts": self.bad_verdicts, "over_65us": self.over_hist, "wall_s": self.wall_s,
-            "guard_tripped": self.guard_tripped,
+            "guard_tripped": self.guard_tripped, "stalls_over_5us": self.stalls.json(),
         })
     }
 }
@@ -250,6 +299,8 @@ fn time_run(prog: &Xdp, ifindex: u32, calls: u64, want: u32, frame: &mut dyn FnM
         None => (0, 0),
     };
     let mut sum = 0u64;
+    // (index, ns) of every stall: a few thousand at most.
+    let mut slow: Vec<(u64, u32)> = Vec::new();
     let start = Instant::now();
     for i in 0..calls {
         frame(i, &mut buf);
@@ -258,6 +309,9 @@ fn time_run(prog: &Xdp, ifindex: u32, calls: u64, want: u32, frame: &mut dyn FnM
             r.bad_verdicts += 1;
         }
         sum += u64::from(ran.ns);
+        if ran.ns >= STALL_NS {
+            slow.push((i, ran.ns));
+        }
         if ran.ns as usize >= HIST {
             r.over_hist += 1;
         }
@@ -277,6 +331,7 @@ fn time_run(prog: &Xdp, ifindex: u32, calls: u64, want: u32, frame: &mut dyn FnM
         }
     }
     r.wall_s = start.elapsed().as_secs_f64();
+    r.stalls = Stalls::of(&slow);
     r.mean = sum as f64 / calls as f64;
     let rank = |q: f64| -> f64 {
         let target = (calls as f64 * q) as u64;
@@ -478,12 +533,14 @@ impl<'c> Bench<'c> {
     fn log_run(&mut self, case: &str, who: &str, round: usize, r: &RunStats) {
         let tripped = if r.guard_tripped > 0 { format!("  guard tripped on {}", r.guard_tripped) } else { String::new() };
         eprintln!(
-            "  {case:<8} {who:<14} run {}: median {:>5.0}  iqm {:>6.1}  mean {:>6.1}  p99 {:>6.0}  bad {}  {:.2}s{tripped}",
+            "  {case:<8} {who:<14} run {}: median {:>5.0}  iqm {:>6.1}  mean {:>6.1}  p99 {:>6.0}  >=5us {}+{}  bad {}  {:.2}s{tripped}",
             round + 1,
             r.median,
             r.iqm,
             r.mean,
             r.p99,
+            r.stalls.on_phase,
+            r.stalls.other,
             r.bad_verdicts,
             r.wall_s
         );
@@ -878,6 +935,44 @@ impl<'c> Bench<'c> {
 
     // ---- report ----
 
+    /// What sets each program's p99 in the SYN cases: its calls of 5 µs or
+    /// more per run (median over runs), on one 128-call phase (an LRU
+    /// free-list refill when the program inserts an entry per call) and
+    /// elsewhere, with their median durations.
+    fn stall_table(&self) -> String {
+        let mut s = format!(
+            "\ncalls of {} us or more per run of {} (median over runs): on one {LRU_REFILL_BATCH}-call phase (an LRU refilling a CPU's free list, when every call inserts) / elsewhere; median ns of each. A p99 sits where these pass 1% of the calls ({}).\n\n",
+            STALL_NS / 1000,
+            self.cfg.calls,
+            self.cfg.calls / 100
+        );
+        s.push_str("| case | program | on the phase | its median ns | elsewhere | its median ns | p99 |\n|---|---|---|---|---|---|---|\n");
+        let med = |runs: &[RunStats], f: &dyn Fn(&RunStats) -> f64| across(runs, f).map_or(0.0, |v| v.0);
+        for c in self.cases.iter().filter(|c| c.key.starts_with("syn")) {
+            for (who, runs) in [
+                ("floor", &c.floor),
+                ("Katran", &c.katran),
+                ("Katran held off", &c.katran_held_off),
+                ("xlb stateless", &c.xlb),
+                ("xlb stateful", &c.xlb_stateful),
+            ] {
+                if runs.is_empty() {
+                    continue;
+                }
+                s.push_str(&format!(
+                    "| {} | {who} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                    c.key,
+                    med(runs, &|r| r.stalls.on_phase as f64),
+                    med(runs, &|r| f64::from(r.stalls.on_phase_median_ns)),
+                    med(runs, &|r| r.stalls.other as f64),
+                    med(runs, &|r| f64::from(r.stalls.other_median_ns)),
+                    med(runs, &|r| r.p99),
+                ));
+            }
+        }
+        s
+    }
+
     fn table(&self) -> String {
         let mut s = String::new();
         let has_k = self.katran.is_some();
@@ -937,6 +1032,7 @@ impl<'c> Bench<'c> {
                 }
             }
         }
+        s.push_str(&self.stall_table());
         s.push_str(
             "\nprograms (bpf_prog_info; verifier-processed instructions from the kernel)\n\n| program | xlated | JIT | verified insns |\n|---|---|---|---|\n",
         );

@@ -1169,4 +1169,19 @@ mod tests {
         assert!(selected_cases(Some(" , ")).is_err());
         Ok(())
     }
+
+    #[test]
+    fn stalls_on_one_refill_phase_are_told_apart_from_the_rest() {
+        // Ten refills, every 128th call from call 5, and two stalls elsewhere.
+        let mut slow: Vec<(u64, u32)> = (0..10).map(|k| (5 + LRU_REFILL_BATCH * k, 30_000 + k as u32)).collect();
+        slow.push((7, 9_000));
+        slow.push((300, 11_000));
+        slow.sort();
+        let s = Stalls::of(&slow);
+        assert_eq!((s.on_phase, s.other), (10, 2));
+        assert_eq!(s.on_phase_median_ns, 30_005);
+        assert_eq!(s.other_median_ns, 11_000);
+        let none = Stalls::of(&[]);
+        assert_eq!((none.on_phase, none.other, none.on_phase_median_ns, none.other_median_ns), (0, 0, 0, 0));
+    }
 }
